@@ -1,0 +1,438 @@
+"""
+Datasets for capkit: Flickr30K (Karpathy split) and your own folders of images + captions.
+
+    from dataset import load_splits, SkipLog
+    skips = SkipLog()
+    splits = load_splits({"dataset": "folder", "train_dir": "my_photos/", ...}, skips)
+    print(splits["train"].num_images, skips.summary())
+
+Custom folder formats, detected in this order (see README):
+  captions.csv (image,caption; several rows per image) | metadata.csv / metadata.jsonl (HF imagefolder:
+  file_name + text or caption) | a .txt next to each image (one caption per line; searched recursively)
+  | no captions at all: a caption made from each file name ("brown_dog_running.jpg" -> "brown dog running").
+
+Bad input never crashes a run: missing or unreadable images, non-images, empty captions and paths
+that leave the dataset folder are skipped and counted (SkipLog), with one summary line.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+FLICKR30K_REPO = "nlphuji/flickr30k"
+FLICKR30K_FILES = ("flickr_annotations_30k.csv", "flickr30k-images.zip")
+IMAGE_COLUMNS = ("image", "file_name", "filename", "image_name", "image_path", "path")
+CAPTION_COLUMNS = ("caption", "text", "captions", "sentence")
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error (skipped), not silently grey pixels
+
+
+# ----------------------------------------------------------------------------------------------
+# bookkeeping
+
+@dataclass
+class SkipLog:
+    """Counts and lists every input that was skipped, and why."""
+    items: list = field(default_factory=list)  # (path, reason)
+
+    def add(self, path, reason: str) -> None:
+        self.items.append((str(path), reason))
+
+    @property
+    def counts(self) -> Counter:
+        return Counter(r.split(":")[0] for _, r in self.items)
+
+    def summary(self) -> str:
+        if not self.items:
+            return "skipped inputs: none"
+        parts = ", ".join(f"{n} {r}" for r, n in sorted(self.counts.items()))
+        return f"skipped inputs: {len(self.items)} ({parts})"
+
+    def write(self, path) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            for p, r in self.items:
+                f.write(f"{p}\t{r}\n")
+
+
+@dataclass
+class CaptionSet:
+    """Images with all their reference captions. Training uses every (image, caption) pair;
+    evaluation groups all references of an image."""
+    images: list[Path]
+    captions: list[list[str]]
+
+    @property
+    def num_images(self) -> int:
+        return len(self.images)
+
+    def pairs(self) -> list[tuple[int, str]]:
+        return [(i, c) for i, caps in enumerate(self.captions) for c in caps]
+
+    def subset(self, idx) -> "CaptionSet":
+        return CaptionSet([self.images[i] for i in idx], [self.captions[i] for i in idx])
+
+
+# ----------------------------------------------------------------------------------------------
+# images
+
+def load_rgb(path) -> Image.Image:
+    """Open any PIL-readable image as RGB: EXIF rotation applied; transparency composited on white;
+    grayscale, palette and CMYK converted."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode == "P":
+            im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+        if im.mode in ("RGBA", "LA", "PA"):
+            bg = Image.new("RGB", im.size, (255, 255, 255))
+            bg.paste(im.convert("RGBA"), mask=im.convert("RGBA").split()[-1])
+            return bg
+        return im.convert("RGB")
+
+
+def check_image(path: Path, root: Path | None, skips: SkipLog) -> bool:
+    """Cheap header check at index time; full decoding errors are caught again when loading."""
+    if root is not None and not path.resolve().is_relative_to(root.resolve()):
+        skips.add(path, "outside dataset folder")
+        return False
+    if not path.is_file():
+        skips.add(path, "missing file")
+        return False
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        skips.add(path, f"unreadable image: {type(e).__name__}")
+        return False
+    return True
+
+
+def _clean(caption) -> str:
+    return " ".join(str(caption).split()) if caption is not None else ""
+
+
+def _build(entries, root: Path, skips: SkipLog) -> CaptionSet:
+    """entries: iterable of (image path, caption). Groups by image in first-seen order and drops bad ones."""
+    grouped: dict[Path, list[str]] = {}
+    bad: set[Path] = set()
+    for path, caption in entries:
+        path = Path(path)
+        if path in bad:
+            continue
+        if path not in grouped:
+            if not check_image(path, root, skips):
+                bad.add(path)
+                continue
+            grouped[path] = []
+        caption = _clean(caption)
+        if caption:
+            grouped[path].append(caption)
+        else:
+            skips.add(path, "empty caption")
+    for path in [p for p, caps in grouped.items() if not caps]:
+        skips.add(path, "image without captions")
+        del grouped[path]
+    return CaptionSet(list(grouped), list(grouped.values()))
+
+
+def _pick_column(header, options, what, source) -> str:
+    lower = {h.strip().lower(): h for h in header if h}
+    for o in options:
+        if o in lower:
+            return lower[o]
+    raise ValueError(f"{source}: no {what} column; expected one of {list(options)}, found {list(header)}")
+
+
+def _join(root: Path, name: str) -> Path:
+    return root / name.strip().replace("\\", "/")
+
+
+# ----------------------------------------------------------------------------------------------
+# custom folders
+
+def from_captions_csv(csv_path, image_dir, skips: SkipLog) -> CaptionSet:
+    """CSV with an image column and a caption column (proper CSV quoting; several rows per image)."""
+    csv_path, image_dir = Path(csv_path), Path(image_dir)
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames:
+            raise ValueError(f"{csv_path}: empty CSV (expected a header like 'image,caption')")
+        icol = _pick_column(reader.fieldnames, IMAGE_COLUMNS, "image", csv_path)
+        ccol = _pick_column(reader.fieldnames, CAPTION_COLUMNS, "caption", csv_path)
+        rows = [(r.get(icol) or "", r.get(ccol)) for r in reader]
+    entries = []
+    for name, caption in rows:
+        if not name.strip():
+            skips.add(csv_path, "row without image name")
+            continue
+        entries.append((_join(image_dir, name), caption))
+    return _build(entries, image_dir, skips)
+
+
+def from_metadata(root, skips: SkipLog) -> CaptionSet:
+    """Hugging Face imagefolder layout: metadata.jsonl or metadata.csv with file_name + text/caption."""
+    root = Path(root)
+    entries = []
+    jl = root / "metadata.jsonl"
+    if jl.exists():
+        for n, line in enumerate(jl.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                icol = _pick_column(rec.keys(), IMAGE_COLUMNS, "image", jl)
+                ccol = _pick_column(rec.keys(), CAPTION_COLUMNS, "caption", jl)
+            except (json.JSONDecodeError, ValueError, AttributeError) as e:
+                skips.add(f"{jl}:{n}", f"bad metadata line: {type(e).__name__}")
+                continue
+            caps = rec[ccol] if isinstance(rec[ccol], list) else [rec[ccol]]
+            entries += [(_join(root, str(rec[icol])), c) for c in caps]
+        return _build(entries, root, skips)
+    return from_captions_csv(root / "metadata.csv", root, skips)
+
+
+def _images_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def from_sidecar_txt(root, skips: SkipLog) -> CaptionSet:
+    """Each image with a .txt of the same name beside it (recursive); each non-empty line is a caption."""
+    root = Path(root)
+    entries = []
+    for img in _images_under(root):
+        txt = img.with_suffix(".txt")
+        if not txt.exists():
+            skips.add(img, "no caption file")
+            continue
+        lines = [ln for ln in txt.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+        entries += [(img, ln) for ln in lines] or [(img, "")]  # an empty file counts as one empty caption
+    return _build(entries, root, skips)
+
+
+def caption_from_filename(path) -> str:
+    """'Brown_dog-running_02.jpg' -> 'brown dog running' (trailing counters dropped)."""
+    words = re.split(r"[\s_\-.]+", Path(path).stem)
+    while words and re.fullmatch(r"\(?\d+\)?", words[-1]):
+        words.pop()
+    return " ".join(w.lower() for w in words if w)
+
+
+def from_filenames(root, skips: SkipLog) -> CaptionSet:
+    root = Path(root)
+    return _build([(p, caption_from_filename(p)) for p in _images_under(root)], root, skips)
+
+
+def load_folder(root, skips: SkipLog, captions_file=None) -> CaptionSet:
+    """Detect the layout of a custom folder (see module docstring) and load it."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {root}")
+    if captions_file:
+        return from_captions_csv(captions_file, root, skips)
+    if (root / "captions.csv").exists():
+        return from_captions_csv(root / "captions.csv", root, skips)
+    if (root / "metadata.jsonl").exists() or (root / "metadata.csv").exists():
+        return from_metadata(root, skips)
+    if any(root.rglob("*.txt")):
+        return from_sidecar_txt(root, skips)
+    return from_filenames(root, skips)
+
+
+def split_by_image(data: CaptionSet, fractions: dict[str, float], seed: int) -> dict[str, CaptionSet]:
+    """Random split of images (never of captions: an image's captions all land in one split)."""
+    order = list(range(data.num_images))
+    random.Random(seed).shuffle(order)
+    out, start = {}, 0
+    names = list(fractions)
+    for i, name in enumerate(names):
+        n = data.num_images - start if i == len(names) - 1 else max(1, round(fractions[name] * data.num_images))
+        out[name] = data.subset(sorted(order[start:start + n]))
+        start += n
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Flickr30K (Karpathy split: 29,000 train / 1,014 val / 1,000 test images, 5 captions each)
+
+def flickr30k_files(data_dir=None) -> tuple[Path, Path]:
+    """(annotations CSV, images folder or zip). Local files in data_dir win; else fetched from the
+    hub dataset nlphuji/flickr30k (its loading script is refused by datasets>=4, so we read the
+    two data files directly)."""
+    if data_dir:
+        d = Path(data_dir)
+        csv_path = d / FLICKR30K_FILES[0]
+        for images in (d / "flickr30k-images", d / FLICKR30K_FILES[1]):
+            if csv_path.exists() and images.exists():
+                return csv_path, images
+        raise FileNotFoundError(f"{d}: expected {FLICKR30K_FILES[0]} and flickr30k-images/ (or {FLICKR30K_FILES[1]})")
+    from huggingface_hub import hf_hub_download
+    from model import HubUnavailableError, hub_online
+    offline = not hub_online()
+    try:
+        paths = [Path(hf_hub_download(FLICKR30K_REPO, f, repo_type="dataset", local_files_only=offline))
+                 for f in FLICKR30K_FILES]
+    except Exception:
+        if offline:
+            raise HubUnavailableError(
+                f"cannot load Flickr30K: the Hugging Face Hub is unreachable and {FLICKR30K_REPO} is not cached. "
+                f"Run once with internet access, or set `data_dir` to a folder holding {FLICKR30K_FILES[0]} "
+                f"and flickr30k-images/ (or {FLICKR30K_FILES[1]}).") from None
+        raise
+    return paths[0], paths[1]
+
+
+def _extracted(zip_path: Path) -> Path:
+    """Extract the image zip once, next to it; a marker file says the extraction finished."""
+    out = zip_path.with_suffix("")
+    out = out.parent / (out.name + "_extracted")
+    marker = out / ".complete"
+    if not marker.exists():
+        print(f"extracting {zip_path.name} (once) to {out}")
+        with zipfile.ZipFile(zip_path) as z:
+            z.extractall(out)
+        marker.touch()
+    return out
+
+
+def load_flickr30k(split: str, skips: SkipLog, data_dir=None) -> CaptionSet:
+    csv_path, images = flickr30k_files(data_dir)
+    if images.suffix == ".zip":
+        images = _extracted(images)
+    # images may sit directly in the folder or one level down (flickr30k-images/xxx.jpg inside the zip)
+    sub = images / "flickr30k-images"
+    image_dir = sub if sub.is_dir() else images
+    entries = []
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        for row in csv.DictReader(f):
+            if row["split"] != split:
+                continue
+            try:
+                caps = json.loads(row["raw"])
+            except json.JSONDecodeError:
+                skips.add(row["filename"], "bad caption list")
+                continue
+            entries += [(image_dir / row["filename"], c) for c in caps]
+    return _build(entries, image_dir, skips)
+
+
+# ----------------------------------------------------------------------------------------------
+# one entry point for train.py / eval.py
+
+def load_splits(hp: dict, skips: SkipLog, which=("train", "val", "test")) -> dict[str, CaptionSet]:
+    """Build the requested splits from hyperparameters (dataset, data_dir, train_dir, val_dir,
+    test_dir, captions_file, split_ratio, val_ratio, seed)."""
+    kind = hp["dataset"]
+    if kind == "flickr30k":
+        return {s: load_flickr30k(s, skips, hp.get("data_dir")) for s in which}
+    if kind == "shapes":
+        from demo_assets import ensure_shapes_dataset
+        root = ensure_shapes_dataset(hp["data_dir"])
+        return {s: load_folder(root / s, skips) for s in which}
+    if kind != "folder":
+        raise ValueError(f"unknown dataset {kind!r}; expected 'flickr30k', 'folder' or 'shapes'")
+    seed = hp.get("seed", 0)
+    if hp.get("train_dir"):
+        train = load_folder(hp["train_dir"], skips, hp.get("captions_file"))
+        test = load_folder(hp["test_dir"], skips, hp.get("captions_file")) if hp.get("test_dir") else None
+    else:
+        if not hp.get("data_dir"):
+            raise ValueError("dataset='folder' needs data_dir (one folder, split by split_ratio) or train_dir/test_dir")
+        all_ = load_folder(hp["data_dir"], skips, hp.get("captions_file"))
+        r = hp.get("split_ratio", 0.9)
+        parts = split_by_image(all_, {"train": r, "test": 1 - r}, seed)
+        train, test = parts["train"], parts["test"]
+    if hp.get("val_dir"):
+        val = load_folder(hp["val_dir"], skips, hp.get("captions_file"))
+    else:  # carve validation images out of train so the test split stays untouched
+        parts = split_by_image(train, {"train": 1 - hp.get("val_ratio", 0.05), "val": hp.get("val_ratio", 0.05)}, seed)
+        train, val = parts["train"], parts["val"]
+    if test is None:
+        test = val
+    out = {"train": train, "val": val, "test": test}
+    for name in which:
+        if out[name].num_images == 0:
+            raise ValueError(f"the {name} split has no usable images ({skips.summary()})")
+    return {s: out[s] for s in which}
+
+
+# ----------------------------------------------------------------------------------------------
+# torch datasets + collate
+
+class PairDataset(torch.utils.data.Dataset):
+    """One sample per (image, caption) pair; for training and teacher-forced validation loss."""
+
+    def __init__(self, data: CaptionSet, transform, pairs=None):
+        self.data, self.transform = data, transform
+        self.pairs = pairs if pairs is not None else data.pairs()
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        img_idx, caption = self.pairs[i]
+        return _load_item(self.data.images[img_idx], self.transform, caption=caption, image_idx=img_idx)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """One sample per image (for generation); works on a CaptionSet or a plain list of paths."""
+
+    def __init__(self, images, transform):
+        self.images, self.transform = list(images), transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return _load_item(self.images[i], self.transform, image_idx=i)
+
+
+def _load_item(path, transform, **extra):
+    try:
+        pixels = transform(load_rgb(path))
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        # an image can turn bad after indexing (truncated, deleted): report it, don't crash the epoch
+        return {"error": (str(path), f"unreadable image: {type(e).__name__}")}
+    return {"pixel_values": pixels, **extra}
+
+
+class Collate:
+    """Stacks images and tokenizes captions: caption tokens + EOS, truncated to max_length, padded
+    to the longest in the batch (pad positions have attention_mask 0 and are ignored by the loss).
+    Failed items are dropped and reported in batch['skipped']."""
+
+    def __init__(self, tokenizer=None, max_length: int = 128):
+        self.tok, self.max_length = tokenizer, max_length
+
+    def __call__(self, items):
+        skipped = [it["error"] for it in items if "error" in it]
+        items = [it for it in items if "error" not in it]
+        batch = {"skipped": skipped, "image_idx": torch.tensor([it["image_idx"] for it in items], dtype=torch.long)}
+        if not items:
+            return batch
+        batch["pixel_values"] = torch.stack([it["pixel_values"] for it in items])
+        if self.tok is not None and "caption" in items[0]:
+            batch.update(tokenize_captions(self.tok, [it["caption"] for it in items], self.max_length))
+        return batch
+
+
+def tokenize_captions(tok, captions, max_length):
+    """-> input_ids, attention_mask (B, T): each caption's tokens + EOS, T = longest in batch."""
+    ids = tok(list(captions), add_special_tokens=False)["input_ids"]
+    ids = [x[: max_length - 1] + [tok.eos_token_id] for x in ids]
+    T = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), T), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), T), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, :len(x)] = torch.tensor(x)
+        mask[i, :len(x)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+

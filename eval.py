@@ -1,0 +1,156 @@
+"""
+Evaluate a checkpoint on held-out data: validation loss and ROUGE-L, with per-image predictions.
+
+    python eval.py --checkpoint saved_models/model_state_dict_20261122_120000-3.pth
+    python eval.py --checkpoint ...pth --split val --output preds.json
+    python eval.py --checkpoint ...pth --ablate_image     # also score with images shuffled across the set
+
+The dataset comes from the checkpoint's training metadata (the JSON next to it); --data_dir etc.
+point at another copy. ROUGE-L here = mean over images of the best rouge_score ROUGE-L F-measure
+between the generated caption and each of that image's references (Porter stemming on).
+--ablate_image gives every image another image's features (a derangement, seeded): if captions
+really depend on the image, ROUGE-L drops and the loss rises.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from dataset import Collate, ImageDataset, SkipLog, tokenize_captions
+
+
+def rouge_l(predictions: list[str], references: list[list[str]]) -> tuple[float, list[float]]:
+    """Mean over images of max over references of rouge_score's ROUGE-L F (stemmed)."""
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    per = [max(scorer.score(ref, pred)["rougeL"].fmeasure for ref in refs) for pred, refs in zip(predictions, references)]
+    return (sum(per) / len(per) if per else 0.0), per
+
+
+@torch.no_grad()
+def encode_split(model, images, batch_size=32, num_workers=0, skips: SkipLog | None = None):
+    """Every image through the frozen encoder once -> (embeds (N_ok, E), indices of images that loaded)."""
+    loader = DataLoader(ImageDataset(images, model.preprocess), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=Collate())
+    embeds, ok = [], []
+    for batch in loader:
+        for path, reason in batch["skipped"]:
+            if skips is not None:
+                skips.add(path, reason)
+        if "pixel_values" in batch:
+            embeds.append(model.encode_images(batch["pixel_values"]).cpu())
+            ok += batch["image_idx"].tolist()
+    return (torch.cat(embeds) if embeds else torch.empty(0)), ok
+
+
+@torch.no_grad()
+def caption_loss(model, embeds, captions, batch_size=64, max_caption_length=128) -> float:
+    """Teacher-forced loss averaged over caption tokens; captions[i] are the references of embeds[i]."""
+    pairs = [(i, c) for i, caps in enumerate(captions) for c in caps]
+    total, n_tok = 0.0, 0
+    for s in range(0, len(pairs), batch_size):
+        chunk = pairs[s:s + batch_size]
+        tok = tokenize_captions(model.tokenizer, [c for _, c in chunk], max_caption_length)
+        _, loss = model(tok["input_ids"], tok["attention_mask"], image_embeds=embeds[[i for i, _ in chunk]])
+        n = int(tok["attention_mask"].sum())
+        total, n_tok = total + loss.item() * n, n_tok + n
+    return total / max(n_tok, 1)
+
+
+def generate_all(model, embeds, batch_size=32, **gen_kwargs) -> list[str]:
+    out = []
+    for s in range(0, len(embeds), batch_size):
+        out += model.generate(image_embeds=embeds[s:s + batch_size], **gen_kwargs)
+    return out
+
+
+def derangement(n: int, seed: int) -> torch.Tensor:
+    """A random permutation with no fixed point (Sattolo's algorithm: one n-cycle), so every image
+    gets another image's features."""
+    rng, p = random.Random(seed), list(range(n))
+    for i in range(n - 1, 0, -1):
+        j = rng.randrange(i)
+        p[i], p[j] = p[j], p[i]
+    return torch.tensor(p, dtype=torch.long)
+
+
+def evaluate(model, data, batch_size=32, max_caption_length=128, gen_kwargs=None, generate=True,
+             ablate_image=False, seed=0, num_workers=0, skips: SkipLog | None = None) -> dict:
+    """Loss (+ ROUGE-L and predictions when generate) on a CaptionSet; ablate_image adds the shuffled-image scores."""
+    was_training = model.training
+    model.eval()
+    embeds, ok = encode_split(model, data.images, batch_size, num_workers, skips)
+    data = data.subset(ok)
+    gen_kwargs = gen_kwargs or {}
+    res = {"num_images": data.num_images, "loss": caption_loss(model, embeds, data.captions, batch_size * 2, max_caption_length)}
+    if generate:
+        preds = generate_all(model, embeds, batch_size, **gen_kwargs)
+        res["rouge_l"], per = rouge_l(preds, data.captions)
+        res["predictions"] = [{"image": str(p), "caption": c, "references": r, "rouge_l": s}
+                              for p, c, r, s in zip(data.images, preds, data.captions, per)]
+    if ablate_image:
+        shuffled = embeds[derangement(len(embeds), seed)]
+        res["ablated"] = {"loss": caption_loss(model, shuffled, data.captions, batch_size * 2, max_caption_length)}
+        if generate:
+            res["ablated"]["rouge_l"] = rouge_l(generate_all(model, shuffled, batch_size, **gen_kwargs), data.captions)[0]
+    model.train(was_training)
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="a model_state_dict_*.pth")
+    ap.add_argument("--split", choices=["test", "val"], default="test")
+    ap.add_argument("--output", help="predictions JSON (default: next to the checkpoint)")
+    ap.add_argument("--ablate_image", action="store_true", help="also score with images shuffled across the set")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch_size", type=int, default=None)
+    ap.add_argument("--max_new_tokens", type=int, default=None)
+    ap.add_argument("--num_beams", type=int, default=None)
+    for key in ("dataset", "data_dir", "train_dir", "val_dir", "test_dir", "captions_file"):
+        ap.add_argument(f"--{key}", default=None, help="override the training run's value")
+    args = ap.parse_args(argv)
+
+    from dataset import load_splits
+    from load_model_example import load_model_from_checkpoint
+    from model import HubUnavailableError
+    from train import pick_device
+    try:
+        model, meta, hp = load_model_from_checkpoint(args.checkpoint, pick_device(args.device))
+        hp = {**hp, **{k: v for k in ("dataset", "data_dir", "train_dir", "val_dir", "test_dir", "captions_file")
+                       if (v := getattr(args, k)) is not None}}
+        skips = SkipLog()
+        data = load_splits(hp, skips, which=(args.split,))[args.split]
+    except (HubUnavailableError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    gen = {"max_new_tokens": args.max_new_tokens or hp.get("max_new_tokens", 40),
+           "num_beams": args.num_beams or hp.get("num_beams", 1)}
+    res = evaluate(model, data, batch_size=args.batch_size or hp.get("eval_batch_size", 32),
+                   max_caption_length=hp.get("max_caption_length", 128), gen_kwargs=gen,
+                   ablate_image=args.ablate_image, seed=hp.get("seed", 0), skips=skips)
+    out = Path(args.output) if args.output else Path(args.checkpoint).with_name(
+        Path(args.checkpoint).stem.replace("model_state_dict", f"predictions_{args.split}") + ".json")
+    summary = {k: v for k, v in res.items() if k != "predictions"}
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump({"checkpoint": str(args.checkpoint), "split": args.split, **summary,
+                   "skipped_inputs": dict(skips.counts), "predictions": res["predictions"]}, f, indent=2)
+    print(f"{args.split}: {res['num_images']} images; {skips.summary()}")
+    print(f"📈 loss: {res['loss']:.4f}")
+    print(f"🎯 ROUGE-L: {res['rouge_l']:.4f}")
+    if args.ablate_image:
+        a = res["ablated"]
+        print(f"🔀 images shuffled: loss {a['loss']:.4f}, ROUGE-L {a['rouge_l']:.4f} "
+              f"(ROUGE-L drop {res['rouge_l'] - a['rouge_l']:.4f})")
+    print(f"predictions: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""
+Caption images with a trained checkpoint.
+
+    python inference.py --checkpoint saved_models/model_state_dict_....pth photo.jpg more_photos/
+    python inference.py --checkpoint ...pth photos/ --output captions.jsonl --num_beams 3
+    python inference.py --checkpoint ...pth photos/ --do_sample --temperature 0.7 --top_p 0.9
+
+Prints one `path<TAB>caption` line per image (folders are searched recursively). Unreadable
+files are skipped and listed at the end. --output FILE.json or FILE.jsonl also writes them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dataset import IMAGE_EXTS, Collate, ImageDataset
+
+
+def collect_images(inputs) -> list[Path]:
+    out = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            out += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+        elif item.exists():
+            out.append(item)
+        else:
+            print(f"warning: {item} does not exist", file=sys.stderr)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("inputs", nargs="+", help="image files and/or folders")
+    ap.add_argument("--output", help="write results to FILE.json or FILE.jsonl")
+    ap.add_argument("--batch_size", type=int, default=16)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--max_new_tokens", type=int, default=40)
+    ap.add_argument("--num_beams", type=int, default=1)
+    ap.add_argument("--do_sample", action="store_true")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top_p", type=float, default=1.0)
+    ap.add_argument("--top_k", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
+    args = ap.parse_args(argv)
+    if args.output and not args.output.endswith((".json", ".jsonl")):
+        ap.error("--output must end in .json or .jsonl")
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from load_model_example import load_model_from_checkpoint
+    from model import HubUnavailableError
+    from train import pick_device
+    try:
+        model, _, _ = load_model_from_checkpoint(args.checkpoint, pick_device(args.device))
+    except (HubUnavailableError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    paths = collect_images(args.inputs)
+    gen = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
+               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    results, skipped = [], []
+    loader = DataLoader(ImageDataset(paths, model.preprocess), batch_size=args.batch_size, collate_fn=Collate())
+    for batch in loader:
+        skipped += batch["skipped"]
+        if "pixel_values" not in batch:
+            continue
+        for i, caption in zip(batch["image_idx"].tolist(), model.generate(pixel_values=batch["pixel_values"], **gen)):
+            results.append({"image": str(paths[i]), "caption": caption})
+            print(f"{paths[i]}\t{caption}", flush=True)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            if args.output.endswith(".jsonl"):
+                f.writelines(json.dumps(r) + "\n" for r in results)
+            else:
+                json.dump(results, f, indent=2)
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    print(f"{len(results)} captioned, {len(skipped)} skipped" + (f"; wrote {args.output}" if args.output else ""),
+          file=sys.stderr)
+    return 0 if results or not paths else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""
+Load a trained captioner from a checkpoint and caption an image.
+
+    python load_model_example.py saved_models/model_state_dict_20261122_120000-3.pth photo.jpg
+    python load_model_example.py                 # newest checkpoint in saved_models/, its first test image
+
+In your own code or a notebook:
+
+    from load_model_example import load_model_from_checkpoint
+    model, metadata, hyperparams = load_model_from_checkpoint("saved_models/model_state_dict_....pth", "cuda")
+    captions = model.generate(pixel_values)      # or caption_images(model, ["a.jpg", "b.jpg"])
+
+The .pth holds only the trained MLP and the model config; the frozen backbones are rebuilt from
+their hub ids / local folders named in that config. Loading uses torch.load(weights_only=True):
+a checkpoint can't run code on your machine.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from model import ClipCaptioner, load_captioner
+
+
+def metadata_path_for(checkpoint) -> Path:
+    p = Path(checkpoint)
+    return p.with_name(p.name.replace("model_state_dict_", "training_metadata_")).with_suffix(".json")
+
+
+def load_model_from_checkpoint(path, device="cpu", **config_overrides) -> tuple[ClipCaptioner, dict, dict]:
+    """-> (model in eval mode on device, training metadata (or {} if its JSON is missing), hyperparameters)."""
+    model = load_captioner(path, device, **config_overrides)
+    meta_path = metadata_path_for(path)
+    metadata = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
+    return model, metadata, metadata.get("hyperparameters", {})
+
+
+@torch.no_grad()
+def caption_images(model: ClipCaptioner, paths, batch_size: int = 16, **gen_kwargs) -> list[str]:
+    from dataset import load_rgb
+    out = []
+    for s in range(0, len(paths), batch_size):
+        pixels = torch.stack([model.preprocess(load_rgb(p)) for p in paths[s:s + batch_size]])
+        out += model.generate(pixel_values=pixels, **gen_kwargs)
+    return out
+
+
+def newest_checkpoint(folder="saved_models") -> Path | None:
+    ckpts = sorted(Path(folder).glob("model_state_dict_*.pth"), key=lambda p: p.stat().st_mtime)
+    return ckpts[-1] if ckpts else None
+
+
+if __name__ == "__main__":
+    ckpt = sys.argv[1] if len(sys.argv) > 1 else newest_checkpoint()
+    if ckpt is None:
+        sys.exit("no checkpoint given and none in saved_models/ (run: python train.py --preset demo)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, metadata, hp = load_model_from_checkpoint(ckpt, device)
+    print(f"loaded {ckpt}: epoch {metadata.get('epoch')}, val loss {metadata.get('val_loss')}, "
+          f"ROUGE-L {metadata.get('rouge_l')}")
+    if len(sys.argv) > 2:
+        images = sys.argv[2:]
+    else:
+        from dataset import SkipLog, load_splits
+        images = load_splits(hp, SkipLog(), which=("test",))["test"].images[:3]
+    for path, caption in zip(images, caption_images(model, [str(p) for p in images],
+                                                    max_new_tokens=hp.get("max_new_tokens", 40))):
+        print(f"{path}\t{caption}")

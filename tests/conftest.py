@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny backbones built from configs (no downloads), tiny image folders."""
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SHARED = REPO.parent / "shared"
+WORDS = "a the red blue green dog cat runs sits on in grass snow big small ball".split()
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))]
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+TINY_CLIP_CFG = {"embed_dim": 32,
+                 "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+                 "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}
+
+
+def make_backbones(seed=0):
+    import open_clip
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(seed)
+    clip = open_clip.CLIP(**TINY_CLIP_CFG).eval()
+    tok = make_tokenizer()
+    lm = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=64, tie_word_embeddings=True, initializer_range=0.3,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)).eval()
+    preprocess = open_clip.image_transform(32, is_train=False)
+    return clip, lm, tok, preprocess
+
+
+def make_model(seed=0, prefix_length=3, **cfg_kw):
+    from model import CaptionerConfig, ClipCaptioner
+    clip, lm, tok, preprocess = make_backbones(seed)
+    cfg = CaptionerConfig(clip_model_name="tiny", clip_pretrained=None, lm_name="tiny", proj_prefix_length=prefix_length,
+                          proj_hidden_dim=64, lm_dtype="float32", **cfg_kw)
+    return ClipCaptioner(cfg, clip.visual, lm, tok, preprocess)
+
+
+def save_backbones(tmp: Path, seed=0):
+    """Write the tiny backbones in the formats real weights come in; return (clip dir, lm dir)."""
+    import json
+    from safetensors.torch import save_file
+    clip, lm, tok, _ = make_backbones(seed)
+    cdir, ldir = tmp / "clip", tmp / "lm"
+    cdir.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, cdir / "open_clip_model.safetensors")
+    (cdir / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": {}}))
+    lm.save_pretrained(ldir)
+    tok.save_pretrained(ldir)
+    return cdir, ldir
+
+
+@pytest.fixture
+def tiny_model():
+    return make_model()
+
+
+def write_image(path: Path, color=(200, 30, 30), mode="RGB", size=(40, 30)):
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.new("RGB", size, color)
+    if mode != "RGB":
+        im = im.convert(mode)
+    im.save(path)
+    return path

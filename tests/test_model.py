@@ -1,0 +1,167 @@
+"""The captioner itself: shapes, masking, freezing, generation, checkpoints."""
+import os
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_model, save_backbones
+from dataset import tokenize_captions
+from model import CaptionerConfig, ClipCaptioner, build_projector, load_captioner, read_checkpoint
+
+
+def batch(model, captions, B=None):
+    tok = tokenize_captions(model.tokenizer, captions, 32)
+    pixels = torch.randn(len(captions), 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return tok["input_ids"], tok["attention_mask"], pixels
+
+
+def test_projector_dims_come_from_backbones(tiny_model):
+    cfg = tiny_model.config
+    assert (cfg.clip_embed_dim, cfg.lm_hidden_size) == (32, 32)
+    out = tiny_model.prefix_embeds(torch.randn(5, 32))
+    assert out.shape == (5, cfg.proj_prefix_length, 32)
+
+
+def test_build_projector_types():
+    cfg = CaptionerConfig(clip_embed_dim=8, lm_hidden_size=4, proj_prefix_length=3, proj_hidden_dim=16)
+    assert build_projector(cfg)(torch.randn(2, 8)).shape == (2, 12)
+    cfg.proj_type = "linear"
+    assert isinstance(build_projector(cfg), torch.nn.Linear)
+    cfg.proj_type = "transformer"
+    with pytest.raises(ValueError, match="unknown proj_type"):
+        build_projector(cfg)
+
+
+def test_forward_shapes_and_loss_matches_manual_ce(tiny_model):
+    ids, mask, px = batch(tiny_model, ["a red dog", "the big blue ball sits on snow"])
+    logits, loss = tiny_model(ids, mask, pixel_values=px)
+    assert logits.shape == (2, ids.shape[1], len(tiny_model.tokenizer))
+    assert mask[0].sum() < mask.shape[1]  # the short caption is padded
+    keep = mask.bool()                    # caption tokens + EOS, no padding, no prefix
+    manual = F.cross_entropy(logits[keep], ids[keep])
+    assert torch.allclose(loss, manual, atol=1e-6)
+    # EOS is a target: the last real position of each caption is the EOS id
+    eos = tiny_model.tokenizer.eos_token_id
+    assert all(ids[i, mask[i].sum() - 1] == eos for i in range(2))
+
+
+def test_padding_is_ignored(tiny_model):
+    ids, mask, px = batch(tiny_model, ["a red dog", "the big blue ball sits on snow"])
+    _, loss = tiny_model(ids, mask, pixel_values=px)
+    garbage = ids.clone()
+    garbage[mask == 0] = 7  # whatever sits in padded positions must not matter
+    _, loss2 = tiny_model(garbage, mask, pixel_values=px)
+    assert torch.equal(loss, loss2)
+    # and the short caption alone gives the same logits as inside the padded batch
+    ids1, mask1, _ = batch(tiny_model, ["a red dog"])
+    l1, _ = tiny_model(ids1, mask1, pixel_values=px[:1])
+    lb, _ = tiny_model(ids, mask, pixel_values=px)
+    n = int(mask1.sum())
+    assert torch.allclose(l1[0, :n], lb[0, :n], atol=1e-5)
+
+
+def test_prefix_positions_carry_no_label(tiny_model):
+    """Changing the image changes the logits (the prefix is used) but the loss is only over caption tokens."""
+    ids, mask, px = batch(tiny_model, ["a red dog"])
+    logits_a, _ = tiny_model(ids, mask, pixel_values=px)
+    logits_b, _ = tiny_model(ids, mask, pixel_values=px + 1.0)
+    assert not torch.allclose(logits_a, logits_b)
+    assert logits_a.shape[1] == ids.shape[1]  # no logits for the P prefix positions
+
+
+def test_only_projector_trains_and_backbones_stay_bit_identical(tiny_model):
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items() if not k.startswith("projector.")}
+    proj_before = {k: v.clone() for k, v in tiny_model.projector.state_dict().items()}
+    trainable = [n for n, p in tiny_model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("projector.") for n in trainable)
+    opt = torch.optim.AdamW([p for p in tiny_model.parameters() if p.requires_grad], lr=1e-2)
+    tiny_model.train()
+    assert not tiny_model.image_encoder.training and not tiny_model.lm.training
+    ids, mask, px = batch(tiny_model, ["a red dog", "the cat sits in grass"])
+    for _ in range(3):
+        _, loss = tiny_model(ids, mask, pixel_values=px)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = tiny_model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert any(not torch.equal(v, tiny_model.projector.state_dict()[k]) for k, v in proj_before.items())
+
+
+def test_greedy_generation_equals_teacher_forced_argmax(tiny_model):
+    torch.manual_seed(3)
+    for p in tiny_model.projector.parameters():  # a non-trivial prefix
+        p.data.normal_(0, 0.5)
+    px = torch.randn(3, 3, 32, 32)
+    gen = tiny_model.generate_ids(pixel_values=px, max_new_tokens=8)
+    eos = tiny_model.tokenizer.eos_token_id
+    mask = torch.ones_like(gen)
+    for i in range(len(gen)):  # tokens after the first EOS are padding
+        hit = (gen[i] == eos).nonzero()
+        if len(hit):
+            mask[i, hit[0, 0] + 1:] = 0
+    logits, _ = tiny_model(gen, mask, pixel_values=px)
+    argmax = logits.argmax(-1)
+    assert torch.equal(argmax[mask.bool()], gen[mask.bool()])
+
+
+def test_sampling_and_beam_search_run(tiny_model):
+    px = torch.randn(2, 3, 32, 32)
+    for kw in ({"num_beams": 3}, {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "seed": 0}):
+        caps = tiny_model.generate(pixel_values=px, max_new_tokens=5, **kw)
+        assert len(caps) == 2 and all(isinstance(c, str) for c in caps)
+    a = tiny_model.generate(pixel_values=px, max_new_tokens=6, do_sample=True, seed=5)
+    b = tiny_model.generate(pixel_values=px, max_new_tokens=6, do_sample=True, seed=5)
+    assert a == b
+
+
+def test_checkpoint_round_trip_identical_logits(tmp_path):
+    cdir, ldir = save_backbones(tmp_path)
+    cfg = CaptionerConfig(clip_model_name=str(cdir), clip_pretrained=None, lm_name=str(ldir),
+                          proj_prefix_length=3, proj_hidden_dim=64, lm_dtype="float32")
+    model = ClipCaptioner.from_config(cfg)
+    torch.manual_seed(0)
+    for p in model.projector.parameters():
+        p.data.normal_(0, 0.2)
+    ids, mask, px = batch(model, ["a red dog", "the cat sits"])
+    ref, _ = model(ids, mask, pixel_values=px)
+    path = tmp_path / "model_state_dict_x-1.pth"
+    model.save_checkpoint(path)
+    ckpt = read_checkpoint(path)
+    assert set(ckpt["state_dict"]) == {f"projector.{k}" for k in model.projector.state_dict()}  # only the MLP
+    loaded = load_captioner(path)
+    out, _ = loaded(ids, mask, pixel_values=px)
+    assert torch.equal(ref, out)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['CAPKIT_PWNED']}",))
+
+
+def test_malicious_pickle_is_refused(tmp_path, monkeypatch):
+    from load_model_example import load_model_from_checkpoint
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("CAPKIT_PWNED", str(marker))
+    path = tmp_path / "model_state_dict_evil-1.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"format": "capkit.clip_mlp.v1", "model_config": {}, "state_dict": _Evil()}, f)
+    torch.save({"format": "capkit.clip_mlp.v1", "model_config": {}, "state_dict": _Evil()}, tmp_path / "evil2.pth")
+    for p in (path, tmp_path / "evil2.pth"):
+        with pytest.raises(ValueError, match="weights_only"):
+            load_model_from_checkpoint(p)
+    assert not marker.exists()
+
+
+def test_offline_hub_id_fails_fast_with_clear_message():
+    import time
+
+    from model import HubUnavailableError
+    t = time.time()
+    with pytest.raises(HubUnavailableError) as e:
+        ClipCaptioner.from_config(CaptionerConfig(lm_name="Qwen/does-not-exist-capkit", lm_tokenizer_name=None))
+    msg = str(e.value)
+    assert time.time() - t < 15
+    assert "clip_pretrained" in msg and "lm_name" in msg and "unreachable" in msg

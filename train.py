@@ -1,0 +1,314 @@
+"""
+Train capkit's captioner: only the MLP projector learns; CLIP and the decoder stay frozen.
+
+    python train.py                                  # Flickr30K + ViT-B-32 + Qwen3-0.6B-Base (use a GPU)
+    python train.py --preset demo                    # offline demo: synthetic shapes, tiny backbones, CPU
+    python train.py --batch_size=16 --num_epochs=5   # any key of `hyperparameters` below
+    python train.py --dataset=folder --data_dir=my_photos/ --training_size_limit=None
+
+Edit `hyperparameters` here, or override keys on the command line (--KEY=VALUE; values are Python
+literals, anything else is a string). Unknown keys and wrong types are refused. After each epoch:
+saved_models/model_state_dict_<run>-<epoch>.pth (the MLP + the model config) and
+saved_models/training_metadata_<run>-<epoch>.json (everything about the run).
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import json
+import platform
+import random
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+hyperparameters = {
+    # --- data ---
+    "dataset": "flickr30k",          # "flickr30k" (Karpathy split) | "folder" (your images) | "shapes" (demo)
+    "data_dir": None,                # flickr30k: folder with the csv + images (None: download); folder: all your data
+    "train_dir": None,               # folder datasets: separate train / val / test folders instead of data_dir
+    "val_dir": None,                 #   None: val_ratio of the training images are held out for validation
+    "test_dir": None,                #   None: split_ratio splits data_dir into train and test
+    "captions_file": None,           # a captions CSV elsewhere than <folder>/captions.csv
+    "split_ratio": 0.9,              # folder datasets: fraction of images for training (rest: test)
+    "val_ratio": 0.05,               # folder datasets without val_dir: fraction of training images for validation
+    "training_size_limit": 500,      # max (image, caption) training pairs; None = the full dataset
+    # --- model (see model.CaptionerConfig) ---
+    "clip_model_name": "ViT-B-32",   # open_clip name, "hf-hub:org/repo", or a local open_clip folder
+    "clip_pretrained": "openai",     # open_clip pretrained tag or local weights file (None for local folders)
+    "image_size": None,              # CLIP input size; None = the encoder's own (224 for ViT-B-32; don't change)
+    "lm_name": "Qwen/Qwen3-0.6B-Base",        # decoder: hub id or local save_pretrained folder
+    "tokenizer_name": "Qwen/Qwen3-0.6B-Base", # tokenizer: hub id or local folder (None = lm_name)
+    "lm_dtype": "auto",              # decoder weights: auto (bf16 on CUDA, else fp32) | float32 | bfloat16 | float16
+    "proj_type": "mlp",              # projector: "mlp" (Linear-GELU-Linear) or "linear"
+    "proj_prefix_length": 10,        # prefix tokens the image becomes (each of the decoder's hidden size)
+    "proj_hidden_dim": 2048,         # MLP hidden width
+    "proj_dropout": 0.0,             # dropout inside the MLP
+    # --- optimisation ---
+    "batch_size": 8,                 # (image, caption) pairs per step; raise it if GPU memory allows
+    "num_epochs": 1,                 # passes over the training pairs
+    "learning_rate": 0.0001,         # AdamW learning rate of the MLP
+    "weight_decay": 0.0,             # AdamW weight decay
+    "learning_rate_decay": 0.9,      # StepLR factor ...
+    "learning_rate_decay_step": 2,   # ... applied every this many epochs
+    "learning_rate_scheduler_enabled": True,  # False: constant learning rate
+    "max_grad_norm": 1.0,            # gradient-norm clipping (None: off)
+    "max_caption_length": 128,       # max tokens per caption, EOS included (longer ones are truncated)
+    "seed": 42,                      # Python / NumPy / torch seeds and the data order
+    # --- evaluation and output ---
+    "evaluation_enabled": True,      # ROUGE-L on the validation split after each epoch (val loss is always computed)
+    "test_evaluation_enabled": False,  # after training: ROUGE-L + loss on the held-out test split, stored in metadata
+    "ablate_image": False,           # with test evaluation: also score with images shuffled across the set
+    "eval_batch_size": 32,           # images per batch when generating
+    "max_new_tokens": 40,            # generation length limit for evaluation
+    "num_beams": 1,                  # 1 = greedy decoding for evaluation
+    "output_dir": "saved_models",    # checkpoints, metadata and the skipped-input list go here
+    "device": "auto",                # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
+    "num_workers": None,             # DataLoader workers; None = 4 on GPU, 0 on CPU
+}
+
+# keys whose default is None: the type a value must have when it isn't None
+NONE_DEFAULT_TYPES = {"data_dir": str, "train_dir": str, "val_dir": str, "test_dir": str, "captions_file": str,
+                      "training_size_limit": int, "clip_pretrained": str, "image_size": int, "tokenizer_name": str,
+                      "num_workers": int, "max_grad_norm": float}
+
+PRESETS = {
+    # the offline demo: synthetic shapes, the committed tiny backbones, CPU in a few minutes
+    "demo": {
+        "dataset": "shapes", "data_dir": "data/shapes", "training_size_limit": None,
+        "clip_model_name": "demo/clip-tiny", "clip_pretrained": None,
+        "lm_name": "demo/qwen3-tiny", "tokenizer_name": "demo/qwen3-tiny", "lm_dtype": "float32",
+        "proj_prefix_length": 8, "proj_hidden_dim": 512,
+        "batch_size": 64, "num_epochs": 6, "learning_rate": 0.002, "weight_decay": 0.01,
+        "learning_rate_decay": 0.5, "learning_rate_decay_step": 2,
+        "max_caption_length": 32, "max_new_tokens": 24, "eval_batch_size": 128,
+        "test_evaluation_enabled": True, "ablate_image": True, "device": "cpu",
+    },
+}
+
+DEMO_TARGETS = {"test_rouge_l_min": 0.9, "ablation_drop_min": 0.2}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _parse_value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _check_type(key, value):
+    default = hyperparameters[key]
+    want = NONE_DEFAULT_TYPES.get(key) if default is None else type(default)
+    if value is None:
+        if default is None or key in NONE_DEFAULT_TYPES:
+            return value
+        raise ConfigError(f"hyperparameter {key!r} can't be None (default {default!r})")
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is not None and (not isinstance(value, want) or (want is int and isinstance(value, bool))):
+        raise ConfigError(f"hyperparameter {key!r} must be {want.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_keys(d: dict, where: str):
+    unknown = [k for k in d if k not in hyperparameters]
+    if unknown:
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, hyperparameters, 1)) else repr(k)
+                 for k in unknown]
+        raise ConfigError(f"unknown hyperparameter {', '.join(hints)} in {where}.\n"
+                          f"Valid keys: {', '.join(sorted(hyperparameters))}")
+
+
+def resolve_hparams(argv: list[str]) -> dict:
+    """Defaults <- --preset NAME <- --KEY=VALUE (in that order of precedence)."""
+    check_keys(hyperparameters, "the hyperparameters dict")  # catches typos after editing NONE_DEFAULT_TYPES etc.
+    hp = dict(hyperparameters)
+    overrides, preset = {}, None
+    args = list(argv)
+    while args:
+        a = args.pop(0)
+        if not a.startswith("--"):
+            raise ConfigError(f"unexpected argument {a!r}; use --KEY=VALUE or --preset NAME")
+        key, eq, val = a[2:].partition("=")
+        if not eq:
+            if not args:
+                raise ConfigError(f"--{key} needs a value (--{key}=VALUE)")
+            val = args.pop(0)
+        if key == "preset":
+            if val not in PRESETS:
+                raise ConfigError(f"unknown preset {val!r}; presets: {', '.join(PRESETS)}")
+            preset = val
+        else:
+            check_keys({key: None}, "the command line")
+            overrides[key] = _parse_value(val)
+    if preset:
+        hp.update(PRESETS[preset])
+    hp.update(overrides)
+    return {k: _check_type(k, v) for k, v in hp.items()}
+
+
+def model_config_from_hparams(hp: dict):
+    from model import CaptionerConfig
+    return CaptionerConfig(
+        clip_model_name=hp["clip_model_name"], clip_pretrained=hp["clip_pretrained"], clip_image_size=hp["image_size"],
+        proj_type=hp["proj_type"], proj_prefix_length=hp["proj_prefix_length"], proj_hidden_dim=hp["proj_hidden_dim"],
+        proj_dropout=hp["proj_dropout"], lm_name=hp["lm_name"], lm_tokenizer_name=hp["tokenizer_name"],
+        lm_dtype=hp["lm_dtype"])
+
+
+def pick_device(name: str):
+    import torch
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def library_versions() -> dict:
+    import importlib.metadata as md
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "open_clip_torch", "transformers", "tokenizers", "rouge_score"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def train(hp: dict) -> dict:
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from dataset import Collate, PairDataset, SkipLog, load_splits
+    from eval import evaluate
+    from model import ClipCaptioner, atomic_write_json
+
+    random.seed(hp["seed"]); np.random.seed(hp["seed"]); torch.manual_seed(hp["seed"])
+    device = pick_device(hp["device"])
+    run_id = datetime.now().strftime("%Y%m%d_%H%M%S")
+    out_dir = Path(hp["output_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"device: {device}")
+
+    model = ClipCaptioner.from_config(model_config_from_hparams(hp)).to(device)
+    skips = SkipLog()
+    splits = load_splits(hp, skips)
+    train_set = splits["train"]
+    pairs = train_set.pairs()
+    if hp["training_size_limit"] is not None and len(pairs) > hp["training_size_limit"]:
+        pairs = random.Random(hp["seed"]).sample(pairs, hp["training_size_limit"])
+    n_params = sum(p.numel() for p in model.projector.parameters())
+    print(f"data: {len(pairs)} training pairs from {train_set.num_images} images; "
+          f"val {splits['val'].num_images} images; test {splits['test'].num_images} images; {skips.summary()}")
+    print(f"model: {model.config.clip_model_name} ({model.config.clip_embed_dim}-d) -> MLP ({n_params:,} trainable) "
+          f"-> {model.config.proj_prefix_length} x {model.config.lm_hidden_size} prefix -> {model.config.lm_name}")
+
+    workers = hp["num_workers"] if hp["num_workers"] is not None else (4 if device.type == "cuda" else 0)
+    g = torch.Generator().manual_seed(hp["seed"])
+    loader = DataLoader(PairDataset(train_set, model.preprocess, pairs), batch_size=hp["batch_size"], shuffle=True,
+                        generator=g, num_workers=workers, pin_memory=device.type == "cuda",
+                        collate_fn=Collate(model.tokenizer, hp["max_caption_length"]))
+    opt = torch.optim.AdamW(model.projector.parameters(), lr=hp["learning_rate"], weight_decay=hp["weight_decay"])
+    sched = (torch.optim.lr_scheduler.StepLR(opt, hp["learning_rate_decay_step"], hp["learning_rate_decay"])
+             if hp["learning_rate_scheduler_enabled"] else None)
+    eval_kw = dict(batch_size=hp["eval_batch_size"], max_caption_length=hp["max_caption_length"],
+                   gen_kwargs={"max_new_tokens": hp["max_new_tokens"], "num_beams": hp["num_beams"]},
+                   num_workers=workers)
+    history, meta, meta_path = [], {}, None
+    for epoch in range(1, hp["num_epochs"] + 1):
+        model.train()
+        total, count, t0 = 0.0, 0, time.time()
+        bar = tqdm(loader, desc=f"Training Epoch {epoch}/{hp['num_epochs']}", dynamic_ncols=True)
+        for batch in bar:
+            for path, reason in batch["skipped"]:
+                skips.add(path, reason)
+            if "input_ids" not in batch:
+                continue
+            _, loss = model(batch["input_ids"], batch["attention_mask"],
+                            pixel_values=batch["pixel_values"].to(device, non_blocking=True))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if hp["max_grad_norm"]:
+                torch.nn.utils.clip_grad_norm_(model.projector.parameters(), hp["max_grad_norm"])
+            opt.step()
+            total, count = total + loss.item(), count + 1
+            bar.set_postfix({"Loss": f"{loss.item():.4f}", "Avg Loss": f"{total / count:.4f}"})
+        if sched:
+            sched.step()
+        train_loss = total / max(count, 1)
+        val = evaluate(model, splits["val"], skips=skips, generate=hp["evaluation_enabled"], **eval_kw)
+        stem = f"{run_id}-{epoch}"
+        ckpt_path = out_dir / f"model_state_dict_{stem}.pth"
+        meta_path = out_dir / f"training_metadata_{stem}.json"
+        model.save_checkpoint(ckpt_path)
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "rouge_l": val.get("rouge_l"),
+                        "seconds": round(time.time() - t0, 1)})
+        meta = {"checkpoint": ckpt_path.name, "run_id": run_id, "epoch": epoch, "train_loss": train_loss,
+                "val_loss": val["loss"], "rouge_l": val.get("rouge_l"), "history": history,
+                "hyperparameters": hp, "model_config": model.config.__dict__, "trainable_parameters": n_params,
+                "skipped_inputs": dict(skips.counts), "library_versions": library_versions(),
+                "device": str(device), "saved_at": datetime.now().isoformat(timespec="seconds")}
+        atomic_write_json(meta, meta_path)  # written after the .pth: a metadata file means a complete checkpoint
+        if skips.items:
+            skips.write(out_dir / f"skipped_inputs_{run_id}.tsv")
+        print("✅ Model saved successfully!")
+        print(f"📁 Model state dict: {ckpt_path}")
+        print(f"📁 Metadata: {meta_path}")
+        print(f"📊 Training loss: {train_loss:.4f}")
+        print(f"📈 Validation loss: {val['loss']:.4f}")
+        if val.get("rouge_l") is not None:
+            print(f"🎯 ROUGE-L score: {val['rouge_l']:.4f}")
+    if hp["test_evaluation_enabled"]:
+        test = evaluate(model, splits["test"], skips=skips, ablate_image=hp["ablate_image"], seed=hp["seed"], **eval_kw)
+        meta["test"] = {k: v for k, v in test.items() if k != "predictions"}
+        print(f"🧪 Held-out test ({splits['test'].num_images} images): ROUGE-L {test['rouge_l']:.4f}, loss {test['loss']:.4f}")
+        if "ablated" in test:
+            print(f"🔀 Images shuffled across the set: ROUGE-L {test['ablated']['rouge_l']:.4f}, "
+                  f"loss {test['ablated']['loss']:.4f} (drop {test['rouge_l'] - test['ablated']['rouge_l']:.4f})")
+        if hp["dataset"] == "shapes":
+            meta["demo_targets"] = {**DEMO_TARGETS, "met": test["rouge_l"] >= DEMO_TARGETS["test_rouge_l_min"] and (
+                "ablated" in test and test["rouge_l"] - test["ablated"]["rouge_l"] >= DEMO_TARGETS["ablation_drop_min"])}
+            print(f"demo targets (ROUGE-L >= {DEMO_TARGETS['test_rouge_l_min']}, shuffle drop >= "
+                  f"{DEMO_TARGETS['ablation_drop_min']}): {'met' if meta['demo_targets']['met'] else 'NOT met'}")
+        meta["skipped_inputs"] = dict(skips.counts)
+        atomic_write_json(meta, meta_path)
+    if skips.items:
+        print(f"{skips.summary()}; list: {out_dir / f'skipped_inputs_{run_id}.tsv'}")
+    return meta
+
+
+def main(argv=None) -> int:
+    try:
+        hp = resolve_hparams(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from model import HubUnavailableError
+    try:
+        train(hp)
+    except HubUnavailableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:  # bad paths / bad data files: say what, not where in the code
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
