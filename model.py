@@ -355,8 +355,8 @@ def load_captioner(path: str | os.PathLike, device: str | torch.device = "cpu", 
     for k in ("clip_embed_dim", "lm_hidden_size"):
         if saved.get(k) is not None and saved[k] != getattr(cfg, k):
             raise ValueError(f"{path}: checkpoint was trained with {k}={saved[k]}, the loaded backbone has {getattr(cfg, k)}")
-    missing = {k[len("projector."):]: v for k, v in ckpt["state_dict"].items()}
-    model.projector.load_state_dict(missing, strict=True)
+    state = {k[len("projector."):]: v for k, v in ckpt["state_dict"].items()}
+    model.projector.load_state_dict(state, strict=True)
     return model.to(device).eval()
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import difflib
 import json
+import os
 import platform
 import random
 import sys
@@ -80,8 +81,8 @@ PRESETS = {
         "clip_model_name": "demo/clip-tiny", "clip_pretrained": None,
         "lm_name": "demo/qwen3-tiny", "tokenizer_name": "demo/qwen3-tiny", "lm_dtype": "float32",
         "proj_prefix_length": 8, "proj_hidden_dim": 512,
-        "batch_size": 64, "num_epochs": 6, "learning_rate": 0.002, "weight_decay": 0.01,
-        "learning_rate_decay": 0.5, "learning_rate_decay_step": 2,
+        "batch_size": 64, "num_epochs": 3, "learning_rate": 0.002, "weight_decay": 0.01,
+        "learning_rate_decay": 0.5, "learning_rate_decay_step": 1,
         "max_caption_length": 32, "max_new_tokens": 24, "eval_batch_size": 128,
         "test_evaluation_enabled": True, "ablate_image": True, "device": "cpu",
     },
@@ -305,7 +306,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError) as e:  # bad paths / bad data files: say what, not where in the code
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("CAPKIT_DEBUG"):
+            raise
+        print(f"error: {e}\n(set CAPKIT_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
     return 0
 
