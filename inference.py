@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -65,20 +66,33 @@ def main(argv=None) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     results, skipped = [], []
+    # JSONL is written as we go (a crash or Ctrl-C keeps what was done); JSON at the end
+    stream = open(args.output, "w", encoding="utf-8") if args.output and args.output.endswith(".jsonl") else None
+    stdout_open = True
     loader = DataLoader(ImageDataset(paths, model.preprocess), batch_size=args.batch_size, collate_fn=Collate())
-    for batch in loader:
-        skipped += batch["skipped"]
-        if "pixel_values" not in batch:
-            continue
-        for i, caption in zip(batch["image_idx"].tolist(), model.generate(pixel_values=batch["pixel_values"], **gen)):
-            results.append({"image": str(paths[i]), "caption": caption})
-            print(f"{paths[i]}\t{caption}", flush=True)
-    if args.output:
+    try:
+        for batch in loader:
+            skipped += batch["skipped"]
+            if "pixel_values" not in batch:
+                continue
+            for i, caption in zip(batch["image_idx"].tolist(), model.generate(pixel_values=batch["pixel_values"], **gen)):
+                rec = {"image": str(paths[i]), "caption": caption}
+                results.append(rec)
+                if stream:
+                    stream.write(json.dumps(rec) + "\n")
+                    stream.flush()
+                if stdout_open:
+                    try:
+                        print(f"{paths[i]}\t{caption}", flush=True)
+                    except BrokenPipeError:  # e.g. `| head`: keep captioning into --output, stop printing
+                        stdout_open = False
+                        sys.stdout = open(os.devnull, "w")
+    finally:
+        if stream:
+            stream.close()
+    if args.output and not stream:
         with open(args.output, "w", encoding="utf-8") as f:
-            if args.output.endswith(".jsonl"):
-                f.writelines(json.dumps(r) + "\n" for r in results)
-            else:
-                json.dump(results, f, indent=2)
+            json.dump(results, f, indent=2)
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     print(f"{len(results)} captioned, {len(skipped)} skipped" + (f"; wrote {args.output}" if args.output else ""),
