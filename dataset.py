@@ -199,7 +199,9 @@ def from_metadata(root, skips: SkipLog) -> CaptionSet:
     return from_captions_csv(root / "metadata.csv", root, skips)
 
 
-def _images_under(root: Path) -> list[Path]:
+def find_images(root: Path) -> list[Path]:
+    """Image files under root, recursively, sorted; hidden files and folders are ignored."""
+    root = Path(root)
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()
                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
@@ -208,7 +210,7 @@ def from_sidecar_txt(root, skips: SkipLog) -> CaptionSet:
     """Each image with a .txt of the same name beside it (recursive); each non-empty line is a caption."""
     root = Path(root)
     entries = []
-    for img in _images_under(root):
+    for img in find_images(root):
         txt = img.with_suffix(".txt")
         if not txt.exists():
             skips.add(img, "no caption file")
@@ -228,7 +230,7 @@ def caption_from_filename(path) -> str:
 
 def from_filenames(root, skips: SkipLog) -> CaptionSet:
     root = Path(root)
-    return _build([(p, caption_from_filename(p)) for p in _images_under(root)], root, skips)
+    return _build([(p, caption_from_filename(p)) for p in find_images(root)], root, skips)
 
 
 def load_folder(root, skips: SkipLog, captions_file=None) -> CaptionSet:

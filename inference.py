@@ -16,14 +16,14 @@ import os
 import sys
 from pathlib import Path
 
-from dataset import IMAGE_EXTS, Collate, ImageDataset
+from dataset import Collate, ImageDataset, find_images
 
 
 def collect_images(inputs) -> list[Path]:
     out = []
     for item in map(Path, inputs):
         if item.is_dir():
-            out += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+            out += find_images(item)
         elif item.exists():
             out.append(item)
         else:

@@ -197,7 +197,7 @@ def train(hp: dict) -> dict:
 
     from dataset import Collate, PairDataset, SkipLog, load_splits
     from eval import evaluate
-    from model import ClipCaptioner, atomic_write_json
+    from model import ClipCaptioner, HubUnavailableError, atomic_write_json
 
     random.seed(hp["seed"]); np.random.seed(hp["seed"]); torch.manual_seed(hp["seed"])
     device = pick_device(hp["device"])
@@ -206,9 +206,18 @@ def train(hp: dict) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"device: {device}")
 
-    model = ClipCaptioner.from_config(model_config_from_hparams(hp)).to(device)
-    skips = SkipLog()
-    splits = load_splits(hp, skips)
+    # data first (a wrong path fails before a big model loads); hub problems are reported together
+    skips, problems = SkipLog(), []
+    try:
+        splits = load_splits(hp, skips)
+    except HubUnavailableError as e:
+        problems.append(str(e))
+    try:
+        model = ClipCaptioner.from_config(model_config_from_hparams(hp)).to(device)
+    except HubUnavailableError as e:
+        problems.append(str(e))
+    if problems:
+        raise HubUnavailableError("\n".join(problems))
     train_set = splits["train"]
     pairs = train_set.pairs()
     if hp["training_size_limit"] is not None and len(pairs) > hp["training_size_limit"]:

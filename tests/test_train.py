@@ -59,4 +59,5 @@ def test_offline_real_defaults_exit_fast_with_one_message(tmp_path):
     assert p.returncode != 0
     assert "Traceback" not in p.stderr and "ERROR" not in p.stderr
     assert "ViT-B-32" in p.stderr and "Qwen/Qwen3-0.6B-Base" in p.stderr and "lm_name" in p.stderr
+    assert "Flickr30K" in p.stderr and "data_dir" in p.stderr  # every missing download named at once
     assert took < 15, f"took {took:.1f}s"
