@@ -370,7 +370,7 @@ def load_splits(hp: dict, skips: SkipLog, which=("train", "val", "test")) -> dic
 # torch datasets + collate
 
 class PairDataset(torch.utils.data.Dataset):
-    """One sample per (image, caption) pair; for training and teacher-forced validation loss."""
+    """One sample per (image, caption) pair. transform=None: no image is loaded (cached features are used)."""
 
     def __init__(self, data: CaptionSet, transform, pairs=None):
         self.data, self.transform = data, transform
@@ -381,6 +381,8 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         img_idx, caption = self.pairs[i]
+        if self.transform is None:  # features come from the cache: no image I/O at all
+            return {"caption": caption, "image_idx": img_idx}
         return _load_item(self.data.images[img_idx], self.transform, caption=caption, image_idx=img_idx)
 
 
@@ -406,6 +408,28 @@ def _load_item(path, transform, **extra):
     return {"pixel_values": pixels, **extra}
 
 
+class LengthGroupedBatches(torch.utils.data.Sampler):
+    """Batches of similar caption length, in random order: shuffle all pairs, cut them into groups of
+    `group` batches, sort each group by length, then shuffle the batches. Less padding per batch with
+    the randomness kept; each epoch draws a new order from the generator."""
+
+    def __init__(self, lengths, batch_size: int, generator: torch.Generator, group: int = 50):
+        self.lengths, self.batch_size, self.generator, self.group = list(lengths), batch_size, generator, group
+
+    def __len__(self):
+        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        span = self.batch_size * self.group
+        batches = []
+        for s in range(0, len(order), span):
+            chunk = sorted(order[s:s + span], key=lambda i: self.lengths[i])
+            batches += [chunk[b:b + self.batch_size] for b in range(0, len(chunk), self.batch_size)]
+        for b in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[b]
+
+
 class Collate:
     """Stacks images and tokenizes captions: caption tokens + EOS, truncated to max_length, padded
     to the longest in the batch (pad positions have attention_mask 0 and are ignored by the loss).
@@ -420,7 +444,8 @@ class Collate:
         batch = {"skipped": skipped, "image_idx": torch.tensor([it["image_idx"] for it in items], dtype=torch.long)}
         if not items:
             return batch
-        batch["pixel_values"] = torch.stack([it["pixel_values"] for it in items])
+        if "pixel_values" in items[0]:
+            batch["pixel_values"] = torch.stack([it["pixel_values"] for it in items])
         if self.tok is not None and "caption" in items[0]:
             batch.update(tokenize_captions(self.tok, [it["caption"] for it in items], self.max_length))
         return batch

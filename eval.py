@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
-from dataset import Collate, ImageDataset, SkipLog, tokenize_captions
+from dataset import SkipLog, tokenize_captions
+from features import image_features
 
 
 def rouge_l(predictions: list[str], references: list[list[str]]) -> tuple[float, list[float]]:
@@ -31,22 +31,6 @@ def rouge_l(predictions: list[str], references: list[list[str]]) -> tuple[float,
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     per = [max(scorer.score(ref, pred)["rougeL"].fmeasure for ref in refs) for pred, refs in zip(predictions, references)]
     return (sum(per) / len(per) if per else 0.0), per
-
-
-@torch.no_grad()
-def encode_split(model, images, batch_size=32, num_workers=0, skips: SkipLog | None = None):
-    """Every image through the frozen encoder once -> (embeds (N_ok, E), indices of images that loaded)."""
-    loader = DataLoader(ImageDataset(images, model.preprocess), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=Collate())
-    embeds, ok = [], []
-    for batch in loader:
-        for path, reason in batch["skipped"]:
-            if skips is not None:
-                skips.add(path, reason)
-        if "pixel_values" in batch:
-            embeds.append(model.encode_images(batch["pixel_values"]).cpu())
-            ok += batch["image_idx"].tolist()
-    return (torch.cat(embeds) if embeds else torch.empty(0)), ok
 
 
 @torch.no_grad()
@@ -81,11 +65,11 @@ def derangement(n: int, seed: int) -> torch.Tensor:
 
 
 def evaluate(model, data, batch_size=32, max_caption_length=128, gen_kwargs=None, generate=True,
-             ablate_image=False, seed=0, num_workers=0, skips: SkipLog | None = None) -> dict:
+             ablate_image=False, seed=0, num_workers=0, skips: SkipLog | None = None, cache_dir=None) -> dict:
     """Loss (+ ROUGE-L and predictions when generate) on a CaptionSet; ablate_image adds the shuffled-image scores."""
     was_training = model.training
     model.eval()
-    embeds, ok = encode_split(model, data.images, batch_size, num_workers, skips)
+    embeds, ok = image_features(model, data.images, cache_dir, batch_size, num_workers, skips)
     data = data.subset(ok)
     gen_kwargs = gen_kwargs or {}
     res = {"num_images": data.num_images, "loss": caption_loss(model, embeds, data.captions, batch_size * 2, max_caption_length)}
@@ -134,7 +118,8 @@ def main(argv=None) -> int:
            "num_beams": args.num_beams or hp.get("num_beams", 1)}
     res = evaluate(model, data, batch_size=args.batch_size or hp.get("eval_batch_size", 32),
                    max_caption_length=hp.get("max_caption_length", 128), gen_kwargs=gen,
-                   ablate_image=args.ablate_image, seed=hp.get("seed", 0), skips=skips)
+                   ablate_image=args.ablate_image, seed=hp.get("seed", 0), skips=skips,
+                   cache_dir=hp.get("feature_cache_dir"))
     out = Path(args.output) if args.output else Path(args.checkpoint).with_name(
         Path(args.checkpoint).stem.replace("model_state_dict", f"predictions_{args.split}") + ".json")
     summary = {k: v for k, v in res.items() if k != "predictions"}

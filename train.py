@@ -56,6 +56,8 @@ hyperparameters = {
     "learning_rate_scheduler_enabled": True,  # False: constant learning rate
     "max_grad_norm": 1.0,            # gradient-norm clipping (None: off)
     "max_caption_length": 128,       # max tokens per caption, EOS included (longer ones are truncated)
+    "group_by_length": True,         # batches of similar caption length (less padding), random batch order
+    "feature_cache_dir": "cache/features",  # frozen-CLIP features computed once, reused across epochs and runs (None: off)
     "seed": 42,                      # Python / NumPy / torch seeds and the data order
     # --- evaluation and output ---
     "evaluation_enabled": True,      # ROUGE-L on the validation split after each epoch (val loss is always computed)
@@ -69,10 +71,10 @@ hyperparameters = {
     "num_workers": None,             # DataLoader workers; None = 4 on GPU, 0 on CPU
 }
 
-# keys whose default is None: the type a value must have when it isn't None
+# keys that may be None: the type a value must have when it is not None
 NONE_DEFAULT_TYPES = {"data_dir": str, "train_dir": str, "val_dir": str, "test_dir": str, "captions_file": str,
                       "training_size_limit": int, "clip_pretrained": str, "image_size": int, "tokenizer_name": str,
-                      "num_workers": int, "max_grad_norm": float}
+                      "num_workers": int, "max_grad_norm": float, "feature_cache_dir": str}
 
 PRESETS = {
     # the offline demo: synthetic shapes, the committed tiny backbones, CPU in a few minutes
@@ -195,8 +197,9 @@ def train(hp: dict) -> dict:
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from dataset import Collate, PairDataset, SkipLog, load_splits
+    from dataset import Collate, LengthGroupedBatches, PairDataset, SkipLog, load_splits
     from eval import evaluate
+    from features import image_features
     from model import ClipCaptioner, HubUnavailableError, atomic_write_json
 
     random.seed(hp["seed"]); np.random.seed(hp["seed"]); torch.manual_seed(hp["seed"])
@@ -222,6 +225,16 @@ def train(hp: dict) -> dict:
     pairs = train_set.pairs()
     if hp["training_size_limit"] is not None and len(pairs) > hp["training_size_limit"]:
         pairs = random.Random(hp["seed"]).sample(pairs, hp["training_size_limit"])
+        used = sorted({i for i, _ in pairs})  # only these images need features
+        remap = {old: new for new, old in enumerate(used)}
+        train_set, pairs = train_set.subset(used), [(remap[i], c) for i, c in pairs]
+    feats = None
+    if hp["feature_cache_dir"] is not None:  # CLIP runs once per image, never inside the epoch loop
+        feats, ok = image_features(model, train_set.images, hp["feature_cache_dir"], hp["eval_batch_size"],
+                                   0, skips)
+        remap = {old: new for new, old in enumerate(ok)}
+        train_set = train_set.subset(ok)
+        pairs = [(remap[i], c) for i, c in pairs if i in remap]
     n_params = sum(p.numel() for p in model.projector.parameters())
     print(f"data: {len(pairs)} training pairs from {train_set.num_images} images; "
           f"val {splits['val'].num_images} images; test {splits['test'].num_images} images; {skips.summary()}")
@@ -230,15 +243,20 @@ def train(hp: dict) -> dict:
 
     workers = hp["num_workers"] if hp["num_workers"] is not None else (4 if device.type == "cuda" else 0)
     g = torch.Generator().manual_seed(hp["seed"])
-    loader = DataLoader(PairDataset(train_set, model.preprocess, pairs), batch_size=hp["batch_size"], shuffle=True,
-                        generator=g, num_workers=workers, pin_memory=device.type == "cuda",
-                        collate_fn=Collate(model.tokenizer, hp["max_caption_length"]))
+    transform = None if feats is not None else model.preprocess
+    if hp["group_by_length"]:
+        lengths = [len(x) for x in model.tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]]
+        batching = {"batch_sampler": LengthGroupedBatches(lengths, hp["batch_size"], g)}
+    else:
+        batching = {"batch_size": hp["batch_size"], "shuffle": True, "generator": g}
+    loader = DataLoader(PairDataset(train_set, transform, pairs), **batching, num_workers=workers,
+                        pin_memory=device.type == "cuda", collate_fn=Collate(model.tokenizer, hp["max_caption_length"]))
     opt = torch.optim.AdamW(model.projector.parameters(), lr=hp["learning_rate"], weight_decay=hp["weight_decay"])
     sched = (torch.optim.lr_scheduler.StepLR(opt, hp["learning_rate_decay_step"], hp["learning_rate_decay"])
              if hp["learning_rate_scheduler_enabled"] else None)
     eval_kw = dict(batch_size=hp["eval_batch_size"], max_caption_length=hp["max_caption_length"],
                    gen_kwargs={"max_new_tokens": hp["max_new_tokens"], "num_beams": hp["num_beams"]},
-                   num_workers=workers)
+                   num_workers=workers, cache_dir=hp["feature_cache_dir"])
     history, meta, meta_path = [], {}, None
     for epoch in range(1, hp["num_epochs"] + 1):
         model.train()
@@ -249,8 +267,11 @@ def train(hp: dict) -> dict:
                 skips.add(path, reason)
             if "input_ids" not in batch:
                 continue
-            _, loss = model(batch["input_ids"], batch["attention_mask"],
-                            pixel_values=batch["pixel_values"].to(device, non_blocking=True))
+            if feats is not None:
+                image_inputs = {"image_embeds": feats[batch["image_idx"]]}                    # (B, E)
+            else:
+                image_inputs = {"pixel_values": batch["pixel_values"].to(device, non_blocking=True)}
+            _, loss = model(batch["input_ids"], batch["attention_mask"], **image_inputs)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if hp["max_grad_norm"]:

@@ -216,3 +216,17 @@ def test_real_flickr8k_photos_through_the_folder_loader():
     assert data.num_images == 238 and all(len(c) == 5 for c in data.captions) and not skips.items
     im = load_rgb(data.images[0])
     assert im.mode == "RGB" and max(im.size) <= 500
+
+
+def test_length_grouped_batches_cover_everything_once_and_reduce_padding():
+    from dataset import LengthGroupedBatches
+    g = torch.Generator().manual_seed(0)
+    lengths = [int(x) for x in torch.randint(3, 60, (1000,), generator=torch.Generator().manual_seed(1))]
+    sampler = LengthGroupedBatches(lengths, 16, g, group=10)
+    epoch1, epoch2 = list(sampler), list(sampler)
+    assert len(epoch1) == len(sampler) == 63
+    assert sorted(i for b in epoch1 for i in b) == list(range(1000))
+    assert epoch1 != epoch2  # a new random order every epoch
+    pad = lambda batches: sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    rand = torch.randperm(1000, generator=torch.Generator().manual_seed(2)).tolist()
+    assert pad(epoch1) < 0.2 * pad([rand[s:s + 16] for s in range(0, 1000, 16)])

@@ -21,7 +21,8 @@ def run(*args, cwd=REPO):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("demo")
-    out = run("train.py", "--preset", "demo", f"--output_dir={tmp / 'saved'}", f"--data_dir={tmp / 'shapes'}")
+    out = run("train.py", "--preset", "demo", f"--output_dir={tmp / 'saved'}", f"--data_dir={tmp / 'shapes'}",
+              f"--feature_cache_dir={tmp / 'cache'}")
     metas = sorted((tmp / "saved").glob("training_metadata_*.json"), key=lambda p: json.loads(p.read_text())["epoch"])
     return tmp, out, metas
 

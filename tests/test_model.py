@@ -165,3 +165,27 @@ def test_offline_hub_id_fails_fast_with_clear_message():
     msg = str(e.value)
     assert time.time() - t < 15
     assert "clip_pretrained" in msg and "lm_name" in msg and "unreachable" in msg
+
+
+def test_batched_kv_cache_generation_equals_one_at_a_time_without_cache(tiny_model):
+    """Batched decoding with the KV cache gives exactly the captions of a naive loop: one image at a
+    time, the whole sequence re-run through the decoder for every new token."""
+    torch.manual_seed(4)
+    for p in tiny_model.projector.parameters():
+        p.data.normal_(0, 0.5)
+    px = torch.randn(6, 3, 32, 32)
+    batched = tiny_model.generate_ids(pixel_values=px, max_new_tokens=10)
+    eos = tiny_model.tokenizer.eos_token_id
+    emb = tiny_model.lm.get_input_embeddings()
+    for i in range(len(px)):
+        seq = tiny_model.prefix_embeds(tiny_model.encode_images(px[i:i + 1]))   # (1, P, H)
+        naive = []
+        with torch.no_grad():
+            for _ in range(10):
+                nxt = int(tiny_model.lm(inputs_embeds=seq, use_cache=False).logits[0, -1].argmax())
+                naive.append(nxt)
+                if nxt == eos:
+                    break
+                seq = torch.cat([seq, emb(torch.tensor([[nxt]]))], dim=1)
+        assert batched[i, :len(naive)].tolist() == naive
+        assert tiny_model.generate_ids(pixel_values=px[i:i + 1], max_new_tokens=10)[0, :len(naive)].tolist() == naive

@@ -1,0 +1,104 @@
+"""
+Frozen-encoder features, computed once: CLIP never changes during training, so each image's
+embedding is extracted in batches (with a progress bar) and cached on disk.
+
+    from features import image_features
+    feats, ok = image_features(model, data.images, cache_dir="cache/features")   # (N_ok, E) float32
+
+The cache key is the encoder's identity (model name + a hash of its weights + its preprocessing)
+and the content of every image (a hash of the file bytes): change any of them and the features
+are recomputed. Files are safetensors (fp16) written atomically; a file that is truncated, corrupt
+or doesn't match its key is detected and rebuilt, never trusted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from dataset import Collate, ImageDataset, SkipLog
+
+CACHE_FORMAT = "capkit.features.v1"
+
+
+@torch.no_grad()
+def encode_split(model, images, batch_size=32, num_workers=0, skips: SkipLog | None = None, progress=False):
+    """Every image through the frozen encoder once -> (embeds (N_ok, E) float32, indices of images that loaded)."""
+    loader = DataLoader(ImageDataset(images, model.preprocess), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=Collate())
+    if progress:
+        from tqdm import tqdm
+        loader = tqdm(loader, desc="Extracting image features", dynamic_ncols=True)
+    embeds, ok = [], []
+    for batch in loader:
+        for path, reason in batch["skipped"]:
+            if skips is not None:
+                skips.add(path, reason)
+        if "pixel_values" in batch:
+            embeds.append(model.encode_images(batch["pixel_values"]).cpu())
+            ok += batch["image_idx"].tolist()
+    return (torch.cat(embeds) if embeds else torch.empty(0)), ok
+
+
+def encoder_fingerprint(model) -> str:
+    """Name + weights + preprocessing of the frozen encoder."""
+    h = hashlib.sha256()
+    h.update(f"{model.config.clip_model_name}|{model.config.clip_pretrained}|{model.config.clip_image_size}".encode())
+    for name, t in sorted(model.image_encoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    h.update(repr(model.preprocess).encode())
+    return h.hexdigest()[:20]
+
+
+def file_digest(path) -> str:
+    h = hashlib.sha1()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError:
+        return "missing"
+    return h.hexdigest()
+
+
+def _load(path: Path, digests: list[str]):
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != CACHE_FORMAT or json.loads(meta["digests"]) != digests:
+            raise ValueError("key mismatch")
+        feats, ok = f.get_tensor("features").float(), f.get_tensor("ok").tolist()
+    if feats.shape[0] != len(ok) or (ok and max(ok) >= len(digests)):
+        raise ValueError("inconsistent shapes")
+    return feats, ok
+
+
+def image_features(model, images, cache_dir=None, batch_size=64, num_workers=0, skips: SkipLog | None = None):
+    """Cached encode_split. With cache_dir None, always computes."""
+    if cache_dir is None:
+        return encode_split(model, images, batch_size, num_workers, skips, progress=True)
+    from safetensors.torch import save
+
+    from model import _atomic_write
+    digests = [file_digest(p) for p in images]
+    set_key = hashlib.sha256("\n".join(digests).encode()).hexdigest()[:24]
+    path = Path(cache_dir) / encoder_fingerprint(model) / f"{set_key}.safetensors"
+    if path.exists():
+        try:
+            feats, ok = _load(path, digests)
+            if skips is not None:  # images that failed when the cache was built are still skips
+                bad = set(range(len(images))) - set(ok)
+                for i in sorted(bad):
+                    skips.add(images[i], "unreadable image: cached")
+            return feats, ok
+        except Exception as e:  # truncated / corrupt / foreign file: rebuild
+            print(f"feature cache {path} is unusable ({type(e).__name__}: {e}); rebuilding it")
+    feats, ok = encode_split(model, images, batch_size, num_workers, skips, progress=True)
+    blob = save({"features": feats.half().contiguous(), "ok": torch.tensor(ok, dtype=torch.long)},
+                metadata={"format": CACHE_FORMAT, "digests": json.dumps(digests)})
+    _atomic_write(path, lambda f: f.write(blob))
+    return feats.half().float(), ok  # the same values a later cache hit returns
