@@ -5,6 +5,7 @@ Train capkit's captioner: only the MLP projector learns; CLIP and the decoder st
     python train.py --preset demo                    # offline demo: synthetic shapes, tiny backbones, CPU
     python train.py --batch_size=16 --num_epochs=5   # any key of `hyperparameters` below
     python train.py --dataset=folder --data_dir=my_photos/ --training_size_limit=None
+    accelerate launch --multi_gpu --num_processes 4 train.py --batch_size=64    # several GPUs (DDP)
 
 Edit `hyperparameters` here, or override keys on the command line (--KEY=VALUE; values are Python
 literals, anything else is a string). Unknown keys and wrong types are refused. After each epoch:
@@ -47,7 +48,7 @@ hyperparameters = {
     "proj_hidden_dim": 2048,         # MLP hidden width
     "proj_dropout": 0.0,             # dropout inside the MLP
     # --- optimisation ---
-    "batch_size": 8,                 # (image, caption) pairs per step; raise it if GPU memory allows
+    "batch_size": 8,                 # (image, caption) pairs per step (global, split across processes); raise it if memory allows
     "num_epochs": 1,                 # passes over the training pairs
     "learning_rate": 0.0001,         # AdamW learning rate of the MLP
     "weight_decay": 0.0,             # AdamW weight decay
@@ -202,12 +203,18 @@ def train(hp: dict) -> dict:
     from features import image_features
     from model import ClipCaptioner, HubUnavailableError, atomic_write_json
 
+    from accelerate import Accelerator, DataLoaderConfiguration
     random.seed(hp["seed"]); np.random.seed(hp["seed"]); torch.manual_seed(hp["seed"])
-    device = pick_device(hp["device"])
+    # under `accelerate launch` (DDP) each process takes its share of every global batch of
+    # batch_size pairs (split_batches), so the run sees the same batches as a single process would
+    acc = Accelerator(cpu=hp["device"] == "cpu", dataloader_config=DataLoaderConfiguration(split_batches=True))
+    main = acc.is_main_process
+    log = print if main else (lambda *a, **k: None)
+    device = acc.device if acc.num_processes > 1 else pick_device(hp["device"])
     run_id = datetime.now().strftime("%Y%m%d_%H%M%S")
     out_dir = Path(hp["output_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"device: {device}")
+    log(f"device: {device}" + (f" x {acc.num_processes} processes" if acc.num_processes > 1 else ""))
 
     # data first (a wrong path fails before a big model loads); hub problems are reported together
     skips, problems = SkipLog(), []
@@ -230,15 +237,17 @@ def train(hp: dict) -> dict:
         train_set, pairs = train_set.subset(used), [(remap[i], c) for i, c in pairs]
     feats = None
     if hp["feature_cache_dir"] is not None:  # CLIP runs once per image, never inside the epoch loop
-        feats, ok = image_features(model, train_set.images, hp["feature_cache_dir"], hp["eval_batch_size"],
-                                   0, skips)
+        with acc.main_process_first():  # the main process fills the cache, the others then read it
+            feats, ok = image_features(model, train_set.images, hp["feature_cache_dir"], hp["eval_batch_size"],
+                                       0, skips)
+        feats = feats.to(device)
         remap = {old: new for new, old in enumerate(ok)}
         train_set = train_set.subset(ok)
         pairs = [(remap[i], c) for i, c in pairs if i in remap]
     n_params = sum(p.numel() for p in model.projector.parameters())
-    print(f"data: {len(pairs)} training pairs from {train_set.num_images} images; "
+    log(f"data: {len(pairs)} training pairs from {train_set.num_images} images; "
           f"val {splits['val'].num_images} images; test {splits['test'].num_images} images; {skips.summary()}")
-    print(f"model: {model.config.clip_model_name} ({model.config.clip_embed_dim}-d) -> MLP ({n_params:,} trainable) "
+    log(f"model: {model.config.clip_model_name} ({model.config.clip_embed_dim}-d) -> MLP ({n_params:,} trainable) "
           f"-> {model.config.proj_prefix_length} x {model.config.lm_hidden_size} prefix -> {model.config.lm_name}")
 
     workers = hp["num_workers"] if hp["num_workers"] is not None else (4 if device.type == "cuda" else 0)
@@ -257,11 +266,15 @@ def train(hp: dict) -> dict:
     eval_kw = dict(batch_size=hp["eval_batch_size"], max_caption_length=hp["max_caption_length"],
                    gen_kwargs={"max_new_tokens": hp["max_new_tokens"], "num_beams": hp["num_beams"]},
                    num_workers=workers, cache_dir=hp["feature_cache_dir"])
-    history, meta, meta_path = [], {}, None
+    if hp["batch_size"] % acc.num_processes:
+        raise ValueError(f"batch_size {hp['batch_size']} must be divisible by the {acc.num_processes} processes")
+    step_model, opt, loader = acc.prepare(model, opt, loader)  # DDP-wrapped on several processes
+    step_log = out_dir / f"train_log_{run_id}.jsonl"
+    history, meta, meta_path, step = [], {}, None, 0
     for epoch in range(1, hp["num_epochs"] + 1):
         model.train()
         total, count, t0 = 0.0, 0, time.time()
-        bar = tqdm(loader, desc=f"Training Epoch {epoch}/{hp['num_epochs']}", dynamic_ncols=True)
+        bar = tqdm(loader, desc=f"Training Epoch {epoch}/{hp['num_epochs']}", dynamic_ncols=True, disable=not main)
         for batch in bar:
             for path, reason in batch["skipped"]:
                 skips.add(path, reason)
@@ -271,17 +284,25 @@ def train(hp: dict) -> dict:
                 image_inputs = {"image_embeds": feats[batch["image_idx"]]}                    # (B, E)
             else:
                 image_inputs = {"pixel_values": batch["pixel_values"].to(device, non_blocking=True)}
-            _, loss = model(batch["input_ids"], batch["attention_mask"], **image_inputs)
+            _, loss = step_model(batch["input_ids"], batch["attention_mask"], **image_inputs)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            acc.backward(loss)
             if hp["max_grad_norm"]:
-                torch.nn.utils.clip_grad_norm_(model.projector.parameters(), hp["max_grad_norm"])
+                acc.clip_grad_norm_(model.projector.parameters(), hp["max_grad_norm"])
             opt.step()
-            total, count = total + loss.item(), count + 1
-            bar.set_postfix({"Loss": f"{loss.item():.4f}", "Avg Loss": f"{total / count:.4f}"})
+            loss_value = acc.reduce(loss.detach(), "mean").item()  # the global batch's loss
+            total, count, step = total + loss_value, count + 1, step + 1
+            bar.set_postfix({"Loss": f"{loss_value:.4f}", "Avg Loss": f"{total / count:.4f}"})
+            if main:
+                with open(step_log, "a") as f:
+                    f.write(json.dumps({"step": step, "epoch": epoch, "loss": loss_value,
+                                        "lr": opt.param_groups[0]["lr"]}) + "\n")
         if sched:
             sched.step()
         train_loss = total / max(count, 1)
+        acc.wait_for_everyone()
+        if not main:
+            continue  # only the main process evaluates, saves and prints
         val = evaluate(model, splits["val"], skips=skips, generate=hp["evaluation_enabled"], **eval_kw)
         stem = f"{run_id}-{epoch}"
         ckpt_path = out_dir / f"model_state_dict_{stem}.pth"
@@ -304,6 +325,8 @@ def train(hp: dict) -> dict:
         print(f"📈 Validation loss: {val['loss']:.4f}")
         if val.get("rouge_l") is not None:
             print(f"🎯 ROUGE-L score: {val['rouge_l']:.4f}")
+    if not main:
+        return {}
     if hp["test_evaluation_enabled"]:
         test = evaluate(model, splits["test"], skips=skips, ablate_image=hp["ablate_image"], seed=hp["seed"], **eval_kw)
         meta["test"] = {k: v for k, v in test.items() if k != "predictions"}
