@@ -195,6 +195,7 @@ def library_versions() -> dict:
 def train(hp: dict) -> dict:
     import numpy as np
     import torch
+    from accelerate import Accelerator, DataLoaderConfiguration
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
@@ -203,7 +204,6 @@ def train(hp: dict) -> dict:
     from features import image_features
     from model import ClipCaptioner, HubUnavailableError, atomic_write_json
 
-    from accelerate import Accelerator, DataLoaderConfiguration
     random.seed(hp["seed"]); np.random.seed(hp["seed"]); torch.manual_seed(hp["seed"])
     # under `accelerate launch` (DDP) each process takes its share of every global batch of
     # batch_size pairs (split_batches), so the run sees the same batches as a single process would
@@ -246,9 +246,9 @@ def train(hp: dict) -> dict:
         pairs = [(remap[i], c) for i, c in pairs if i in remap]
     n_params = sum(p.numel() for p in model.projector.parameters())
     log(f"data: {len(pairs)} training pairs from {train_set.num_images} images; "
-          f"val {splits['val'].num_images} images; test {splits['test'].num_images} images; {skips.summary()}")
+        f"val {splits['val'].num_images} images; test {splits['test'].num_images} images; {skips.summary()}")
     log(f"model: {model.config.clip_model_name} ({model.config.clip_embed_dim}-d) -> MLP ({n_params:,} trainable) "
-          f"-> {model.config.proj_prefix_length} x {model.config.lm_hidden_size} prefix -> {model.config.lm_name}")
+        f"-> {model.config.proj_prefix_length} x {model.config.lm_hidden_size} prefix -> {model.config.lm_name}")
 
     workers = hp["num_workers"] if hp["num_workers"] is not None else (4 if device.type == "cuda" else 0)
     g = torch.Generator().manual_seed(hp["seed"])
