@@ -23,7 +23,6 @@ import resource
 import time
 
 import torch
-import torch.nn.functional as F
 
 CONFIGS = {
     "demo": {"batch_size": 64, "steps": 20, "captions": 64, "max_new_tokens": 24},
@@ -31,6 +30,14 @@ CONFIGS = {
 }
 SEED_MAX_CAPTION_LENGTH = 128
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}
+
+
+def real_shape_lm_config(tok):
+    """A Qwen3 config with Qwen3-0.6B-Base's dimensions (596M parameters); weights are random."""
+    from transformers import Qwen3Config
+    return Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
+                       tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
 
 def build(config: str, device):
@@ -41,15 +48,12 @@ def build(config: str, device):
                               proj_prefix_length=8, proj_hidden_dim=512, lm_dtype="float32")
         return ClipCaptioner.from_config(cfg).to(device)
     import open_clip
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
     torch.manual_seed(0)
     clip, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
     tok = AutoTokenizer.from_pretrained(LM_DIR)  # any tokenizer: ids index the 151,936-row table
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    lm = Qwen3ForCausalLM._from_config(Qwen3Config(
-        vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-        num_key_value_heads=8, head_dim=128, max_position_embeddings=32768, tie_word_embeddings=True,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id), dtype=dtype)
+    lm = Qwen3ForCausalLM._from_config(real_shape_lm_config(tok), dtype=dtype)
     cfg = CaptionerConfig(clip_model_name="ViT-B-32", clip_pretrained=None, proj_prefix_length=10,
                           lm_dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
     return ClipCaptioner(cfg, clip.visual, lm, tok, preprocess).to(device)
@@ -183,7 +187,7 @@ def main():
 
     sync(device)
     t = time.time()
-    feats, _ = encode_split_from_pil(model, images, device)
+    feats = encode_pil(model, images, device)
     extract_s = time.time() - t
     model.projector.load_state_dict(start)
     model.train()
@@ -194,7 +198,7 @@ def main():
     sync(device)
     t = time.time()
     with torch.no_grad():
-        f = encode_split_from_pil(model, images[:M], device)[0]
+        f = encode_pil(model, images[:M], device)
         real_caps = model.generate(image_embeds=f, max_new_tokens=T)
     sync(device)
     real_gen_s = time.time() - t
@@ -210,18 +214,18 @@ def main():
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
         flops = 4 * n_params * (real_tok + steps * B * model.config.proj_prefix_length) / real_s
-        print(f"model FLOP utilisation (MLP-only training ~ 4 x decoder params x tokens): "
+        print("model FLOP utilisation (MLP-only training ~ 4 x decoder params x tokens): "
               + (f"{100 * flops / (peak * 1e12):.1f}% of {peak:.0f} TFLOP/s bf16" if peak else f"{flops / 1e12:.1f} TFLOP/s"))
     print(f"train_speedup_vs_seed_loop: {seed_s / real_s:.2f}")
     print(f"generate_speedup_vs_seed_loop: {seed_gen_s / real_gen_s:.2f}")
 
 
 @torch.no_grad()
-def encode_split_from_pil(model, images, device, batch_size=64):
+def encode_pil(model, images, device, batch_size=64):
     """Batched preprocessing + encoding of in-memory images (the real path's one-off extraction)."""
     out = [model.encode_images(torch.stack([model.preprocess(im) for im in images[s:s + batch_size]]).to(device))
            for s in range(0, len(images), batch_size)]
-    return torch.cat(out), list(range(len(images)))
+    return torch.cat(out)                                                            # (N, E)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def image_features(model, images, cache_dir=None, batch_size=64, num_workers=0, 
         return encode_split(model, images, batch_size, num_workers, skips, progress=True)
     from safetensors.torch import save
 
-    from model import _atomic_write
+    from model import atomic_write
     digests = [file_digest(p) for p in images]
     set_key = hashlib.sha256("\n".join(digests).encode()).hexdigest()[:24]
     path = Path(cache_dir) / encoder_fingerprint(model) / f"{set_key}.safetensors"
@@ -100,5 +100,5 @@ def image_features(model, images, cache_dir=None, batch_size=64, num_workers=0, 
     feats, ok = encode_split(model, images, batch_size, num_workers, skips, progress=True)
     blob = save({"features": feats.half().contiguous(), "ok": torch.tensor(ok, dtype=torch.long)},
                 metadata={"format": CACHE_FORMAT, "digests": json.dumps(digests)})
-    _atomic_write(path, lambda f: f.write(blob))
+    atomic_write(path, lambda f: f.write(blob))
     return feats.half().float(), ok  # the same values a later cache hit returns

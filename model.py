@@ -157,7 +157,7 @@ def load_image_encoder(cfg: CaptionerConfig):
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, force_image_size=cfg.clip_image_size)
-    except Exception as e:  # open_clip wraps hub failures in RuntimeError/FileNotFoundError
+    except Exception:  # open_clip wraps hub failures in RuntimeError/FileNotFoundError
         if needs_hub and not hub_online():
             raise HubUnavailableError(_offline_message(
                 f"the CLIP image encoder {cfg.clip_model_name!r} (pretrained={cfg.clip_pretrained!r})",
@@ -363,7 +363,8 @@ def load_captioner(path: str | os.PathLike, device: str | torch.device = "cpu", 
 # ----------------------------------------------------------------------------------------------
 # atomic writes: a crash mid-write never leaves a half-written file under the final name
 
-def _atomic_write(path, write_fn) -> None:
+def atomic_write(path, write_fn) -> None:
+    """write_fn(binary file) into a temp file beside path, fsync, then rename over path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -379,8 +380,8 @@ def _atomic_write(path, write_fn) -> None:
 
 
 def atomic_torch_save(obj, path) -> None:
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_json(obj, path) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))

@@ -192,6 +192,13 @@ def library_versions() -> dict:
     return out
 
 
+def keep_images(data, pairs, keep):
+    """Restrict a CaptionSet to the images at indices `keep` and renumber the (image, caption) pairs
+    (pairs of dropped images go)."""
+    remap = {old: new for new, old in enumerate(keep)}
+    return data.subset(keep), [(remap[i], c) for i, c in pairs if i in remap]
+
+
 def train(hp: dict) -> dict:
     import numpy as np
     import torch
@@ -210,6 +217,8 @@ def train(hp: dict) -> dict:
     acc = Accelerator(cpu=hp["device"] == "cpu", dataloader_config=DataLoaderConfiguration(split_batches=True))
     main = acc.is_main_process
     log = print if main else (lambda *a, **k: None)
+    if hp["batch_size"] % acc.num_processes:
+        raise ValueError(f"batch_size {hp['batch_size']} must be divisible by the {acc.num_processes} processes")
     device = acc.device if acc.num_processes > 1 else pick_device(hp["device"])
     run_id = datetime.now().strftime("%Y%m%d_%H%M%S")
     out_dir = Path(hp["output_dir"])
@@ -232,18 +241,14 @@ def train(hp: dict) -> dict:
     pairs = train_set.pairs()
     if hp["training_size_limit"] is not None and len(pairs) > hp["training_size_limit"]:
         pairs = random.Random(hp["seed"]).sample(pairs, hp["training_size_limit"])
-        used = sorted({i for i, _ in pairs})  # only these images need features
-        remap = {old: new for new, old in enumerate(used)}
-        train_set, pairs = train_set.subset(used), [(remap[i], c) for i, c in pairs]
+        train_set, pairs = keep_images(train_set, pairs, sorted({i for i, _ in pairs}))  # only these need features
     feats = None
     if hp["feature_cache_dir"] is not None:  # CLIP runs once per image, never inside the epoch loop
         with acc.main_process_first():  # the main process fills the cache, the others then read it
             feats, ok = image_features(model, train_set.images, hp["feature_cache_dir"], hp["eval_batch_size"],
                                        0, skips)
         feats = feats.to(device)
-        remap = {old: new for new, old in enumerate(ok)}
-        train_set = train_set.subset(ok)
-        pairs = [(remap[i], c) for i, c in pairs if i in remap]
+        train_set, pairs = keep_images(train_set, pairs, ok)
     n_params = sum(p.numel() for p in model.projector.parameters())
     log(f"data: {len(pairs)} training pairs from {train_set.num_images} images; "
         f"val {splits['val'].num_images} images; test {splits['test'].num_images} images; {skips.summary()}")
@@ -266,8 +271,6 @@ def train(hp: dict) -> dict:
     eval_kw = dict(batch_size=hp["eval_batch_size"], max_caption_length=hp["max_caption_length"],
                    gen_kwargs={"max_new_tokens": hp["max_new_tokens"], "num_beams": hp["num_beams"]},
                    num_workers=workers, cache_dir=hp["feature_cache_dir"])
-    if hp["batch_size"] % acc.num_processes:
-        raise ValueError(f"batch_size {hp['batch_size']} must be divisible by the {acc.num_processes} processes")
     step_model, opt, loader = acc.prepare(model, opt, loader)  # DDP-wrapped on several processes
     step_log = out_dir / f"train_log_{run_id}.jsonl"
     history, meta, meta_path, step = [], {}, None, 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_model, save_backbones
+from conftest import save_backbones
 from dataset import tokenize_captions
 from model import CaptionerConfig, ClipCaptioner, build_projector, load_captioner, read_checkpoint
 

@@ -12,14 +12,13 @@ pytestmark = pytest.mark.slow
 
 def test_vit_b32_qwen3_06b_shapes_bf16_step():
     import open_clip
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
+
+    from bench import real_shape_lm_config
     torch.manual_seed(0)
     clip, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
     tok = make_tokenizer()
-    cfg = Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                      num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    lm = Qwen3ForCausalLM._from_config(cfg, dtype=torch.bfloat16)
+    lm = Qwen3ForCausalLM._from_config(real_shape_lm_config(tok), dtype=torch.bfloat16)
     assert 0.55e9 < sum(p.numel() for p in lm.parameters()) < 0.65e9
     mcfg = CaptionerConfig(clip_model_name="ViT-B-32", clip_pretrained=None, proj_prefix_length=10, lm_dtype="bfloat16")
     model = ClipCaptioner(mcfg, clip.visual.to(torch.bfloat16), lm, tok, preprocess)
