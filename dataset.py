@@ -367,6 +367,21 @@ def load_splits(hp: dict, skips: SkipLog, which=("train", "val", "test")) -> dic
 
 
 # ----------------------------------------------------------------------------------------------
+# several processes (accelerate launch)
+
+def run_sharded(acc, n: int, fn) -> list:
+    """Split range(n) into one contiguous share per process, run fn(indices) on this process's share
+    and return every process's result, in rank order, on every process (so results concatenated in
+    that order follow index order). acc None or one process: just [fn(list(range(n)))]."""
+    if acc is None or acc.num_processes == 1:
+        return [fn(list(range(n)))]
+    from accelerate.utils import gather_object
+    with acc.split_between_processes(list(range(n))) as mine:
+        part = fn(list(mine))
+    return gather_object([part])
+
+
+# ----------------------------------------------------------------------------------------------
 # torch datasets + collate
 
 class PairDataset(torch.utils.data.Dataset):

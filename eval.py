@@ -4,6 +4,7 @@ Evaluate a checkpoint on held-out data: validation loss and ROUGE-L, with per-im
     python eval.py --checkpoint saved_models/model_state_dict_20261122_120000-3.pth
     python eval.py --checkpoint ...pth --split val --output preds.json
     python eval.py --checkpoint ...pth --ablate_image     # also score with images shuffled across the set
+    accelerate launch --multi_gpu --num_processes 4 eval.py --checkpoint ...pth   # decode on 4 GPUs
 
 The dataset comes from the checkpoint's training metadata (the JSON next to it); --data_dir etc.
 point at another copy. ROUGE-L here = mean over images of the best rouge_score ROUGE-L F-measure
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from dataset import SkipLog, tokenize_captions
+from dataset import SkipLog, run_sharded, tokenize_captions
 from features import image_features
 
 
@@ -34,24 +35,31 @@ def rouge_l(predictions: list[str], references: list[list[str]]) -> tuple[float,
 
 
 @torch.no_grad()
-def caption_loss(model, embeds, captions, batch_size=64, max_caption_length=128) -> float:
-    """Teacher-forced loss averaged over caption tokens; captions[i] are the references of embeds[i]."""
+def caption_loss(model, embeds, captions, batch_size=64, max_caption_length=128, acc=None) -> float:
+    """Teacher-forced loss averaged over caption tokens; captions[i] are the references of embeds[i].
+    Under accelerate each process scores its share of the pairs and the token-weighted sums are combined."""
     pairs = [(i, c) for i, caps in enumerate(captions) for c in caps]
-    total, n_tok = 0.0, 0
-    for s in range(0, len(pairs), batch_size):
-        chunk = pairs[s:s + batch_size]
-        tok = tokenize_captions(model.tokenizer, [c for _, c in chunk], max_caption_length)
-        _, loss = model(tok["input_ids"], tok["attention_mask"], image_embeds=embeds[[i for i, _ in chunk]])
-        n = int(tok["attention_mask"].sum())
-        total, n_tok = total + loss.item() * n, n_tok + n
-    return total / max(n_tok, 1)
+
+    def score(idx):
+        total, n_tok = 0.0, 0
+        for s in range(0, len(idx), batch_size):
+            chunk = [pairs[j] for j in idx[s:s + batch_size]]
+            tok = tokenize_captions(model.tokenizer, [c for _, c in chunk], max_caption_length)
+            _, loss = model(tok["input_ids"], tok["attention_mask"], image_embeds=embeds[[i for i, _ in chunk]])
+            n = int(tok["attention_mask"].sum())
+            total, n_tok = total + loss.item() * n, n_tok + n
+        return total, n_tok
+
+    parts = run_sharded(acc, len(pairs), score)
+    return sum(t for t, _ in parts) / max(sum(n for _, n in parts), 1)
 
 
-def generate_all(model, embeds, batch_size=32, **gen_kwargs) -> list[str]:
-    out = []
-    for s in range(0, len(embeds), batch_size):
-        out += model.generate(image_embeds=embeds[s:s + batch_size], **gen_kwargs)
-    return out
+def generate_all(model, embeds, batch_size=32, acc=None, **gen_kwargs) -> list[str]:
+    """Captions for every row of embeds, in order; under accelerate each process decodes its share."""
+    def gen(idx):
+        return [c for s in range(0, len(idx), batch_size)
+                for c in model.generate(image_embeds=embeds[idx[s:s + batch_size]], **gen_kwargs)]
+    return [c for part in run_sharded(acc, len(embeds), gen) for c in part]
 
 
 def derangement(n: int, seed: int) -> torch.Tensor:
@@ -65,24 +73,30 @@ def derangement(n: int, seed: int) -> torch.Tensor:
 
 
 def evaluate(model, data, batch_size=32, max_caption_length=128, gen_kwargs=None, generate=True,
-             ablate_image=False, seed=0, num_workers=0, skips: SkipLog | None = None, cache_dir=None) -> dict:
-    """Loss (+ ROUGE-L and predictions when generate) on a CaptionSet; ablate_image adds the shuffled-image scores."""
+             ablate_image=False, seed=0, num_workers=0, skips: SkipLog | None = None, cache_dir=None,
+             acc=None) -> dict:
+    """Loss (+ ROUGE-L and predictions when generate) on a CaptionSet; ablate_image adds the shuffled-image scores.
+    Under accelerate (acc with several processes) every process must call it: each one encodes, scores and
+    decodes its share, the predictions are gathered, and every process returns the same result."""
     was_training = model.training
     model.eval()
-    embeds, ok = image_features(model, data.images, cache_dir, batch_size, num_workers, skips)
+    embeds, ok = image_features(model, data.images, cache_dir, batch_size, num_workers, skips, acc=acc)
+    embeds = embeds.to(model.device)
     data = data.subset(ok)
     gen_kwargs = gen_kwargs or {}
-    res = {"num_images": data.num_images, "loss": caption_loss(model, embeds, data.captions, batch_size * 2, max_caption_length)}
+    res = {"num_images": data.num_images,
+           "loss": caption_loss(model, embeds, data.captions, batch_size * 2, max_caption_length, acc)}
     if generate:
-        preds = generate_all(model, embeds, batch_size, **gen_kwargs)
+        preds = generate_all(model, embeds, batch_size, acc, **gen_kwargs)
         res["rouge_l"], per = rouge_l(preds, data.captions)
         res["predictions"] = [{"image": str(p), "caption": c, "references": r, "rouge_l": s}
                               for p, c, r, s in zip(data.images, preds, data.captions, per)]
     if ablate_image:
         shuffled = embeds[derangement(len(embeds), seed)]
-        res["ablated"] = {"loss": caption_loss(model, shuffled, data.captions, batch_size * 2, max_caption_length)}
+        res["ablated"] = {"loss": caption_loss(model, shuffled, data.captions, batch_size * 2, max_caption_length, acc)}
         if generate:
-            res["ablated"]["rouge_l"] = rouge_l(generate_all(model, shuffled, batch_size, **gen_kwargs), data.captions)[0]
+            res["ablated"]["rouge_l"] = rouge_l(generate_all(model, shuffled, batch_size, acc, **gen_kwargs),
+                                                data.captions)[0]
     model.train(was_training)
     return res
 
@@ -101,12 +115,17 @@ def main(argv=None) -> int:
         ap.add_argument(f"--{key}", default=None, help="override the training run's value")
     args = ap.parse_args(argv)
 
+    from accelerate import Accelerator
+
     from dataset import load_splits
     from load_model_example import load_model_from_checkpoint
     from model import HubUnavailableError
     from train import pick_device
+    # under `accelerate launch` each process decodes its share of the images; one process otherwise
+    acc = Accelerator(cpu=args.device == "cpu")
+    device = acc.device if acc.num_processes > 1 else pick_device(args.device)
     try:
-        model, meta, hp = load_model_from_checkpoint(args.checkpoint, pick_device(args.device))
+        model, meta, hp = load_model_from_checkpoint(args.checkpoint, device)
         hp = {**hp, **{k: v for k in ("dataset", "data_dir", "train_dir", "val_dir", "test_dir", "captions_file")
                        if (v := getattr(args, k)) is not None}}
         skips = SkipLog()
@@ -119,7 +138,9 @@ def main(argv=None) -> int:
     res = evaluate(model, data, batch_size=args.batch_size or hp.get("eval_batch_size", 32),
                    max_caption_length=hp.get("max_caption_length", 128), gen_kwargs=gen,
                    ablate_image=args.ablate_image, seed=hp.get("seed", 0), skips=skips,
-                   cache_dir=hp.get("feature_cache_dir"))
+                   cache_dir=hp.get("feature_cache_dir"), acc=acc)
+    if not acc.is_main_process:
+        return 0
     out = Path(args.output) if args.output else Path(args.checkpoint).with_name(
         Path(args.checkpoint).stem.replace("model_state_dict", f"predictions_{args.split}") + ".json")
     summary = {k: v for k, v in res.items() if k != "predictions"}

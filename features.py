@@ -19,27 +19,37 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from dataset import Collate, ImageDataset, SkipLog
+from dataset import Collate, ImageDataset, SkipLog, run_sharded
 
 CACHE_FORMAT = "capkit.features.v1"
 
 
 @torch.no_grad()
-def encode_split(model, images, batch_size=32, num_workers=0, skips: SkipLog | None = None, progress=False):
-    """Every image through the frozen encoder once -> (embeds (N_ok, E) float32, indices of images that loaded)."""
-    loader = DataLoader(ImageDataset(images, model.preprocess), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=Collate())
-    if progress:
-        from tqdm import tqdm
-        loader = tqdm(loader, desc="Extracting image features", dynamic_ncols=True)
+def encode_split(model, images, batch_size=32, num_workers=0, skips: SkipLog | None = None, progress=False, acc=None):
+    """Every image through the frozen encoder once -> (embeds (N_ok, E) float32, indices of images that loaded).
+    Under accelerate (acc with several processes) each process encodes its share and all get the whole result."""
+    main = acc is None or acc.is_main_process
+
+    def encode(idx):
+        loader = DataLoader(ImageDataset([images[i] for i in idx], model.preprocess), batch_size=batch_size,
+                            num_workers=num_workers, collate_fn=Collate())
+        if progress and main:
+            from tqdm import tqdm
+            loader = tqdm(loader, desc="Extracting image features", dynamic_ncols=True)
+        embeds, ok, skipped = [], [], []
+        for batch in loader:
+            skipped += batch["skipped"]
+            if "pixel_values" in batch:
+                embeds.append(model.encode_images(batch["pixel_values"]).cpu())
+                ok += [idx[i] for i in batch["image_idx"].tolist()]
+        return embeds, ok, skipped
+
     embeds, ok = [], []
-    for batch in loader:
-        for path, reason in batch["skipped"]:
+    for part_embeds, part_ok, part_skipped in run_sharded(acc, len(images), encode):
+        embeds, ok = embeds + part_embeds, ok + part_ok
+        for path, reason in part_skipped:
             if skips is not None:
                 skips.add(path, reason)
-        if "pixel_values" in batch:
-            embeds.append(model.encode_images(batch["pixel_values"]).cpu())
-            ok += batch["image_idx"].tolist()
     return (torch.cat(embeds) if embeds else torch.empty(0)), ok
 
 
@@ -77,28 +87,40 @@ def _load(path: Path, digests: list[str]):
     return feats, ok
 
 
-def image_features(model, images, cache_dir=None, batch_size=64, num_workers=0, skips: SkipLog | None = None):
-    """Cached encode_split. With cache_dir None, always computes."""
+def image_features(model, images, cache_dir=None, batch_size=64, num_workers=0, skips: SkipLog | None = None,
+                   acc=None):
+    """Cached encode_split. With cache_dir None, always computes. Under accelerate every process calls
+    it: a missing cache is filled by all processes (each its share) and written by the main one."""
     if cache_dir is None:
-        return encode_split(model, images, batch_size, num_workers, skips, progress=True)
+        return encode_split(model, images, batch_size, num_workers, skips, progress=True, acc=acc)
     from safetensors.torch import save
 
     from model import atomic_write
     digests = [file_digest(p) for p in images]
     set_key = hashlib.sha256("\n".join(digests).encode()).hexdigest()[:24]
     path = Path(cache_dir) / encoder_fingerprint(model) / f"{set_key}.safetensors"
+    cached = None
     if path.exists():
         try:
-            feats, ok = _load(path, digests)
-            if skips is not None:  # images that failed when the cache was built are still skips
-                bad = set(range(len(images))) - set(ok)
-                for i in sorted(bad):
-                    skips.add(images[i], "unreadable image: cached")
-            return feats, ok
+            cached = _load(path, digests)
         except Exception as e:  # truncated / corrupt / foreign file: rebuild
-            print(f"feature cache {path} is unusable ({type(e).__name__}: {e}); rebuilding it")
-    feats, ok = encode_split(model, images, batch_size, num_workers, skips, progress=True)
-    blob = save({"features": feats.half().contiguous(), "ok": torch.tensor(ok, dtype=torch.long)},
-                metadata={"format": CACHE_FORMAT, "digests": json.dumps(digests)})
-    atomic_write(path, lambda f: f.write(blob))
+            if acc is None or acc.is_main_process:
+                print(f"feature cache {path} is unusable ({type(e).__name__}: {e}); rebuilding it")
+    everyone_has_it = cached is not None
+    if acc is not None and acc.num_processes > 1:  # all processes must take the same branch below
+        from accelerate.utils import gather_object
+        everyone_has_it = all(gather_object([cached is not None]))
+    if everyone_has_it:
+        feats, ok = cached
+        if skips is not None:  # images that failed when the cache was built are still skips
+            for i in sorted(set(range(len(images))) - set(ok)):
+                skips.add(images[i], "unreadable image: cached")
+        return feats, ok
+    feats, ok = encode_split(model, images, batch_size, num_workers, skips, progress=True, acc=acc)
+    if acc is None or acc.is_main_process:
+        blob = save({"features": feats.half().contiguous(), "ok": torch.tensor(ok, dtype=torch.long)},
+                    metadata={"format": CACHE_FORMAT, "digests": json.dumps(digests)})
+        atomic_write(path, lambda f: f.write(blob))
+    if acc is not None:
+        acc.wait_for_everyone()  # nobody reads a half-written cache
     return feats.half().float(), ok  # the same values a later cache hit returns

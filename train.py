@@ -58,6 +58,7 @@ hyperparameters = {
     "max_grad_norm": 1.0,            # gradient-norm clipping (None: off)
     "max_caption_length": 128,       # max tokens per caption, EOS included (longer ones are truncated)
     "group_by_length": True,         # batches of similar caption length (less padding), random batch order
+    "compile": False,                # torch.compile the training step (inductor; the first batches are slow while it compiles)
     "feature_cache_dir": "cache/features",  # frozen-CLIP features computed once, reused across epochs and runs (None: off)
     "seed": 42,                      # Python / NumPy / torch seeds and the data order
     # --- evaluation and output ---
@@ -244,9 +245,8 @@ def train(hp: dict) -> dict:
         train_set, pairs = keep_images(train_set, pairs, sorted({i for i, _ in pairs}))  # only these need features
     feats = None
     if hp["feature_cache_dir"] is not None:  # CLIP runs once per image, never inside the epoch loop
-        with acc.main_process_first():  # the main process fills the cache, the others then read it
-            feats, ok = image_features(model, train_set.images, hp["feature_cache_dir"], hp["eval_batch_size"],
-                                       0, skips)
+        feats, ok = image_features(model, train_set.images, hp["feature_cache_dir"], hp["eval_batch_size"], 0, skips,
+                                   acc=acc)  # under accelerate: each process encodes a share, the main one writes
         feats = feats.to(device)
         train_set, pairs = keep_images(train_set, pairs, ok)
     n_params = sum(p.numel() for p in model.projector.parameters())
@@ -272,6 +272,9 @@ def train(hp: dict) -> dict:
                    gen_kwargs={"max_new_tokens": hp["max_new_tokens"], "num_beams": hp["num_beams"]},
                    num_workers=workers, cache_dir=hp["feature_cache_dir"])
     step_model, opt, loader = acc.prepare(model, opt, loader)  # DDP-wrapped on several processes
+    if hp["compile"]:  # here, not through accelerate's dynamo plugin: that one is process-wide state and
+        # would stick to the first run in a notebook; dynamic shapes because each batch has its own length
+        step_model = torch.compile(step_model, dynamic=True)
     step_log = out_dir / f"train_log_{run_id}.jsonl"
     history, meta, meta_path, step = [], {}, None, 0
     for epoch in range(1, hp["num_epochs"] + 1):
@@ -281,7 +284,11 @@ def train(hp: dict) -> dict:
         for batch in bar:
             for path, reason in batch["skipped"]:
                 skips.add(path, reason)
-            if "input_ids" not in batch:
+            usable = "input_ids" in batch
+            if acc.num_processes > 1 and feats is None:  # images load per step here: a share can come up empty,
+                # and a DDP step needs every process, so all skip it together
+                usable = bool(acc.gather(torch.tensor([usable], device=device)).all())
+            if not usable:
                 continue
             if feats is not None:
                 image_inputs = {"image_embeds": feats[batch["image_idx"]]}                    # (B, E)
@@ -303,10 +310,10 @@ def train(hp: dict) -> dict:
         if sched:
             sched.step()
         train_loss = total / max(count, 1)
-        acc.wait_for_everyone()
+        # every process evaluates its share of the images; only the main process saves and prints
+        val = evaluate(model, splits["val"], skips=skips, generate=hp["evaluation_enabled"], acc=acc, **eval_kw)
         if not main:
-            continue  # only the main process evaluates, saves and prints
-        val = evaluate(model, splits["val"], skips=skips, generate=hp["evaluation_enabled"], **eval_kw)
+            continue
         stem = f"{run_id}-{epoch}"
         ckpt_path = out_dir / f"model_state_dict_{stem}.pth"
         meta_path = out_dir / f"training_metadata_{stem}.json"
@@ -328,10 +335,12 @@ def train(hp: dict) -> dict:
         print(f"📈 Validation loss: {val['loss']:.4f}")
         if val.get("rouge_l") is not None:
             print(f"🎯 ROUGE-L score: {val['rouge_l']:.4f}")
+    if hp["test_evaluation_enabled"]:
+        test = evaluate(model, splits["test"], skips=skips, ablate_image=hp["ablate_image"], seed=hp["seed"], acc=acc,
+                        **eval_kw)
     if not main:
         return {}
     if hp["test_evaluation_enabled"]:
-        test = evaluate(model, splits["test"], skips=skips, ablate_image=hp["ablate_image"], seed=hp["seed"], **eval_kw)
         meta["test"] = {k: v for k, v in test.items() if k != "predictions"}
         print(f"🧪 Held-out test ({splits['test'].num_images} images): ROUGE-L {test['rouge_l']:.4f}, loss {test['loss']:.4f}")
         if "ablated" in test:

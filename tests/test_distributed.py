@@ -1,5 +1,6 @@
-"""train.py under `accelerate launch` with 2 CPU processes (gloo): the same global batches and loss
-curve as one process, and one checkpoint per save."""
+"""train.py and eval.py under `accelerate launch` with 2 CPU processes (gloo): the same global
+batches and loss curve as one process, one checkpoint per save, and sharded evaluation that gives
+the one-process predictions."""
 import json
 import subprocess
 import sys
@@ -17,12 +18,11 @@ def test_two_process_run_matches_one_process(tmp_path):
         write_split(tmp_path / "data" / split, n, seed)
     args = ["--preset=demo", "--dataset=folder", f"--train_dir={tmp_path / 'data/train'}",
             f"--val_dir={tmp_path / 'data/val'}", f"--test_dir={tmp_path / 'data/test'}", "--num_epochs=2",
-            "--batch_size=16", "--evaluation_enabled=False", "--test_evaluation_enabled=False", "--device=cpu"]
-    runs = {"one": [sys.executable, "train.py"],
-            # accelerate's torchrun-based launcher; with --device=cpu the processes talk over gloo
-            "two": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                    "--main_process_port", "29517", "train.py"]}
-    logs = {}
+            "--batch_size=16", "--ablate_image=False", "--device=cpu"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", "29517"]  # accelerate's torchrun-based launcher; on CPU the processes use gloo
+    runs = {"one": [sys.executable, "train.py"], "two": [*launch, "train.py"]}
+    logs, metas = {}, {}
     for name, cmd in runs.items():
         out = tmp_path / name
         p = subprocess.run([*cmd, *args, f"--output_dir={out}", f"--feature_cache_dir={tmp_path / ('cache_' + name)}"],
@@ -32,6 +32,7 @@ def test_two_process_run_matches_one_process(tmp_path):
         assert len(list(out.glob("training_metadata_*.json"))) == 2
         (log,) = out.glob("train_log_*.jsonl")
         logs[name] = [json.loads(x)["loss"] for x in log.read_text().splitlines()]
+        metas[name] = json.loads(max(out.glob("training_metadata_*-2.json")).read_text())
         if name == "two":
             assert "x 2 processes" in p.stdout
     one, two = logs["one"], logs["two"]
@@ -41,3 +42,20 @@ def test_two_process_run_matches_one_process(tmp_path):
     rel = [abs(a - b) / a for a, b in zip(one, two)]
     assert max(rel) < 0.03 and sum(rel) / len(rel) < 0.01, rel
     assert two[-1] < two[0] * 0.7  # and it trains
+    # validation and test ran sharded over the two processes (each image scored once, then gathered)
+    assert metas["two"]["test"]["num_images"] == metas["one"]["test"]["num_images"] == 4
+    assert abs(metas["two"]["test"]["loss"] - metas["one"]["test"]["loss"]) < 0.05 * metas["one"]["test"]["loss"]
+
+    # eval.py on one checkpoint: 2 processes give exactly the 1-process predictions and loss
+    ckpt = max((tmp_path / "one").glob("model_state_dict_*-2.pth"))
+    preds = {}
+    for name, cmd in {"one": [sys.executable, "eval.py"], "two": [*launch, "eval.py"]}.items():
+        out = tmp_path / f"preds_{name}.json"
+        p = subprocess.run([*cmd, "--checkpoint", str(ckpt), "--device", "cpu", "--output", str(out)],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+        preds[name] = json.loads(out.read_text())
+    assert [x["caption"] for x in preds["two"]["predictions"]] == [x["caption"] for x in preds["one"]["predictions"]]
+    assert [x["image"] for x in preds["two"]["predictions"]] == [x["image"] for x in preds["one"]["predictions"]]
+    assert abs(preds["two"]["loss"] - preds["one"]["loss"]) < 1e-5
+    assert preds["two"]["rouge_l"] == preds["one"]["rouge_l"]
