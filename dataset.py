@@ -335,12 +335,12 @@ def load_splits(hp: dict, skips: SkipLog, which=("train", "val", "test")) -> dic
     kind = hp["dataset"]
     if kind == "flickr30k":
         return {s: load_flickr30k(s, skips, hp.get("data_dir")) for s in which}
-    if kind == "shapes":
+    if kind in ("shapes", "shapes_b"):  # the demo datasets (shapes_b: one style-B caption per image)
         from demo_assets import ensure_shapes_dataset
-        root = ensure_shapes_dataset(hp["data_dir"])
+        root = ensure_shapes_dataset(hp["data_dir"], "all" if kind == "shapes" else "b")
         return {s: load_folder(root / s, skips) for s in which}
     if kind != "folder":
-        raise ValueError(f"unknown dataset {kind!r}; expected 'flickr30k', 'folder' or 'shapes'")
+        raise ValueError(f"unknown dataset {kind!r}; expected 'flickr30k', 'folder', 'shapes' or 'shapes_b'")
     seed = hp.get("seed", 0)
     if hp.get("train_dir"):
         train = load_folder(hp["train_dir"], skips, hp.get("captions_file"))
@@ -384,11 +384,44 @@ def run_sharded(acc, n: int, fn) -> list:
 # ----------------------------------------------------------------------------------------------
 # torch datasets + collate
 
+class CaptionAugment:
+    """Tag-style caption augmentation (as in caption-train): split on commas, keep the first
+    `frozen_parts` parts in place, drop each other part with probability `dropout` (at least one
+    part stays) and shuffle the rest. Draws from torch's RNG (seeded per DataLoader worker)."""
+
+    def __init__(self, shuffle: bool, frozen_parts: int = 0, dropout: float = 0.0):
+        self.shuffle, self.frozen, self.dropout = shuffle, frozen_parts, dropout
+
+    def __call__(self, caption: str) -> str:
+        parts = [p.strip() for p in caption.split(",") if p.strip()]
+        head, tail = parts[:self.frozen], parts[self.frozen:]
+        if self.dropout > 0 and tail:
+            kept = [p for p in tail if float(torch.rand(())) >= self.dropout]
+            tail = kept if kept or head else [tail[int(torch.randint(len(tail), ()))]]
+        if self.shuffle and len(tail) > 1:
+            tail = [tail[j] for j in torch.randperm(len(tail)).tolist()]
+        return ", ".join(head + tail)
+
+
+class AugmentThenPreprocess:
+    """Random resized crop (85-100% of the area) + brightness/contrast jitter, then the model's
+    preprocessing. No flips and no hue changes: captions name sides and colours."""
+
+    def __init__(self, preprocess):
+        from torchvision.transforms import ColorJitter
+        self.preprocess, self.jitter = preprocess, ColorJitter(brightness=0.2, contrast=0.2)
+
+    def __call__(self, image):
+        from torchvision.transforms import RandomResizedCrop
+        image = RandomResizedCrop(image.size[::-1], scale=(0.85, 1.0), ratio=(0.9, 1.1))(image)  # same (H, W)
+        return self.preprocess(self.jitter(image))
+
+
 class PairDataset(torch.utils.data.Dataset):
     """One sample per (image, caption) pair. transform=None: no image is loaded (cached features are used)."""
 
-    def __init__(self, data: CaptionSet, transform, pairs=None):
-        self.data, self.transform = data, transform
+    def __init__(self, data: CaptionSet, transform, pairs=None, caption_transform=None):
+        self.data, self.transform, self.caption_transform = data, transform, caption_transform
         self.pairs = pairs if pairs is not None else data.pairs()
 
     def __len__(self):
@@ -396,6 +429,8 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         img_idx, caption = self.pairs[i]
+        if self.caption_transform is not None:
+            caption = self.caption_transform(caption)
         if self.transform is None:  # features come from the cache: no image I/O at all
             return {"caption": caption, "image_idx": img_idx}
         return _load_item(self.data.images[img_idx], self.transform, caption=caption, image_idx=img_idx)
@@ -446,12 +481,12 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
 
 
 class Collate:
-    """Stacks images and tokenizes captions: caption tokens + EOS, truncated to max_length, padded
-    to the longest in the batch (pad positions have attention_mask 0 and are ignored by the loss).
-    Failed items are dropped and reported in batch['skipped']."""
+    """Stacks images and tokenizes captions with `tokenize(captions, max_length)` (a model's
+    .tokenize: truncated, padded to the longest in the batch; pad positions have attention_mask 0
+    and are ignored by the loss). Failed items are dropped and reported in batch['skipped']."""
 
-    def __init__(self, tokenizer=None, max_length: int = 128):
-        self.tok, self.max_length = tokenizer, max_length
+    def __init__(self, tokenize=None, max_length: int = 128):
+        self.tokenize, self.max_length = tokenize, max_length
 
     def __call__(self, items):
         skipped = [it["error"] for it in items if "error" in it]
@@ -461,8 +496,8 @@ class Collate:
             return batch
         if "pixel_values" in items[0]:
             batch["pixel_values"] = torch.stack([it["pixel_values"] for it in items])
-        if self.tok is not None and "caption" in items[0]:
-            batch.update(tokenize_captions(self.tok, [it["caption"] for it in items], self.max_length))
+        if self.tokenize is not None and "caption" in items[0]:
+            batch.update(self.tokenize([it["caption"] for it in items], self.max_length))
         return batch
 
 

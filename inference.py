@@ -4,6 +4,7 @@ Caption images with a trained checkpoint.
     python inference.py --checkpoint saved_models/model_state_dict_....pth photo.jpg more_photos/
     python inference.py --checkpoint ...pth photos/ --output captions.jsonl --num_beams 3
     python inference.py --checkpoint ...pth photos/ --do_sample --temperature 0.7 --top_p 0.9
+    python inference.py --checkpoint saved_models/adapter_<run>-<epoch> photos/   # git / blip, same options
 
 Prints one `path<TAB>caption` line per image (folders are searched recursively). Unreadable
 files are skipped and listed at the end. --output FILE.json or FILE.jsonl also writes them.

@@ -2,6 +2,7 @@
 Load a trained captioner from a checkpoint and caption an image.
 
     python load_model_example.py saved_models/model_state_dict_20261122_120000-3.pth photo.jpg
+    python load_model_example.py saved_models/adapter_20261122_120000-3 photo.jpg     # git / blip adapter
     python load_model_example.py                 # newest checkpoint in saved_models/, its first test image
 
 In your own code or a notebook:
@@ -12,7 +13,9 @@ In your own code or a notebook:
 
 The .pth holds only the trained MLP and the model config; the frozen backbones are rebuilt from
 their hub ids / local folders named in that config. Loading uses torch.load(weights_only=True):
-a checkpoint can't run code on your machine.
+a checkpoint can't run code on your machine. An adapter folder (git / blip) holds the PEFT adapter
+(safetensors) + processor + capkit_config.json; its base model is rebuilt the same way. A merged
+folder (train.py --merge_weights) is a standalone model.
 """
 from __future__ import annotations
 
@@ -22,15 +25,20 @@ from pathlib import Path
 
 import torch
 
-from model import ClipCaptioner, load_captioner
+from model import load_captioner
 
 
 def metadata_path_for(checkpoint) -> Path:
+    """model_state_dict_<stem>.pth / adapter_<stem>/ -> training_metadata_<stem>.json beside it;
+    a merged folder carries its own training_metadata.json."""
     p = Path(checkpoint)
-    return p.with_name(p.name.replace("model_state_dict_", "training_metadata_")).with_suffix(".json")
+    if p.is_dir() and (p / "training_metadata.json").exists():
+        return p / "training_metadata.json"
+    stem = p.name.removesuffix(".pth").removeprefix("model_state_dict_").removeprefix("adapter_")
+    return p.with_name(f"training_metadata_{stem}.json")
 
 
-def load_model_from_checkpoint(path, device="cpu", **config_overrides) -> tuple[ClipCaptioner, dict, dict]:
+def load_model_from_checkpoint(path, device="cpu", **config_overrides) -> tuple[torch.nn.Module, dict, dict]:
     """-> (model in eval mode on device, training metadata (or {} if its JSON is missing), hyperparameters)."""
     model = load_captioner(path, device, **config_overrides)
     meta_path = metadata_path_for(path)
@@ -39,7 +47,7 @@ def load_model_from_checkpoint(path, device="cpu", **config_overrides) -> tuple[
 
 
 @torch.no_grad()
-def caption_images(model: ClipCaptioner, paths, batch_size: int = 16, **gen_kwargs) -> list[str]:
+def caption_images(model, paths, batch_size: int = 16, **gen_kwargs) -> list[str]:
     from dataset import load_rgb
     out = []
     for s in range(0, len(paths), batch_size):
@@ -49,8 +57,10 @@ def caption_images(model: ClipCaptioner, paths, batch_size: int = 16, **gen_kwar
 
 
 def newest_checkpoint(folder="saved_models") -> Path | None:
-    ckpts = sorted(Path(folder).glob("model_state_dict_*.pth"), key=lambda p: p.stat().st_mtime)
-    return ckpts[-1] if ckpts else None
+    """The newest checkpoint (.pth or adapter folder) whose metadata JSON exists (= it was completely written)."""
+    ckpts = [p for p in [*Path(folder).glob("model_state_dict_*.pth"), *Path(folder).glob("adapter_*")]
+             if not p.name.startswith(".") and metadata_path_for(p).exists()]
+    return max(ckpts, key=lambda p: p.stat().st_mtime) if ckpts else None
 
 
 if __name__ == "__main__":

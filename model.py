@@ -1,19 +1,24 @@
 """
-capkit's captioner: frozen CLIP image encoder -> trainable MLP -> frozen decoder LM.
+capkit's captioners, behind one interface (forward -> (logits, loss), generate, save_checkpoint):
 
-    from model import CaptionerConfig, ClipCaptioner, load_captioner
-    model = ClipCaptioner.from_config(CaptionerConfig())          # downloads on first use
-    model = load_captioner("saved_models/model_state_dict_....pth")  # rebuilds from the checkpoint
+- model_type "clip_mlp" (ClipCaptioner): frozen CLIP image encoder -> trainable MLP -> frozen decoder LM.
+  The image embedding (B, E) is mapped by the projector to `proj_prefix_length` vectors in the
+  decoder's embedding space (B, P, H); those are prepended to the caption's token embeddings and
+  the frozen decoder is trained (through the projector only) to continue with the caption + EOS.
+- model_type "git" / "blip" (HFCaptioner): microsoft/git-* or Salesforce/blip-image-captioning-*
+  fine-tuned through PEFT adapters (LoRA or IA3), optionally on a 4- or 8-bit quantized base (QLoRA).
 
-The image embedding (B, E) is mapped by the projector to `proj_prefix_length` vectors in the
-decoder's embedding space (B, P, H); those are prepended to the caption's token embeddings and
-the frozen decoder is trained (through the projector only) to continue with the caption + EOS.
+    from model import CaptionerConfig, build_model, load_captioner
+    model = build_model(CaptionerConfig())                          # downloads on first use
+    model = build_model(CaptionerConfig(model_type="git", quantization_bits=4))
+    model = load_captioner("saved_models/model_state_dict_....pth")  # or an adapter_... folder
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
 from dataclasses import asdict, dataclass, fields
@@ -26,6 +31,9 @@ import torch.nn.functional as F
 
 REPO_DIR = Path(__file__).resolve().parent
 CHECKPOINT_FORMAT = "capkit.clip_mlp.v1"
+HF_CHECKPOINT_FORMAT = "capkit.hf.v1"
+HF_CONFIG_FILE = "capkit_config.json"  # in an adapter or merged-model folder: what rebuilds it
+MODEL_TYPES = ("clip_mlp", "git", "blip")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,9 +57,22 @@ class CaptionerConfig:
     lm_name: str = "Qwen/Qwen3-0.6B-Base"
     lm_tokenizer_name: str | None = None    # None: same as lm_name
     lm_dtype: str = "auto"                  # auto: bfloat16 on CUDA, float32 elsewhere
+    # GIT / BLIP: a whole captioning model (hub id or local folder; None = the family's default)
+    hf_model_name: str | None = None
+    quantization_bits: int = 16             # 4 (nf4, double quantization, bf16 compute), 8, or 16 (none)
+    peft_module: str | None = "LoRA"        # "LoRA" | "IA3" (None only for a merged, standalone model)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: list | None = None      # None: the family's default (HF_FAMILIES)
+    gradient_checkpointing: bool = False
     # read from the loaded backbones when the model is built; stored so checkpoints describe themselves
     clip_embed_dim: int | None = None
     lm_hidden_size: int | None = None
+
+    def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"unknown model_type {self.model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "CaptionerConfig":
@@ -60,6 +81,14 @@ class CaptionerConfig:
         if unknown:
             raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(known)}")
         return cls(**d)
+
+
+def build_model(config: CaptionerConfig, device: str | torch.device = "cpu") -> nn.Module:
+    """The one switch on model_type: ClipCaptioner for "clip_mlp", HFCaptioner for "git" / "blip";
+    returned on `device` (quantized models are loaded straight onto it)."""
+    if config.model_type == "clip_mlp":
+        return ClipCaptioner.from_config(config).to(device)
+    return HFCaptioner.from_config(config, device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,6 +247,8 @@ def load_decoder(cfg: CaptionerConfig):
 # the captioner
 
 class ClipCaptioner(nn.Module):
+    supports_feature_cache = True  # the image side is frozen: features can be computed once (features.py)
+
     def __init__(self, config: CaptionerConfig, image_encoder: nn.Module, lm: nn.Module, tokenizer,
                  preprocess=None, clip_embed_dim: int | None = None):
         super().__init__()
@@ -258,6 +289,18 @@ class ClipCaptioner(nn.Module):
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {f"projector.{k}": v.detach().cpu().contiguous() for k, v in self.projector.state_dict().items()}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.projector.parameters())
+
+    def tokenize(self, captions, max_length: int) -> dict[str, torch.Tensor]:
+        """-> input_ids, attention_mask (B, T): caption tokens + EOS, right-padded (no BOS: the prefix leads)."""
+        from dataset import tokenize_captions
+        return tokenize_captions(self.tokenizer, captions, max_length)
+
+    @staticmethod
+    def checkpoint_name(stem: str) -> str:
+        return f"model_state_dict_{stem}.pth"
 
     # -- pieces ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -333,6 +376,247 @@ class ClipCaptioner(nn.Module):
                            "state_dict": self.trainable_state_dict()}, path)
 
 
+# ----------------------------------------------------------------------------------------------
+# the alternative path: GIT / BLIP fine-tuned through PEFT adapters (optionally on a quantized base)
+
+HF_FAMILIES = {
+    # model_type: (default hub id, transformers class, LoRA targets, IA3 targets, IA3 feed-forward targets).
+    # Targets are the text side's linear layers (BERT-style names in both families); the image side
+    # keeps its pretrained features, as in the seed trainers.
+    "git": ("microsoft/git-base", "GitForCausalLM", ["query", "key", "value", "dense"],
+            ["key", "value", "output.dense"], ["output.dense"]),
+    "blip": ("Salesforce/blip-image-captioning-base", "BlipForConditionalGeneration",
+             ["query", "key", "value", "dense"], ["key", "value", "output.dense"], ["output.dense"]),
+}
+
+
+class ImageProcessorTransform:
+    """PIL image -> (3, S, S) pixel tensor with a transformers image processor (picklable, for DataLoader workers)."""
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.image_processor(image, return_tensors="pt")["pixel_values"][0]
+
+
+def quantization_kwargs(bits: int) -> dict:
+    """from_pretrained kwargs for bitsandbytes 4-bit (QLoRA: nf4, double quantization, bf16 compute) or 8-bit."""
+    if bits == 16:
+        return {}
+    if bits not in (4, 8):
+        raise ValueError(f"quantization_bits must be 4, 8 or 16, got {bits}")
+    from transformers import BitsAndBytesConfig
+    if bits == 4:
+        return {"quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)}
+    return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
+
+
+def load_hf_model(cfg: CaptionerConfig, source: str | None = None, device: str | torch.device = "cpu"):
+    """(transformers model, processor) for cfg.model_type from a hub id or local folder, quantized as
+    cfg.quantization_bits says. Where this platform can't quantize, says so in one line and goes on
+    unquantized (cfg.quantization_bits is set to 16 so the checkpoint tells the truth). The model
+    comes back on `device` (bitsandbytes models can't be moved after loading)."""
+    import transformers
+    default, cls_name = HF_FAMILIES[cfg.model_type][:2]
+    name = source or cfg.hf_model_name or default
+    local = resolve_local_path(name)
+    src = str(local) if local is not None else name
+    offline = local is None and not hub_online()
+    cls = getattr(transformers, cls_name)
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(src, local_files_only=offline)
+        try:
+            model = cls.from_pretrained(src, local_files_only=offline, device_map={"": str(device)},
+                                        dtype=resolve_dtype(cfg.lm_dtype), **quantization_kwargs(cfg.quantization_bits))
+        except (ImportError, RuntimeError, ValueError) as e:
+            if cfg.quantization_bits == 16:
+                raise
+            print(f"note: {cfg.quantization_bits}-bit quantization is not available here "
+                  f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); continuing unquantized")
+            cfg.quantization_bits = 16
+            model = cls.from_pretrained(src, local_files_only=offline, device_map={"": str(device)},
+                                        dtype=resolve_dtype(cfg.lm_dtype))
+    except OSError:
+        if offline:
+            raise HubUnavailableError(_offline_message(
+                f"the {cfg.model_type.upper()} model {name!r}",
+                "set `hf_model_name` to a local folder written by save_pretrained (model + processor).")) from None
+        raise
+    return model, processor
+
+
+def add_adapters(model, cfg: CaptionerConfig):
+    """Wrap a transformers model in PEFT adapters (only they train). Quantized bases go through
+    prepare_model_for_kbit_training first."""
+    from peft import IA3Config, LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    ckpt_kw = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}  # non-reentrant: no input-grad hook needed
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing, **ckpt_kw)
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(**ckpt_kw)
+    _, _, lora_t, ia3_t, ia3_ff = HF_FAMILIES[cfg.model_type]
+    if cfg.peft_module == "LoRA":
+        pcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=cfg.target_modules or lora_t, bias="none")
+    elif cfg.peft_module == "IA3":
+        targets = cfg.target_modules or ia3_t
+        pcfg = IA3Config(target_modules=targets, feedforward_modules=[m for m in ia3_ff if m in targets])
+    else:
+        raise ValueError(f"unknown peft_module {cfg.peft_module!r}; expected 'LoRA' or 'IA3'")
+    model = get_peft_model(model, pcfg)
+    # transformers/peft hook the input embeddings to require grad (for reentrant checkpointing);
+    # GIT adds position embeddings in place onto that output, which autograd refuses
+    model.get_base_model().disable_input_require_grads()
+    return model
+
+
+class HFCaptioner(nn.Module):
+    """GIT or BLIP (+ PEFT adapters) behind ClipCaptioner's interface. Captions are tokenized as
+    [CLS] caption [SEP] (BLIP: its [DEC] BOS instead of [CLS], as its generate() starts with)."""
+    supports_feature_cache = False  # the adapters change what the image side computes
+
+    def __init__(self, config: CaptionerConfig, model: nn.Module, processor):
+        super().__init__()
+        self.config, self.model, self.processor = config, model, processor
+        self.tokenizer = processor.tokenizer
+        self.preprocess = ImageProcessorTransform(processor.image_processor)
+
+    @classmethod
+    def from_config(cls, config: CaptionerConfig, device: str | torch.device = "cpu") -> "HFCaptioner":
+        model, processor = load_hf_model(config, device=device)
+        return cls(config, add_adapters(model, config), processor)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def tokenize(self, captions, max_length: int) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(list(captions), padding="longest", truncation=True, max_length=max_length,
+                             return_tensors="pt")
+        ids = enc["input_ids"]
+        if self.config.model_type == "blip":
+            ids[:, 0] = self.model.config.text_config.bos_token_id
+        return {"input_ids": ids, "attention_mask": enc["attention_mask"]}
+
+    def _pixels(self, pixel_values, image_embeds):
+        if image_embeds is not None or pixel_values is None:
+            raise ValueError(f"{self.config.model_type} models take pixel_values (no cached image features)")
+        dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
+        dtype = torch.float32 if dtype in (torch.uint8, torch.int8) else dtype
+        return pixel_values.to(self.device, dtype)
+
+    def forward(self, input_ids, attention_mask, pixel_values=None, image_embeds=None):
+        """input_ids/attention_mask (B, T) from tokenize(). Returns (logits (B, T-1, V), loss) where
+        logits[:, t] predicts input_ids[:, t+1] (the BOS is never predicted); loss = mean CE over the
+        real text tokens after BOS, [SEP] included, padding excluded. Computed here from the logits,
+        not taken from the model, so it can't inherit a library's shift bug (transformers #47394)."""
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        # no KV cache when scoring: with gradient checkpointing GIT would append the recomputed keys twice
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         pixel_values=self._pixels(pixel_values, image_embeds), use_cache=False)
+        T = input_ids.shape[1]
+        logits = out.logits[:, -T:-1]  # GIT puts the image tokens first: keep the text positions  (B, T-1, V)
+        labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, pixel_values=None, image_embeds=None, max_new_tokens: int = 40, num_beams: int = 1,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int | None = None) -> list[str]:
+        kw = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": do_sample}
+        if do_sample:
+            kw.update(temperature=temperature, top_p=top_p, top_k=top_k)
+        if seed is not None:
+            torch.manual_seed(seed)
+        ids = self.model.generate(pixel_values=self._pixels(pixel_values, image_embeds), **kw)
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    @staticmethod
+    def checkpoint_name(stem: str) -> str:
+        return f"adapter_{stem}"
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        """A folder: the PEFT adapter (safetensors) + processor + capkit_config.json; written beside
+        the target and renamed into place, so the folder is complete or absent."""
+        write_hf_folder(path, lambda d: (self.model.save_pretrained(d), self.processor.save_pretrained(d)),
+                        self.config)
+
+
+def write_hf_folder(path, write_fn, cfg: CaptionerConfig) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        write_fn(str(tmp))
+        atomic_write_json({"format": HF_CHECKPOINT_FORMAT, "model_config": asdict(cfg)}, tmp / HF_CONFIG_FILE)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_hf_checkpoint(path, device="cpu", **config_overrides) -> HFCaptioner:
+    """An adapter folder (base model from its config + the adapter) or a merged folder (standalone)."""
+    from peft import PeftModel
+    from transformers import AutoProcessor
+    path = Path(path)
+    try:
+        saved = json.loads((path / HF_CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ValueError(f"{path}: not a capkit model folder (no readable {HF_CONFIG_FILE})") from None
+    if saved.get("format") != HF_CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a capkit model folder (format {HF_CHECKPOINT_FORMAT} expected)")
+    cfg = CaptionerConfig.from_dict({**saved["model_config"], **config_overrides})
+    if (path / "adapter_config.json").exists():
+        base, _ = load_hf_model(cfg, device=device)
+        model = PeftModel.from_pretrained(base, str(path))  # adapter weights: safetensors, no code runs
+    else:
+        model, _ = load_hf_model(cfg, source=str(path), device=device)
+    processor = AutoProcessor.from_pretrained(str(path))
+    return HFCaptioner(cfg, model, processor).eval()
+
+
+def merge_adapter(adapter_dir, merged_dir=None, wise_alpha: float = 1.0) -> Path:
+    """Fold a LoRA / IA3 adapter into an unquantized copy of its base model and save the result as a
+    standalone folder (save_pretrained + processor + capkit_config.json + the training metadata).
+    wise_alpha < 1 interpolates WiSE-FT style: weights = base + alpha x (fine-tuned - base)."""
+    from peft import PeftModel
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise ValueError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)")
+    saved = json.loads((adapter_dir / HF_CONFIG_FILE).read_text(encoding="utf-8"))
+    cfg = CaptionerConfig.from_dict({**saved["model_config"], "quantization_bits": 16, "lm_dtype": "float32"})
+    base, processor = load_hf_model(cfg)  # full precision: merging into 4-bit weights would re-quantize them
+    before = {k: v.detach().clone() for k, v in base.state_dict().items()} if wise_alpha < 1 else None
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    if before is not None:
+        with torch.no_grad():
+            for k, v in merged.state_dict().items():
+                if v.is_floating_point():
+                    v.copy_(before[k] + wise_alpha * (v - before[k]))
+    stem = adapter_dir.name.removeprefix("adapter_")
+    merged_dir = Path(merged_dir) if merged_dir else adapter_dir.with_name(
+        f"merged_{stem}" + (f"_wise{wise_alpha:g}" if wise_alpha < 1 else ""))
+    out_cfg = CaptionerConfig.from_dict({**saved["model_config"], "peft_module": None, "quantization_bits": 16})
+    write_hf_folder(merged_dir, lambda d: (merged.save_pretrained(d), processor.save_pretrained(d)), out_cfg)
+    meta = adapter_dir.with_name(f"training_metadata_{stem}.json")
+    if meta.exists():  # eval.py finds the dataset through it
+        m = json.loads(meta.read_text(encoding="utf-8"))
+        m["merged"] = {"adapter": str(adapter_dir), "wise_alpha": wise_alpha}
+        atomic_write_json(m, merged_dir / "training_metadata.json")
+    return merged_dir
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Load a capkit checkpoint without executing anything from it (weights_only=True refuses pickled code)."""
     try:
@@ -345,9 +629,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
-def load_captioner(path: str | os.PathLike, device: str | torch.device = "cpu", **config_overrides) -> ClipCaptioner:
-    """Rebuild the captioner from a checkpoint. `config_overrides` point at other copies of the
-    backbones (e.g. lm_name="/data/Qwen3-0.6B-Base"); the architecture keys must match."""
+def load_captioner(path: str | os.PathLike, device: str | torch.device = "cpu", **config_overrides) -> nn.Module:
+    """Rebuild a captioner from a checkpoint: a model_state_dict_*.pth (clip_mlp), or an adapter_*
+    / merged folder (git, blip). `config_overrides` point at other copies of the backbones
+    (e.g. lm_name="/data/Qwen3-0.6B-Base"); the architecture keys must match."""
+    if Path(path).is_dir():
+        return load_hf_checkpoint(path, device, **config_overrides)
     ckpt = read_checkpoint(path)
     cfg = CaptionerConfig.from_dict({**ckpt["model_config"], **config_overrides})
     model = ClipCaptioner.from_config(cfg)

@@ -101,11 +101,11 @@ def test_image_broken_after_indexing_is_reported_not_raised(tmp_path):
     raw = (tmp_path / "b.jpg").read_bytes()
     (tmp_path / "b.jpg").write_bytes(raw[: len(raw) // 2])
     tok = make_tokenizer()
-    batch = Collate(tok, 16)([PairDataset(data, TO_TENSOR)[i] for i in range(2)])
+    batch = Collate(lambda c, n: tokenize_captions(tok, c, n), 16)([PairDataset(data, TO_TENSOR)[i] for i in range(2)])
     assert batch["pixel_values"].shape[0] == 1 and batch["input_ids"].shape[0] == 1
     assert len(batch["skipped"]) == 1 and batch["skipped"][0][0].endswith("b.jpg")
     (tmp_path / "a.jpg").unlink()
-    batch = Collate(tok, 16)([ImageDataset([tmp_path / "a.jpg"], TO_TENSOR)[0]])
+    batch = Collate(lambda c, n: tokenize_captions(tok, c, n), 16)([ImageDataset([tmp_path / "a.jpg"], TO_TENSOR)[0]])
     assert "pixel_values" not in batch and len(batch["skipped"]) == 1
 
 
