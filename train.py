@@ -6,6 +6,10 @@ Train capkit's captioner: only the MLP projector learns; CLIP and the decoder st
     python train.py --batch_size=16 --num_epochs=5   # any key of `hyperparameters` below
     python train.py --dataset=folder --data_dir=my_photos/ --training_size_limit=None
     accelerate launch --multi_gpu --num_processes 4 train.py --batch_size=64    # several GPUs (DDP)
+    python train.py --model_type=git --quantization_bits=4 --dataset=folder --data_dir=my_photos/   # QLoRA GIT
+    python train.py --preset git_demo                # offline: 4-bit QLoRA on a tiny GIT, CPU, minutes
+    python train.py --config my_run.toml             # the same keys in a TOML file ([optimizer_args] etc. as tables)
+    python train.py --merge_weights --checkpoint saved_models/adapter_<run>-<epoch> [--merged_dir DIR] [--wise_alpha 0.5]
 
 Edit `hyperparameters` here, or override keys on the command line (--KEY=VALUE; values are Python
 literals, anything else is a string). Unknown keys and wrong types are refused. After each epoch:
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import importlib.util
 import json
 import os
 import platform
@@ -37,6 +42,7 @@ hyperparameters = {
     "val_ratio": 0.05,               # folder datasets without val_dir: fraction of training images for validation
     "training_size_limit": 500,      # max (image, caption) training pairs; None = the full dataset
     # --- model (see model.CaptionerConfig) ---
+    "model_type": "clip_mlp",        # "clip_mlp" (frozen CLIP -> MLP -> frozen Qwen3) | "git" | "blip" (adapter fine-tuning)
     "clip_model_name": "ViT-B-32",   # open_clip name, "hf-hub:org/repo", or a local open_clip folder
     "clip_pretrained": "openai",     # open_clip pretrained tag or local weights file (None for local folders)
     "image_size": None,              # CLIP input size; None = the encoder's own (224 for ViT-B-32; don't change)
@@ -47,28 +53,52 @@ hyperparameters = {
     "proj_prefix_length": 10,        # prefix tokens the image becomes (each of the decoder's hidden size)
     "proj_hidden_dim": 2048,         # MLP hidden width
     "proj_dropout": 0.0,             # dropout inside the MLP
+    # --- git / blip (model_type "git" | "blip"): the whole captioner fine-tuned through PEFT adapters ---
+    "hf_model_name": None,           # None: microsoft/git-base | Salesforce/blip-image-captioning-base; or a local folder
+    "quantization_bits": 4,          # 4 = QLoRA (nf4, double quantization, bf16 compute) | 8 | 16 (not quantized)
+    "peft_module": "LoRA",           # "LoRA" | "IA3"
+    "lora_r": 16,                    # LoRA rank
+    "lora_alpha": 32,                # LoRA scaling (the update is multiplied by alpha / r)
+    "lora_dropout": 0.05,            # dropout on the LoRA path
+    "target_modules": None,          # layers that get adapters; None: the text side's query/key/value/dense
+    "gradient_checkpointing": False, # recompute activations in the backward pass (less memory, ~30% slower)
     # --- optimisation ---
     "batch_size": 8,                 # (image, caption) pairs per step (global, split across processes); raise it if memory allows
     "num_epochs": 1,                 # passes over the training pairs
-    "learning_rate": 0.0001,         # AdamW learning rate of the MLP
-    "weight_decay": 0.0,             # AdamW weight decay
+    "learning_rate": 0.0001,         # peak learning rate (Prodigy: use 1.0, it adapts the step itself)
+    "weight_decay": 0.0,             # decoupled weight decay
+    "optimizer": "AdamW",            # "AdamW" | "Prodigy" (pip install prodigyopt)
+    "optimizer_args": {},            # extra optimizer keyword arguments, e.g. {"betas": (0.9, 0.99)}
+    "learning_rate_scheduler_enabled": True,  # False: constant learning rate (after warm-up)
+    "lr_scheduler": "StepLR",        # StepLR | CosineAnnealingLR | CosineAnnealingWarmRestarts | CyclicLR | OneCycleLR
     "learning_rate_decay": 0.9,      # StepLR factor ...
     "learning_rate_decay_step": 2,   # ... applied every this many epochs
-    "learning_rate_scheduler_enabled": True,  # False: constant learning rate
+    "scheduler_args": {},            # keyword arguments that override the scheduler's defaults (see make_scheduler)
+    "warmup_steps": 0,               # linear warm-up over this many optimizer steps (not with CyclicLR / OneCycleLR)
+    "gradient_accumulation_steps": 1,  # micro-batches per optimizer step (effective batch = batch_size x this)
     "max_grad_norm": 1.0,            # gradient-norm clipping (None: off)
     "max_caption_length": 128,       # max tokens per caption, EOS included (longer ones are truncated)
     "group_by_length": True,         # batches of similar caption length (less padding), random batch order
+    "shuffle_captions": False,       # shuffle a caption's comma-separated parts (tag-style captions) ...
+    "frozen_parts": 0,               # ... keeping this many leading parts in place
+    "caption_dropout": 0.0,          # probability of dropping each non-frozen part (at least one part stays)
+    "augment_images": False,         # random resized crops + brightness/contrast jitter (no flips: captions say left/right);
+                                     #   bypasses the feature cache
     "compile": False,                # torch.compile the training step (inductor; the first batches are slow while it compiles)
     "feature_cache_dir": "cache/features",  # frozen-CLIP features computed once, reused across epochs and runs (None: off)
     "seed": 42,                      # Python / NumPy / torch seeds and the data order
     # --- evaluation and output ---
     "evaluation_enabled": True,      # ROUGE-L on the validation split after each epoch (val loss is always computed)
     "test_evaluation_enabled": False,  # after training: ROUGE-L + loss on the held-out test split, stored in metadata
+    "evaluate_before_training": False,  # also score the test split before training (the "before" figure)
     "ablate_image": False,           # with test evaluation: also score with images shuffled across the set
     "eval_batch_size": 32,           # images per batch when generating
     "max_new_tokens": 40,            # generation length limit for evaluation
     "num_beams": 1,                  # 1 = greedy decoding for evaluation
     "output_dir": "saved_models",    # checkpoints, metadata and the skipped-input list go here
+    "training_name": None,           # prefix of the run name in file names and logs (None: the timestamp alone)
+    "save_every_n_epochs": 1,        # checkpoint every n epochs (the last epoch is always saved)
+    "log_with": "tensorboard",       # "tensorboard" (<output_dir>/logs) | "wandb" (if installed) | None
     "device": "auto",                # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
     "num_workers": None,             # DataLoader workers; None = 4 on GPU, 0 on CPU
 }
@@ -76,7 +106,12 @@ hyperparameters = {
 # keys that may be None: the type a value must have when it is not None
 NONE_DEFAULT_TYPES = {"data_dir": str, "train_dir": str, "val_dir": str, "test_dir": str, "captions_file": str,
                       "training_size_limit": int, "clip_pretrained": str, "image_size": int, "tokenizer_name": str,
-                      "num_workers": int, "max_grad_norm": float, "feature_cache_dir": str}
+                      "num_workers": int, "max_grad_norm": float, "feature_cache_dir": str, "hf_model_name": str,
+                      "target_modules": list, "training_name": str, "log_with": str, "lr_scheduler": str}
+SCHEDULERS = ("StepLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR", "OneCycleLR")
+CHOICES = {"model_type": ("clip_mlp", "git", "blip"), "proj_type": ("mlp", "linear"), "quantization_bits": (4, 8, 16),
+           "peft_module": ("LoRA", "IA3"), "optimizer": ("AdamW", "Prodigy"), "lr_scheduler": SCHEDULERS + (None,),
+           "log_with": ("tensorboard", "wandb", None)}
 
 PRESETS = {
     # the offline demo: synthetic shapes, the committed tiny backbones, CPU in a few minutes
@@ -90,9 +125,21 @@ PRESETS = {
         "max_caption_length": 32, "max_new_tokens": 24, "eval_batch_size": 128,
         "test_evaluation_enabled": True, "ablate_image": True, "device": "cpu",
     },
+    # the alternative path offline: 4-bit QLoRA adapters teach the tiny GIT (pretrained on style-A
+    # captions) the style-B phrasing of the same kind of images; ROUGE-L against style B before / after
+    "git_demo": {
+        "dataset": "shapes_b", "data_dir": "data/shapes_b", "training_size_limit": None,
+        "model_type": "git", "hf_model_name": "demo/git-tiny", "quantization_bits": 4, "peft_module": "LoRA",
+        "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "lm_dtype": "float32",
+        "batch_size": 16, "num_epochs": 3, "learning_rate": 0.005, "lr_scheduler": "CosineAnnealingLR",
+        "warmup_steps": 10, "max_caption_length": 32, "max_new_tokens": 24, "eval_batch_size": 64,
+        "evaluate_before_training": True, "test_evaluation_enabled": True, "device": "cpu",
+    },
 }
+PRESETS["blip_demo"] = {**PRESETS["git_demo"], "model_type": "blip", "hf_model_name": "demo/blip-tiny"}
 
-DEMO_TARGETS = {"test_rouge_l_min": 0.9, "ablation_drop_min": 0.2}
+DEMO_TARGETS = {"shapes": {"test_rouge_l_min": 0.9, "ablation_drop_min": 0.2},  # per demo dataset
+                "shapes_b": {"test_rouge_l_min": 0.8}}
 
 
 class ConfigError(ValueError):
@@ -134,16 +181,30 @@ def check_keys(d: dict, where: str):
                           f"Valid keys: {', '.join(sorted(hyperparameters))}")
 
 
+def read_toml(path) -> dict:
+    """A --config file: the same keys as `hyperparameters` (tables for optimizer_args / scheduler_args)."""
+    import tomllib
+    try:
+        with open(path, "rb") as f:
+            cfg = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    check_keys(cfg, f"config file {path}")
+    return cfg
+
+
 def resolve_hparams(argv: list[str]) -> dict:
-    """Defaults <- --preset NAME <- --KEY=VALUE (in that order of precedence)."""
+    """Defaults <- --preset NAME <- --config FILE.toml <- --KEY=VALUE (in that order of precedence)."""
     check_keys(hyperparameters, "the hyperparameters dict")  # catches typos after editing NONE_DEFAULT_TYPES etc.
     hp = dict(hyperparameters)
-    overrides, preset = {}, None
+    overrides, preset, config_file = {}, None, None
     args = list(argv)
     while args:
         a = args.pop(0)
         if not a.startswith("--"):
-            raise ConfigError(f"unexpected argument {a!r}; use --KEY=VALUE or --preset NAME")
+            raise ConfigError(f"unexpected argument {a!r}; use --KEY=VALUE, --preset NAME or --config FILE.toml")
         key, eq, val = a[2:].partition("=")
         if not eq:
             if not args:
@@ -153,22 +214,79 @@ def resolve_hparams(argv: list[str]) -> dict:
             if val not in PRESETS:
                 raise ConfigError(f"unknown preset {val!r}; presets: {', '.join(PRESETS)}")
             preset = val
+        elif key == "config":
+            config_file = val
         else:
             check_keys({key: None}, "the command line")
             overrides[key] = _parse_value(val)
     if preset:
         hp.update(PRESETS[preset])
+    if config_file:
+        hp.update(read_toml(config_file))
     hp.update(overrides)
-    return {k: _check_type(k, v) for k, v in hp.items()}
+    hp = {k: _check_type(k, v) for k, v in hp.items()}
+    for k, allowed in CHOICES.items():
+        if hp[k] not in allowed:
+            raise ConfigError(f"hyperparameter {k!r} must be one of {', '.join(map(repr, allowed))}; got {hp[k]!r}")
+    if hp["warmup_steps"] and hp["lr_scheduler"] in ("CyclicLR", "OneCycleLR") and hp["learning_rate_scheduler_enabled"]:
+        raise ConfigError(f"{hp['lr_scheduler']} ramps the learning rate up by itself; set warmup_steps=0")
+    if hp["gradient_accumulation_steps"] < 1 or hp["save_every_n_epochs"] < 1:
+        raise ConfigError("gradient_accumulation_steps and save_every_n_epochs must be >= 1")
+    if not 0 <= hp["caption_dropout"] < 1:
+        raise ConfigError(f"caption_dropout must be in [0, 1), got {hp['caption_dropout']}")
+    return hp
 
 
 def model_config_from_hparams(hp: dict):
     from model import CaptionerConfig
     return CaptionerConfig(
+        model_type=hp["model_type"],
         clip_model_name=hp["clip_model_name"], clip_pretrained=hp["clip_pretrained"], clip_image_size=hp["image_size"],
         proj_type=hp["proj_type"], proj_prefix_length=hp["proj_prefix_length"], proj_hidden_dim=hp["proj_hidden_dim"],
         proj_dropout=hp["proj_dropout"], lm_name=hp["lm_name"], lm_tokenizer_name=hp["tokenizer_name"],
-        lm_dtype=hp["lm_dtype"])
+        lm_dtype=hp["lm_dtype"], hf_model_name=hp["hf_model_name"], quantization_bits=hp["quantization_bits"],
+        peft_module=hp["peft_module"], lora_r=hp["lora_r"], lora_alpha=hp["lora_alpha"],
+        lora_dropout=hp["lora_dropout"], target_modules=hp["target_modules"],
+        gradient_checkpointing=hp["gradient_checkpointing"])
+
+
+def make_optimizer(params, hp: dict):
+    if hp["optimizer"] == "Prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise ConfigError("optimizer='Prodigy' needs the prodigyopt package: pip install prodigyopt") from None
+        return Prodigy(params, lr=hp["learning_rate"], weight_decay=hp["weight_decay"], **hp["optimizer_args"])
+    import torch
+    return torch.optim.AdamW(params, lr=hp["learning_rate"], weight_decay=hp["weight_decay"], **hp["optimizer_args"])
+
+
+def make_scheduler(opt, hp: dict, steps_per_epoch: int):
+    """Stepped once per optimizer step. Defaults follow the run's length; scheduler_args override
+    them. StepLR keeps the seed's meaning: x learning_rate_decay every learning_rate_decay_step epochs."""
+    import torch.optim.lr_scheduler as S
+    if not hp["learning_rate_scheduler_enabled"] or hp["lr_scheduler"] is None:
+        main = None
+    else:
+        total = max(1, steps_per_epoch * hp["num_epochs"] - hp["warmup_steps"])
+        lr = hp["learning_rate"]
+        defaults = {
+            "StepLR": {"step_size": max(1, hp["learning_rate_decay_step"] * steps_per_epoch),
+                       "gamma": hp["learning_rate_decay"]},
+            "CosineAnnealingLR": {"T_max": total},
+            "CosineAnnealingWarmRestarts": {"T_0": max(1, steps_per_epoch)},
+            "CyclicLR": {"base_lr": lr / 10, "max_lr": lr, "step_size_up": max(1, steps_per_epoch // 2),
+                         "cycle_momentum": False},
+            "OneCycleLR": {"max_lr": lr, "total_steps": total, "cycle_momentum": False},
+        }[hp["lr_scheduler"]]
+        try:
+            main = getattr(S, hp["lr_scheduler"])(opt, **{**defaults, **hp["scheduler_args"]})
+        except TypeError as e:
+            raise ConfigError(f"scheduler_args for {hp['lr_scheduler']}: {e}") from None
+    if not hp["warmup_steps"]:
+        return main
+    warm = S.LinearLR(opt, start_factor=1.0 / (hp["warmup_steps"] + 1), total_iters=hp["warmup_steps"])
+    return warm if main is None else S.SequentialLR(opt, [warm, main], milestones=[hp["warmup_steps"]])
 
 
 def pick_device(name: str):
@@ -201,30 +319,35 @@ def keep_images(data, pairs, keep):
 
 
 def train(hp: dict) -> dict:
+    import contextlib
+
     import numpy as np
     import torch
     from accelerate import Accelerator, DataLoaderConfiguration
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from dataset import Collate, LengthGroupedBatches, PairDataset, SkipLog, load_splits
+    from dataset import AugmentThenPreprocess, CaptionAugment, Collate, LengthGroupedBatches, PairDataset, SkipLog, load_splits
     from eval import evaluate
     from features import image_features
-    from model import ClipCaptioner, HubUnavailableError, atomic_write_json
+    from model import HubUnavailableError, atomic_write_json, build_model
 
+    if hp["log_with"] == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("log_with='wandb' needs the wandb package: pip install wandb (or log_with='tensorboard')")
     random.seed(hp["seed"]); np.random.seed(hp["seed"]); torch.manual_seed(hp["seed"])
+    run_id = (f"{hp['training_name']}_" if hp["training_name"] else "") + datetime.now().strftime("%Y%m%d_%H%M%S")
+    out_dir = Path(hp["output_dir"])
     # under `accelerate launch` (DDP) each process takes its share of every global batch of
     # batch_size pairs (split_batches), so the run sees the same batches as a single process would
-    acc = Accelerator(cpu=hp["device"] == "cpu", dataloader_config=DataLoaderConfiguration(split_batches=True))
+    acc = Accelerator(cpu=hp["device"] == "cpu", dataloader_config=DataLoaderConfiguration(split_batches=True),
+                      log_with=hp["log_with"], project_dir=str(out_dir / "logs"))
     main = acc.is_main_process
     log = print if main else (lambda *a, **k: None)
     if hp["batch_size"] % acc.num_processes:
         raise ValueError(f"batch_size {hp['batch_size']} must be divisible by the {acc.num_processes} processes")
     device = acc.device if acc.num_processes > 1 else pick_device(hp["device"])
-    run_id = datetime.now().strftime("%Y%m%d_%H%M%S")
-    out_dir = Path(hp["output_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    log(f"device: {device}" + (f" x {acc.num_processes} processes" if acc.num_processes > 1 else ""))
+    log(f"run {run_id} on {device}" + (f" x {acc.num_processes} processes" if acc.num_processes > 1 else ""))
 
     # data first (a wrong path fails before a big model loads); hub problems are reported together
     skips, problems = SkipLog(), []
@@ -233,7 +356,7 @@ def train(hp: dict) -> dict:
     except HubUnavailableError as e:
         problems.append(str(e))
     try:
-        model = ClipCaptioner.from_config(model_config_from_hparams(hp)).to(device)
+        model = build_model(model_config_from_hparams(hp), device)
     except HubUnavailableError as e:
         problems.append(str(e))
     if problems:
@@ -243,93 +366,127 @@ def train(hp: dict) -> dict:
     if hp["training_size_limit"] is not None and len(pairs) > hp["training_size_limit"]:
         pairs = random.Random(hp["seed"]).sample(pairs, hp["training_size_limit"])
         train_set, pairs = keep_images(train_set, pairs, sorted({i for i, _ in pairs}))  # only these need features
-    feats = None
-    if hp["feature_cache_dir"] is not None:  # CLIP runs once per image, never inside the epoch loop
-        feats, ok = image_features(model, train_set.images, hp["feature_cache_dir"], hp["eval_batch_size"], 0, skips,
+    feats, cache_dir = None, hp["feature_cache_dir"] if model.supports_feature_cache else None
+    if hp["augment_images"] and cache_dir is not None:
+        log("augment_images: the feature cache is bypassed for training (every epoch sees new crops)")
+    elif cache_dir is not None:  # CLIP runs once per image, never inside the epoch loop
+        feats, ok = image_features(model, train_set.images, cache_dir, hp["eval_batch_size"], 0, skips,
                                    acc=acc)  # under accelerate: each process encodes a share, the main one writes
         feats = feats.to(device)
         train_set, pairs = keep_images(train_set, pairs, ok)
-    n_params = sum(p.numel() for p in model.projector.parameters())
+    trainable = model.trainable_parameters()
+    n_params = sum(p.numel() for p in trainable)
     log(f"data: {len(pairs)} training pairs from {train_set.num_images} images; "
         f"val {splits['val'].num_images} images; test {splits['test'].num_images} images; {skips.summary()}")
-    log(f"model: {model.config.clip_model_name} ({model.config.clip_embed_dim}-d) -> MLP ({n_params:,} trainable) "
-        f"-> {model.config.proj_prefix_length} x {model.config.lm_hidden_size} prefix -> {model.config.lm_name}")
+    c = model.config
+    log(f"model: {c.clip_model_name} ({c.clip_embed_dim}-d) -> MLP ({n_params:,} trainable) -> "
+        f"{c.proj_prefix_length} x {c.lm_hidden_size} prefix -> {c.lm_name}" if c.model_type == "clip_mlp" else
+        f"model: {c.model_type} {c.hf_model_name or 'default'} ({c.quantization_bits}-bit) + {c.peft_module} "
+        f"adapters ({n_params:,} trainable)")
 
     workers = hp["num_workers"] if hp["num_workers"] is not None else (4 if device.type == "cuda" else 0)
     g = torch.Generator().manual_seed(hp["seed"])
-    transform = None if feats is not None else model.preprocess
+    transform = None if feats is not None else (
+        AugmentThenPreprocess(model.preprocess) if hp["augment_images"] else model.preprocess)
+    cap_aug = (CaptionAugment(hp["shuffle_captions"], hp["frozen_parts"], hp["caption_dropout"])
+               if hp["shuffle_captions"] or hp["caption_dropout"] else None)
     if hp["group_by_length"]:
         lengths = [len(x) for x in model.tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]]
         batching = {"batch_sampler": LengthGroupedBatches(lengths, hp["batch_size"], g)}
     else:
         batching = {"batch_size": hp["batch_size"], "shuffle": True, "generator": g}
-    loader = DataLoader(PairDataset(train_set, transform, pairs), **batching, num_workers=workers,
-                        pin_memory=device.type == "cuda", collate_fn=Collate(model.tokenizer, hp["max_caption_length"]))
-    opt = torch.optim.AdamW(model.projector.parameters(), lr=hp["learning_rate"], weight_decay=hp["weight_decay"])
-    sched = (torch.optim.lr_scheduler.StepLR(opt, hp["learning_rate_decay_step"], hp["learning_rate_decay"])
-             if hp["learning_rate_scheduler_enabled"] else None)
+    loader = DataLoader(PairDataset(train_set, transform, pairs, cap_aug), **batching, num_workers=workers,
+                        pin_memory=device.type == "cuda", collate_fn=Collate(model.tokenize, hp["max_caption_length"]))
+    accum = hp["gradient_accumulation_steps"]
+    opt = make_optimizer(trainable, hp)
+    sched = make_scheduler(opt, hp, steps_per_epoch=-(-len(loader) // accum))
     eval_kw = dict(batch_size=hp["eval_batch_size"], max_caption_length=hp["max_caption_length"],
                    gen_kwargs={"max_new_tokens": hp["max_new_tokens"], "num_beams": hp["num_beams"]},
-                   num_workers=workers, cache_dir=hp["feature_cache_dir"])
+                   num_workers=workers, cache_dir=cache_dir)
     step_model, opt, loader = acc.prepare(model, opt, loader)  # DDP-wrapped on several processes
     if hp["compile"]:  # here, not through accelerate's dynamo plugin: that one is process-wide state and
         # would stick to the first run in a notebook; dynamic shapes because each batch has its own length
         step_model = torch.compile(step_model, dynamic=True)
+    if hp["log_with"]:
+        acc.init_trackers(run_id, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                          for k, v in hp.items()})
+    before = None
+    if hp["evaluate_before_training"]:
+        before = evaluate(model, splits["test"], skips=SkipLog(), acc=acc, **eval_kw)
+        log(f"🧪 Before training, held-out test: ROUGE-L {before['rouge_l']:.4f}, loss {before['loss']:.4f}")
     step_log = out_dir / f"train_log_{run_id}.jsonl"
     history, meta, meta_path, step = [], {}, None, 0
     for epoch in range(1, hp["num_epochs"] + 1):
         model.train()
-        total, count, t0 = 0.0, 0, time.time()
+        total, count, t0, micro_losses = 0.0, 0, time.time(), []
         bar = tqdm(loader, desc=f"Training Epoch {epoch}/{hp['num_epochs']}", dynamic_ncols=True, disable=not main)
-        for batch in bar:
+        n_batches = len(loader)
+        for i, batch in enumerate(bar):
             for path, reason in batch["skipped"]:
                 skips.add(path, reason)
+            # gradient accumulation: an optimizer step after every `accum` micro-batches (and at the epoch's end)
+            group = min(accum, n_batches - (i - i % accum))
+            last_micro = (i + 1) % accum == 0 or i + 1 == n_batches
             usable = "input_ids" in batch
             if acc.num_processes > 1 and feats is None:  # images load per step here: a share can come up empty,
                 # and a DDP step needs every process, so all skip it together
                 usable = bool(acc.gather(torch.tensor([usable], device=device)).all())
-            if not usable:
+            if usable:
+                if feats is not None:
+                    image_inputs = {"image_embeds": feats[batch["image_idx"]]}                # (B, E)
+                else:
+                    image_inputs = {"pixel_values": batch["pixel_values"].to(device, non_blocking=True)}
+                # only the last micro-batch of a group synchronises gradients across processes
+                sync = contextlib.nullcontext() if last_micro or acc.num_processes == 1 else acc.no_sync(step_model)
+                with sync:
+                    _, loss = step_model(batch["input_ids"], batch["attention_mask"], **image_inputs)
+                    acc.backward(loss / group)
+                micro_losses.append(acc.reduce(loss.detach(), "mean").item())  # the global batch's loss
+            if not last_micro or not micro_losses:
                 continue
-            if feats is not None:
-                image_inputs = {"image_embeds": feats[batch["image_idx"]]}                    # (B, E)
-            else:
-                image_inputs = {"pixel_values": batch["pixel_values"].to(device, non_blocking=True)}
-            _, loss = step_model(batch["input_ids"], batch["attention_mask"], **image_inputs)
-            opt.zero_grad(set_to_none=True)
-            acc.backward(loss)
             if hp["max_grad_norm"]:
-                acc.clip_grad_norm_(model.projector.parameters(), hp["max_grad_norm"])
+                acc.clip_grad_norm_(trainable, hp["max_grad_norm"])
             opt.step()
-            loss_value = acc.reduce(loss.detach(), "mean").item()  # the global batch's loss
+            opt.zero_grad(set_to_none=True)
+            lr = opt.param_groups[0]["lr"]
+            if sched is not None:
+                sched.step()
+            loss_value = sum(micro_losses) / len(micro_losses)
+            micro_losses = []
             total, count, step = total + loss_value, count + 1, step + 1
             bar.set_postfix({"Loss": f"{loss_value:.4f}", "Avg Loss": f"{total / count:.4f}"})
             if main:
                 with open(step_log, "a") as f:
-                    f.write(json.dumps({"step": step, "epoch": epoch, "loss": loss_value,
-                                        "lr": opt.param_groups[0]["lr"]}) + "\n")
-        if sched:
-            sched.step()
+                    f.write(json.dumps({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr}) + "\n")
+            if hp["log_with"]:
+                acc.log({"train/loss": loss_value, "train/lr": lr}, step=step)
         train_loss = total / max(count, 1)
+        save = epoch % hp["save_every_n_epochs"] == 0 or epoch == hp["num_epochs"]
         # every process evaluates its share of the images; only the main process saves and prints
         val = evaluate(model, splits["val"], skips=skips, generate=hp["evaluation_enabled"], acc=acc, **eval_kw)
-        if not main:
-            continue
-        stem = f"{run_id}-{epoch}"
-        ckpt_path = out_dir / f"model_state_dict_{stem}.pth"
-        meta_path = out_dir / f"training_metadata_{stem}.json"
-        model.save_checkpoint(ckpt_path)
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "rouge_l": val.get("rouge_l"),
                         "seconds": round(time.time() - t0, 1)})
+        if hp["log_with"]:
+            acc.log({"val/loss": val["loss"], **({"val/rouge_l": val["rouge_l"]} if "rouge_l" in val else {}),
+                     "train/epoch_loss": train_loss}, step=step)
+        log(f"📊 Epoch {epoch}: training loss {train_loss:.4f}, validation loss {val['loss']:.4f}"
+            + (f", ROUGE-L {val['rouge_l']:.4f}" if val.get("rouge_l") is not None else ""))
+        if not main or not save:
+            continue
+        stem = f"{run_id}-{epoch}"
+        ckpt_path = out_dir / model.checkpoint_name(stem)
+        meta_path = out_dir / f"training_metadata_{stem}.json"
+        model.save_checkpoint(ckpt_path)
         meta = {"checkpoint": ckpt_path.name, "run_id": run_id, "epoch": epoch, "train_loss": train_loss,
                 "val_loss": val["loss"], "rouge_l": val.get("rouge_l"), "history": history,
                 "hyperparameters": hp, "model_config": model.config.__dict__, "trainable_parameters": n_params,
                 "skipped_inputs": dict(skips.counts), "library_versions": library_versions(),
                 "device": str(device), "saved_at": datetime.now().isoformat(timespec="seconds")}
-        atomic_write_json(meta, meta_path)  # written after the .pth: a metadata file means a complete checkpoint
+        atomic_write_json(meta, meta_path)  # written after the checkpoint: a metadata file means a complete one
         if skips.items:
             skips.write(out_dir / f"skipped_inputs_{run_id}.tsv")
         print("✅ Model saved successfully!")
-        print(f"📁 Model state dict: {ckpt_path}")
+        print(f"📁 Model {'state dict' if ckpt_path.suffix == '.pth' else 'adapter'}: {ckpt_path}")
         print(f"📁 Metadata: {meta_path}")
         print(f"📊 Training loss: {train_loss:.4f}")
         print(f"📈 Validation loss: {val['loss']:.4f}")
@@ -338,19 +495,27 @@ def train(hp: dict) -> dict:
     if hp["test_evaluation_enabled"]:
         test = evaluate(model, splits["test"], skips=skips, ablate_image=hp["ablate_image"], seed=hp["seed"], acc=acc,
                         **eval_kw)
+    if hp["log_with"]:
+        if hp["test_evaluation_enabled"]:
+            acc.log({"test/loss": test["loss"], "test/rouge_l": test["rouge_l"]}, step=step)
+        acc.end_training()
     if not main:
         return {}
     if hp["test_evaluation_enabled"]:
         meta["test"] = {k: v for k, v in test.items() if k != "predictions"}
+        if before is not None:
+            meta["test_before_training"] = {k: v for k, v in before.items() if k != "predictions"}
         print(f"🧪 Held-out test ({splits['test'].num_images} images): ROUGE-L {test['rouge_l']:.4f}, loss {test['loss']:.4f}")
         if "ablated" in test:
             print(f"🔀 Images shuffled across the set: ROUGE-L {test['ablated']['rouge_l']:.4f}, "
                   f"loss {test['ablated']['loss']:.4f} (drop {test['rouge_l'] - test['ablated']['rouge_l']:.4f})")
-        if hp["dataset"] == "shapes":
-            meta["demo_targets"] = {**DEMO_TARGETS, "met": test["rouge_l"] >= DEMO_TARGETS["test_rouge_l_min"] and (
-                "ablated" in test and test["rouge_l"] - test["ablated"]["rouge_l"] >= DEMO_TARGETS["ablation_drop_min"])}
-            print(f"demo targets (ROUGE-L >= {DEMO_TARGETS['test_rouge_l_min']}, shuffle drop >= "
-                  f"{DEMO_TARGETS['ablation_drop_min']}): {'met' if meta['demo_targets']['met'] else 'NOT met'}")
+        targets = DEMO_TARGETS.get(hp["dataset"])
+        if targets:
+            met = test["rouge_l"] >= targets["test_rouge_l_min"] and (
+                targets.get("ablation_drop_min") is None or
+                ("ablated" in test and test["rouge_l"] - test["ablated"]["rouge_l"] >= targets["ablation_drop_min"]))
+            meta["demo_targets"] = {**targets, "met": met}
+            print(f"demo targets ({', '.join(f'{k} {v}' for k, v in targets.items())}): {'met' if met else 'NOT met'}")
         meta["skipped_inputs"] = dict(skips.counts)
         atomic_write_json(meta, meta_path)
     if skips.items:
@@ -358,13 +523,40 @@ def train(hp: dict) -> dict:
     return meta
 
 
+def merge_main(argv: list[str]) -> int:
+    """python train.py --merge_weights --checkpoint ADAPTER_DIR [--merged_dir DIR] [--wise_alpha A]"""
+    import argparse
+
+    from model import merge_adapter
+    ap = argparse.ArgumentParser(prog="train.py --merge_weights", description=
+                                 "Merge a git/blip adapter into its base model: a standalone folder that eval.py, "
+                                 "inference.py and load_model_example.py load with no base model or adapter.")
+    ap.add_argument("--merge_weights", action="store_true", required=True)
+    ap.add_argument("--checkpoint", required=True, help="an adapter_<run>-<epoch> folder")
+    ap.add_argument("--merged_dir", help="default: merged_<run>-<epoch>[_wise<A>] next to the adapter")
+    ap.add_argument("--wise_alpha", type=float, default=1.0,
+                    help="WiSE-FT: weights = base + A x (fine-tuned - base); 1 = the fine-tuned model, 0 = the base")
+    args = ap.parse_args(argv)
+    if not 0.0 <= args.wise_alpha <= 1.0:
+        ap.error("--wise_alpha must be between 0 and 1")
+    out = merge_adapter(args.checkpoint, args.merged_dir, args.wise_alpha)
+    print(f"merged {args.checkpoint} (wise_alpha {args.wise_alpha}) -> {out}")
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    from model import HubUnavailableError
     try:
-        hp = resolve_hparams(sys.argv[1:] if argv is None else argv)
+        if "--merge_weights" in argv:
+            return merge_main(argv)
+        hp = resolve_hparams(argv)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from model import HubUnavailableError
+    except (HubUnavailableError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         train(hp)
     except HubUnavailableError as e:

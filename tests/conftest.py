@@ -81,3 +81,15 @@ def write_image(path: Path, color=(200, 30, 30), mode="RGB", size=(40, 30)):
         im = im.convert(mode)
     im.save(path)
     return path
+
+
+def count_encoder_calls(monkeypatch) -> dict:
+    """Patch ClipCaptioner.encode_images to count its calls; returns the live counter {"n": calls}."""
+    from model import ClipCaptioner
+    calls, inner = {"n": 0}, ClipCaptioner.encode_images
+
+    def encode(self, px):
+        calls["n"] += 1
+        return inner(self, px)
+    monkeypatch.setattr(ClipCaptioner, "encode_images", encode)
+    return calls

@@ -95,3 +95,17 @@ def test_inference_keeps_writing_when_stdout_is_closed(demo_run, tmp_path):
     p.stdout.close()
     assert p.wait(timeout=300) == 0
     assert len(jsonl.read_text().splitlines()) == 100
+
+
+def test_git_demo_qlora_learns_the_new_phrasing(tmp_path):
+    """train.py --preset git_demo: 4-bit QLoRA adapters on the tiny GIT (pretrained on style-A
+    captions only) learn style B; held-out ROUGE-L against style-B references before and after."""
+    out = run("train.py", "--preset", "git_demo", f"--output_dir={tmp_path / 'saved'}",
+              f"--data_dir={tmp_path / 'shapes_b'}", "--log_with=None")
+    (meta_path,) = sorted((tmp_path / "saved").glob("training_metadata_*-3.json"))
+    meta = json.loads(meta_path.read_text())
+    before, after = meta["test_before_training"]["rouge_l"], meta["test"]["rouge_l"]
+    assert before < 0.6 and after >= 0.8, (before, after)
+    assert meta["demo_targets"]["met"] is True and "Before training" in out
+    assert meta["model_config"]["quantization_bits"] == 4 and meta["model_config"]["peft_module"] == "LoRA"
+    assert (tmp_path / "saved" / meta["checkpoint"] / "adapter_model.safetensors").exists()

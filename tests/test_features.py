@@ -83,17 +83,11 @@ def test_unreadable_images_stay_skipped_on_cache_hits(tmp_path, images):
 
 def test_training_epochs_never_call_the_encoder(tmp_path, monkeypatch):
     """Encoder calls are the same for 1 and for 3 epochs: all of them happen in feature extraction."""
+    from conftest import count_encoder_calls
     from demo_assets import write_split
-    from model import ClipCaptioner
     for split, n, seed in (("train", 24, 1), ("val", 4, 2), ("test", 4, 3)):
         write_split(tmp_path / "data" / split, n, seed)
-    calls = {"n": 0}
-    inner = ClipCaptioner.encode_images
-
-    def encode(self, px):
-        calls["n"] += 1
-        return inner(self, px)
-    monkeypatch.setattr(ClipCaptioner, "encode_images", encode)
+    calls = count_encoder_calls(monkeypatch)
     counts = []
     for epochs in (1, 3):
         calls["n"] = 0

@@ -85,3 +85,162 @@ def test_compiled_training_step_gives_the_eager_losses(tmp_path):
     assert counters["stats"]["unique_graphs"] >= 1  # the step really went through dynamo
     assert len(losses[True]) == len(losses[False]) == 10
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- options
+
+def test_toml_config_file_and_precedence(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('batch_size = 12\nlr_scheduler = "OneCycleLR"\nseed = 1337\n'
+                   '[optimizer_args]\nbetas = [0.9, 0.99]\n[scheduler_args]\npct_start = 0.2\n')
+    hp = train.resolve_hparams(["--preset=demo", "--config", str(cfg), "--seed=7"])
+    assert hp["batch_size"] == 12 and hp["lr_scheduler"] == "OneCycleLR"  # TOML over the preset
+    assert hp["optimizer_args"] == {"betas": [0.9, 0.99]} and hp["scheduler_args"] == {"pct_start": 0.2}
+    assert hp["seed"] == 7 and hp["lm_name"] == "demo/qwen3-tiny"  # command line over TOML; preset kept
+    (tmp_path / "bad.toml").write_text("bach_size = 3\n")
+    with pytest.raises(train.ConfigError, match="did you mean 'batch_size'"):
+        train.resolve_hparams(["--config", str(tmp_path / "bad.toml")])
+    (tmp_path / "broken.toml").write_text("batch_size = \n")
+    with pytest.raises(train.ConfigError, match="not valid TOML"):
+        train.resolve_hparams(["--config", str(tmp_path / "broken.toml")])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--optimizer=SGD"], "must be one of"),
+    (["--lr_scheduler=Linear"], "must be one of"),
+    (["--model_type=gpt2"], "must be one of"),
+    (["--quantization_bits=3"], "must be one of"),
+    (["--lr_scheduler=OneCycleLR", "--warmup_steps=5"], "ramps the learning rate up by itself"),
+    (["--gradient_accumulation_steps=0"], ">= 1"),
+    (["--caption_dropout=1.5"], "caption_dropout"),
+])
+def test_bad_option_values_are_refused(argv, message):
+    with pytest.raises(train.ConfigError, match=message):
+        train.resolve_hparams(argv)
+
+
+def _lrs(hp, steps_per_epoch, n):
+    import torch
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=hp["learning_rate"])
+    sched = train.make_scheduler(opt, hp, steps_per_epoch)
+    out = []
+    for _ in range(n):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        if sched is not None:
+            sched.step()
+    return out
+
+
+def test_schedulers_follow_the_run_length():
+    base = train.resolve_hparams(["--learning_rate=0.1", "--num_epochs=4"])
+    # StepLR keeps the seed's meaning: x0.9 every 2 epochs (here 5 steps per epoch)
+    lrs = _lrs(base, 5, 20)
+    assert lrs[:10] == [0.1] * 10 and lrs[10] == pytest.approx(0.09) and lrs[19] == pytest.approx(0.09)
+    warm = _lrs({**base, "lr_scheduler": "CosineAnnealingLR", "warmup_steps": 4}, 5, 20)
+    assert warm[0] == pytest.approx(0.02) and warm[3] == pytest.approx(0.08) and warm[4] == pytest.approx(0.1)
+    assert warm[4:] == sorted(warm[4:], reverse=True) and warm[-1] < 0.01  # cosine down to ~0 at the run's end
+    one = _lrs({**base, "lr_scheduler": "OneCycleLR"}, 5, 20)
+    assert max(one) == pytest.approx(0.1) and one[0] < 0.01 and one[-1] < 0.001
+    cyc = _lrs({**base, "lr_scheduler": "CyclicLR", "scheduler_args": {"step_size_up": 2}}, 5, 8)
+    assert cyc[:5] == pytest.approx([0.01, 0.055, 0.1, 0.055, 0.01])  # scheduler_args override the defaults
+    restarts = _lrs({**base, "lr_scheduler": "CosineAnnealingWarmRestarts"}, 5, 11)
+    assert restarts[0] == restarts[5] == restarts[10] == pytest.approx(0.1) and restarts[4] < 0.1
+    assert _lrs({**base, "learning_rate_scheduler_enabled": False}, 5, 12) == [0.1] * 12
+    with pytest.raises(train.ConfigError, match="scheduler_args"):
+        _lrs({**base, "scheduler_args": {"no_such_arg": 1}}, 5, 2)
+
+
+def test_caption_shuffle_and_dropout():
+    import torch
+    from dataset import CaptionAugment
+    cap = "woodcut style, a fox, snow, trees, moon"
+    torch.manual_seed(0)
+    shuffled = [CaptionAugment(True, frozen_parts=1)(cap) for _ in range(30)]
+    assert all(s.startswith("woodcut style, ") for s in shuffled)           # frozen part stays first
+    assert all(sorted(s.split(", ")) == sorted(cap.split(", ")) for s in shuffled)  # nothing lost
+    assert len(set(shuffled)) > 5                                            # order really changes
+    dropped = [CaptionAugment(False, frozen_parts=1, dropout=0.5)(cap) for _ in range(200)]
+    n_parts = [len(s.split(", ")) for s in dropped]
+    assert all(s.startswith("woodcut style") for s in dropped) and min(n_parts) >= 1 and max(n_parts) <= 5
+    assert 2.0 < sum(n_parts) / len(n_parts) < 4.0                           # ~1 + 4 x 0.5 parts on average
+    assert all(CaptionAugment(False, 0, 0.99)("only one part") == "only one part" for _ in range(20))
+    assert CaptionAugment(True, 0, 0.0)("no commas here") == "no commas here"
+
+
+def _folder_data(tmp_path, n_train=32):
+    from demo_assets import write_split
+    for split, n, seed in (("train", n_train, 1), ("val", 4, 2)):
+        write_split(tmp_path / "data" / split, n, seed)
+    return ["--preset=demo", "--dataset=folder", f"--train_dir={tmp_path / 'data/train'}",
+            f"--val_dir={tmp_path / 'data/val'}", "--test_evaluation_enabled=False", "--evaluation_enabled=False"]
+
+
+def test_run_name_save_every_warmup_and_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "out"
+    hp = train.resolve_hparams(_folder_data(tmp_path) + [
+        "--num_epochs=3", "--batch_size=16", "--save_every_n_epochs=2", "--training_name=exp", "--warmup_steps=3",
+        "--lr_scheduler=CosineAnnealingLR", f"--output_dir={out}", f"--feature_cache_dir={tmp_path / 'cache'}"])
+    meta = train.train(hp)
+    assert meta["run_id"].startswith("exp_")
+    epochs = sorted(json.loads(p.read_text())["epoch"] for p in out.glob("training_metadata_exp_*.json"))
+    assert epochs == [2, 3] and len(list(out.glob("model_state_dict_exp_*.pth"))) == 2  # every 2nd + the last
+    (log,) = out.glob("train_log_exp_*.jsonl")
+    lrs = [json.loads(x)["lr"] for x in log.read_text().splitlines()]
+    assert len(lrs) == 30 and lrs[0] == pytest.approx(0.002 / 4) and lrs[3] == pytest.approx(0.002)
+    assert lrs[-1] < lrs[3] / 10
+    ea = EventAccumulator(str(out / "logs" / meta["run_id"]))  # (add_hparams adds a subfolder of its own)
+    ea.Reload()
+    assert len(ea.Scalars("train/loss")) == 30 and len(ea.Scalars("val/loss")) == 3
+
+
+def test_gradient_accumulation_follows_the_bigger_batch(tmp_path):
+    """batch 8 x 2 accumulation steps ~ batch 16: the same pairs per optimizer step (same shuffle), the
+    same number of steps, and loss curves that agree (not bit for bit: each micro-batch is averaged
+    over its own tokens)."""
+    curves = {}
+    for name, extra in {"big": ["--batch_size=16"], "accum": ["--batch_size=8", "--gradient_accumulation_steps=2"]}.items():
+        out = tmp_path / name
+        hp = train.resolve_hparams(_folder_data(tmp_path) + extra + [
+            "--num_epochs=2", "--group_by_length=False", f"--output_dir={out}",
+            f"--feature_cache_dir={tmp_path / 'cache'}", "--log_with=None"])
+        train.train(hp)
+        (log,) = out.glob("train_log_*.jsonl")
+        curves[name] = [json.loads(x)["loss"] for x in log.read_text().splitlines()]
+    assert len(curves["big"]) == len(curves["accum"]) == 20
+    rel = [abs(a - b) / a for a, b in zip(curves["big"], curves["accum"])]
+    assert max(rel) < 0.03, rel
+    assert curves["accum"][-1] < curves["accum"][0] * 0.8
+
+
+def test_prodigy_optimizer_trains(tmp_path):
+    out = tmp_path / "out"
+    hp = train.resolve_hparams(_folder_data(tmp_path) + [
+        "--optimizer=Prodigy", "--learning_rate=1.0", "--learning_rate_scheduler_enabled=False", "--num_epochs=2",
+        "--batch_size=16", f"--output_dir={out}", f"--feature_cache_dir={tmp_path / 'cache'}", "--log_with=None"])
+    train.train(hp)
+    (log,) = out.glob("train_log_*.jsonl")
+    losses = [json.loads(x)["loss"] for x in log.read_text().splitlines()]
+    assert losses[-1] < losses[0] * 0.8
+
+
+def test_augment_images_bypasses_the_cache(tmp_path, monkeypatch, capsys):
+    from conftest import count_encoder_calls
+    calls = count_encoder_calls(monkeypatch)
+    hp = train.resolve_hparams(_folder_data(tmp_path, 16) + [
+        "--augment_images=True", "--num_epochs=2", "--batch_size=8", f"--output_dir={tmp_path / 'out'}",
+        f"--feature_cache_dir={tmp_path / 'cache'}", "--log_with=None"])
+    train.train(hp)
+    out = capsys.readouterr().out
+    assert out.count("feature cache is bypassed") == 1
+    # the encoder runs inside every training step (2 epochs x 80 pairs / 8) + once for the (cached) val images
+    assert calls["n"] == 2 * 10 + 1
+
+
+def test_wandb_without_the_package_is_a_clear_error(tmp_path, capsys):
+    import importlib.util
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    assert train.main(["--preset=demo", "--log_with=wandb", f"--output_dir={tmp_path}"]) == 2
+    assert "pip install wandb" in capsys.readouterr().err
