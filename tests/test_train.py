@@ -244,3 +244,35 @@ def test_wandb_without_the_package_is_a_clear_error(tmp_path, capsys):
         pytest.skip("wandb is installed here")
     assert train.main(["--preset=demo", "--log_with=wandb", f"--output_dir={tmp_path}"]) == 2
     assert "pip install wandb" in capsys.readouterr().err
+
+
+
+@pytest.mark.parametrize("optimizer,scheduler", [("AdamW", s) for s in train.SCHEDULERS] + [("Prodigy", "StepLR")])
+def test_every_optimizer_and_scheduler_trains_a_run(tmp_path, optimizer, scheduler):
+    out = tmp_path / "out"
+    hp = train.resolve_hparams(_folder_data(tmp_path, 8) + [
+        f"--optimizer={optimizer}", f"--lr_scheduler={scheduler}", "--num_epochs=1", "--batch_size=8",
+        f"--output_dir={out}", f"--feature_cache_dir={tmp_path / 'cache'}", "--log_with=None"]
+        + (["--learning_rate=1.0"] if optimizer == "Prodigy" else []))
+    train.train(hp)
+    (log,) = out.glob("train_log_*.jsonl")
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    assert len(rows) == 5 and all(r["loss"] == r["loss"] and r["lr"] > 0 for r in rows)  # 40 pairs / 8, no NaN
+
+
+def test_toml_config_gives_the_same_run_as_flags(tmp_path):
+    flags = ["--num_epochs=2", "--batch_size=8", "--lr_scheduler=CosineAnnealingLR", "--warmup_steps=2",
+             "--optimizer_args={'betas': (0.8, 0.95)}", "--seed=3", "--log_with=None"]
+    (tmp_path / "run.toml").write_text('num_epochs = 2\nbatch_size = 8\nlr_scheduler = "CosineAnnealingLR"\n'
+                                       'warmup_steps = 2\nseed = 3\n[optimizer_args]\nbetas = [0.8, 0.95]\n')
+    losses, hps = {}, {}
+    for name, extra in {"flags": flags, "toml": ["--config", str(tmp_path / "run.toml"), "--log_with=None"]}.items():
+        hp = train.resolve_hparams(_folder_data(tmp_path, 16) + extra + [
+            f"--output_dir={tmp_path / name}", f"--feature_cache_dir={tmp_path / 'cache'}"])
+        hps[name] = {k: v for k, v in hp.items() if k != "output_dir"}
+        train.train(hp)
+        (log,) = (tmp_path / name).glob("train_log_*.jsonl")
+        losses[name] = [json.loads(x) for x in log.read_text().splitlines()]
+    assert tuple(hps["toml"].pop("optimizer_args")["betas"]) == hps["flags"].pop("optimizer_args")["betas"]
+    assert hps["toml"] == hps["flags"]
+    assert losses["toml"] == losses["flags"] and len(losses["flags"]) == 20  # bit-identical run on CPU
