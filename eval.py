@@ -6,6 +6,7 @@ Evaluate a checkpoint on held-out data: validation loss and ROUGE-L, with per-im
     python eval.py --checkpoint ...pth --split val --output preds.json
     python eval.py --checkpoint ...pth --ablate_image     # also score with images shuffled across the set
     accelerate launch --multi_gpu --num_processes 4 eval.py --checkpoint ...pth   # decode on 4 GPUs
+    python eval.py --references refs.json --predictions preds.json [--output scores.json]  # no model: COCO metrics
 
 The dataset comes from the checkpoint's training metadata (the JSON next to it); --data_dir etc.
 point at another copy. ROUGE-L here = mean over images of the best rouge_score ROUGE-L F-measure
@@ -78,6 +79,130 @@ def generate_all(model, inputs, batch_size=32, acc=None, key="image_embeds", **g
     return [c for part in run_sharded(acc, len(inputs), gen) for c in part]
 
 
+# ---------------------------------------------------------------------------------------------- COCO metrics
+
+COCO_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+_PTB_PUNCT = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
+
+
+def simple_tokenize(text: str) -> str:
+    """Pure-Python stand-in for the PTB tokenizer (no Java): lower-case, split off punctuation and
+    clitics ('s, n't), drop the punctuation tokens the COCO tokenizer drops."""
+    import re
+    text = re.sub(r"([a-z0-9])('s|'re|'ve|'ll|'d|'m|n't)\b", r"\1 \2", text.lower())
+    toks = re.findall(r"n't|'\w+|\w+(?:[-.]\w+)*|\.\.\.|--|\S", text)
+    return " ".join(t for t in toks if t not in _PTB_PUNCT)
+
+
+def spice_models_present() -> bool:
+    from pathlib import Path as P
+
+    import pycocoevalcap.spice as spice
+    lib = P(spice.__path__[0]) / "lib"
+    return (lib / "stanford-corenlp-3.6.0.jar").exists() and (lib / "stanford-corenlp-3.6.0-models.jar").exists()
+
+
+class _quiet_stderr:
+    """Silence file descriptor 2 (child processes included) for a block."""
+
+    def __enter__(self):
+        import os
+        sys.stderr.flush()
+        self.saved, self.null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        os.dup2(self.null, 2)
+
+    def __exit__(self, *exc):
+        import os
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        os.close(self.null)
+
+
+def caption_metrics(references: dict, predictions: dict, log=print) -> dict:
+    """The COCO caption toolkit's metrics (pycocoevalcap) for {image_id: [refs]} / {image_id: caption}:
+    PTB tokenization, corpus BLEU-1..4, METEOR, ROUGE_L (beta 1.2), CIDEr(-D), SPICE when its models
+    are installed. Ids and references are put in a canonical order first, so the result can't depend
+    on the order they came in. Without Java: a pure-Python tokenizer and no METEOR/SPICE (said once)."""
+    import shutil
+
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    refs = {str(k): v for k, v in references.items()}
+    preds = {str(k): v for k, v in predictions.items()}
+    missing, extra = sorted(set(refs) - set(preds)), sorted(set(preds) - set(refs))
+    if missing or extra:
+        raise ValueError(f"references and predictions must cover the same images: {len(missing)} without a "
+                         f"prediction (e.g. {missing[:3]}), {len(extra)} without references (e.g. {extra[:3]})")
+    if any(not isinstance(v, list) or not v for v in refs.values()):
+        raise ValueError("every image needs a non-empty list of reference captions")
+    ids = sorted(refs)
+    gts = {i: [{"caption": c} for c in sorted(refs[i])] for i in ids}
+    res = {i: [{"caption": preds[i]}] for i in ids}
+    java = shutil.which("java") is not None
+    out, skipped = {}, {}
+    if java:
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+        with _quiet_stderr():  # its Java process prints a tokens-per-second line
+            gts, res = PTBTokenizer().tokenize(gts), PTBTokenizer().tokenize(res)
+        out["tokenizer"] = "ptb (Stanford CoreNLP, pycocoevalcap)"
+    else:
+        log("note: no Java here: a pure-Python tokenizer stands in for PTB, METEOR and SPICE are skipped")
+        gts = {i: [simple_tokenize(c["caption"]) for c in v] for i, v in gts.items()}
+        res = {i: [simple_tokenize(c["caption"]) for c in v] for i, v in res.items()}
+        out["tokenizer"] = "simple (pure Python, no Java)"
+        skipped["METEOR"] = skipped["SPICE"] = "needs Java"
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    out.update({f"Bleu_{n + 1}": float(b) for n, b in enumerate(bleu)})
+    if java:
+        from pycocoevalcap.meteor.meteor import Meteor
+        out["METEOR"] = float(Meteor().compute_score(gts, res)[0])  # its Java subprocess ends with the object
+    out["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
+    out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    if java and spice_models_present():
+        from pycocoevalcap.spice.spice import Spice
+        out["SPICE"] = float(Spice().compute_score(gts, res)[0])
+    elif java:
+        skipped["SPICE"] = ("needs the Stanford CoreNLP 3.6.0 models: run once online: python -c \"from "
+                            "pycocoevalcap.spice.get_stanford_models import get_stanford_models as g; g()\"")
+        log(f"SPICE skipped: {skipped['SPICE']}")
+    if skipped:
+        out["skipped"] = skipped
+    return out
+
+
+def read_predictions(path) -> dict:
+    """{"image_id": "caption"} or the COCO results format [{"image_id": ..., "caption": ...}]."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if isinstance(data, list):
+        out = {}
+        for row in data:
+            if not isinstance(row, dict) or "image_id" not in row or "caption" not in row:
+                raise ValueError(f"{path}: COCO results rows need image_id and caption, got {str(row)[:80]}")
+            if str(row["image_id"]) in out:
+                raise ValueError(f"{path}: image_id {row['image_id']} has more than one caption")
+            out[str(row["image_id"])] = row["caption"]
+        return out
+    if isinstance(data, dict) and all(isinstance(v, str) for v in data.values()):
+        return {str(k): v for k, v in data.items()}
+    raise ValueError(f"{path}: expected {{image_id: caption}} or [{{image_id, caption}}, ...]")
+
+
+def read_references(path) -> dict:
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or not all(isinstance(v, list) and all(isinstance(c, str) for c in v)
+                                             for v in data.values()):
+        raise ValueError(f"{path}: expected {{image_id: [reference, ...]}}")
+    return {str(k): v for k, v in data.items()}
+
+
+def print_metrics(m: dict) -> None:
+    print(f"{'metric':<10} value   (tokenizer: {m.get('tokenizer')})")
+    for k in COCO_KEYS:
+        if k in m:
+            print(f"{k:<10} {m[k]:.4f}")
+
+
 def derangement(n: int, seed: int) -> torch.Tensor:
     """A random permutation with no fixed point (Sattolo's algorithm: one n-cycle), so every image
     gets another image's features."""
@@ -119,9 +244,24 @@ def evaluate(model, data, batch_size=32, max_caption_length=128, gen_kwargs=None
     return res
 
 
+def score_files(args) -> int:
+    try:
+        m = caption_metrics(read_references(args.references), read_predictions(args.predictions))
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_metrics(m)
+    if args.output:
+        Path(args.output).write_text(json.dumps(m, indent=2), encoding="utf-8")
+        print(f"wrote {args.output}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="a model_state_dict_*.pth, adapter_* folder or merged folder")
+    ap.add_argument("--checkpoint", help="a model_state_dict_*.pth, adapter_* folder or merged folder")
+    ap.add_argument("--references", help="score files, no model: {image_id: [refs]} JSON")
+    ap.add_argument("--predictions", help="with --references: {image_id: caption} or COCO results JSON")
     ap.add_argument("--split", choices=["test", "val"], default="test")
     ap.add_argument("--output", help="predictions JSON (default: next to the checkpoint)")
     ap.add_argument("--ablate_image", action="store_true", help="also score with images shuffled across the set")
@@ -132,6 +272,12 @@ def main(argv=None) -> int:
     for key in ("dataset", "data_dir", "train_dir", "val_dir", "test_dir", "captions_file"):
         ap.add_argument(f"--{key}", default=None, help="override the training run's value")
     args = ap.parse_args(argv)
+    if args.references or args.predictions:
+        if not (args.references and args.predictions) or args.checkpoint:
+            ap.error("score files with --references and --predictions together (and no --checkpoint)")
+        return score_files(args)
+    if not args.checkpoint:
+        ap.error("give --checkpoint, or --references with --predictions")
 
     from accelerate import Accelerator
 
@@ -159,15 +305,24 @@ def main(argv=None) -> int:
                    cache_dir=hp.get("feature_cache_dir"), acc=acc)
     if not acc.is_main_process:
         return 0
-    out = Path(args.output) if args.output else Path(args.checkpoint).with_name(
-        Path(args.checkpoint).stem.replace("model_state_dict", f"predictions_{args.split}") + ".json")
+    ck = Path(args.checkpoint)
+    stem = ck.name.removesuffix(".pth").removeprefix("model_state_dict_").removeprefix("adapter_")
+    out = Path(args.output) if args.output else ck.with_name(f"predictions_{args.split}_{stem}.json")
+    # the COCO toolkit's metrics on the same predictions (references grouped per image)
+    res["coco"] = caption_metrics({p["image"]: p["references"] for p in res["predictions"]},
+                                  {p["image"]: p["caption"] for p in res["predictions"]})
+    res["metric_notes"] = {"rouge_l": "rouge_score ROUGE-L F-measure, Porter stemming, best reference, mean over "
+                                      "images (capkit's training metric)",
+                           "coco": "pycocoevalcap: PTB tokens, corpus BLEU, METEOR 1.5, ROUGE_L with beta 1.2 "
+                                   "(no stemming), CIDEr-D"}
     summary = {k: v for k, v in res.items() if k != "predictions"}
     with open(out, "w", encoding="utf-8") as f:
         json.dump({"checkpoint": str(args.checkpoint), "split": args.split, **summary,
                    "skipped_inputs": dict(skips.counts), "predictions": res["predictions"]}, f, indent=2)
     print(f"{args.split}: {res['num_images']} images; {skips.summary()}")
     print(f"📈 loss: {res['loss']:.4f}")
-    print(f"🎯 ROUGE-L: {res['rouge_l']:.4f}")
+    print(f"🎯 ROUGE-L (rouge_score, stemmed): {res['rouge_l']:.4f}")
+    print_metrics(res["coco"])
     if args.ablate_image:
         a = res["ablated"]
         print(f"🔀 images shuffled: loss {a['loss']:.4f}, ROUGE-L {a['rouge_l']:.4f} "
