@@ -171,6 +171,16 @@ def caption_metrics(references: dict, predictions: dict, log=print) -> dict:
     return out
 
 
+def diversity(captions: list[str]) -> dict:
+    """Caption diversity: distinct words used, and distinct-n = unique n-grams / all n-grams over the set."""
+    toks = [simple_tokenize(c).split() for c in captions]
+    out = {"vocab_size": len({t for ts in toks for t in ts})}
+    for n in (1, 2):
+        grams = [tuple(ts[i:i + n]) for ts in toks for i in range(len(ts) - n + 1)]
+        out[f"distinct_{n}"] = len(set(grams)) / len(grams) if grams else 0.0
+    return out
+
+
 def read_predictions(path) -> dict:
     """{"image_id": "caption"} or the COCO results format [{"image_id": ..., "caption": ...}]."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -198,9 +208,9 @@ def read_references(path) -> dict:
 
 def print_metrics(m: dict) -> None:
     print(f"{'metric':<10} value   (tokenizer: {m.get('tokenizer')})")
-    for k in COCO_KEYS:
+    for k in (*COCO_KEYS, "vocab_size", "distinct_1", "distinct_2"):
         if k in m:
-            print(f"{k:<10} {m[k]:.4f}")
+            print(f"{k:<10} {m[k]:.4f}" if isinstance(m[k], float) else f"{k:<10} {m[k]}")
 
 
 def derangement(n: int, seed: int) -> torch.Tensor:
@@ -250,6 +260,7 @@ def score_files(args) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    m.update(diversity(list(read_predictions(args.predictions).values())))
     print_metrics(m)
     if args.output:
         Path(args.output).write_text(json.dumps(m, indent=2), encoding="utf-8")
@@ -311,6 +322,7 @@ def main(argv=None) -> int:
     # the COCO toolkit's metrics on the same predictions (references grouped per image)
     res["coco"] = caption_metrics({p["image"]: p["references"] for p in res["predictions"]},
                                   {p["image"]: p["caption"] for p in res["predictions"]})
+    res["coco"].update(diversity([p["caption"] for p in res["predictions"]]))
     res["metric_notes"] = {"rouge_l": "rouge_score ROUGE-L F-measure, Porter stemming, best reference, mean over "
                                       "images (capkit's training metric)",
                            "coco": "pycocoevalcap: PTB tokens, corpus BLEU, METEOR 1.5, ROUGE_L with beta 1.2 "

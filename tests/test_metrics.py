@@ -86,3 +86,10 @@ def test_bad_inputs_are_clear_errors(tmp_path, capsys):
     (tmp_path / "p.json").write_text(json.dumps([{"image_id": 1, "caption": "a"}]))
     assert eval_mod.main(["--references", str(tmp_path / "r.json"), "--predictions", str(tmp_path / "p.json")]) == 2
     assert "image_id: [reference" in capsys.readouterr().err
+
+
+def test_diversity():
+    d = eval_mod.diversity(["a red dog", "a red cat", "A red dog."])
+    assert d["vocab_size"] == 4
+    assert d["distinct_1"] == pytest.approx(4 / 9) and d["distinct_2"] == pytest.approx(3 / 6)
+    assert eval_mod.diversity([]) == {"vocab_size": 0, "distinct_1": 0.0, "distinct_2": 0.0}
