@@ -95,10 +95,8 @@ def simple_tokenize(text: str) -> str:
 
 
 def spice_models_present() -> bool:
-    from pathlib import Path as P
-
     import pycocoevalcap.spice as spice
-    lib = P(spice.__path__[0]) / "lib"
+    lib = Path(spice.__path__[0]) / "lib"
     return (lib / "stanford-corenlp-3.6.0.jar").exists() and (lib / "stanford-corenlp-3.6.0-models.jar").exists()
 
 
@@ -256,11 +254,12 @@ def evaluate(model, data, batch_size=32, max_caption_length=128, gen_kwargs=None
 
 def score_files(args) -> int:
     try:
-        m = caption_metrics(read_references(args.references), read_predictions(args.predictions))
+        preds = read_predictions(args.predictions)
+        m = caption_metrics(read_references(args.references), preds)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    m.update(diversity(list(read_predictions(args.predictions).values())))
+    m.update(diversity(list(preds.values())))
     print_metrics(m)
     if args.output:
         Path(args.output).write_text(json.dumps(m, indent=2), encoding="utf-8")
@@ -316,9 +315,9 @@ def main(argv=None) -> int:
                    cache_dir=hp.get("feature_cache_dir"), acc=acc)
     if not acc.is_main_process:
         return 0
+    from model import checkpoint_stem
     ck = Path(args.checkpoint)
-    stem = ck.name.removesuffix(".pth").removeprefix("model_state_dict_").removeprefix("adapter_")
-    out = Path(args.output) if args.output else ck.with_name(f"predictions_{args.split}_{stem}.json")
+    out = Path(args.output) if args.output else ck.with_name(f"predictions_{args.split}_{checkpoint_stem(ck)}.json")
     # the COCO toolkit's metrics on the same predictions (references grouped per image)
     res["coco"] = caption_metrics({p["image"]: p["references"] for p in res["predictions"]},
                                   {p["image"]: p["caption"] for p in res["predictions"]})

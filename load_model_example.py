@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from model import load_captioner
+from model import checkpoint_stem, load_captioner
 
 
 def metadata_path_for(checkpoint) -> Path:
@@ -34,8 +34,7 @@ def metadata_path_for(checkpoint) -> Path:
     p = Path(checkpoint)
     if p.is_dir() and (p / "training_metadata.json").exists():
         return p / "training_metadata.json"
-    stem = p.name.removesuffix(".pth").removeprefix("model_state_dict_").removeprefix("adapter_")
-    return p.with_name(f"training_metadata_{stem}.json")
+    return p.with_name(f"training_metadata_{checkpoint_stem(p)}.json")
 
 
 def load_model_from_checkpoint(path, device="cpu", **config_overrides) -> tuple[torch.nn.Module, dict, dict]:

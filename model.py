@@ -586,6 +586,12 @@ def load_hf_checkpoint(path, device="cpu", **config_overrides) -> HFCaptioner:
     return HFCaptioner(cfg, model, processor).eval()
 
 
+def checkpoint_stem(path) -> str:
+    """model_state_dict_<run>-<epoch>.pth / adapter_<run>-<epoch> -> "<run>-<epoch>" (what the
+    metadata JSON and the predictions file are named after)."""
+    return Path(path).name.removesuffix(".pth").removeprefix("model_state_dict_").removeprefix("adapter_")
+
+
 def merge_adapter(adapter_dir, merged_dir=None, wise_alpha: float = 1.0) -> Path:
     """Fold a LoRA / IA3 adapter into an unquantized copy of its base model and save the result as a
     standalone folder (save_pretrained + processor + capkit_config.json + the training metadata).
@@ -604,7 +610,7 @@ def merge_adapter(adapter_dir, merged_dir=None, wise_alpha: float = 1.0) -> Path
             for k, v in merged.state_dict().items():
                 if v.is_floating_point():
                     v.copy_(before[k] + wise_alpha * (v - before[k]))
-    stem = adapter_dir.name.removeprefix("adapter_")
+    stem = checkpoint_stem(adapter_dir)
     merged_dir = Path(merged_dir) if merged_dir else adapter_dir.with_name(
         f"merged_{stem}" + (f"_wise{wise_alpha:g}" if wise_alpha < 1 else ""))
     out_cfg = CaptionerConfig.from_dict({**saved["model_config"], "peft_module": None, "quantization_bits": 16})
