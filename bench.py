@@ -5,6 +5,7 @@ same machine, one run.
     python bench.py --config demo                 # the shipped tiny demo backbones
     python bench.py --config real-shape           # ViT-B-32 + Qwen3 with the 0.6B model's dimensions, random weights
     python bench.py --config real-shape --steps 5 --captions 16 --batch_size 8
+    python bench.py --config real-shape --batch_size 64 --steps 50 --compile    # on a GPU: MFU + epoch time
 
 The seed-style loop (the main design document's loop) encodes every batch through CLIP, pads every
 caption to max_caption_length (128), computes logits on every position, trains in fp32 and
@@ -29,6 +30,7 @@ CONFIGS = {
     "real-shape": {"batch_size": 8, "steps": 2, "captions": 8, "max_new_tokens": 20},  # 8: the seed default batch
 }
 SEED_MAX_CAPTION_LENGTH = 128
+FLICKR30K_PAIRS = 145_000  # Karpathy train split: ~29k images x 5 captions
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}
 
 
@@ -127,14 +129,17 @@ def seed_generate(model, lm32, images, max_new_tokens, device):
 
 
 # ---------------------------------------------------------------------------------------------- real path
-def real_train(model, feats, captions, steps, B, device):
-    from dataset import LengthGroupedBatches, tokenize_captions
+def real_train(model, feats, captions, steps, B, device, compile=False):
+    from dataset import LengthGroupedBatches, pad_to_multiple, tokenize_captions
+    from train import COMPILE_PAD_MULTIPLE, compile_step
+    # compiled as train.py does (static shapes, CUDA graphs on CUDA): the first batches of each shape compile
+    step_model, warmup = (compile_step(model, device), 6) if compile else (model, 1)
     opt = torch.optim.AdamW(model.projector.parameters(), lr=1e-4)
     lengths = [len(x) for x in model.tokenizer(captions, add_special_tokens=False)["input_ids"]]
     batches = iter(LengthGroupedBatches(lengths, B, torch.Generator().manual_seed(0)))
     tokens, t0 = 0, None
-    for step in range(steps + 1):
-        if step == 1:
+    for step in range(steps + warmup):
+        if step == warmup:
             sync(device)
             t0 = time.time()
         try:
@@ -143,11 +148,13 @@ def real_train(model, feats, captions, steps, B, device):
             batches = iter(LengthGroupedBatches(lengths, B, torch.Generator().manual_seed(step)))
             idx = next(batches)
         enc = tokenize_captions(model.tokenizer, [captions[i] for i in idx], 128)
-        _, loss = model(enc["input_ids"], enc["attention_mask"], image_embeds=feats[idx])
+        if compile:
+            enc = pad_to_multiple(enc, COMPILE_PAD_MULTIPLE, model.tokenizer.pad_token_id)
+        _, loss = step_model(enc["input_ids"], enc["attention_mask"], image_embeds=feats[idx])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if step >= 1:
+        if step >= warmup:
             tokens += int(enc["attention_mask"].sum())
     sync(device)
     return time.time() - t0, tokens
@@ -160,6 +167,7 @@ def main():
     ap.add_argument("--captions", type=int)
     ap.add_argument("--batch_size", type=int)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the real path's training step")
     args = ap.parse_args()
     from train import pick_device
     c = {**CONFIGS[args.config], **{k: v for k in ("steps", "captions", "batch_size") if (v := getattr(args, k))}}
@@ -185,13 +193,18 @@ def main():
     sync(device)
     seed_gen_s = time.time() - t
 
+    if lm32 is not model.lm:
+        del lm32  # the fp32 copy is the seed loop's; it must not count in the real path's peak memory
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     sync(device)
     t = time.time()
     feats = encode_pil(model, images, device)
     extract_s = time.time() - t
     model.projector.load_state_dict(start)
     model.train()
-    real_s, real_tok = real_train(model, feats, captions, steps, B, device)
+    real_s, real_tok = real_train(model, feats, captions, steps, B, device, args.compile)
     real_mem = peak_mem(device)
     model.projector.load_state_dict(start)
     model.eval()
@@ -210,6 +223,7 @@ def main():
         print(f"{name:<16} {steps * B / s:>16.2f} {tok / s:>14.1f} {M / g:>11.2f}  {mem}")
     print(f"feature extraction (once per dataset, not per epoch): {len(images) / extract_s:.1f} images/s")
     print(f"greedy captions identical between the two paths: {same}/{M}")
+    print(f"a Flickr30K epoch (145,000 pairs) at capkit's training rate: {FLICKR30K_PAIRS * real_s / (steps * B):.0f} s")
     if device.type == "cuda":
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)

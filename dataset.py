@@ -485,8 +485,9 @@ class Collate:
     .tokenize: truncated, padded to the longest in the batch; pad positions have attention_mask 0
     and are ignored by the loss). Failed items are dropped and reported in batch['skipped']."""
 
-    def __init__(self, tokenize=None, max_length: int = 128):
+    def __init__(self, tokenize=None, max_length: int = 128, pad_to_multiple_of: int | None = None, pad_id: int = 0):
         self.tokenize, self.max_length = tokenize, max_length
+        self.pad_to_multiple_of, self.pad_id = pad_to_multiple_of, pad_id
 
     def __call__(self, items):
         skipped = [it["error"] for it in items if "error" in it]
@@ -497,8 +498,21 @@ class Collate:
         if "pixel_values" in items[0]:
             batch["pixel_values"] = torch.stack([it["pixel_values"] for it in items])
         if self.tokenize is not None and "caption" in items[0]:
-            batch.update(self.tokenize([it["caption"] for it in items], self.max_length))
+            enc = self.tokenize([it["caption"] for it in items], self.max_length)
+            batch.update(pad_to_multiple(enc, self.pad_to_multiple_of, self.pad_id) if self.pad_to_multiple_of else enc)
         return batch
+
+
+def pad_to_multiple(enc: dict, multiple: int, pad_id: int) -> dict:
+    """Right-pad input_ids (with pad_id) and attention_mask (with 0) to a length that is a multiple of
+    `multiple`: a compiled step then sees a few recurring shapes instead of one per caption length.
+    The extra positions are masked out of attention and loss, so the loss is unchanged."""
+    T = enc["input_ids"].shape[1]
+    extra = -T % multiple
+    if not extra:
+        return enc
+    return {**enc, "input_ids": torch.nn.functional.pad(enc["input_ids"], (0, extra), value=pad_id),
+            "attention_mask": torch.nn.functional.pad(enc["attention_mask"], (0, extra), value=0)}
 
 
 def tokenize_captions(tok, captions, max_length):

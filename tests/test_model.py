@@ -62,6 +62,25 @@ def test_padding_is_ignored(tiny_model):
     assert torch.allclose(l1[0, :n], lb[0, :n], atol=1e-5)
 
 
+def test_padding_to_a_multiple_keeps_the_loss(tiny_model):
+    """compile=True pads captions to a multiple of 8 (static shapes): same loss, same real-position logits."""
+    from dataset import Collate, pad_to_multiple
+    ids, mask, px = batch(tiny_model, ["a red dog", "the big blue ball sits on snow"])
+    pad = tiny_model.tokenizer.pad_token_id
+    padded = pad_to_multiple({"input_ids": ids, "attention_mask": mask}, 16, pad)
+    T = ids.shape[1]
+    assert padded["input_ids"].shape[1] == -(-T // 16) * 16 > T
+    assert (padded["attention_mask"][:, T:] == 0).all() and (padded["input_ids"][:, T:] == pad).all()
+    lg, loss = tiny_model(ids, mask, pixel_values=px)
+    lg8, loss8 = tiny_model(padded["input_ids"], padded["attention_mask"], pixel_values=px)
+    assert torch.allclose(loss, loss8, atol=1e-6)
+    assert torch.allclose(lg, lg8[:, :T], atol=1e-5)
+    assert pad_to_multiple(padded, 16, pad) is padded  # already a multiple: untouched
+    out = Collate(tiny_model.tokenize, 32, pad_to_multiple_of=8, pad_id=pad)(
+        [{"image_idx": 0, "caption": "a red dog"}, {"image_idx": 1, "caption": "the big blue ball"}])
+    assert out["input_ids"].shape[1] % 8 == 0
+
+
 def test_prefix_positions_carry_no_label(tiny_model):
     """Changing the image changes the logits (the prefix is used) but the loss is only over caption tokens."""
     ids, mask, px = batch(tiny_model, ["a red dog"])

@@ -65,7 +65,7 @@ def test_offline_real_defaults_exit_fast_with_one_message(tmp_path):
 
 
 def test_compiled_training_step_gives_the_eager_losses(tmp_path):
-    """compile=True (torch.compile through accelerate, dynamic shapes) trains the same as eager."""
+    """compile=True (static shapes: captions padded to a multiple of 8) trains the same as eager."""
     from demo_assets import write_split
     for split, n, seed in (("train", 32, 1), ("val", 4, 2)):
         write_split(tmp_path / "data" / split, n, seed)
