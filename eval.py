@@ -5,6 +5,7 @@ Evaluate a checkpoint on held-out data: validation loss and ROUGE-L, with per-im
     python eval.py --checkpoint saved_models/adapter_20261122_120000-3        # git / blip adapter (or merged folder)
     python eval.py --checkpoint ...pth --split val --output preds.json
     python eval.py --checkpoint ...pth --ablate_image     # also score with images shuffled across the set
+    python eval.py --checkpoint ...pth --report report/   # + an HTML page: thumbnails, captions, sortable scores
     accelerate launch --multi_gpu --num_processes 4 eval.py --checkpoint ...pth   # decode on 4 GPUs
     python eval.py --references refs.json --predictions preds.json [--output scores.json]  # no model: COCO metrics
 
@@ -26,6 +27,10 @@ import torch
 
 from dataset import SkipLog, run_sharded
 from features import encode_split, image_features
+
+
+ROUGE_L_NOTE = ("rouge_score ROUGE-L F-measure, Porter stemming, best reference, mean over images (capkit's "
+                "training metric; not the COCO toolkit's ROUGE_L)")
 
 
 def rouge_l(predictions: list[str], references: list[list[str]]) -> tuple[float, list[float]]:
@@ -404,6 +409,7 @@ def main(argv=None) -> int:
     ap.add_argument("--split", choices=["test", "val"], default="test")
     ap.add_argument("--output", help="predictions JSON (default: next to the checkpoint)")
     ap.add_argument("--ablate_image", action="store_true", help="also score with images shuffled across the set")
+    ap.add_argument("--report", metavar="DIR", help="also write an HTML report (thumbnails, captions, sortable scores)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch_size", type=int, default=None)
     ap.add_argument("--max_new_tokens", type=int, default=None)
@@ -457,8 +463,7 @@ def main(argv=None) -> int:
         res["caption_metrics"].update(clip_score=res["clip_score"], ref_clip_score=res["ref_clip_score"])
     else:
         print("CLIPScore skipped: it needs the run's own CLIP encoder (clip_mlp runs)")
-    res["metric_notes"] = {"rouge_l": "rouge_score ROUGE-L F-measure, Porter stemming, best reference, mean over "
-                                      "images (capkit's training metric)",
+    res["metric_notes"] = {"rouge_l": ROUGE_L_NOTE,
                            "caption_metrics": "pycocoevalcap: PTB tokens, corpus BLEU, METEOR 1.5, ROUGE_L with beta 1.2 "
                                    "(no stemming), CIDEr-D; plus caption diversity, the Fréchet distance between "
                                    "sentence embeddings of the generated captions and of all references, and "
@@ -476,6 +481,12 @@ def main(argv=None) -> int:
         print(f"🔀 images shuffled: loss {a['loss']:.4f}, ROUGE-L {a['rouge_l']:.4f} "
               f"(ROUGE-L drop {res['rouge_l'] - a['rouge_l']:.4f})")
     print(f"predictions: {out}")
+    if args.report:
+        from report import write_report
+        index = write_report(args.report, res["predictions"],
+                             {"loss": res["loss"], "rouge_l (rouge_score)": res["rouge_l"], **res["caption_metrics"]},
+                             subtitle=f"{args.checkpoint}, {args.split} split, {res['num_images']} images")
+        print(f"report: {index}")
     return 0
 
 

@@ -345,7 +345,7 @@ def train(hp: dict) -> dict:
     from tqdm import tqdm
 
     from dataset import AugmentThenPreprocess, CaptionAugment, Collate, LengthGroupedBatches, PairDataset, SkipLog, load_splits
-    from eval import evaluate
+    from eval import ROUGE_L_NOTE, evaluate
     from features import image_features
     from model import HubUnavailableError, atomic_write_json, build_model
 
@@ -501,7 +501,8 @@ def train(hp: dict) -> dict:
         meta_path = out_dir / f"training_metadata_{stem}.json"
         model.save_checkpoint(ckpt_path)
         meta = {"checkpoint": ckpt_path.name, "run_id": run_id, "epoch": epoch, "train_loss": train_loss,
-                "val_loss": val["loss"], "rouge_l": val.get("rouge_l"), "history": history,
+                "val_loss": val["loss"], "rouge_l": val.get("rouge_l"), "metric_notes": {"rouge_l": ROUGE_L_NOTE},
+                "history": history,
                 "hyperparameters": hp, "model_config": model.config.__dict__, "trainable_parameters": n_params,
                 "skipped_inputs": dict(skips.counts), "library_versions": library_versions(),
                 "device": str(device), "saved_at": datetime.now().isoformat(timespec="seconds")}

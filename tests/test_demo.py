@@ -36,6 +36,7 @@ def test_demo_learns(demo_run):
     assert test["rouge_l"] - test["ablated"]["rouge_l"] >= 0.2, test
     assert test["ablated"]["loss"] > test["loss"] + 0.5
     assert meta["demo_targets"]["met"] is True
+    assert "rouge_score" in meta["metric_notes"]["rouge_l"]  # which ROUGE-L this is, named in the metadata too
     hist = meta["history"]
     assert hist[-1]["train_loss"] < hist[0]["train_loss"]  # (val loss vs. an untrained MLP: next test)
     assert "Held-out test" in out and "ROUGE-L score" in out
@@ -65,7 +66,8 @@ def test_eval_inference_and_loading_use_the_checkpoint(demo_run, tmp_path):
     meta = json.loads(metas[-1].read_text())
     ckpt = metas[-1].parent / meta["checkpoint"]
     preds = tmp_path / "preds.json"
-    out = run("eval.py", "--checkpoint", str(ckpt), "--ablate_image", "--output", str(preds))
+    out = run("eval.py", "--checkpoint", str(ckpt), "--ablate_image", "--output", str(preds),
+              "--report", str(tmp_path / "report"))
     res = json.loads(preds.read_text())
     assert res["rouge_l"] >= 0.9 and res["rouge_l"] - res["ablated"]["rouge_l"] >= 0.2
     assert abs(res["rouge_l"] - meta["test"]["rouge_l"]) < 1e-9  # same numbers as the training run's test eval
@@ -74,6 +76,11 @@ def test_eval_inference_and_loading_use_the_checkpoint(demo_run, tmp_path):
     coco = res["caption_metrics"]
     assert {"Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr"} <= set(coco) and coco["CIDEr"] > 1.0 and "CIDEr" in out
     assert "rouge_score" in res["metric_notes"]["rouge_l"]
+    # beyond the toolkit: Fréchet distance, CLIPScore with the run's CLIP (per image too), the HTML report
+    assert coco["frechet_distance"] >= 0 and coco["frechet_embedder"] and coco["clip_score"] > coco["ref_clip_score"] > 0
+    assert all("clip_score" in p for p in res["predictions"])
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert page.count('<img src="thumbs/') == 300 and "clip_score" in page and "report:" in out
     folder = tmp / "shapes" / "test"
     jsonl = tmp_path / "caps.jsonl"
     out = run("inference.py", "--checkpoint", str(ckpt), str(folder), "--output", str(jsonl), "--batch_size", "64")
@@ -113,3 +120,19 @@ def test_git_demo_qlora_learns_the_new_phrasing(tmp_path):
     assert meta["demo_targets"]["met"] is True and "Before training" in out
     assert meta["model_config"]["quantization_bits"] == 4 and meta["model_config"]["peft_module"] == "LoRA"
     assert (tmp_path / "saved" / meta["checkpoint"] / "adapter_model.safetensors").exists()
+
+
+def test_explore_notebook_runs_headless_on_the_demo_checkpoint(demo_run, tmp_path, monkeypatch):
+    """notebooks/explore.ipynb, executed as CI does (nbclient): any cell error fails the test."""
+    nbformat, nbclient = pytest.importorskip("nbformat"), pytest.importorskip("nbclient")
+    tmp, _, metas = demo_run
+    ckpt = metas[-1].parent / json.loads(metas[-1].read_text())["checkpoint"]
+    monkeypatch.setenv("CAPKIT_CHECKPOINT", str(ckpt))
+    nb = nbformat.read(REPO / "notebooks" / "explore.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "CIDEr" in text and "clip_score" in text and "frechet_distance" in text
+    shown = [o for c in nb.cells for o in c.get("outputs", []) if "text/html" in o.get("data", {})]
+    assert shown and shown[0]["data"]["text/html"].count("<img src=\"data:image/png;base64,") == 8
+    assert (ckpt.parent / f"report_{ckpt.stem.replace('model_state_dict_', '')}" / "index.html").exists()

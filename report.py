@@ -1,0 +1,126 @@
+"""
+An HTML report of an evaluation: the metric table, then every image as a thumbnail with its
+generated caption, its references and its per-image scores; click a column header to sort.
+
+    python eval.py --checkpoint saved_models/model_state_dict_<run>-<epoch>.pth --report report/
+    python report.py predictions_test_<run>-<epoch>.json report/      # from a saved predictions file
+
+The folder is self-contained (index.html + thumbs/): copy it anywhere, open index.html.
+"""
+from __future__ import annotations
+
+import html
+import json
+import sys
+from pathlib import Path
+
+THUMB = 192  # thumbnail side, pixels
+SCORE_KEYS = ("rouge_l", "clip_score", "ref_clip_score")  # per-image scores eval.py stores in predictions
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 24px; color: #222; }}
+table {{ border-collapse: collapse; }}
+td, th {{ border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; text-align: left; }}
+th.sort {{ cursor: pointer; background: #eee; }} th.sort:hover {{ background: #ddd; }}
+#metrics td:nth-child(2) {{ text-align: right; font-variant-numeric: tabular-nums; }}
+.gen {{ font-weight: 600; max-width: 320px; }} .refs {{ color: #555; font-size: 90%; max-width: 360px; }}
+.refs li {{ margin: 0 0 2px 0; }} img {{ display: block; width: {thumb}px; height: auto; }}
+td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+</style></head><body>
+<h1>{title}</h1>
+<p>{subtitle}</p>
+<h2>Metrics</h2>
+<table id="metrics"><tr><th>metric</th><th>value</th></tr>
+{metric_rows}
+</table>
+<h2>Images ({n})</h2>
+<p>Click a header to sort (again to reverse); link to <code>index.html#sort=rouge_l</code> to open sorted.</p>
+<table id="images"><thead><tr><th class="sort" title="original order">#</th><th>image</th><th>generated caption</th><th>references</th>
+{score_headers}</tr></thead>
+<tbody>
+{image_rows}
+</tbody></table>
+<script>
+document.querySelectorAll("#images th.sort").forEach(th => th.addEventListener("click", () => {{
+  const body = document.querySelector("#images tbody"), col = th.cellIndex;
+  const dir = th.dataset.dir === "desc" ? 1 : -1;   // first click: highest score first
+  th.dataset.dir = dir === 1 ? "asc" : "desc";
+  [...body.rows].sort((a, b) => dir * (parseFloat(a.cells[col].dataset.v) - parseFloat(b.cells[col].dataset.v)))
+    .forEach(r => body.appendChild(r));
+}}));
+// index.html#sort=clip_score opens sorted, highest first (#sort=clip_score-asc: lowest first)
+const want = location.hash.match(/^#sort=(\w+?)(-asc)?$/);
+const th = want && document.querySelector(`#images th[data-key="${{want[1]}}"]`);
+if (th) {{ th.click(); if (want[2]) th.click(); }}
+</script>
+</body></html>
+"""
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
+
+
+def write_thumbnail(src, dst: Path) -> bool:
+    """A JPEG thumbnail of src at dst; False (and no file) if the image can't be read."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(src) as im:
+            im = im.convert("RGB")
+            im.thumbnail((THUMB, THUMB))
+            if max(im.size) < THUMB:  # tiny images (the 64-px demo) are scaled up so they can be seen
+                s = THUMB / max(im.size)
+                im = im.resize((round(im.width * s), round(im.height * s)), Image.NEAREST)
+            im.save(dst, "JPEG", quality=88)
+        return True
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
+
+
+def write_report(out_dir, predictions: list[dict], metrics: dict, title: str = "capkit evaluation",
+                 subtitle: str = "") -> Path:
+    """predictions: eval.py's rows ({image, caption, references, rouge_l, [clip_score, ref_clip_score]});
+    metrics: name -> value (numbers and short strings). -> the path of index.html."""
+    out = Path(out_dir)
+    (out / "thumbs").mkdir(parents=True, exist_ok=True)
+    keys = [k for k in SCORE_KEYS if any(k in p for p in predictions)]
+    rows = []
+    for i, p in enumerate(predictions):
+        thumb = out / "thumbs" / f"{i:05d}.jpg"
+        img = (f'<img src="thumbs/{thumb.name}" alt="{html.escape(Path(p["image"]).name)}">'
+               if write_thumbnail(p["image"], thumb) else f'<em>unreadable: {html.escape(str(p["image"]))}</em>')
+        refs = "".join(f"<li>{html.escape(r)}</li>" for r in p.get("references", []))
+        scores = "".join(f'<td class="num" data-v="{p[k] if p.get(k) is not None else "NaN"}">{_fmt(p.get(k, ""))}</td>'
+                         for k in keys)
+        rows.append(f'<tr><td class="num" data-v="{i}">{i}</td><td>{img}</td><td class="gen">'
+                    f'{html.escape(p["caption"])}</td><td class="refs"><ul>{refs}</ul></td>{scores}</tr>')
+    metric_rows = "\n".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in metrics.items()
+                            if isinstance(v, (int, float, str)) and not isinstance(v, bool))
+    headers = "".join(f'<th class="sort" data-key="{k}" title="sort by {k}">{k} ↕</th>' for k in keys)
+    page = PAGE.format(title=html.escape(title), subtitle=html.escape(subtitle), metric_rows=metric_rows,
+                       n=len(predictions), score_headers=headers, image_rows="\n".join(rows), thumb=THUMB)
+    (out / "index.html").write_text(page, encoding="utf-8")
+    return out / "index.html"
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print(__doc__.strip().splitlines()[0] + "\nusage: python report.py PREDICTIONS.json OUT_DIR", file=sys.stderr)
+        return 2
+    data = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or "predictions" not in data:
+        print(f"error: {argv[0]} is not an eval.py predictions file (no 'predictions')", file=sys.stderr)
+        return 2
+    metrics = {"loss": data.get("loss"), "rouge_l (rouge_score)": data.get("rouge_l"),
+               **{k: v for k, v in data.get("caption_metrics", {}).items()}}
+    index = write_report(argv[1], data["predictions"], {k: v for k, v in metrics.items() if v is not None},
+                         subtitle=f"{data.get('checkpoint', '')}, split {data.get('split', '?')}")
+    print(f"report: {index}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
