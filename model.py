@@ -671,6 +671,9 @@ def atomic_write(path, write_fn) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions (shared clusters)
     try:
         with os.fdopen(fd, "wb") as f:
             write_fn(f)

@@ -9,6 +9,7 @@ Train capkit's captioner: only the MLP projector learns; CLIP and the decoder st
     python train.py --model_type=git --quantization_bits=4 --dataset=folder --data_dir=my_photos/   # QLoRA GIT
     python train.py --preset git_demo                # offline: 4-bit QLoRA on a tiny GIT, CPU, minutes
     python train.py --config my_run.toml             # the same keys in a TOML file ([optimizer_args] etc. as tables)
+    python train.py --resume                         # continue the newest resumable checkpoint exactly (or --resume PATH)
     python train.py --merge_weights --checkpoint saved_models/adapter_<run>-<epoch> [--merged_dir DIR] [--wise_alpha 0.5]
 
 Edit `hyperparameters` here, or override keys on the command line (--KEY=VALUE; values are Python
@@ -25,6 +26,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import sys
 import time
 from datetime import datetime
@@ -77,6 +79,7 @@ hyperparameters = {
     "warmup_steps": 0,               # linear warm-up over this many optimizer steps (not with CyclicLR / OneCycleLR)
     "gradient_accumulation_steps": 1,  # micro-batches per optimizer step (effective batch = batch_size x this)
     "max_grad_norm": 1.0,            # gradient-norm clipping (None: off)
+    "max_bad_steps": 10,             # NaN/inf losses or gradients in a row before the run stops (each such step is skipped)
     "max_caption_length": 128,       # max tokens per caption, EOS included (longer ones are truncated)
     "group_by_length": True,         # batches of similar caption length (less padding), random batch order
     "shuffle_captions": False,       # shuffle a caption's comma-separated parts (tag-style captions) ...
@@ -99,6 +102,8 @@ hyperparameters = {
     "output_dir": "saved_models",    # checkpoints, metadata and the skipped-input list go here
     "training_name": None,           # prefix of the run name in file names and logs (None: the timestamp alone)
     "save_every_n_epochs": 1,        # checkpoint every n epochs (the last epoch is always saved)
+    "save_every_n_steps": None,      # also a (resumable) checkpoint every n optimizer steps inside epochs
+    "keep_last_n": None,             # keep only this run's newest n checkpoints (None: keep all)
     "log_with": "tensorboard",       # "tensorboard" (<output_dir>/logs) | "wandb" (if installed) | None
     "device": "auto",                # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
     "num_workers": None,             # DataLoader workers; None = 4 on GPU, 0 on CPU
@@ -108,7 +113,8 @@ hyperparameters = {
 NONE_DEFAULT_TYPES = {"data_dir": str, "train_dir": str, "val_dir": str, "test_dir": str, "captions_file": str,
                       "training_size_limit": int, "clip_pretrained": str, "image_size": int, "tokenizer_name": str,
                       "num_workers": int, "max_grad_norm": float, "feature_cache_dir": str, "hf_model_name": str,
-                      "target_modules": list, "training_name": str, "log_with": str, "lr_scheduler": str}
+                      "target_modules": list, "training_name": str, "log_with": str, "lr_scheduler": str,
+                      "save_every_n_steps": int, "keep_last_n": int}
 SCHEDULERS = ("StepLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR", "OneCycleLR")
 CHOICES = {"model_type": ("clip_mlp", "git", "blip"), "proj_type": ("mlp", "linear"), "quantization_bits": (4, 8, 16),
            "peft_module": ("LoRA", "IA3"), "optimizer": ("AdamW", "Prodigy"), "lr_scheduler": SCHEDULERS + (None,),
@@ -145,6 +151,14 @@ DEMO_TARGETS = {"shapes": {"test_rouge_l_min": 0.9, "ablation_drop_min": 0.2},  
 
 class ConfigError(ValueError):
     pass
+
+
+class SaveError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions): the run stops, the previous one is intact."""
+
+
+class NonFiniteError(RuntimeError):
+    """Too many NaN/inf losses or gradients in a row: the run stops (the last checkpoint is intact)."""
 
 
 def _parse_value(text: str):
@@ -196,10 +210,8 @@ def read_toml(path) -> dict:
     return cfg
 
 
-def resolve_hparams(argv: list[str]) -> dict:
-    """Defaults <- --preset NAME <- --config FILE.toml <- --KEY=VALUE (in that order of precedence)."""
-    check_keys(hyperparameters, "the hyperparameters dict")  # catches typos after editing NONE_DEFAULT_TYPES etc.
-    hp = dict(hyperparameters)
+def parse_argv(argv: list[str]) -> tuple[str | None, str | None, dict]:
+    """--preset NAME, --config FILE.toml and --KEY=VALUE (or --KEY VALUE) -> (preset, config file, overrides)."""
     overrides, preset, config_file = {}, None, None
     args = list(argv)
     while args:
@@ -219,20 +231,60 @@ def resolve_hparams(argv: list[str]) -> dict:
             config_file = val
         else:
             check_keys({key: None}, "the command line")
-            overrides[key] = _parse_value(val)
+            overrides[key] = _check_type(key, _parse_value(val))
+    return preset, config_file, overrides
+
+
+def resolve_hparams(argv: list[str]) -> dict:
+    """Defaults <- --preset NAME <- --config FILE.toml <- --KEY=VALUE (in that order of precedence)."""
+    check_keys(hyperparameters, "the hyperparameters dict")  # catches typos after editing NONE_DEFAULT_TYPES etc.
+    preset, config_file, overrides = parse_argv(argv)
+    hp = dict(hyperparameters)
     if preset:
         hp.update(PRESETS[preset])
     if config_file:
         hp.update(read_toml(config_file))
     hp.update(overrides)
+    return validate_hparams(hp)
+
+
+def resolve_resume(argv: list[str]) -> tuple[dict, Path]:
+    """--resume [PATH] [--KEY=VALUE ...] -> (the run's hyperparameters with the safe changes, its metadata path)."""
+    from resume import merge_resume_hparams, resume_target
+    path, rest, args = None, [], list(argv)
+    while args:
+        a = args.pop(0)
+        if a == "--resume":
+            if args and not args[0].startswith("--"):
+                path = args.pop(0)
+        elif a.startswith("--resume="):
+            path = a.partition("=")[2]
+        else:
+            rest.append(a)
+    preset, config_file, given = parse_argv(rest)
+    if preset or config_file:
+        raise ConfigError("--resume continues a run with its own hyperparameters: no --preset / --config "
+                          "(--KEY=VALUE for the few that may change)")
+    meta_path = resume_target(path, given.get("output_dir", hyperparameters["output_dir"]), given.get("training_name"))
+    saved = json.loads(meta_path.read_text(encoding="utf-8"))["hyperparameters"]
+    given.pop("output_dir", None)  # the run continues where it saved
+    hp = merge_resume_hparams(saved, given, hyperparameters)
+    hp["output_dir"] = str(meta_path.parent)
+    return validate_hparams({k: _check_type(k, v) for k, v in hp.items()}), meta_path
+
+
+def validate_hparams(hp: dict) -> dict:
     hp = {k: _check_type(k, v) for k, v in hp.items()}
     for k, allowed in CHOICES.items():
         if hp[k] not in allowed:
             raise ConfigError(f"hyperparameter {k!r} must be one of {', '.join(map(repr, allowed))}; got {hp[k]!r}")
     if hp["warmup_steps"] and hp["lr_scheduler"] in ("CyclicLR", "OneCycleLR") and hp["learning_rate_scheduler_enabled"]:
         raise ConfigError(f"{hp['lr_scheduler']} ramps the learning rate up by itself; set warmup_steps=0")
-    if hp["gradient_accumulation_steps"] < 1 or hp["save_every_n_epochs"] < 1:
-        raise ConfigError("gradient_accumulation_steps and save_every_n_epochs must be >= 1")
+    if hp["gradient_accumulation_steps"] < 1 or hp["save_every_n_epochs"] < 1 or hp["max_bad_steps"] < 1:
+        raise ConfigError("gradient_accumulation_steps, save_every_n_epochs and max_bad_steps must be >= 1")
+    for k in ("save_every_n_steps", "keep_last_n"):
+        if hp[k] is not None and hp[k] < 1:
+            raise ConfigError(f"{k} must be >= 1 (or None)")
     if not 0 <= hp["caption_dropout"] < 1:
         raise ConfigError(f"caption_dropout must be in [0, 1), got {hp['caption_dropout']}")
     return hp
@@ -335,7 +387,9 @@ def compile_step(module, device):
     return torch.compile(module, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
-def train(hp: dict) -> dict:
+def train(hp: dict, resume_from=None) -> dict:
+    """One training run. resume_from: the metadata JSON of a resumable checkpoint of this run (see resume.py);
+    the run then continues exactly where that checkpoint was saved."""
     import contextlib
 
     import numpy as np
@@ -347,12 +401,15 @@ def train(hp: dict) -> dict:
     from dataset import AugmentThenPreprocess, CaptionAugment, Collate, LengthGroupedBatches, PairDataset, SkipLog, load_splits
     from eval import ROUGE_L_NOTE, evaluate
     from features import image_features
-    from model import HubUnavailableError, atomic_write_json, build_model
+    from model import HubUnavailableError, atomic_torch_save, atomic_write_json, build_model
+    from resume import STATE_FORMAT, StopSignals, capture_rng, load_state, prune_checkpoints, restore_rng, state_path_for
 
     if hp["log_with"] == "wandb" and importlib.util.find_spec("wandb") is None:
         raise ConfigError("log_with='wandb' needs the wandb package: pip install wandb (or log_with='tensorboard')")
     random.seed(hp["seed"]); np.random.seed(hp["seed"]); torch.manual_seed(hp["seed"])
     run_id = (f"{hp['training_name']}_" if hp["training_name"] else "") + datetime.now().strftime("%Y%m%d_%H%M%S")
+    if resume_from is not None:
+        run_id = json.loads(Path(resume_from).read_text(encoding="utf-8"))["run_id"]  # same run, same file names
     out_dir = Path(hp["output_dir"])
     # under `accelerate launch` (DDP) each process takes its share of every global batch of
     # batch_size pairs (split_batches), so the run sees the same batches as a single process would
@@ -402,14 +459,17 @@ def train(hp: dict) -> dict:
         f"adapters ({n_params:,} trainable)")
 
     workers = hp["num_workers"] if hp["num_workers"] is not None else (4 if device.type == "cuda" else 0)
-    g = torch.Generator().manual_seed(hp["seed"])
+    g = torch.Generator().manual_seed(hp["seed"])                # the data order
+    seed_gen = torch.Generator().manual_seed(hp["seed"] + 1)     # DataLoader worker seeds
     transform = None if feats is not None else (
         AugmentThenPreprocess(model.preprocess) if hp["augment_images"] else model.preprocess)
     cap_aug = (CaptionAugment(hp["shuffle_captions"], hp["frozen_parts"], hp["caption_dropout"])
                if hp["shuffle_captions"] or hp["caption_dropout"] else None)
     if hp["group_by_length"]:
         lengths = [len(x) for x in model.tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]]
-        batching = {"batch_sampler": LengthGroupedBatches(lengths, hp["batch_size"], g)}
+        # the loader's own generator seeds its workers: creating an epoch's iterator then draws nothing
+        # from the global torch RNG, which a resumed run restores to the exact pre-interruption state
+        batching = {"batch_sampler": LengthGroupedBatches(lengths, hp["batch_size"], g), "generator": seed_gen}
     else:
         batching = {"batch_size": hp["batch_size"], "shuffle": True, "generator": g}
     collate = Collate(model.tokenize, hp["max_caption_length"], pad_id=model.tokenizer.pad_token_id,
@@ -435,116 +495,223 @@ def train(hp: dict) -> dict:
         log(f"🧪 Before training, held-out test: ROUGE-L {before['rouge_l']:.4f}, loss {before['loss']:.4f}")
     step_log = out_dir / f"train_log_{run_id}.jsonl"
     history, meta, meta_path, step = [], {}, None, 0
-    for epoch in range(1, hp["num_epochs"] + 1):
-        model.train()
-        total, count, t0, micro_losses = 0.0, 0, time.time(), []
-        bar = tqdm(loader, desc=f"Training Epoch {epoch}/{hp['num_epochs']}", dynamic_ncols=True, disable=not main)
-        n_batches = len(loader)
-        for i, batch in enumerate(bar):
-            for path, reason in batch["skipped"]:
-                skips.add(path, reason)
-            # gradient accumulation: an optimizer step after every `accum` micro-batches (and at the epoch's end)
-            group = min(accum, n_batches - (i - i % accum))
-            last_micro = (i + 1) % accum == 0 or i + 1 == n_batches
-            usable = "input_ids" in batch
-            if acc.num_processes > 1 and feats is None:  # images load per step here: a share can come up empty,
-                # and a DDP step needs every process, so all skip it together
-                usable = bool(acc.gather(torch.tensor([usable], device=device)).all())
-            if usable:
-                if feats is not None:
-                    image_inputs = {"image_embeds": feats[batch["image_idx"]]}                # (B, E)
-                else:
-                    image_inputs = {"pixel_values": batch["pixel_values"].to(device, non_blocking=True)}
-                # only the last micro-batch of a group synchronises gradients across processes
-                sync = contextlib.nullcontext() if last_micro or acc.num_processes == 1 else acc.no_sync(step_model)
-                with sync:
-                    _, loss = step_model(batch["input_ids"], batch["attention_mask"], **image_inputs)
-                    acc.backward(loss / group)
-                micro_losses.append(acc.reduce(loss.detach(), "mean").item())  # the global batch's loss
-            if not last_micro or not micro_losses:
-                continue
-            if hp["max_grad_norm"]:
-                acc.clip_grad_norm_(trainable, hp["max_grad_norm"])
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            lr = opt.param_groups[0]["lr"]
-            if sched is not None:
-                sched.step()
-            loss_value = sum(micro_losses) / len(micro_losses)
-            micro_losses = []
-            total, count, step = total + loss_value, count + 1, step + 1
-            bar.set_postfix({"Loss": f"{loss_value:.4f}", "Avg Loss": f"{total / count:.4f}"})
-            if main:
-                with open(step_log, "a") as f:
-                    f.write(json.dumps({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr}) + "\n")
-            if hp["log_with"]:
-                acc.log({"train/loss": loss_value, "train/lr": lr}, step=step)
-        train_loss = total / max(count, 1)
-        save = epoch % hp["save_every_n_epochs"] == 0 or epoch == hp["num_epochs"]
-        # every process evaluates its share of the images; only the main process saves and prints
-        val = evaluate(model, splits["val"], skips=skips, generate=hp["evaluation_enabled"], acc=acc, **eval_kw)
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "rouge_l": val.get("rouge_l"),
-                        "seconds": round(time.time() - t0, 1)})
-        if device.type == "cuda":  # this process's high-water mark so far (weights + activations + optimizer)
-            history[-1]["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-        if hp["log_with"]:
-            acc.log({"val/loss": val["loss"], **({"val/rouge_l": val["rouge_l"]} if "rouge_l" in val else {}),
-                     "train/epoch_loss": train_loss}, step=step)
-        log(f"📊 Epoch {epoch}: training loss {train_loss:.4f}, validation loss {val['loss']:.4f}"
-            + (f", ROUGE-L {val['rouge_l']:.4f}" if val.get("rouge_l") is not None else "")
-            + f" ({history[-1]['seconds']:.0f} s" + (f", peak GPU memory {history[-1]['peak_gpu_memory_gib']} GiB)"
-                                                     if "peak_gpu_memory_gib" in history[-1] else ")"))
-        if not main or not save:
-            continue
-        stem = f"{run_id}-{epoch}"
-        ckpt_path = out_dir / model.checkpoint_name(stem)
-        meta_path = out_dir / f"training_metadata_{stem}.json"
-        model.save_checkpoint(ckpt_path)
-        meta = {"checkpoint": ckpt_path.name, "run_id": run_id, "epoch": epoch, "train_loss": train_loss,
-                "val_loss": val["loss"], "rouge_l": val.get("rouge_l"), "metric_notes": {"rouge_l": ROUGE_L_NOTE},
-                "history": history,
-                "hyperparameters": hp, "model_config": model.config.__dict__, "trainable_parameters": n_params,
-                "skipped_inputs": dict(skips.counts), "library_versions": library_versions(),
-                "device": str(device), "saved_at": datetime.now().isoformat(timespec="seconds")}
-        atomic_write_json(meta, meta_path)  # written after the checkpoint: a metadata file means a complete one
+    bad, bad_steps, bad_in_a_row = False, 0, 0  # non-finite loss/gradient: this step, in all, consecutively
+    n_batches = len(loader)
+    start_epoch, skip_batches, resume_rng, epoch_sums = 1, 0, None, (0.0, 0, 0.0)
+
+    def save(stem: str, epoch: int, batches_done: int, data_order, fields: dict) -> Path:
+        """The trainable weights, then the training state, then the metadata: the commit marker, so a
+        checkpoint without it (a crash mid-save) is never loaded. Each file is written atomically."""
+        paths = (out_dir / model.checkpoint_name(stem), out_dir / f"train_state_{stem}.pt",
+                 out_dir / f"training_metadata_{stem}.json")
+        try:
+            model.save_checkpoint(paths[0])
+            atomic_torch_save({"format": STATE_FORMAT, "run_id": run_id, "epoch": epoch, "batches_done": batches_done,
+                               "step": step, "epoch_sums": [total, count, time.time() - t0], "history": history,
+                               "bad_steps": bad_steps, "bad_in_a_row": bad_in_a_row, "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict() if sched is not None else None,
+                               "trainable": [p.detach().cpu().clone() for p in trainable],
+                               "data_order": data_order, "rng": capture_rng()}, paths[1])
+            info = {"checkpoint": paths[0].name, "train_state": paths[1].name, "run_id": run_id,
+                    "epoch": epoch, "step": step, "batches_done": batches_done, "batches_per_epoch": n_batches,
+                    **fields, "metric_notes": {"rouge_l": ROUGE_L_NOTE}, "nonfinite_steps_skipped": bad_steps,
+                    "history": history, "hyperparameters": hp, "model_config": model.config.__dict__,
+                    "trainable_parameters": n_params, "skipped_inputs": dict(skips.counts),
+                    "library_versions": library_versions(), "device": str(device),
+                    "saved_at": datetime.now().isoformat(timespec="seconds")}
+            atomic_write_json(info, paths[2])
+        except OSError as e:  # disk full, permissions: stop with the last complete checkpoint named
+            raise SaveError(f"could not save checkpoint {stem} in {out_dir}: {e}. The last complete checkpoint is "
+                            f"{meta_path or 'none'}; free space (or fix permissions), then resume from it.") from e
         if skips.items:
             skips.write(out_dir / f"skipped_inputs_{run_id}.tsv")
-        print("✅ Model saved successfully!")
-        print(f"📁 Model {'state dict' if ckpt_path.suffix == '.pth' else 'adapter'}: {ckpt_path}")
-        print(f"📁 Metadata: {meta_path}")
-        print(f"📊 Training loss: {train_loss:.4f}")
-        print(f"📈 Validation loss: {val['loss']:.4f}")
-        if val.get("rouge_l") is not None:
-            print(f"🎯 ROUGE-L score: {val['rouge_l']:.4f}")
-    if hp["test_evaluation_enabled"]:
-        test = evaluate(model, splits["test"], skips=skips, ablate_image=hp["ablate_image"], seed=hp["seed"], acc=acc,
-                        **eval_kw)
-    if hp["log_with"]:
+        if hp["keep_last_n"]:
+            prune_checkpoints(out_dir, run_id, hp["keep_last_n"], log)
+        return paths[2], info
+
+    def interrupted() -> dict:
+        if hp["log_with"]:
+            acc.end_training()
+        if not main:
+            return {}
+        print(f"⏸️ stopped after step {step}; saved {meta_path}\nresume with:\n    python train.py --resume {meta_path}")
+        return {"interrupted": True, "resume_from": str(meta_path)}
+
+    def stop_agreed() -> bool:
+        if acc.num_processes == 1:
+            return stop.requested
+        return bool(acc.gather(torch.tensor([stop.requested], device=device)).any())  # all stop at the same step
+
+    if resume_from is not None:
+        st = load_state(state_path_for(Path(resume_from)))
+        if [tuple(t.shape) for t in st["trainable"]] != [tuple(p.shape) for p in trainable]:
+            raise ValueError(f"--resume {resume_from}: its trainable tensors don't fit this model")
+        with torch.no_grad():
+            for p, t in zip(trainable, st["trainable"]):
+                p.copy_(t)
+        opt.load_state_dict(st["optimizer"])
+        if sched is not None and st["scheduler"] is not None:
+            sched.load_state_dict(st["scheduler"])
+        step, history, bad_steps, bad_in_a_row = st["step"], st["history"], st["bad_steps"], st["bad_in_a_row"]
+        meta_path = Path(resume_from)
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        g.set_state(st["data_order"][0].clone())  # the data order of the epoch it stopped in (or of the next one)
+        seed_gen.set_state(st["data_order"][1].clone())
+        if st["batches_done"] >= n_batches:  # saved at an epoch's end: the next epoch starts afresh
+            start_epoch = st["epoch"] + 1
+            restore_rng(st["rng"])
+        else:  # inside an epoch: skip the batches already trained on, then the RNGs as they were
+            start_epoch, skip_batches, resume_rng = st["epoch"], st["batches_done"], st["rng"]
+            epoch_sums = tuple(st["epoch_sums"])
+        if main and step_log.exists():  # steps after the checkpoint were never saved: they will be redone
+            kept = [ln for ln in step_log.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+            step_log.write_text("".join(ln + "\n" for ln in kept))
+        if main:  # temp files of saves that a kill interrupted (this run's names only: other runs may share the folder)
+            for tmp in out_dir.glob(f".*{run_id}-*.tmp"):
+                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        log(f"⏯️ resumed from {resume_from}: epoch {start_epoch}, batch {skip_batches}/{n_batches}, step {step}")
+    with StopSignals(log) as stop:  # SIGINT / SIGTERM: finish the step, save, exit 0
+        for epoch in range(start_epoch, hp["num_epochs"] + 1):
+            model.train()
+            epoch_start_order = torch.stack([g.get_state(), seed_gen.get_state()])  # drawn from when iterated
+            first, skip_batches = skip_batches, 0  # only the epoch a resume lands in starts part-way
+            batches = acc.skip_first_batches(loader, first) if first else loader
+            it = iter(batches)
+            total, count, elapsed = epoch_sums if first else (0.0, 0, 0.0)
+            t0, micro_losses = time.time() - elapsed, []
+            if resume_rng is not None:
+                restore_rng(resume_rng)
+                resume_rng = None
+            bar = tqdm(it, desc=f"Training Epoch {epoch}/{hp['num_epochs']}", dynamic_ncols=True, disable=not main,
+                       total=n_batches, initial=first)
+            for i, batch in enumerate(bar, start=first):
+                for path, reason in batch["skipped"]:
+                    skips.add(path, reason)
+                # gradient accumulation: an optimizer step after every `accum` micro-batches (and at the epoch's end)
+                group = min(accum, n_batches - (i - i % accum))
+                last_micro = (i + 1) % accum == 0 or i + 1 == n_batches
+                usable = "input_ids" in batch
+                if acc.num_processes > 1 and feats is None:  # images load per step here: a share can come up empty,
+                    # and a DDP step needs every process, so all skip it together
+                    usable = bool(acc.gather(torch.tensor([usable], device=device)).all())
+                if usable:
+                    if feats is not None:
+                        image_inputs = {"image_embeds": feats[batch["image_idx"]]}                # (B, E)
+                    else:
+                        image_inputs = {"pixel_values": batch["pixel_values"].to(device, non_blocking=True)}
+                    # only the last micro-batch of a group synchronises gradients across processes
+                    sync = contextlib.nullcontext() if last_micro or acc.num_processes == 1 else acc.no_sync(step_model)
+                    with sync:
+                        _, loss = step_model(batch["input_ids"], batch["attention_mask"], **image_inputs)
+                        finite = torch.isfinite(loss.detach()).reshape(1)
+                        if acc.num_processes > 1:  # every process skips the backward together, or none does
+                            finite = acc.gather(finite).all()
+                        if finite:
+                            acc.backward(loss / group)
+                    if finite:
+                        micro_losses.append(acc.reduce(loss.detach(), "mean").item())  # the global batch's loss
+                    else:
+                        bad = True
+                if not last_micro or not (micro_losses or bad):
+                    continue
+                if not bad:  # the norm also catches a finite loss whose gradients overflowed (inf: measure, don't clip)
+                    norm = acc.clip_grad_norm_(trainable, hp["max_grad_norm"] or float("inf"))
+                    bad = norm is not None and not torch.isfinite(torch.as_tensor(norm))
+                if bad:  # skip the whole optimizer step: no update, no scheduler step
+                    opt.zero_grad(set_to_none=True)
+                    bad, micro_losses = False, []
+                    bad_steps, bad_in_a_row = bad_steps + 1, bad_in_a_row + 1
+                    log(f"⚠️ step {step + 1} skipped: non-finite loss or gradient ({bad_in_a_row} in a row, {bad_steps} in all)")
+                    if bad_in_a_row >= hp["max_bad_steps"]:
+                        raise NonFiniteError(
+                            f"{bad_in_a_row} non-finite losses or gradients in a row (epoch {epoch}, after step {step}): "
+                            f"the run stopped. Last good checkpoint: {meta_path or 'none saved yet'}. "
+                            "Try a lower learning_rate, or check the data (max_bad_steps sets the limit).")
+                    continue
+                bad_in_a_row = 0
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                lr = opt.param_groups[0]["lr"]
+                if sched is not None:
+                    sched.step()
+                loss_value = sum(micro_losses) / len(micro_losses)
+                micro_losses = []
+                total, count, step = total + loss_value, count + 1, step + 1
+                bar.set_postfix({"Loss": f"{loss_value:.4f}", "Avg Loss": f"{total / count:.4f}"})
+                if main:
+                    with open(step_log, "a") as f:
+                        f.write(json.dumps({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr}) + "\n")
+                if hp["log_with"]:
+                    acc.log({"train/loss": loss_value, "train/lr": lr}, step=step)
+                if i + 1 < n_batches:  # (an epoch's last step is saved with the epoch, after validation)
+                    want_stop = stop_agreed()
+                    if want_stop or (hp["save_every_n_steps"] and step % hp["save_every_n_steps"] == 0):
+                        if main:
+                            meta_path, meta = save(f"{run_id}-{epoch}-step{step}", epoch, i + 1, epoch_start_order,
+                                                   {"train_loss_so_far": total / max(count, 1)})
+                        if want_stop:
+                            return interrupted()
+            train_loss = total / max(count, 1)
+            want_stop = stop_agreed()
+            save_now = epoch % hp["save_every_n_epochs"] == 0 or epoch == hp["num_epochs"] or want_stop
+            # every process evaluates its share of the images; only the main process saves and prints
+            val = evaluate(model, splits["val"], skips=skips, generate=hp["evaluation_enabled"], acc=acc, **eval_kw)
+            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "rouge_l": val.get("rouge_l"),
+                            "seconds": round(time.time() - t0, 1)})
+            if device.type == "cuda":  # this process's high-water mark so far (weights + activations + optimizer)
+                history[-1]["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            if hp["log_with"]:
+                acc.log({"val/loss": val["loss"], **({"val/rouge_l": val["rouge_l"]} if "rouge_l" in val else {}),
+                         "train/epoch_loss": train_loss}, step=step)
+            log(f"📊 Epoch {epoch}: training loss {train_loss:.4f}, validation loss {val['loss']:.4f}"
+                + (f", ROUGE-L {val['rouge_l']:.4f}" if val.get("rouge_l") is not None else "")
+                + f" ({history[-1]['seconds']:.0f} s" + (f", peak GPU memory {history[-1]['peak_gpu_memory_gib']} GiB)"
+                                                         if "peak_gpu_memory_gib" in history[-1] else ")"))
+            if main and save_now:  # g's state now = the next epoch's data order
+                next_order = torch.stack([g.get_state(), seed_gen.get_state()])
+                meta_path, meta = save(f"{run_id}-{epoch}", epoch, n_batches, next_order,
+                                       {"train_loss": train_loss, "val_loss": val["loss"], "rouge_l": val.get("rouge_l")})
+            if want_stop and epoch < hp["num_epochs"]:
+                return interrupted()
+            if not main or not save_now:
+                continue
+            ckpt_path = out_dir / meta["checkpoint"]
+            print("✅ Model saved successfully!")
+            print(f"📁 Model {'state dict' if ckpt_path.suffix == '.pth' else 'adapter'}: {ckpt_path}")
+            print(f"📁 Metadata: {meta_path}")
+            print(f"📊 Training loss: {train_loss:.4f}")
+            print(f"📈 Validation loss: {val['loss']:.4f}")
+            if val.get("rouge_l") is not None:
+                print(f"🎯 ROUGE-L score: {val['rouge_l']:.4f}")
         if hp["test_evaluation_enabled"]:
-            acc.log({"test/loss": test["loss"], "test/rouge_l": test["rouge_l"]}, step=step)
-        acc.end_training()
-    if not main:
-        return {}
-    if hp["test_evaluation_enabled"]:
-        meta["test"] = {k: v for k, v in test.items() if k != "predictions"}
-        if before is not None:
-            meta["test_before_training"] = {k: v for k, v in before.items() if k != "predictions"}
-        print(f"🧪 Held-out test ({splits['test'].num_images} images): ROUGE-L {test['rouge_l']:.4f}, loss {test['loss']:.4f}")
-        if "ablated" in test:
-            print(f"🔀 Images shuffled across the set: ROUGE-L {test['ablated']['rouge_l']:.4f}, "
-                  f"loss {test['ablated']['loss']:.4f} (drop {test['rouge_l'] - test['ablated']['rouge_l']:.4f})")
-        targets = DEMO_TARGETS.get(hp["dataset"])
-        if targets:
-            met = test["rouge_l"] >= targets["test_rouge_l_min"] and (
-                targets.get("ablation_drop_min") is None or
-                ("ablated" in test and test["rouge_l"] - test["ablated"]["rouge_l"] >= targets["ablation_drop_min"]))
-            meta["demo_targets"] = {**targets, "met": met}
-            print(f"demo targets ({', '.join(f'{k} {v}' for k, v in targets.items())}): {'met' if met else 'NOT met'}")
-        meta["skipped_inputs"] = dict(skips.counts)
-        atomic_write_json(meta, meta_path)
-    if skips.items:
-        print(f"{skips.summary()}; list: {out_dir / f'skipped_inputs_{run_id}.tsv'}")
-    return meta
+            test = evaluate(model, splits["test"], skips=skips, ablate_image=hp["ablate_image"], seed=hp["seed"], acc=acc,
+                            **eval_kw)
+        if hp["log_with"]:
+            if hp["test_evaluation_enabled"]:
+                acc.log({"test/loss": test["loss"], "test/rouge_l": test["rouge_l"]}, step=step)
+            acc.end_training()
+        if not main:
+            return {}
+        if hp["test_evaluation_enabled"]:
+            meta["test"] = {k: v for k, v in test.items() if k != "predictions"}
+            if before is not None:
+                meta["test_before_training"] = {k: v for k, v in before.items() if k != "predictions"}
+            print(f"🧪 Held-out test ({splits['test'].num_images} images): ROUGE-L {test['rouge_l']:.4f}, loss {test['loss']:.4f}")
+            if "ablated" in test:
+                print(f"🔀 Images shuffled across the set: ROUGE-L {test['ablated']['rouge_l']:.4f}, "
+                      f"loss {test['ablated']['loss']:.4f} (drop {test['rouge_l'] - test['ablated']['rouge_l']:.4f})")
+            targets = DEMO_TARGETS.get(hp["dataset"])
+            if targets:
+                met = test["rouge_l"] >= targets["test_rouge_l_min"] and (
+                    targets.get("ablation_drop_min") is None or
+                    ("ablated" in test and test["rouge_l"] - test["ablated"]["rouge_l"] >= targets["ablation_drop_min"]))
+                meta["demo_targets"] = {**targets, "met": met}
+                print(f"demo targets ({', '.join(f'{k} {v}' for k, v in targets.items())}): {'met' if met else 'NOT met'}")
+            meta["skipped_inputs"] = dict(skips.counts)
+            atomic_write_json(meta, meta_path)
+        if skips.items:
+            print(f"{skips.summary()}; list: {out_dir / f'skipped_inputs_{run_id}.tsv'}")
+        return meta
 
 
 def merge_main(argv: list[str]) -> int:
@@ -574,7 +741,10 @@ def main(argv=None) -> int:
     try:
         if "--merge_weights" in argv:
             return merge_main(argv)
-        hp = resolve_hparams(argv)
+        if any(a == "--resume" or a.startswith("--resume=") for a in argv):
+            hp, resume_from = resolve_resume(argv)
+        else:
+            hp, resume_from = resolve_hparams(argv), None
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -582,10 +752,13 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        train(hp)
+        train(hp, resume_from)
     except HubUnavailableError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (NonFiniteError, SaveError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except (FileNotFoundError, ValueError) as e:  # bad paths / bad data files: say what, not where in the code
         if os.environ.get("CAPKIT_DEBUG"):
             raise

@@ -1,5 +1,6 @@
 """train.py's configuration handling and its failure modes."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -276,3 +277,54 @@ def test_toml_config_gives_the_same_run_as_flags(tmp_path):
     assert tuple(hps["toml"].pop("optimizer_args")["betas"]) == hps["flags"].pop("optimizer_args")["betas"]
     assert hps["toml"] == hps["flags"]
     assert losses["toml"] == losses["flags"] and len(losses["flags"]) == 20  # bit-identical run on CPU
+
+
+# ---------------------------------------------------------------------------------------------- numerical faults
+
+def nan_run(tmp_path, monkeypatch, poisoned, extra=()):
+    """A small demo run whose training forwards number `poisoned` (1-based) return a NaN loss."""
+    import torch
+
+    from demo_assets import write_split
+    from model import ClipCaptioner
+    for split, n, seed in (("train", 32, 1), ("val", 4, 2)):
+        write_split(tmp_path / "data" / split, n, seed)
+    real_forward, calls = ClipCaptioner.forward, [0]
+
+    def forward(self, *a, **k):
+        logits, loss = real_forward(self, *a, **k)
+        if torch.is_grad_enabled():  # training steps only, not evaluation
+            calls[0] += 1
+            if poisoned(calls[0]):
+                loss = loss * math.nan
+        return logits, loss
+    monkeypatch.setattr(ClipCaptioner, "forward", forward)
+    out = tmp_path / "out"
+    argv = ["--preset=demo", "--dataset=folder", f"--train_dir={tmp_path / 'data/train'}",
+            f"--val_dir={tmp_path / 'data/val'}", "--num_epochs=2", "--batch_size=16",
+            "--test_evaluation_enabled=False", "--evaluation_enabled=False", f"--output_dir={out}",
+            f"--feature_cache_dir={tmp_path / 'cache'}", "--log_with=None", *extra]
+    return out, argv
+
+
+def test_a_nan_loss_skips_its_step_and_is_counted(tmp_path, monkeypatch, capsys):
+    out, argv = nan_run(tmp_path, monkeypatch, lambda n: n in (2, 5))
+    meta = train.train(train.resolve_hparams(argv))
+    steps = [json.loads(x) for x in next(out.glob("train_log_*.jsonl")).read_text().splitlines()]
+    assert len(steps) == 2 * 10 - 2 and all(math.isfinite(s["loss"]) for s in steps)
+    assert meta["nonfinite_steps_skipped"] == 2 and math.isfinite(meta["train_loss"])
+    assert capsys.readouterr().out.count("skipped: non-finite loss") == 2
+    import torch
+    state = torch.load(out / meta["checkpoint"], weights_only=True)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values())  # no NaN reached the weights
+
+
+def test_repeated_nans_stop_the_run_naming_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    out, argv = nan_run(tmp_path, monkeypatch, lambda n: n > 12, ["--max_bad_steps=3"])  # epoch 2 goes bad
+    assert train.main(argv) == 3
+    err = capsys.readouterr().err
+    (meta_path,) = out.glob("training_metadata_*-1.json")  # epoch 1 was saved; epoch 2 never completed
+    assert "3 non-finite losses or gradients in a row" in err and str(meta_path) in err
+    assert not list(out.glob("training_metadata_*-2.json"))
+    with pytest.raises(train.ConfigError, match="max_bad_steps"):
+        train.resolve_hparams(["--max_bad_steps=0"])

@@ -1,0 +1,170 @@
+"""
+Runs that survive: resumable training state, finding the checkpoint to resume, interrupt handling
+and pruning old checkpoints. train.py uses it; you use it through train.py:
+
+    python train.py --resume                        # the newest resumable checkpoint in saved_models/
+    python train.py --resume saved_models/training_metadata_<run>-<epoch>.json   # (or its .pth / adapter / train_state)
+    python train.py --resume --num_epochs=5         # safe changes are allowed (and logged)
+
+A checkpoint is three files, written in this order, each atomically (temp file, fsync, rename):
+the trainable weights (model_state_dict_<stem>.pth or adapter_<stem>/), train_state_<stem>.pt (optimizer,
+LR scheduler, position in the epoch, data order, RNG states) and training_metadata_<stem>.json. The
+metadata is the commit marker: a checkpoint without it is ignored, because it was never completely written.
+"""
+from __future__ import annotations
+
+import json
+import random
+import signal
+import sys
+from pathlib import Path
+
+STATE_FORMAT = 1
+# hyperparameters a resumed run may change: they alter neither the model nor the data order
+RESUME_SAFE = frozenset({
+    "num_epochs", "evaluation_enabled", "test_evaluation_enabled", "evaluate_before_training", "ablate_image",
+    "eval_batch_size", "max_new_tokens", "num_beams", "save_every_n_epochs", "save_every_n_steps", "keep_last_n",
+    "log_with", "num_workers", "max_bad_steps", "device", "compile", "feature_cache_dir",
+})
+
+
+def state_path_for(meta_path: Path) -> Path:
+    return meta_path.with_name(meta_path.name.replace("training_metadata_", "train_state_", 1).removesuffix(".json") + ".pt")
+
+
+def capture_rng() -> dict:
+    """Every RNG a training step can draw from (Python, NumPy, torch CPU and CUDA), in a form that
+    torch.load(weights_only=True) accepts."""
+    import numpy as np
+    import torch
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    out = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached],
+           "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def restore_rng(rng: dict) -> None:
+    import numpy as np
+    import torch
+    random.setstate(rng["python"])
+    kind, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def load_state(path) -> dict:
+    import torch
+    state = torch.load(path, map_location="cpu", weights_only=True)  # never runs code from the file
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path}: not a capkit training state (format {state.get('format')!r})")
+    return state
+
+
+def metadata_for(path) -> Path:
+    """Whatever names a checkpoint (its metadata JSON, train_state .pt, .pth or adapter folder) -> its metadata path."""
+    from model import checkpoint_stem
+    p = Path(path)
+    if p.name.startswith("training_metadata_") and p.suffix == ".json":
+        return p
+    stem = p.name.removeprefix("train_state_").removesuffix(".pt") if p.name.startswith("train_state_") \
+        else checkpoint_stem(p)
+    return p.with_name(f"training_metadata_{stem}.json")
+
+
+def resumable(meta_path: Path) -> bool:
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return bool(meta.get("train_state")) and (meta_path.parent / meta["train_state"]).exists()
+
+
+def find_resumable(output_dir, training_name=None) -> Path | None:
+    """The newest complete, resumable checkpoint's metadata in output_dir (of runs named training_name, if given)."""
+    metas = [m for m in Path(output_dir).glob("training_metadata_*.json")
+             if (training_name is None or m.name.startswith(f"training_metadata_{training_name}_")) and resumable(m)]
+    return max(metas, key=lambda m: (m.stat().st_mtime, m.name)) if metas else None
+
+
+def resume_target(path, output_dir, training_name=None) -> Path:
+    """--resume [PATH] -> the metadata JSON of the checkpoint to resume, or a clear error."""
+    if path is None:
+        meta = find_resumable(output_dir, training_name)
+        if meta is None:
+            raise FileNotFoundError(f"--resume: no resumable checkpoint in {output_dir}/ "
+                                    "(give its path, or --output_dir=... where the run saved)")
+        return meta
+    meta = metadata_for(path)
+    if not meta.exists():
+        raise FileNotFoundError(f"--resume {path}: no {meta.name} beside it, so that checkpoint was never completely "
+                                "written; resume from an earlier one")
+    if not resumable(meta):
+        raise FileNotFoundError(f"--resume {path}: {meta.name} has no training state (train_state_*.pt) to resume from")
+    return meta
+
+
+def merge_resume_hparams(saved: dict, given: dict, defaults: dict, log=print) -> dict:
+    """The run's saved hyperparameters + the ones given now. Changes that alter the model or the data
+    order are refused; safe ones are applied and logged."""
+    hp = {**defaults, **saved}  # keys added to capkit since the run started get their defaults
+    refused = {k: (hp.get(k), v) for k, v in given.items() if k not in RESUME_SAFE and hp.get(k) != v}
+    if refused:
+        from train import ConfigError
+        raise ConfigError("--resume can't change " + ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in refused.items())
+                          + ": these alter the model or the data order. Start a new run instead; only "
+                          + ", ".join(sorted(RESUME_SAFE)) + " may change.")
+    for k, v in given.items():
+        if hp.get(k) != v:
+            log(f"resume: {k} changed from {hp.get(k)!r} to {v!r}")
+            hp[k] = v
+    return hp
+
+
+class StopSignals:
+    """SIGINT / SIGTERM ask the run to stop: it finishes the current step, saves a resumable
+    checkpoint and exits 0. A second signal exits at once. The previous handlers come back on exit
+    (so a notebook's Ctrl-C works as before after training)."""
+
+    def __init__(self, log=print):
+        self.requested, self.log, self.saved = False, log, {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            print("\nsecond interrupt: stopping now, without saving", file=sys.stderr, flush=True)
+            raise SystemExit(130)
+        self.requested = True
+        self.log(f"\n{signal.Signals(signum).name}: finishing this step, then saving a resumable checkpoint "
+                 "(interrupt again to quit at once)")
+
+    def __enter__(self):
+        import threading
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.saved[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.saved.items():
+            signal.signal(s, h)
+
+
+def prune_checkpoints(out_dir: Path, run_id: str, keep: int, log=print) -> None:
+    """Keep this run's newest `keep` checkpoints. The metadata goes first, so an interrupted prune leaves
+    at worst an uncommitted (ignored) checkpoint, never a committed one without its files."""
+    import shutil
+    metas = sorted(out_dir.glob(f"training_metadata_{run_id}-*.json"), key=lambda m: m.stat().st_mtime)
+    for meta in metas[:-keep] if keep else []:
+        try:
+            info = json.loads(meta.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        meta.unlink(missing_ok=True)
+        for name in (info.get("train_state"), info.get("checkpoint")):
+            if name:
+                p = out_dir / name
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        log(f"🧹 removed {info.get('checkpoint')} (keep_last_n={keep})")
