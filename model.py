@@ -560,13 +560,24 @@ class HFCaptioner(nn.Module):
                         self.config)
 
 
+def current_umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def write_hf_folder(path, write_fn, cfg: CaptionerConfig) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700 folders; give the usual permissions
     try:
         write_fn(str(tmp))
         atomic_write_json({"format": HF_CHECKPOINT_FORMAT, "model_config": asdict(cfg)}, tmp / HF_CONFIG_FILE)
+        for f in tmp.rglob("*"):  # on disk before the rename makes the folder visible
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -671,9 +682,7 @@ def atomic_write(path, write_fn) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions (shared clusters)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the usual permissions (shared clusters)
     try:
         with os.fdopen(fd, "wb") as f:
             write_fn(f)

@@ -110,7 +110,10 @@ def resume_target(path, output_dir, training_name=None) -> Path:
 def merge_resume_hparams(saved: dict, given: dict, defaults: dict, log=print) -> dict:
     """The run's saved hyperparameters + the ones given now. Changes that alter the model or the data
     order are refused; safe ones are applied and logged."""
-    hp = {**defaults, **saved}  # keys added to capkit since the run started get their defaults
+    gone = sorted(set(saved) - set(defaults))
+    if gone:  # keys this version of capkit no longer has
+        log(f"resume: ignoring hyperparameters this capkit doesn't know: {', '.join(gone)}")
+    hp = {**defaults, **{k: v for k, v in saved.items() if k in defaults}}  # new keys get their defaults
     refused = {k: (hp.get(k), v) for k, v in given.items() if k not in RESUME_SAFE and hp.get(k) != v}
     if refused:
         from train import ConfigError

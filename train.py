@@ -270,7 +270,7 @@ def resolve_resume(argv: list[str]) -> tuple[dict, Path]:
     given.pop("output_dir", None)  # the run continues where it saved
     hp = merge_resume_hparams(saved, given, hyperparameters)
     hp["output_dir"] = str(meta_path.parent)
-    return validate_hparams({k: _check_type(k, v) for k, v in hp.items()}), meta_path
+    return validate_hparams(hp), meta_path
 
 
 def validate_hparams(hp: dict) -> dict:
@@ -499,7 +499,7 @@ def train(hp: dict, resume_from=None) -> dict:
     n_batches = len(loader)
     start_epoch, skip_batches, resume_rng, epoch_sums = 1, 0, None, (0.0, 0, 0.0)
 
-    def save(stem: str, epoch: int, batches_done: int, data_order, fields: dict) -> Path:
+    def save(stem: str, epoch: int, batches_done: int, data_order, fields: dict) -> tuple[Path, dict]:
         """The trainable weights, then the training state, then the metadata: the commit marker, so a
         checkpoint without it (a crash mid-save) is never loaded. Each file is written atomically."""
         paths = (out_dir / model.checkpoint_name(stem), out_dir / f"train_state_{stem}.pt",

@@ -18,7 +18,7 @@ def test_two_process_run_matches_one_process(tmp_path):
         write_split(tmp_path / "data" / split, n, seed)
     args = ["--preset=demo", "--dataset=folder", f"--train_dir={tmp_path / 'data/train'}",
             f"--val_dir={tmp_path / 'data/val'}", f"--test_dir={tmp_path / 'data/test'}", "--num_epochs=2",
-            "--batch_size=16", "--ablate_image=False", "--device=cpu"]
+            "--batch_size=16", "--ablate_image=False", "--device=cpu", "--save_every_n_steps=7"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--main_process_port", "29517"]  # accelerate's torchrun-based launcher; on CPU the processes use gloo
     runs = {"one": [sys.executable, "train.py"], "two": [*launch, "train.py"]}
@@ -28,11 +28,11 @@ def test_two_process_run_matches_one_process(tmp_path):
         p = subprocess.run([*cmd, *args, f"--output_dir={out}", f"--feature_cache_dir={tmp_path / ('cache_' + name)}"],
                            cwd=REPO, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-        assert len(list(out.glob("model_state_dict_*.pth"))) == 2        # one checkpoint per epoch, not per process
-        assert len(list(out.glob("training_metadata_*.json"))) == 2
+        assert len(list(out.glob("model_state_dict_*.pth"))) == 4        # per save, not per process: 2 epochs + steps 7, 14
+        assert len(list(out.glob("training_metadata_*.json"))) == 4
         (log,) = out.glob("train_log_*.jsonl")
         logs[name] = [json.loads(x)["loss"] for x in log.read_text().splitlines()]
-        metas[name] = json.loads(max(out.glob("training_metadata_*-2.json")).read_text())
+        metas[name] = json.loads(max(out.glob("training_metadata_*[0-9]-2.json")).read_text())
         if name == "two":
             assert "x 2 processes" in p.stdout
     one, two = logs["one"], logs["two"]
@@ -45,6 +45,21 @@ def test_two_process_run_matches_one_process(tmp_path):
     # validation and test ran sharded over the two processes (each image scored once, then gathered)
     assert metas["two"]["test"]["num_images"] == metas["one"]["test"]["num_images"] == 4
     assert abs(metas["two"]["test"]["loss"] - metas["one"]["test"]["loss"]) < 0.05 * metas["one"]["test"]["loss"]
+
+    # --resume under accelerate: from the step-7 checkpoint (mid-epoch 1), 2 processes continue the 2-process curve
+    import shutil
+    src, res = tmp_path / "two", tmp_path / "resumed"
+    res.mkdir()
+    (meta,) = src.glob("training_metadata_*-1-step7.json")
+    info = json.loads(meta.read_text())
+    for name in (meta.name, info["checkpoint"], info["train_state"]):
+        shutil.copy(src / name, res / name)
+    (log,) = src.glob("train_log_*.jsonl")
+    (res / log.name).write_text("".join(x + "\n" for x in log.read_text().splitlines()[:7]))
+    p = subprocess.run([*launch, "train.py", "--resume", str(res / meta.name)], cwd=REPO, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert [json.loads(x)["loss"] for x in (res / log.name).read_text().splitlines()] == two
 
     # eval.py on one checkpoint: 2 processes give exactly the 1-process predictions and loss
     ckpt = max((tmp_path / "one").glob("model_state_dict_*-2.pth"))

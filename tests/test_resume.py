@@ -145,3 +145,58 @@ def test_keep_last_n_bounds_the_checkpoints(data, tmp_path):
     metas = sorted(out.glob("training_metadata_*.json"))
     assert len(metas) == 2 and len(list(out.glob("train_state_*.pt"))) == 2 and len(list(out.glob("*.pth"))) == 2
     assert any(m.name.endswith("-2.json") for m in metas)  # the final epoch's checkpoint is among them
+
+
+def wait_for_steps(out, n, p, timeout=120):
+    t = time.time()
+    while time.time() - t < timeout and p.poll() is None:
+        if list(out.glob("train_log_*.jsonl")) and len(losses(out)) >= n:
+            return
+        time.sleep(0.01)
+
+
+def test_sigterm_to_the_script_saves_a_resumable_checkpoint_and_exits_0(data, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train.py", *argv_for(data, out)]
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_steps(out, 3, p)
+    p.send_signal(signal.SIGTERM)
+    text = p.communicate(timeout=120)[0]
+    assert p.returncode == 0, text[-2000:]
+    assert "python train.py --resume " in text and "SIGTERM" in text
+    meta = text.split("python train.py --resume ")[1].split()[0]
+    assert json.loads(open(meta).read())["train_state"]          # a resumable checkpoint, named in the output
+
+
+def test_a_second_interrupt_quits_at_once_and_handlers_come_back():
+    from resume import StopSignals
+    before = signal.getsignal(signal.SIGINT)
+    with StopSignals(log=lambda *a: None) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.requested                                     # the first: finish the step, then save
+        with pytest.raises(SystemExit) as e:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        assert e.value.code == 130                                # the second: out now
+    assert signal.getsignal(signal.SIGINT) is before              # a notebook's Ctrl-C works as before
+
+
+def test_a_failed_save_stops_the_run_and_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import model
+    out, real, calls = tmp_path / "run", model.atomic_torch_save, [0]
+
+    def full_disk(obj, path):
+        calls[0] += 1
+        if calls[0] > 2:  # epoch 1's weights + train_state are written; epoch 2's are not
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(obj, path)
+    monkeypatch.setattr(model, "atomic_torch_save", full_disk)
+    assert train.main(argv_for(data, out)) == 3
+    err = capsys.readouterr().err
+    (meta,) = out.glob("training_metadata_*.json")
+    assert "No space left on device" in err and str(meta) in err
+    assert torch.load(out / json.loads(meta.read_text())["checkpoint"], weights_only=True)["state_dict"]
+    assert not list(out.glob(".*.tmp"))                          # nothing half-written left behind
