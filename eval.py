@@ -330,6 +330,17 @@ def print_metrics(m: dict) -> None:
         print(f"(Fréchet embedder: {m['frechet_embedder']})")
 
 
+def score_captions(references: dict, predictions: dict, result: dict | None = None, log=print) -> dict:
+    """Every caption metric of {image_id: [refs]} / {image_id: caption} in one object: the COCO toolkit's,
+    diversity, the Fréchet distance, and CLIPScore / RefCLIPScore when `result` (evaluate's) carries them."""
+    m = caption_metrics(references, predictions, log=log)
+    m.update(diversity(list(predictions.values())))
+    m.update(embedding_metrics(references, predictions, log=log))
+    if result is not None and "clip_score" in result:
+        m.update(clip_score=result["clip_score"], ref_clip_score=result["ref_clip_score"])
+    return m
+
+
 def embedding_metrics(references: dict, predictions: dict, log=print) -> dict:
     """The Fréchet embedding distance, or one line saying why it was skipped."""
     try:
@@ -388,12 +399,10 @@ def evaluate(model, data, batch_size=32, max_caption_length=128, gen_kwargs=None
 def score_files(args) -> int:
     try:
         preds = read_predictions(args.predictions)
-        m = caption_metrics(read_references(args.references), preds)
+        m = score_captions(read_references(args.references), preds)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    m.update(diversity(list(preds.values())))
-    m.update(embedding_metrics(read_references(args.references), preds))
     print_metrics(m)
     if args.output:
         Path(args.output).write_text(json.dumps(m, indent=2), encoding="utf-8")
@@ -456,12 +465,8 @@ def main(argv=None) -> int:
     # the COCO toolkit's metrics on the same predictions (references grouped per image)
     refs = {p["image"]: p["references"] for p in res["predictions"]}
     preds = {p["image"]: p["caption"] for p in res["predictions"]}
-    res["caption_metrics"] = caption_metrics(refs, preds)
-    res["caption_metrics"].update(diversity(list(preds.values())))
-    res["caption_metrics"].update(embedding_metrics(refs, preds))
-    if "clip_score" in res:
-        res["caption_metrics"].update(clip_score=res["clip_score"], ref_clip_score=res["ref_clip_score"])
-    else:
+    res["caption_metrics"] = score_captions(refs, preds, res)
+    if "clip_score" not in res:
         print("CLIPScore skipped: it needs the run's own CLIP encoder (clip_mlp runs)")
     res["metric_notes"] = {"rouge_l": ROUGE_L_NOTE,
                            "caption_metrics": "pycocoevalcap: PTB tokens, corpus BLEU, METEOR 1.5, ROUGE_L with beta 1.2 "
@@ -483,8 +488,8 @@ def main(argv=None) -> int:
     print(f"predictions: {out}")
     if args.report:
         from report import write_report
-        index = write_report(args.report, res["predictions"],
-                             {"loss": res["loss"], "rouge_l (rouge_score)": res["rouge_l"], **res["caption_metrics"]},
+        from report import report_metrics
+        index = write_report(args.report, res["predictions"], report_metrics(res),
                              subtitle=f"{args.checkpoint}, {args.split} split, {res['num_images']} images")
         print(f"report: {index}")
     return 0

@@ -105,6 +105,13 @@ def write_report(out_dir, predictions: list[dict], metrics: dict, title: str = "
     return out / "index.html"
 
 
+def report_metrics(result: dict) -> dict:
+    """An evaluation's result (eval.py's JSON or evaluate() + caption_metrics) -> the report's metric table."""
+    metrics = {"loss": result.get("loss"), "rouge_l (rouge_score)": result.get("rouge_l"),
+               **result.get("caption_metrics", {})}
+    return {k: v for k, v in metrics.items() if v is not None}
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
@@ -114,9 +121,7 @@ def main(argv=None) -> int:
     if not isinstance(data, dict) or "predictions" not in data:
         print(f"error: {argv[0]} is not an eval.py predictions file (no 'predictions')", file=sys.stderr)
         return 2
-    metrics = {"loss": data.get("loss"), "rouge_l (rouge_score)": data.get("rouge_l"),
-               **{k: v for k, v in data.get("caption_metrics", {}).items()}}
-    index = write_report(argv[1], data["predictions"], {k: v for k, v in metrics.items() if v is not None},
+    index = write_report(argv[1], data["predictions"], report_metrics(data),
                          subtitle=f"{data.get('checkpoint', '')}, split {data.get('split', '?')}")
     print(f"report: {index}")
     return 0

@@ -66,13 +66,13 @@ def load_state(path) -> dict:
 
 def metadata_for(path) -> Path:
     """Whatever names a checkpoint (its metadata JSON, train_state .pt, .pth or adapter folder) -> its metadata path."""
-    from model import checkpoint_stem
+    from load_model_example import metadata_path_for
     p = Path(path)
     if p.name.startswith("training_metadata_") and p.suffix == ".json":
         return p
-    stem = p.name.removeprefix("train_state_").removesuffix(".pt") if p.name.startswith("train_state_") \
-        else checkpoint_stem(p)
-    return p.with_name(f"training_metadata_{stem}.json")
+    if p.name.startswith("train_state_"):
+        return p.with_name(f"training_metadata_{p.name.removeprefix('train_state_').removesuffix('.pt')}.json")
+    return metadata_path_for(p)  # a .pth or an adapter folder
 
 
 def resumable(meta_path: Path) -> bool:
