@@ -53,7 +53,7 @@ def build(config: str, device):
     from transformers import AutoTokenizer, Qwen3ForCausalLM
     torch.manual_seed(0)
     clip, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
-    tok = AutoTokenizer.from_pretrained(LM_DIR)  # any tokenizer: ids index the 151,936-row table
+    tok = AutoTokenizer.from_pretrained(LM_DIR, trust_remote_code=False)  # any tokenizer: ids index the 151,936-row table
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     lm = Qwen3ForCausalLM._from_config(real_shape_lm_config(tok), dtype=dtype)
     cfg = CaptionerConfig(clip_model_name="ViT-B-32", clip_pretrained=None, proj_prefix_length=10,

@@ -17,9 +17,11 @@ that leave the dataset folder are skipped and counted (SkipLog), with one summar
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 import re
+import warnings
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,12 +30,19 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from errors import DataError, MissingInputError
+from safeio import NotRegularFile, decode_text, open_regular, read_bytes
+
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 FLICKR30K_REPO = "nlphuji/flickr30k"
 FLICKR30K_FILES = ("flickr_annotations_30k.csv", "flickr30k-images.zip")
 IMAGE_COLUMNS = ("image", "file_name", "filename", "image_name", "image_path", "path")
 CAPTION_COLUMNS = ("caption", "text", "captions", "sentence")
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error (skipped), not silently grey pixels
+# images with more pixels are skipped (counted), never decoded: Pillow's own decompression-bomb limit
+# (2 x Image.MAX_IMAGE_PIXELS, ~179 MP). A 100-megapixel panorama still loads (~300 MB while decoding).
+MAX_IMAGE_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+MAX_CAPTION_CHARS = 20_000  # a longer "caption" (a pasted document, a broken CSV quote) is skipped, counted
 
 
 # ----------------------------------------------------------------------------------------------
@@ -43,9 +52,15 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error (skipped
 class SkipLog:
     """Counts and lists every input that was skipped, and why."""
     items: list = field(default_factory=list)  # (path, reason)
+    _seen: set = field(default_factory=set, repr=False)
 
     def add(self, path, reason: str) -> None:
-        self.items.append((str(path), reason))
+        """Record a skipped input once: the same file skipped again for the same kind of reason (a bad
+        validation image at every epoch, a failure remembered by the feature cache) is not counted twice."""
+        key = (str(path), reason.split(":")[0])
+        if key not in self._seen:
+            self._seen.add(key)
+            self.items.append((str(path), reason))
 
     @property
     def counts(self) -> Counter:
@@ -84,10 +99,31 @@ class CaptionSet:
 # ----------------------------------------------------------------------------------------------
 # images
 
+class ImageTooLarge(ValueError):
+    pass
+
+
+def open_image(path) -> Image.Image:
+    """Image.open on a regular file only (a FIFO or device named like an image is refused, never waited
+    on), with the pixel budget checked from the header before anything is decoded."""
+    f = open_regular(path)
+    try:
+        with warnings.catch_warnings():  # under the budget Pillow's bomb warning is noise; above it we refuse
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(f)
+        if im.width * im.height > MAX_IMAGE_PIXELS:
+            im.close()
+            raise ImageTooLarge(f"{im.width}x{im.height} pixels")
+        return im
+    except BaseException:
+        f.close()
+        raise
+
+
 def load_rgb(path) -> Image.Image:
     """Open any PIL-readable image as RGB: EXIF rotation applied; transparency composited on white;
     grayscale, palette and CMYK converted."""
-    with Image.open(path) as im:
+    with open_image(path) as im:
         im = ImageOps.exif_transpose(im)
         if im.mode == "P":
             im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
@@ -98,25 +134,41 @@ def load_rgb(path) -> Image.Image:
         return im.convert("RGB")
 
 
+def image_problem(e: BaseException) -> str:
+    """The skip reason for an image that failed to open or decode."""
+    if isinstance(e, (ImageTooLarge, Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"image too large: over {MAX_IMAGE_PIXELS:,} pixels"
+    if isinstance(e, NotRegularFile):
+        return f"not a regular file: {e.kind}"
+    if isinstance(e, FileNotFoundError):
+        return "missing file"
+    return f"unreadable image: {type(e).__name__}"
+
+
 def check_image(path: Path, root: Path | None, skips: SkipLog) -> bool:
     """Cheap header check at index time; full decoding errors are caught again when loading."""
-    if root is not None and not path.resolve().is_relative_to(root.resolve()):
+    try:
+        outside = root is not None and not path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte in the name
+        skips.add(path, "unreadable path")
+        return False
+    if outside:
         skips.add(path, "outside dataset folder")
         return False
-    if not path.is_file():
+    if not path.exists():
         skips.add(path, "missing file")
         return False
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             im.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        skips.add(path, f"unreadable image: {type(e).__name__}")
+    except Exception as e:  # anything a decoder raises on a hostile file is that file's problem, not the run's
+        skips.add(path, image_problem(e))
         return False
     return True
 
 
 def _clean(caption) -> str:
-    return " ".join(str(caption).split()) if caption is not None else ""
+    return " ".join(caption.split())
 
 
 def _build(entries, root: Path, skips: SkipLog) -> CaptionSet:
@@ -132,8 +184,13 @@ def _build(entries, root: Path, skips: SkipLog) -> CaptionSet:
                 bad.add(path)
                 continue
             grouped[path] = []
-        caption = _clean(caption)
-        if caption:
+        if caption is not None and not isinstance(caption, str):
+            skips.add(path, f"caption is not text: {type(caption).__name__}")
+            continue
+        caption = _clean(caption or "")
+        if len(caption) > MAX_CAPTION_CHARS:
+            skips.add(path, f"caption too long: {len(caption):,} characters (limit {MAX_CAPTION_CHARS:,})")
+        elif caption:
             grouped[path].append(caption)
         else:
             skips.add(path, "empty caption")
@@ -148,7 +205,7 @@ def _pick_column(header, options, what, source) -> str:
     for o in options:
         if o in lower:
             return lower[o]
-    raise ValueError(f"{source}: no {what} column; expected one of {list(options)}, found {list(header)}")
+    raise DataError(f"{source}: no {what} column; expected one of {list(options)}, found {list(header)}")
 
 
 def _join(root: Path, name: str) -> Path:
@@ -159,22 +216,43 @@ def _join(root: Path, name: str) -> Path:
 # custom folders
 
 def from_captions_csv(csv_path, image_dir, skips: SkipLog) -> CaptionSet:
-    """CSV with an image column and a caption column (proper CSV quoting; several rows per image)."""
+    """CSV with an image column and a caption column (proper CSV quoting; several rows per image).
+    A row the csv module can't parse is skipped and counted as <file>:<line>."""
     csv_path, image_dir = Path(csv_path), Path(image_dir)
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames:
-            raise ValueError(f"{csv_path}: empty CSV (expected a header like 'image,caption')")
-        icol = _pick_column(reader.fieldnames, IMAGE_COLUMNS, "image", csv_path)
-        ccol = _pick_column(reader.fieldnames, CAPTION_COLUMNS, "caption", csv_path)
-        rows = [(r.get(icol) or "", r.get(ccol)) for r in reader]
-    entries = []
-    for name, caption in rows:
-        if not name.strip():
-            skips.add(csv_path, "row without image name")
-            continue
-        entries.append((_join(image_dir, name), caption))
+    text = read_text_file(csv_path, "captions file")
+    limit = csv.field_size_limit(1 << 26)  # an overlong caption is read as one field, then skipped as too long
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            header = reader.fieldnames
+        except csv.Error as e:
+            raise DataError(f"{csv_path}: its header line is not valid CSV ({e})") from None
+        if not header:
+            raise DataError(f"{csv_path}: empty CSV (expected a header like 'image,caption')")
+        icol = _pick_column(header, IMAGE_COLUMNS, "image", csv_path)
+        ccol = _pick_column(header, CAPTION_COLUMNS, "caption", csv_path)
+        entries = []
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                skips.add(f"{csv_path}:{reader.line_num}", f"bad CSV row: {e}")
+                continue
+            name = row.get(icol)
+            if not isinstance(name, str) or not name.strip():
+                skips.add(f"{csv_path}:{reader.line_num}", "row without image name")
+                continue
+            entries.append((_join(image_dir, name), row.get(ccol)))
+    finally:
+        csv.field_size_limit(limit)
     return _build(entries, image_dir, skips)
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A captions file as text: a regular file (not a folder or FIFO), UTF-8 or UTF-16 with a BOM."""
+    return decode_text(read_bytes(path, what), path, what)
 
 
 def from_metadata(root, skips: SkipLog) -> CaptionSet:
@@ -183,7 +261,7 @@ def from_metadata(root, skips: SkipLog) -> CaptionSet:
     entries = []
     jl = root / "metadata.jsonl"
     if jl.exists():
-        for n, line in enumerate(jl.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_text_file(jl, "captions file").splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -192,6 +270,9 @@ def from_metadata(root, skips: SkipLog) -> CaptionSet:
                 ccol = _pick_column(rec.keys(), CAPTION_COLUMNS, "caption", jl)
             except (json.JSONDecodeError, ValueError, AttributeError) as e:
                 skips.add(f"{jl}:{n}", f"bad metadata line: {type(e).__name__}")
+                continue
+            if not isinstance(rec[icol], (str, int)) or not str(rec[icol]).strip():
+                skips.add(f"{jl}:{n}", "row without image name")
                 continue
             caps = rec[ccol] if isinstance(rec[ccol], list) else [rec[ccol]]
             entries += [(_join(root, str(rec[icol])), c) for c in caps]
@@ -215,7 +296,12 @@ def from_sidecar_txt(root, skips: SkipLog) -> CaptionSet:
         if not txt.exists():
             skips.add(img, "no caption file")
             continue
-        lines = [ln for ln in txt.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+        try:
+            text = read_text_file(txt, "caption file")
+        except DataError as e:  # one image's caption file among many: a counted skip, not the run's end
+            skips.add(img, f"unreadable caption file: {e}")
+            continue
+        lines = [ln for ln in text.splitlines() if ln.strip()]
         entries += [(img, ln) for ln in lines] or [(img, "")]  # an empty file counts as one empty caption
     return _build(entries, root, skips)
 
@@ -237,7 +323,9 @@ def load_folder(root, skips: SkipLog, captions_file=None) -> CaptionSet:
     """Detect the layout of a custom folder (see module docstring) and load it."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder not found: {root}")
+        if root.exists():
+            raise DataError(f"dataset folder {root} is a file, not a folder")
+        raise MissingInputError(f"dataset folder not found: {root}")
     if captions_file:
         return from_captions_csv(captions_file, root, skips)
     if (root / "captions.csv").exists():
@@ -257,6 +345,8 @@ def split_by_image(data: CaptionSet, fractions: dict[str, float], seed: int) -> 
     names = list(fractions)
     for i, name in enumerate(names):
         n = data.num_images - start if i == len(names) - 1 else max(1, round(fractions[name] * data.num_images))
+        if i == len(names) - 2 and fractions[names[-1]] > 0 and n == data.num_images - start and n >= 2:
+            n -= 1  # a small dataset: the last split keeps one image rather than rounding down to none
         out[name] = data.subset(sorted(order[start:start + n]))
         start += n
     return out
@@ -275,9 +365,11 @@ def flickr30k_files(data_dir=None) -> tuple[Path, Path]:
         for images in (d / "flickr30k-images", d / FLICKR30K_FILES[1]):
             if csv_path.exists() and images.exists():
                 return csv_path, images
-        raise FileNotFoundError(f"{d}: expected {FLICKR30K_FILES[0]} and flickr30k-images/ (or {FLICKR30K_FILES[1]})")
+        raise MissingInputError(f"{d}: expected {FLICKR30K_FILES[0]} and flickr30k-images/ (or {FLICKR30K_FILES[1]})")
     from huggingface_hub import hf_hub_download
-    from model import HubUnavailableError, hub_online
+
+    from errors import HubUnavailableError
+    from model import hub_online
     offline = not hub_online()
     try:
         paths = [Path(hf_hub_download(FLICKR30K_REPO, f, repo_type="dataset", local_files_only=offline))
@@ -299,8 +391,11 @@ def _extracted(zip_path: Path) -> Path:
     marker = out / ".complete"
     if not marker.exists():
         print(f"extracting {zip_path.name} (once) to {out}")
-        with zipfile.ZipFile(zip_path) as z:
-            z.extractall(out)
+        try:  # extractall keeps every member inside `out` (it drops absolute paths and '..')
+            with zipfile.ZipFile(zip_path) as z:
+                z.extractall(out)
+        except (zipfile.BadZipFile, EOFError) as e:
+            raise DataError(f"{zip_path} is not a readable zip file ({e}); download it again") from None
         marker.touch()
     return out
 
@@ -313,16 +408,21 @@ def load_flickr30k(split: str, skips: SkipLog, data_dir=None) -> CaptionSet:
     sub = images / "flickr30k-images"
     image_dir = sub if sub.is_dir() else images
     entries = []
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        for row in csv.DictReader(f):
-            if row["split"] != split:
-                continue
-            try:
-                caps = json.loads(row["raw"])
-            except json.JSONDecodeError:
-                skips.add(row["filename"], "bad caption list")
-                continue
-            entries += [(image_dir / row["filename"], c) for c in caps]
+    reader = csv.DictReader(io.StringIO(read_text_file(csv_path, "Flickr30K annotations"), newline=""))
+    missing = [c for c in ("raw", "filename", "split") if c not in (reader.fieldnames or [])]
+    if missing:
+        raise DataError(f"{csv_path}: not the Flickr30K annotations file (no {', '.join(missing)} column)")
+    for row in reader:
+        if row["split"] != split:
+            continue
+        try:
+            caps = json.loads(row["raw"] or "")
+        except json.JSONDecodeError:
+            caps = None
+        if not isinstance(caps, list):
+            skips.add(f"{csv_path}:{reader.line_num}", "bad caption list")
+            continue
+        entries += [(image_dir / (row["filename"] or ""), c) for c in caps]
     return _build(entries, image_dir, skips)
 
 
@@ -340,14 +440,14 @@ def load_splits(hp: dict, skips: SkipLog, which=("train", "val", "test")) -> dic
         root = ensure_shapes_dataset(hp["data_dir"], "all" if kind == "shapes" else "b")
         return {s: load_folder(root / s, skips) for s in which}
     if kind != "folder":
-        raise ValueError(f"unknown dataset {kind!r}; expected 'flickr30k', 'folder', 'shapes' or 'shapes_b'")
+        raise DataError(f"unknown dataset {kind!r}; expected 'flickr30k', 'folder', 'shapes' or 'shapes_b'")
     seed = hp.get("seed", 0)
     if hp.get("train_dir"):
         train = load_folder(hp["train_dir"], skips, hp.get("captions_file"))
         test = load_folder(hp["test_dir"], skips, hp.get("captions_file")) if hp.get("test_dir") else None
     else:
         if not hp.get("data_dir"):
-            raise ValueError("dataset='folder' needs data_dir (one folder, split by split_ratio) or train_dir/test_dir")
+            raise DataError("dataset='folder' needs data_dir (one folder, split by split_ratio) or train_dir/test_dir")
         all_ = load_folder(hp["data_dir"], skips, hp.get("captions_file"))
         r = hp.get("split_ratio", 0.9)
         parts = split_by_image(all_, {"train": r, "test": 1 - r}, seed)
@@ -360,9 +460,9 @@ def load_splits(hp: dict, skips: SkipLog, which=("train", "val", "test")) -> dic
     if test is None:
         test = val
     out = {"train": train, "val": val, "test": test}
-    for name in which:
-        if out[name].num_images == 0:
-            raise ValueError(f"the {name} split has no usable images ({skips.summary()})")
+    for name in which:  # an empty val / test split is allowed in training (a small folder): train.py says so
+        if out[name].num_images == 0 and (name == "train" or len(which) == 1):
+            raise DataError(f"the {name} split has no usable images ({skips.summary()})")
     return {s: out[s] for s in which}
 
 
@@ -451,9 +551,13 @@ class ImageDataset(torch.utils.data.Dataset):
 
 def _load_item(path, transform, **extra):
     try:
-        pixels = transform(load_rgb(path))
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        # an image can turn bad after indexing (truncated, deleted): report it, don't crash the epoch
+        image = load_rgb(path)
+    except Exception as e:  # decoding a file from anywhere: whatever it raises, that image is skipped
+        # an image can also turn bad after indexing (truncated, deleted, replaced by a FIFO): report it, don't crash
+        return {"error": (str(path), image_problem(e))}
+    try:
+        pixels = transform(image)
+    except (OSError, ValueError, TypeError) as e:
         return {"error": (str(path), f"unreadable image: {type(e).__name__}")}
     return {"pixel_values": pixels, **extra}
 

@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 
 from dataset import SkipLog, run_sharded
+from errors import ConfigError, DataError, run_cli
 from features import encode_split, image_features
+from safeio import read_json
 
 
 ROUGE_L_NOTE = ("rouge_score ROUGE-L F-measure, Porter stemming, best reference, mean over images (capkit's "
@@ -208,8 +210,8 @@ def sentence_embedder(name: str | None = None):
                 local_only = True
             else:
                 src, label, local_only = cand, cand, not Path(cand).exists() and not hub_online()
-            tok = AutoTokenizer.from_pretrained(src, local_files_only=local_only)
-            enc_model = AutoModel.from_pretrained(src, local_files_only=local_only).eval()
+            tok = AutoTokenizer.from_pretrained(src, local_files_only=local_only, trust_remote_code=False)
+            enc_model = AutoModel.from_pretrained(src, local_files_only=local_only, trust_remote_code=False).eval()
             break
         except (ImportError, OSError) as e:
             tried.append(f"{cand}: {type(e).__name__}")
@@ -294,27 +296,37 @@ def clip_scores(clip_cfg, image_embeds, captions: list[str], references: list[li
 
 
 def read_predictions(path) -> dict:
-    """{"image_id": "caption"} or the COCO results format [{"image_id": ..., "caption": ...}]."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    """{"image_id": "caption"}, {"image_id": ["caption"]} (pycocoevalcap's own form: one-element lists) or
+    the COCO results format [{"image_id": ..., "caption": ...}]."""
+    data = read_json(path, "predictions file")
     if isinstance(data, list):
         out = {}
-        for row in data:
-            if not isinstance(row, dict) or "image_id" not in row or "caption" not in row:
-                raise ValueError(f"{path}: COCO results rows need image_id and caption, got {str(row)[:80]}")
+        for n, row in enumerate(data):
+            if not isinstance(row, dict) or "image_id" not in row or not isinstance(row.get("caption"), str):
+                raise DataError(f"{path}: COCO results row {n} needs image_id and a caption string, "
+                                f"got {str(row)[:80]}")
             if str(row["image_id"]) in out:
-                raise ValueError(f"{path}: image_id {row['image_id']} has more than one caption")
+                raise DataError(f"{path}: image_id {row['image_id']} has more than one caption")
             out[str(row["image_id"])] = row["caption"]
         return out
-    if isinstance(data, dict) and all(isinstance(v, str) for v in data.values()):
-        return {str(k): v for k, v in data.items()}
-    raise ValueError(f"{path}: expected {{image_id: caption}} or [{{image_id, caption}}, ...]")
+    if isinstance(data, dict):
+        out = {}
+        for k, v in data.items():
+            if isinstance(v, list) and len(v) == 1:
+                v = v[0]
+            if not isinstance(v, str):
+                raise DataError(f"{path}: the prediction for {k!r} must be one caption (a string, or a list "
+                                f"holding one string); got {str(v)[:80]}")
+            out[str(k)] = v
+        return out
+    raise DataError(f"{path}: expected {{image_id: caption}}, {{image_id: [caption]}} or [{{image_id, caption}}, ...]")
 
 
 def read_references(path) -> dict:
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    data = read_json(path, "references file")
     if not isinstance(data, dict) or not all(isinstance(v, list) and all(isinstance(c, str) for c in v)
                                              for v in data.values()):
-        raise ValueError(f"{path}: expected {{image_id: [reference, ...]}}")
+        raise DataError(f"{path}: expected {{image_id: [reference, ...]}}")
     return {str(k): v for k, v in data.items()}
 
 
@@ -360,18 +372,29 @@ def derangement(n: int, seed: int) -> torch.Tensor:
     return torch.tensor(p, dtype=torch.long)
 
 
+def no_scores(generate: bool) -> dict:
+    """evaluate()'s result for a split with no readable image: the scores are None, never a misleading 0."""
+    return {"num_images": 0, "loss": None, **({"rouge_l": None, "predictions": []} if generate else {})}
+
+
 def evaluate(model, data, batch_size=32, max_caption_length=128, gen_kwargs=None, generate=True,
              ablate_image=False, seed=0, num_workers=0, skips: SkipLog | None = None, cache_dir=None,
              acc=None, clip_score=False) -> dict:
     """Loss (+ ROUGE-L and predictions when generate) on a CaptionSet; ablate_image adds the shuffled-image scores.
     Under accelerate (acc with several processes) every process must call it: each one encodes, scores and
     decodes its share, the predictions are gathered, and every process returns the same result."""
+    if data.num_images == 0:  # (the same on every process: nobody enters a collective the others skip)
+        return no_scores(generate)
     was_training = model.training
     model.eval()
     inputs, ok, key = image_inputs(model, data.images, cache_dir, batch_size, num_workers, skips, acc)
     if key == "image_embeds":  # small: keep on the device; pixels move there a batch at a time
         inputs = inputs.to(model.device)
     data = data.subset(ok)
+    if data.num_images == 0:  # every image was unreadable (ok is gathered: the same on every process)
+        model.train(was_training)
+        print("note: none of the images to evaluate could be read; no scores (see the skipped inputs)")
+        return no_scores(generate)
     gen_kwargs = gen_kwargs or {}
     kw = {"acc": acc, "key": key}
     res = {"num_images": data.num_images,
@@ -397,20 +420,55 @@ def evaluate(model, data, batch_size=32, max_caption_length=128, gen_kwargs=None
 
 
 def score_files(args) -> int:
-    try:
-        preds = read_predictions(args.predictions)
-        m = score_captions(read_references(args.references), preds)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    preds = read_predictions(args.predictions)
+    m = score_captions(read_references(args.references), preds)
     print_metrics(m)
     if args.output:
-        Path(args.output).write_text(json.dumps(m, indent=2), encoding="utf-8")
+        write_output(args.output, json.dumps(m, indent=2))
         print(f"wrote {args.output}")
     return 0
 
 
-def main(argv=None) -> int:
+def check_output_path(path) -> None:
+    """An output file the user named (--output): a folder in its place, or a folder that doesn't exist,
+    is said before any work is done."""
+    if path is None:
+        return
+    if Path(path).is_dir():
+        raise ConfigError(f"--output {path} is a folder; give a file name")
+    if not Path(path).parent.is_dir():
+        raise ConfigError(f"--output {path}: the folder {Path(path).parent} does not exist")
+
+
+def write_output(path, text: str) -> None:
+    check_output_path(path)
+    Path(path).write_text(text, encoding="utf-8")
+
+
+def check_dataset_known(hp: dict, checkpoint) -> None:
+    """eval / the example script find the data through the training metadata; without it, say what to pass."""
+    if "dataset" not in hp:
+        raise ConfigError(f"{checkpoint}: no training metadata beside it says which data it was trained on; "
+                          "pass --dataset (and --data_dir / --test_dir) to name the data to evaluate on")
+
+
+def int_at_least(low: int):
+    """argparse type: an integer >= low (a batch size, a token count, a beam count, top_k)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        return value
+    return parse
+
+
+positive_int = int_at_least(1)
+
+
+def run(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="a model_state_dict_*.pth, adapter_* folder or merged folder")
     ap.add_argument("--references", help="score files, no model: {image_id: [refs]} JSON")
@@ -420,9 +478,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ablate_image", action="store_true", help="also score with images shuffled across the set")
     ap.add_argument("--report", metavar="DIR", help="also write an HTML report (thumbnails, captions, sortable scores)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--batch_size", type=int, default=None)
-    ap.add_argument("--max_new_tokens", type=int, default=None)
-    ap.add_argument("--num_beams", type=int, default=None)
+    ap.add_argument("--batch_size", type=positive_int, default=None)
+    ap.add_argument("--max_new_tokens", type=positive_int, default=None)
+    ap.add_argument("--num_beams", type=positive_int, default=None)
     for key in ("dataset", "data_dir", "train_dir", "val_dir", "test_dir", "captions_file"):
         ap.add_argument(f"--{key}", default=None, help="override the training run's value")
     args = ap.parse_args(argv)
@@ -437,20 +495,18 @@ def main(argv=None) -> int:
 
     from dataset import load_splits
     from load_model_example import load_model_from_checkpoint
-    from model import HubUnavailableError
     from train import pick_device
+    check_output_path(args.output)
     # under `accelerate launch` each process decodes its share of the images; one process otherwise
+    device = pick_device(args.device)
     acc = Accelerator(cpu=args.device == "cpu")
-    device = acc.device if acc.num_processes > 1 else pick_device(args.device)
-    try:
-        model, meta, hp = load_model_from_checkpoint(args.checkpoint, device)
-        hp = {**hp, **{k: v for k in ("dataset", "data_dir", "train_dir", "val_dir", "test_dir", "captions_file")
-                       if (v := getattr(args, k)) is not None}}
-        skips = SkipLog()
-        data = load_splits(hp, skips, which=(args.split,))[args.split]
-    except (HubUnavailableError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    device = acc.device if acc.num_processes > 1 else device
+    model, meta, hp = load_model_from_checkpoint(args.checkpoint, device)
+    hp = {**hp, **{k: v for k in ("dataset", "data_dir", "train_dir", "val_dir", "test_dir", "captions_file")
+                   if (v := getattr(args, k)) is not None}}
+    check_dataset_known(hp, args.checkpoint)
+    skips = SkipLog()
+    data = load_splits(hp, skips, which=(args.split,))[args.split]
     gen = {"max_new_tokens": args.max_new_tokens or hp.get("max_new_tokens", 40),
            "num_beams": args.num_beams or hp.get("num_beams", 1)}
     res = evaluate(model, data, batch_size=args.batch_size or hp.get("eval_batch_size", 32),
@@ -459,6 +515,10 @@ def main(argv=None) -> int:
                    cache_dir=hp.get("feature_cache_dir"), acc=acc, clip_score=True)
     if not acc.is_main_process:
         return 0
+    if res["num_images"] == 0:
+        print(f"error: not one of the {data.num_images} {args.split} images could be read ({skips.summary()})",
+              file=sys.stderr)
+        return 1
     from model import checkpoint_stem
     ck = Path(args.checkpoint)
     out = Path(args.output) if args.output else ck.with_name(f"predictions_{args.split}_{checkpoint_stem(ck)}.json")
@@ -493,6 +553,11 @@ def main(argv=None) -> int:
                              subtitle=f"{args.checkpoint}, {args.split} split, {res['num_images']} images")
         print(f"report: {index}")
     return 0
+
+
+def main(argv=None) -> int:
+    """The command line: expected failures end in one paragraph and their exit code (errors.py)."""
+    return run_cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dataset import Collate, ImageDataset, SkipLog, run_sharded
+from safeio import open_regular
 
 CACHE_FORMAT = "capkit.features.v1"
 
@@ -70,7 +71,7 @@ def encoder_fingerprint(model) -> str:
 def file_digest(path) -> str:
     h = hashlib.sha1()
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # a FIFO swapped in for an image is never waited on
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     except OSError:
@@ -103,7 +104,7 @@ def image_features(model, images, cache_dir=None, batch_size=64, num_workers=0, 
     set_key = hashlib.sha256("\n".join(digests).encode()).hexdigest()[:24]
     path = Path(cache_dir) / encoder_fingerprint(model) / f"{set_key}.safetensors"
     cached = None
-    if path.exists():
+    if path.is_file():
         try:
             cached = _load(path, digests)
         except Exception as e:  # truncated / corrupt / foreign file: rebuild
@@ -123,7 +124,10 @@ def image_features(model, images, cache_dir=None, batch_size=64, num_workers=0, 
     if acc is None or acc.is_main_process:
         blob = save({"features": feats.half().contiguous(), "ok": torch.tensor(ok, dtype=torch.long)},
                     metadata={"format": CACHE_FORMAT, "digests": json.dumps(digests)})
-        atomic_write(path, lambda f: f.write(blob))
+        try:
+            atomic_write(path, lambda f: f.write(blob))
+        except OSError as e:  # the cache only saves time: a full disk or a read-only folder costs a recompute later
+            print(f"note: feature cache not written ({path}: {e.strerror or e}); features are recomputed next time")
     if acc is not None:
         acc.wait_for_everyone()  # nobody reads a half-written cache
     return feats.half().float(), ok  # the same values a later cache hit returns

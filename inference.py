@@ -18,56 +18,78 @@ import sys
 from pathlib import Path
 
 from dataset import Collate, ImageDataset, find_images
+from errors import run_cli
+from eval import check_output_path, int_at_least, positive_int
+from safeio import file_kind
 
 
-def collect_images(inputs) -> list[Path]:
+def collect_images(inputs, skipped: list) -> list[Path]:
+    """Image files given, and those in the folders given (recursively). A name that doesn't exist or is
+    not a regular file (a FIFO, a device) is reported in `skipped`, never opened."""
     out = []
     for item in map(Path, inputs):
         if item.is_dir():
             out += find_images(item)
-        elif item.exists():
+        elif item.is_file():
             out.append(item)
+        elif item.exists():
+            skipped.append((str(item), f"not a regular file: {file_kind(item.stat().st_mode)}"))
         else:
-            print(f"warning: {item} does not exist", file=sys.stderr)
+            skipped.append((str(item), "missing file"))
     return out
 
 
+def sampling_float(low: float, high: float, low_open: bool):
+    """argparse type for --temperature / --top_p: a finite number in its range."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (low < v if low_open else low <= v) or not v <= high:
+            raise argparse.ArgumentTypeError(f"{v} must be in {'(' if low_open else '['}{low:g}, {high:g}]")
+        return v
+    return parse
+
+
 def main(argv=None) -> int:
+    """The command line: expected failures end in one paragraph and their exit code (errors.py)."""
+    return run_cli(run, argv)
+
+
+def run(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("inputs", nargs="+", help="image files and/or folders")
     ap.add_argument("--output", help="write results to FILE.json or FILE.jsonl")
-    ap.add_argument("--batch_size", type=int, default=16)
+    ap.add_argument("--batch_size", type=positive_int, default=16)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--max_new_tokens", type=int, default=40)
-    ap.add_argument("--num_beams", type=int, default=1)
+    ap.add_argument("--max_new_tokens", type=positive_int, default=40)
+    ap.add_argument("--num_beams", type=positive_int, default=1)
     ap.add_argument("--do_sample", action="store_true")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top_p", type=float, default=1.0)
-    ap.add_argument("--top_k", type=int, default=0)
+    ap.add_argument("--temperature", type=sampling_float(0, 100, True), default=1.0)
+    ap.add_argument("--top_p", type=sampling_float(0, 1, True), default=1.0)
+    ap.add_argument("--top_k", type=int_at_least(0), default=0)
     ap.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
     args = ap.parse_args(argv)
     if args.output and not args.output.endswith((".json", ".jsonl")):
         ap.error("--output must end in .json or .jsonl")
+    check_output_path(args.output)
 
     import torch
     from torch.utils.data import DataLoader
 
     from load_model_example import load_model_from_checkpoint
-    from model import HubUnavailableError
     from train import pick_device
-    try:
-        model, _, _ = load_model_from_checkpoint(args.checkpoint, pick_device(args.device))
-    except (HubUnavailableError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    paths = collect_images(args.inputs)
+    model, _, _ = load_model_from_checkpoint(args.checkpoint, pick_device(args.device))
+    skipped = []
+    paths = collect_images(args.inputs, skipped)
     gen = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    results, skipped = [], []
-    # JSONL is written as we go (a crash or Ctrl-C keeps what was done); JSON at the end
+    results = []
+    # JSONL is written as we go; JSON at the end, also after a Ctrl-C (what was captioned is kept either way)
     stream = open(args.output, "w", encoding="utf-8") if args.output and args.output.endswith(".jsonl") else None
     stdout_open = True
     loader = DataLoader(ImageDataset(paths, model.preprocess), batch_size=args.batch_size, collate_fn=Collate())
@@ -91,14 +113,18 @@ def main(argv=None) -> int:
     finally:
         if stream:
             stream.close()
-    if args.output and not stream:
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+        elif args.output:
+            with open(args.output, "w", encoding="utf-8") as f:
+                json.dump(results, f, indent=2)
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     print(f"{len(results)} captioned, {len(skipped)} skipped" + (f"; wrote {args.output}" if args.output else ""),
           file=sys.stderr)
-    return 0 if results or not paths else 1
+    if not results:
+        print("error: not one image could be read" if paths or skipped else
+              f"error: no image files in {', '.join(args.inputs)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -19,13 +19,14 @@ folder (train.py --merge_weights) is a standalone model.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
 
+from errors import RefusedFileError, run_cli
 from model import checkpoint_stem, load_captioner
+from safeio import read_json
 
 
 def metadata_path_for(checkpoint) -> Path:
@@ -41,7 +42,10 @@ def load_model_from_checkpoint(path, device="cpu", **config_overrides) -> tuple[
     """-> (model in eval mode on device, training metadata (or {} if its JSON is missing), hyperparameters)."""
     model = load_captioner(path, device, **config_overrides)
     meta_path = metadata_path_for(path)
-    metadata = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
+    metadata = read_json(meta_path, "training metadata", RefusedFileError) if meta_path.exists() else {}
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("hyperparameters", {}), dict):
+        raise RefusedFileError(f"{meta_path}: not a capkit training metadata file (a JSON object with "
+                               "'hyperparameters' expected); move it away to load the checkpoint without it")
     return model, metadata, metadata.get("hyperparameters", {})
 
 
@@ -62,19 +66,40 @@ def newest_checkpoint(folder="saved_models") -> Path | None:
     return max(ckpts, key=lambda p: p.stat().st_mtime) if ckpts else None
 
 
-if __name__ == "__main__":
-    ckpt = sys.argv[1] if len(sys.argv) > 1 else newest_checkpoint()
+def run(argv) -> int:
+    ckpt = argv[0] if argv else newest_checkpoint()
     if ckpt is None:
-        sys.exit("no checkpoint given and none in saved_models/ (run: python train.py --preset demo)")
+        print("error: no checkpoint given and none in saved_models/ (run: python train.py --preset demo)",
+              file=sys.stderr)
+        return 2
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, metadata, hp = load_model_from_checkpoint(ckpt, device)
     print(f"loaded {ckpt}: epoch {metadata.get('epoch')}, val loss {metadata.get('val_loss')}, "
           f"ROUGE-L {metadata.get('rouge_l')}")
-    if len(sys.argv) > 2:
-        images = sys.argv[2:]
+    if len(argv) > 1:
+        images = argv[1:]
     else:
         from dataset import SkipLog, load_splits
+        from eval import check_dataset_known
+        check_dataset_known(hp, ckpt)
         images = load_splits(hp, SkipLog(), which=("test",))["test"].images[:3]
-    for path, caption in zip(images, caption_images(model, [str(p) for p in images],
-                                                    max_new_tokens=hp.get("max_new_tokens", 40))):
+    from dataset import image_problem, load_rgb
+    readable = []
+    for p in images:  # a missing or unreadable image is named, the others are still captioned
+        try:
+            load_rgb(p)
+            readable.append(str(p))
+        except Exception as e:  # whatever decoding a stranger's file raises: that image is skipped
+            print(f"skipped {p}: {image_problem(e)}", file=sys.stderr)
+    for path, caption in zip(readable, caption_images(model, readable, max_new_tokens=hp.get("max_new_tokens", 40))):
         print(f"{path}\t{caption}")
+    return 0 if readable else 1
+
+
+def main(argv=None) -> int:
+    """The command line: expected failures end in one paragraph and their exit code (errors.py)."""
+    return run_cli(run, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -29,6 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from errors import ConfigError, HubUnavailableError, RefusedFileError
+from safeio import check_model_folder, read_json, torch_load
+
 REPO_DIR = Path(__file__).resolve().parent
 CHECKPOINT_FORMAT = "capkit.clip_mlp.v1"
 HF_CHECKPOINT_FORMAT = "capkit.hf.v1"
@@ -73,14 +76,42 @@ class CaptionerConfig:
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"unknown model_type {self.model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
+        # bounds that keep a hand-edited or hostile config from asking for terabytes of projector weights
+        for key, lo, hi in (("proj_prefix_length", 1, 1024), ("proj_hidden_dim", 1, 65536), ("lora_r", 1, 4096)):
+            v = getattr(self, key)
+            if isinstance(v, int) and not lo <= v <= hi:
+                raise ValueError(f"model config {key}={v} is out of range [{lo}, {hi}]")
+        for key in ("proj_dropout", "lora_dropout"):
+            v = getattr(self, key)
+            if isinstance(v, (int, float)) and not 0 <= v < 1:
+                raise ValueError(f"model config {key}={v} must be in [0, 1)")
 
     @classmethod
     def from_dict(cls, d: dict) -> "CaptionerConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        """A config read from a file: unknown keys and values of the wrong type are refused (ValueError)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"the model config must be a JSON object, got {type(d).__name__}")
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(d) - set(known))
         if unknown:
             raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(known)}")
+        for key, value in d.items():
+            if not _fits(value, known[key]):
+                raise ValueError(f"model config {key}={value!r} is not of type {known[key]}")
         return cls(**d)
+
+
+_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "list": (list,)}
+
+
+def _fits(value, annotation: str) -> bool:
+    """Does a JSON value fit a dataclass field annotation such as "int", "str | None" or "list | None"?"""
+    names = [a.strip() for a in annotation.split("|")]
+    if value is None:
+        return "None" in names
+    if isinstance(value, bool):
+        return "bool" in names
+    return isinstance(value, tuple(t for n in names for t in _TYPES.get(n, ())))
 
 
 def build_model(config: CaptionerConfig, device: str | torch.device = "cpu") -> nn.Module:
@@ -113,10 +144,6 @@ def build_projector(cfg: CaptionerConfig) -> nn.Module:
 
 # ----------------------------------------------------------------------------------------------
 # loading backbones, with one clear message when the hub can't be reached
-
-class HubUnavailableError(RuntimeError):
-    """A hub download was needed but the Hugging Face Hub is unreachable and nothing is cached."""
-
 
 def resolve_local_path(path: str | os.PathLike | None) -> Path | None:
     """An existing path as given (relative to the cwd) or relative to the repo (so notebooks and
@@ -184,12 +211,18 @@ def load_clip(cfg: CaptionerConfig):
     name, pretrained = cfg.clip_model_name, cfg.clip_pretrained
     local = resolve_local_path(name[len("local-dir:"):] if name.startswith("local-dir:") else name)
     needs_hub = False
+    local_weights = None
     if local is not None and local.is_dir():
         name, pretrained = f"local-dir:{local}", None
+        check_model_folder(local, "CLIP folder")  # its weights file is refused if it would run code
     elif name.startswith("local-dir:"):
-        raise FileNotFoundError(f"clip_model_name {cfg.clip_model_name!r}: no such folder")
+        raise ConfigError(f"clip_model_name {cfg.clip_model_name!r}: no such folder")
     elif pretrained and resolve_local_path(pretrained) is not None:
-        pretrained = str(resolve_local_path(pretrained))
+        pretrained = local_weights = str(resolve_local_path(pretrained))
+        if not Path(pretrained).is_file():
+            raise ConfigError(f"clip_pretrained {cfg.clip_pretrained!r} is not a file (a weights file is expected)")
+        if not pretrained.endswith(".safetensors"):
+            torch_load(pretrained, "CLIP weights file")  # refused here, in capkit's words, if it would run code
     else:
         needs_hub = name.startswith("hf-hub:") or bool(pretrained)
     if needs_hub:
@@ -200,14 +233,18 @@ def load_clip(cfg: CaptionerConfig):
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, force_image_size=cfg.clip_image_size)
-    except Exception:  # open_clip wraps hub failures in RuntimeError/FileNotFoundError
+    except Exception as e:  # open_clip wraps hub failures in RuntimeError/FileNotFoundError
         if needs_hub and not hub_online():
             raise HubUnavailableError(_offline_message(
                 f"the CLIP image encoder {cfg.clip_model_name!r} (pretrained={cfg.clip_pretrained!r})",
                 "set `clip_pretrained` to a local weights file (e.g. --clip_pretrained=/path/ViT-B-32.pt), "
                 "or `clip_model_name` to 'local-dir:/path' (a folder with open_clip_config.json + weights).",
             )) from None
-        raise
+        if local is not None or local_weights is not None:
+            raise RefusedFileError(f"the CLIP encoder {local or local_weights} can't be loaded by open_clip "
+                                   f"({type(e).__name__}: {_first_line(e)})") from None
+        raise ConfigError(f"clip_model_name={cfg.clip_model_name!r} / clip_pretrained={cfg.clip_pretrained!r}: "
+                          f"open_clip can't build it ({type(e).__name__}: {_first_line(e)})") from None
     finally:
         if quiet:
             logging.disable(logging.NOTSET)
@@ -223,28 +260,49 @@ def resolve_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unknown lm_dtype {name!r}; expected auto, float32, bfloat16 or float16") from None
 
 
+def from_pretrained(cls, name: str, what: str, key: str, **kw):
+    """cls.from_pretrained(name): the one place capkit loads a transformers model, tokenizer or processor.
+    name is a local save_pretrained folder (as given, or relative to the repo) or a hub id. Never runs
+    code from it: trust_remote_code=False, and a local folder asking for custom code (auto_map) or
+    holding a code-running pickle is refused first. Offline and not cached: HubUnavailableError naming `key`."""
+    local = resolve_local_path(name)
+    if local is not None and not local.is_dir():
+        raise ConfigError(f"{key}={name!r} is a file; give a folder written by save_pretrained, or a hub id")
+    if local is not None:
+        check_model_folder(local, what)
+    src = str(local) if local is not None else name
+    offline = local is None and not hub_online()
+    try:
+        return cls.from_pretrained(src, local_files_only=offline, trust_remote_code=False, **kw)
+    except OSError as e:
+        if offline:
+            raise HubUnavailableError(_offline_message(
+                f"the {what} {name!r}", f"set `{key}` to a local folder written by save_pretrained "
+                f"(e.g. --{key}=/path/to/folder).")) from None
+        if local is not None:
+            raise RefusedFileError(f"{what} folder {local} can't be loaded: {_first_line(e)}") from None
+        raise ConfigError(f"{key}={name!r}: {_first_line(e)}") from None
+    except ValueError as e:
+        if "custom code" in str(e) or "trust_remote_code" in str(e):
+            raise RefusedFileError(
+                f"refused {what} {name!r}: it needs Python code shipped with the model (trust_remote_code), "
+                "which capkit never runs; use a model that transformers supports natively.") from None
+        if local is None and type(e).__name__ == "HFValidationError":
+            raise ConfigError(f"{key}={name!r}: no such folder, and not a Hugging Face Hub id") from None
+        raise
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
 def load_decoder(cfg: CaptionerConfig):
     """transformers causal LM + tokenizer from a hub id or local folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    out = []
-    for what, name, cls, kw in (
-        ("decoder", cfg.lm_name, AutoModelForCausalLM, {"dtype": resolve_dtype(cfg.lm_dtype)}),
-        ("tokenizer", cfg.lm_tokenizer_name or cfg.lm_name, AutoTokenizer, {}),
-    ):
-        local = resolve_local_path(name)
-        src = str(local) if local is not None else name
-        offline = local is None and not hub_online()
-        try:
-            out.append(cls.from_pretrained(src, local_files_only=offline, **kw))
-        except OSError:
-            if offline:
-                key = "lm_name" if what == "decoder" else "lm_tokenizer_name"
-                raise HubUnavailableError(_offline_message(
-                    f"the {what} {name!r}",
-                    f"set `{key}` to a local folder written by save_pretrained (e.g. --{key}=/path/to/Qwen3-0.6B-Base).",
-                )) from None
-            raise
-    lm, tok = out
+    lm = from_pretrained(AutoModelForCausalLM, cfg.lm_name, "decoder", "lm_name", dtype=resolve_dtype(cfg.lm_dtype))
+    tok = from_pretrained(AutoTokenizer, cfg.lm_tokenizer_name or cfg.lm_name, "tokenizer",
+                          "lm_tokenizer_name" if cfg.lm_tokenizer_name else "lm_name")
     if tok.pad_token_id is None:  # padding is masked out of attention and loss; never a content token
         tok.pad_token = tok.eos_token
     return lm, tok
@@ -432,29 +490,18 @@ def load_hf_model(cfg: CaptionerConfig, source: str | None = None, device: str |
     import transformers
     default, cls_name = HF_FAMILIES[cfg.model_type][:2]
     name = source or cfg.hf_model_name or default
-    local = resolve_local_path(name)
-    src = str(local) if local is not None else name
-    offline = local is None and not hub_online()
-    cls = getattr(transformers, cls_name)
+    what, cls = f"{cfg.model_type.upper()} model", getattr(transformers, cls_name)
+    processor = from_pretrained(transformers.AutoProcessor, name, what, "hf_model_name")
+    kw = {"device_map": {"": str(device)}, "dtype": resolve_dtype(cfg.lm_dtype)}
     try:
-        processor = transformers.AutoProcessor.from_pretrained(src, local_files_only=offline)
-        try:
-            model = cls.from_pretrained(src, local_files_only=offline, device_map={"": str(device)},
-                                        dtype=resolve_dtype(cfg.lm_dtype), **quantization_kwargs(cfg.quantization_bits))
-        except (ImportError, RuntimeError, ValueError) as e:
-            if cfg.quantization_bits == 16:
-                raise
-            print(f"note: {cfg.quantization_bits}-bit quantization is not available here "
-                  f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); continuing unquantized")
-            cfg.quantization_bits = 16
-            model = cls.from_pretrained(src, local_files_only=offline, device_map={"": str(device)},
-                                        dtype=resolve_dtype(cfg.lm_dtype))
-    except OSError:
-        if offline:
-            raise HubUnavailableError(_offline_message(
-                f"the {cfg.model_type.upper()} model {name!r}",
-                "set `hf_model_name` to a local folder written by save_pretrained (model + processor).")) from None
-        raise
+        model = from_pretrained(cls, name, what, "hf_model_name", **kw, **quantization_kwargs(cfg.quantization_bits))
+    except (ImportError, RuntimeError, ValueError) as e:
+        if cfg.quantization_bits == 16 or isinstance(e, (RefusedFileError, ConfigError, HubUnavailableError)):
+            raise
+        print(f"note: {cfg.quantization_bits}-bit quantization is not available here "
+              f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); continuing unquantized")
+        cfg.quantization_bits = 16
+        model = from_pretrained(cls, name, what, "hf_model_name", **kw)
     return model, processor
 
 
@@ -578,7 +625,12 @@ def write_hf_folder(path, write_fn, cfg: CaptionerConfig) -> None:
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        if path.exists():
+        if path.is_symlink() or path.is_file():
+            raise ConfigError(f"{path} exists and is not a folder: choose another destination")
+        if path.exists():  # replace only a folder capkit wrote (a checkpoint saved again after a resume)
+            if any(path.iterdir()) and not (path / HF_CONFIG_FILE).is_file():
+                raise ConfigError(f"{path} exists and is not a capkit model folder: capkit won't replace it; "
+                                  "choose another destination or remove it yourself")
             shutil.rmtree(path)
         os.replace(tmp, path)
     except BaseException:
@@ -586,24 +638,41 @@ def write_hf_folder(path, write_fn, cfg: CaptionerConfig) -> None:
         raise
 
 
+def read_hf_config(path: Path, **config_overrides) -> CaptionerConfig:
+    """The CaptionerConfig of an adapter or merged folder (its capkit_config.json), checked like any file
+    from elsewhere: the folder must not ask for code, and the config must be a valid CaptionerConfig."""
+    if not path.is_dir():
+        raise RefusedFileError(f"{path} is not a folder: a .pth checkpoint, or an adapter_* / merged_* folder, "
+                               "is expected")
+    check_model_folder(path, "model folder")
+    if not (path / HF_CONFIG_FILE).is_file():
+        raise RefusedFileError(f"{path}: not a capkit model folder (no {HF_CONFIG_FILE})")
+    saved = read_json(path / HF_CONFIG_FILE, "model folder config", RefusedFileError)
+    if not isinstance(saved, dict) or saved.get("format") != HF_CHECKPOINT_FORMAT:
+        raise RefusedFileError(f"{path}: not a capkit model folder (format {HF_CHECKPOINT_FORMAT} expected "
+                               f"in {HF_CONFIG_FILE})")
+    try:
+        return CaptionerConfig.from_dict({**saved.get("model_config", {}), **config_overrides})
+    except (TypeError, ValueError) as e:
+        raise RefusedFileError(f"{path / HF_CONFIG_FILE}: {e}") from None
+
+
 def load_hf_checkpoint(path, device="cpu", **config_overrides) -> HFCaptioner:
     """An adapter folder (base model from its config + the adapter) or a merged folder (standalone)."""
     from peft import PeftModel
     from transformers import AutoProcessor
     path = Path(path)
-    try:
-        saved = json.loads((path / HF_CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise ValueError(f"{path}: not a capkit model folder (no readable {HF_CONFIG_FILE})") from None
-    if saved.get("format") != HF_CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a capkit model folder (format {HF_CHECKPOINT_FORMAT} expected)")
-    cfg = CaptionerConfig.from_dict({**saved["model_config"], **config_overrides})
+    cfg = read_hf_config(path, **config_overrides)
     if (path / "adapter_config.json").exists():
         base, _ = load_hf_model(cfg, device=device)
-        model = PeftModel.from_pretrained(base, str(path))  # adapter weights: safetensors, no code runs
+        try:  # adapter weights: safetensors (pickles in the folder were refused above); no code runs
+            model = PeftModel.from_pretrained(base, str(path), trust_remote_code=False)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise RefusedFileError(f"adapter folder {path} can't be loaded onto its base model "
+                                   f"({type(e).__name__}: {_first_line(e)})") from None
     else:
         model, _ = load_hf_model(cfg, source=str(path), device=device)
-    processor = AutoProcessor.from_pretrained(str(path))
+    processor = from_pretrained(AutoProcessor, str(path), "model folder", "checkpoint")
     return HFCaptioner(cfg, model, processor).eval()
 
 
@@ -619,13 +688,12 @@ def merge_adapter(adapter_dir, merged_dir=None, wise_alpha: float = 1.0) -> Path
     wise_alpha < 1 interpolates WiSE-FT style: weights = base + alpha x (fine-tuned - base)."""
     from peft import PeftModel
     adapter_dir = Path(adapter_dir)
+    cfg = read_hf_config(adapter_dir, quantization_bits=16, lm_dtype="float32")
     if not (adapter_dir / "adapter_config.json").exists():
-        raise ValueError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)")
-    saved = json.loads((adapter_dir / HF_CONFIG_FILE).read_text(encoding="utf-8"))
-    cfg = CaptionerConfig.from_dict({**saved["model_config"], "quantization_bits": 16, "lm_dtype": "float32"})
+        raise RefusedFileError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)")
     base, processor = load_hf_model(cfg)  # full precision: merging into 4-bit weights would re-quantize them
     before = {k: v.detach().clone() for k, v in base.state_dict().items()} if wise_alpha < 1 else None
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged = PeftModel.from_pretrained(base, str(adapter_dir), trust_remote_code=False).merge_and_unload()
     if before is not None:
         with torch.no_grad():
             for k, v in merged.state_dict().items():
@@ -634,25 +702,26 @@ def merge_adapter(adapter_dir, merged_dir=None, wise_alpha: float = 1.0) -> Path
     stem = checkpoint_stem(adapter_dir)
     merged_dir = Path(merged_dir) if merged_dir else adapter_dir.with_name(
         f"merged_{stem}" + (f"_wise{wise_alpha:g}" if wise_alpha < 1 else ""))
-    out_cfg = CaptionerConfig.from_dict({**saved["model_config"], "peft_module": None, "quantization_bits": 16})
+    out_cfg = read_hf_config(adapter_dir, peft_module=None, quantization_bits=16)
     write_hf_folder(merged_dir, lambda d: (merged.save_pretrained(d), processor.save_pretrained(d)), out_cfg)
     meta = adapter_dir.with_name(f"training_metadata_{stem}.json")
     if meta.exists():  # eval.py finds the dataset through it
-        m = json.loads(meta.read_text(encoding="utf-8"))
+        m = read_json(meta, "training metadata", RefusedFileError)
         m["merged"] = {"adapter": str(adapter_dir), "wise_alpha": wise_alpha}
         atomic_write_json(m, merged_dir / "training_metadata.json")
     return merged_dir
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a capkit checkpoint without executing anything from it (weights_only=True refuses pickled code)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError for anything that isn't plain tensors/containers
-        raise ValueError(f"{path}: not a loadable capkit checkpoint (refused by torch.load(weights_only=True): "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    """Load a capkit checkpoint without executing anything from it (weights_only=True refuses pickled code)
+    and check its shape: a format tag, a model config and a dict of tensors."""
+    ckpt = torch_load(path, "checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a capkit checkpoint (format {CHECKPOINT_FORMAT} expected)")
+        raise RefusedFileError(f"{path}: not a capkit checkpoint (format {CHECKPOINT_FORMAT} expected)")
+    state = ckpt.get("state_dict")
+    if not isinstance(ckpt.get("model_config"), dict) or not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise RefusedFileError(f"{path}: a damaged capkit checkpoint (model_config / state_dict missing or malformed)")
     return ckpt
 
 
@@ -663,14 +732,24 @@ def load_captioner(path: str | os.PathLike, device: str | torch.device = "cpu", 
     if Path(path).is_dir():
         return load_hf_checkpoint(path, device, **config_overrides)
     ckpt = read_checkpoint(path)
-    cfg = CaptionerConfig.from_dict({**ckpt["model_config"], **config_overrides})
+    try:
+        cfg = CaptionerConfig.from_dict({**ckpt["model_config"], **config_overrides})
+    except (TypeError, ValueError) as e:
+        raise RefusedFileError(f"{path}: its model config is invalid: {e}") from None
+    if cfg.model_type != "clip_mlp":
+        raise RefusedFileError(f"{path}: a .pth checkpoint holds a clip_mlp model, not {cfg.model_type!r}")
     model = ClipCaptioner.from_config(cfg)
     saved = ckpt["model_config"]
     for k in ("clip_embed_dim", "lm_hidden_size"):
         if saved.get(k) is not None and saved[k] != getattr(cfg, k):
-            raise ValueError(f"{path}: checkpoint was trained with {k}={saved[k]}, the loaded backbone has {getattr(cfg, k)}")
-    state = {k[len("projector."):]: v for k, v in ckpt["state_dict"].items()}
-    model.projector.load_state_dict(state, strict=True)
+            raise RefusedFileError(f"{path}: checkpoint was trained with {k}={saved[k]}, the loaded backbone has "
+                                   f"{getattr(cfg, k)}")
+    state = {k.removeprefix("projector."): v for k, v in ckpt["state_dict"].items()}
+    try:
+        model.projector.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise RefusedFileError(f"{path}: its weights don't fit the projector its config describes "
+                               f"({_first_line(e)})") from None
     return model.to(device).eval()
 
 

@@ -10,9 +10,12 @@ The folder is self-contained (index.html + thumbs/): copy it anywhere, open inde
 from __future__ import annotations
 
 import html
-import json
+import math
 import sys
 from pathlib import Path
+
+from errors import DataError, run_cli
+from safeio import read_json
 
 THUMB = 192  # thumbnail side, pixels
 SCORE_KEYS = ("rouge_l", "clip_score", "ref_clip_score")  # per-image scores eval.py stores in predictions
@@ -63,11 +66,35 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
 
 
+def _sort_value(v) -> str:
+    """A cell's data-v attribute: a finite number, or NaN. Never text from the file (it would be markup)."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        return repr(float(v))
+    return "NaN"
+
+
+def check_rows(predictions, source) -> list[dict]:
+    """Rows of a predictions file from anywhere: each a JSON object with a string image and caption, and
+    references a list of strings; DataError naming the row otherwise."""
+    if not isinstance(predictions, list):
+        raise DataError(f"{source}: 'predictions' must be a list of rows")
+    for n, p in enumerate(predictions):
+        if not isinstance(p, dict) or not isinstance(p.get("image"), str) or not isinstance(p.get("caption"), str):
+            raise DataError(f"{source}: prediction row {n} needs 'image' and 'caption' strings, got {str(p)[:80]}")
+        refs = p.get("references", [])
+        if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+            raise DataError(f"{source}: prediction row {n}: 'references' must be a list of strings")
+    return predictions
+
+
 def write_thumbnail(src, dst: Path) -> bool:
-    """A JPEG thumbnail of src at dst; False (and no file) if the image can't be read."""
-    from PIL import Image, UnidentifiedImageError
+    """A JPEG thumbnail of src at dst; False (and no file) if the image can't be read. Only regular files
+    under the pixel budget are opened: a predictions file can name anything."""
+    from PIL import Image
+
+    from dataset import open_image
     try:
-        with Image.open(src) as im:
+        with open_image(src) as im:
             im = im.convert("RGB")
             im.thumbnail((THUMB, THUMB))
             if max(im.size) < THUMB:  # tiny images (the 64-px demo) are scaled up so they can be seen
@@ -75,7 +102,7 @@ def write_thumbnail(src, dst: Path) -> bool:
                 im = im.resize((round(im.width * s), round(im.height * s)), Image.NEAREST)
             im.save(dst, "JPEG", quality=88)
         return True
-    except (OSError, UnidentifiedImageError, ValueError):
+    except Exception:  # decoding a file from anywhere: whatever it raises, that thumbnail is left out
         return False
 
 
@@ -84,6 +111,7 @@ def write_report(out_dir, predictions: list[dict], metrics: dict, title: str = "
     """predictions: eval.py's rows ({image, caption, references, rouge_l, [clip_score, ref_clip_score]});
     metrics: name -> value (numbers and short strings). -> the path of index.html."""
     out = Path(out_dir)
+    predictions = check_rows(predictions, "predictions")
     (out / "thumbs").mkdir(parents=True, exist_ok=True)
     keys = [k for k in SCORE_KEYS if any(k in p for p in predictions)]
     rows = []
@@ -92,13 +120,13 @@ def write_report(out_dir, predictions: list[dict], metrics: dict, title: str = "
         img = (f'<img src="thumbs/{thumb.name}" alt="{html.escape(Path(p["image"]).name)}">'
                if write_thumbnail(p["image"], thumb) else f'<em>unreadable: {html.escape(str(p["image"]))}</em>')
         refs = "".join(f"<li>{html.escape(r)}</li>" for r in p.get("references", []))
-        scores = "".join(f'<td class="num" data-v="{p[k] if p.get(k) is not None else "NaN"}">{_fmt(p.get(k, ""))}</td>'
-                         for k in keys)
+        scores = "".join(f'<td class="num" data-v="{_sort_value(p.get(k))}">{_fmt(p.get(k, ""))}</td>' for k in keys)
         rows.append(f'<tr><td class="num" data-v="{i}">{i}</td><td>{img}</td><td class="gen">'
                     f'{html.escape(p["caption"])}</td><td class="refs"><ul>{refs}</ul></td>{scores}</tr>')
     metric_rows = "\n".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in metrics.items()
                             if isinstance(v, (int, float, str)) and not isinstance(v, bool))
-    headers = "".join(f'<th class="sort" data-key="{k}" title="sort by {k}">{k} ↕</th>' for k in keys)
+    headers = "".join(f'<th class="sort" data-key="{html.escape(k)}" title="sort by {html.escape(k)}">{html.escape(k)} ↕</th>'
+                      for k in keys)
     page = PAGE.format(title=html.escape(title), subtitle=html.escape(subtitle), metric_rows=metric_rows,
                        n=len(predictions), score_headers=headers, image_rows="\n".join(rows), thumb=THUMB)
     (out / "index.html").write_text(page, encoding="utf-8")
@@ -107,24 +135,31 @@ def write_report(out_dir, predictions: list[dict], metrics: dict, title: str = "
 
 def report_metrics(result: dict) -> dict:
     """An evaluation's result (eval.py's JSON or evaluate() + caption_metrics) -> the report's metric table."""
+    extra = result.get("caption_metrics")
     metrics = {"loss": result.get("loss"), "rouge_l (rouge_score)": result.get("rouge_l"),
-               **result.get("caption_metrics", {})}
+               **(extra if isinstance(extra, dict) else {})}
     return {k: v for k, v in metrics.items() if v is not None}
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def run(argv) -> int:
     if len(argv) != 2:
         print(__doc__.strip().splitlines()[0] + "\nusage: python report.py PREDICTIONS.json OUT_DIR", file=sys.stderr)
         return 2
-    data = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    data = read_json(argv[0], "predictions file")
     if not isinstance(data, dict) or "predictions" not in data:
-        print(f"error: {argv[0]} is not an eval.py predictions file (no 'predictions')", file=sys.stderr)
-        return 2
+        raise DataError(f"{argv[0]} is not an eval.py predictions file (no 'predictions')")
+    if Path(argv[1]).exists() and not Path(argv[1]).is_dir():
+        raise DataError(f"report folder {argv[1]} is a file; give a folder")
+    check_rows(data["predictions"], argv[0])
     index = write_report(argv[1], data["predictions"], report_metrics(data),
                          subtitle=f"{data.get('checkpoint', '')}, split {data.get('split', '?')}")
     print(f"report: {index}")
     return 0
+
+
+def main(argv=None) -> int:
+    """The command line: expected failures end in one paragraph and their exit code (errors.py)."""
+    return run_cli(run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import signal
 import sys
 from pathlib import Path
+
+from errors import ConfigError, MissingInputError, RefusedFileError
+from safeio import plain_name, read_json, torch_load
 
 STATE_FORMAT = 1
 # hyperparameters a resumed run may change: they alter neither the model nor the data order
@@ -56,11 +60,19 @@ def restore_rng(rng: dict) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
+STATE_KEYS = ("run_id", "epoch", "batches_done", "step", "epoch_sums", "history", "bad_steps", "bad_in_a_row",
+              "optimizer", "scheduler", "trainable", "data_order", "rng")
+
+
 def load_state(path) -> dict:
-    import torch
-    state = torch.load(path, map_location="cpu", weights_only=True)  # never runs code from the file
-    if state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{path}: not a capkit training state (format {state.get('format')!r})")
+    """A train_state_*.pt, loaded as data (weights_only=True never runs code from the file) and checked."""
+    state = torch_load(path, "training state")
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise RefusedFileError(f"{path}: not a capkit training state (format {STATE_FORMAT} expected)")
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise RefusedFileError(f"{path}: an incomplete training state (no {', '.join(missing)}); "
+                               "resume from an earlier checkpoint")
     return state
 
 
@@ -75,12 +87,25 @@ def metadata_for(path) -> Path:
     return metadata_path_for(p)  # a .pth or an adapter folder
 
 
+def read_metadata(meta_path: Path) -> dict:
+    """A checkpoint's metadata JSON (anyone may have edited it): a JSON object whose run_id is a plain
+    name matching the file's own name; RefusedFileError naming the file otherwise."""
+    meta = read_json(meta_path, "training metadata", RefusedFileError)
+    if not isinstance(meta, dict) or not isinstance(meta.get("hyperparameters"), dict):
+        raise RefusedFileError(f"{meta_path}: not a capkit training metadata file (no hyperparameters)")
+    run_id = plain_name(meta.get("run_id"), f"{meta_path}: run_id")
+    if not meta_path.name.startswith(f"training_metadata_{run_id}-"):
+        raise RefusedFileError(f"{meta_path}: its run_id {run_id!r} doesn't match its file name")
+    return meta
+
+
 def resumable(meta_path: Path) -> bool:
+    """Complete (its metadata, the commit marker, is readable) and with a training state beside it."""
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        read_metadata(meta_path)
+    except RefusedFileError:
         return False
-    return bool(meta.get("train_state")) and (meta_path.parent / meta["train_state"]).exists()
+    return state_path_for(meta_path).is_file()
 
 
 def find_resumable(output_dir, training_name=None) -> Path | None:
@@ -95,16 +120,22 @@ def resume_target(path, output_dir, training_name=None) -> Path:
     if path is None:
         meta = find_resumable(output_dir, training_name)
         if meta is None:
-            raise FileNotFoundError(f"--resume: no resumable checkpoint in {output_dir}/ "
+            raise MissingInputError(f"--resume: no resumable checkpoint in {output_dir}/ "
                                     "(give its path, or --output_dir=... where the run saved)")
         return meta
     meta = metadata_for(path)
     if not meta.exists():
-        raise FileNotFoundError(f"--resume {path}: no {meta.name} beside it, so that checkpoint was never completely "
+        raise MissingInputError(f"--resume {path}: no {meta.name} beside it, so that checkpoint was never completely "
                                 "written; resume from an earlier one")
+    read_metadata(meta)  # a damaged or edited metadata file is named here
     if not resumable(meta):
-        raise FileNotFoundError(f"--resume {path}: {meta.name} has no training state (train_state_*.pt) to resume from")
+        raise MissingInputError(f"--resume {path}: {meta.name} has no training state (train_state_*.pt) to resume from")
     return meta
+
+
+def _same(a, b) -> bool:
+    """Equal as saved: a tuple given now equals the list the metadata JSON holds."""
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
 def merge_resume_hparams(saved: dict, given: dict, defaults: dict, log=print) -> dict:
@@ -114,14 +145,13 @@ def merge_resume_hparams(saved: dict, given: dict, defaults: dict, log=print) ->
     if gone:  # keys this version of capkit no longer has
         log(f"resume: ignoring hyperparameters this capkit doesn't know: {', '.join(gone)}")
     hp = {**defaults, **{k: v for k, v in saved.items() if k in defaults}}  # new keys get their defaults
-    refused = {k: (hp.get(k), v) for k, v in given.items() if k not in RESUME_SAFE and hp.get(k) != v}
+    refused = {k: (hp.get(k), v) for k, v in given.items() if k not in RESUME_SAFE and not _same(hp.get(k), v)}
     if refused:
-        from train import ConfigError
         raise ConfigError("--resume can't change " + ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in refused.items())
                           + ": these alter the model or the data order. Start a new run instead; only "
                           + ", ".join(sorted(RESUME_SAFE)) + " may change.")
     for k, v in given.items():
-        if hp.get(k) != v:
+        if not _same(hp.get(k), v):
             log(f"resume: {k} changed from {hp.get(k)!r} to {v!r}")
             hp[k] = v
     return hp
@@ -155,19 +185,26 @@ class StopSignals:
             signal.signal(s, h)
 
 
+def checkpoint_files(meta_path: Path) -> list[Path]:
+    """The files of one checkpoint, derived from its metadata's own name (never from what the JSON says):
+    training_metadata_<stem>.json -> train_state_<stem>.pt, model_state_dict_<stem>.pth, adapter_<stem>/."""
+    stem = meta_path.name.removeprefix("training_metadata_").removesuffix(".json")
+    return [meta_path.with_name(n) for n in (f"train_state_{stem}.pt", f"model_state_dict_{stem}.pth", f"adapter_{stem}")]
+
+
 def prune_checkpoints(out_dir: Path, run_id: str, keep: int, log=print) -> None:
     """Keep this run's newest `keep` checkpoints. The metadata goes first, so an interrupted prune leaves
-    at worst an uncommitted (ignored) checkpoint, never a committed one without its files."""
-    import shutil
+    at worst an uncommitted (ignored) checkpoint, never a committed one without its files. Only files
+    named after the metadata are removed, in out_dir itself: a metadata JSON naming other files (edited,
+    or from a stranger) can't make it delete anything else."""
+    plain_name(run_id, "run_id")  # no glob characters, no path separators
     metas = sorted(out_dir.glob(f"training_metadata_{run_id}-*.json"), key=lambda m: m.stat().st_mtime)
     for meta in metas[:-keep] if keep else []:
-        try:
-            info = json.loads(meta.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
         meta.unlink(missing_ok=True)
-        for name in (info.get("train_state"), info.get("checkpoint")):
-            if name:
-                p = out_dir / name
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        log(f"🧹 removed {info.get('checkpoint')} (keep_last_n={keep})")
+        for p in checkpoint_files(meta):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.exists() or p.is_symlink():
+                p.unlink(missing_ok=True)  # a symlink goes, never what it points to
+        log(f"🧹 removed checkpoint {meta.name.removeprefix('training_metadata_').removesuffix('.json')} "
+            f"(keep_last_n={keep})")

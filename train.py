@@ -23,14 +23,18 @@ import ast
 import difflib
 import importlib.util
 import json
-import os
+import math
 import platform
 import random
 import shutil
 import sys
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+
+from errors import ConfigError, DataError, NonFiniteError, SaveError, run_cli
+from safeio import plain_name, read_text
 
 hyperparameters = {
     # --- data ---
@@ -118,7 +122,21 @@ NONE_DEFAULT_TYPES = {"data_dir": str, "train_dir": str, "val_dir": str, "test_d
 SCHEDULERS = ("StepLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR", "OneCycleLR")
 CHOICES = {"model_type": ("clip_mlp", "git", "blip"), "proj_type": ("mlp", "linear"), "quantization_bits": (4, 8, 16),
            "peft_module": ("LoRA", "IA3"), "optimizer": ("AdamW", "Prodigy"), "lr_scheduler": SCHEDULERS + (None,),
-           "log_with": ("tensorboard", "wandb", None)}
+           "log_with": ("tensorboard", "wandb", None), "dataset": ("flickr30k", "folder", "shapes", "shapes_b"),
+           "lm_dtype": ("auto", "float32", "bfloat16", "float16")}
+# the values each number may take, checked before anything loads ("[" includes the bound, "(" excludes it;
+# None values are checked only where None is not allowed)
+RANGES = {
+    "batch_size": "[1, inf)", "num_epochs": "[1, inf)", "eval_batch_size": "[1, inf)", "max_new_tokens": "[1, inf)",
+    "num_beams": "[1, inf)", "max_caption_length": "[2, inf)", "proj_prefix_length": "[1, 1024]",
+    "proj_hidden_dim": "[1, 65536]", "lora_r": "[1, 4096]", "lora_alpha": "(0, inf)", "image_size": "[16, 4096]",
+    "learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "learning_rate_decay": "(0, inf)",
+    "learning_rate_decay_step": "[1, inf)", "warmup_steps": "[0, inf)", "gradient_accumulation_steps": "[1, inf)",
+    "max_grad_norm": "(0, inf)", "max_bad_steps": "[1, inf)", "training_size_limit": "[1, inf)",
+    "frozen_parts": "[0, inf)", "save_every_n_epochs": "[1, inf)", "save_every_n_steps": "[1, inf)",
+    "keep_last_n": "[1, inf)", "num_workers": "[0, 256]", "seed": "[0, 4294967295]", "split_ratio": "(0, 1]",
+    "val_ratio": "[0, 1)", "proj_dropout": "[0, 1)", "lora_dropout": "[0, 1)", "caption_dropout": "[0, 1)",
+}
 
 PRESETS = {
     # the offline demo: synthetic shapes, the committed tiny backbones, CPU in a few minutes
@@ -147,18 +165,6 @@ PRESETS["blip_demo"] = {**PRESETS["git_demo"], "model_type": "blip", "hf_model_n
 
 DEMO_TARGETS = {"shapes": {"test_rouge_l_min": 0.9, "ablation_drop_min": 0.2},  # per demo dataset
                 "shapes_b": {"test_rouge_l_min": 0.8}}
-
-
-class ConfigError(ValueError):
-    pass
-
-
-class SaveError(RuntimeError):
-    """A checkpoint could not be written (disk full, permissions): the run stops, the previous one is intact."""
-
-
-class NonFiniteError(RuntimeError):
-    """Too many NaN/inf losses or gradients in a row: the run stops (the last checkpoint is intact)."""
 
 
 def _parse_value(text: str):
@@ -199,11 +205,9 @@ def check_keys(d: dict, where: str):
 def read_toml(path) -> dict:
     """A --config file: the same keys as `hyperparameters` (tables for optimizer_args / scheduler_args)."""
     import tomllib
+    text = read_text(path, "config file")  # a folder, a FIFO or non-UTF-8 bytes: one sentence naming the file
     try:
-        with open(path, "rb") as f:
-            cfg = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} not found") from None
+        cfg = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
     check_keys(cfg, f"config file {path}")
@@ -249,8 +253,10 @@ def resolve_hparams(argv: list[str]) -> dict:
 
 
 def resolve_resume(argv: list[str]) -> tuple[dict, Path]:
-    """--resume [PATH] [--KEY=VALUE ...] -> (the run's hyperparameters with the safe changes, its metadata path)."""
-    from resume import merge_resume_hparams, resume_target
+    """[the run's own command] --resume [PATH] -> (the run's hyperparameters with the safe changes, its
+    metadata path). --preset / --config / --KEY=VALUE may repeat the interrupted command: values that agree
+    with the saved run are fine, safe changes are applied, the others are refused by name."""
+    from resume import load_state, merge_resume_hparams, read_metadata, resume_target, state_path_for
     path, rest, args = None, [], list(argv)
     while args:
         a = args.pop(0)
@@ -261,33 +267,87 @@ def resolve_resume(argv: list[str]) -> tuple[dict, Path]:
             path = a.partition("=")[2]
         else:
             rest.append(a)
-    preset, config_file, given = parse_argv(rest)
-    if preset or config_file:
-        raise ConfigError("--resume continues a run with its own hyperparameters: no --preset / --config "
-                          "(--KEY=VALUE for the few that may change)")
+    preset, config_file, flags = parse_argv(rest)
+    given = {**(PRESETS[preset] if preset else {}), **(read_toml(config_file) if config_file else {}), **flags}
+    given = {k: _check_type(k, v) for k, v in given.items()}
     meta_path = resume_target(path, given.get("output_dir", hyperparameters["output_dir"]), given.get("training_name"))
-    saved = json.loads(meta_path.read_text(encoding="utf-8"))["hyperparameters"]
+    saved = read_metadata(meta_path)["hyperparameters"]
+    load_state(state_path_for(meta_path))  # a damaged or code-carrying training state is refused before any loading
     given.pop("output_dir", None)  # the run continues where it saved
     hp = merge_resume_hparams(saved, given, hyperparameters)
     hp["output_dir"] = str(meta_path.parent)
     return validate_hparams(hp), meta_path
 
 
+def _in_range(value, interval: str) -> bool:
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    return ((lo < value) if interval[0] == "(" else (lo <= value)) and \
+        ((value < hi) if interval[-1] == ")" else (value <= hi))
+
+
+def _describe(interval: str) -> str:
+    """"[1, inf)" -> ">= 1"; "(0, 1]" -> "in (0, 1]"."""
+    lo, hi = interval[1:-1].split(", ")
+    return f"{'>' if interval[0] == '(' else '>='} {lo}" if hi == "inf" else f"in {interval}"
+
+
 def validate_hparams(hp: dict) -> dict:
+    """Types, choices and ranges of every hyperparameter, then what torch must accept (device, optimizer
+    and scheduler arguments): all before any data or model loads."""
     hp = {k: _check_type(k, v) for k, v in hp.items()}
     for k, allowed in CHOICES.items():
         if hp[k] not in allowed:
             raise ConfigError(f"hyperparameter {k!r} must be one of {', '.join(map(repr, allowed))}; got {hp[k]!r}")
+    for k, interval in RANGES.items():
+        v = hp[k]
+        if v is not None and (not math.isfinite(v) or not _in_range(v, interval)):
+            raise ConfigError(f"hyperparameter {k!r} must be {_describe(interval)}; got {v!r}")
     if hp["warmup_steps"] and hp["lr_scheduler"] in ("CyclicLR", "OneCycleLR") and hp["learning_rate_scheduler_enabled"]:
         raise ConfigError(f"{hp['lr_scheduler']} ramps the learning rate up by itself; set warmup_steps=0")
-    if hp["gradient_accumulation_steps"] < 1 or hp["save_every_n_epochs"] < 1 or hp["max_bad_steps"] < 1:
-        raise ConfigError("gradient_accumulation_steps, save_every_n_epochs and max_bad_steps must be >= 1")
-    for k in ("save_every_n_steps", "keep_last_n"):
-        if hp[k] is not None and hp[k] < 1:
-            raise ConfigError(f"{k} must be >= 1 (or None)")
-    if not 0 <= hp["caption_dropout"] < 1:
-        raise ConfigError(f"caption_dropout must be in [0, 1), got {hp['caption_dropout']}")
+    if hp["target_modules"] is not None and (not hp["target_modules"] or
+                                             not all(isinstance(m, str) and m for m in hp["target_modules"])):
+        raise ConfigError(f"target_modules must be a non-empty list of layer names; got {hp['target_modules']!r}")
+    if hp["training_name"] is not None:
+        plain_name(hp["training_name"], "training_name", ConfigError)  # it becomes part of file names
+    for k in ("optimizer_args", "scheduler_args"):
+        if not all(isinstance(a, str) for a in hp[k]):
+            raise ConfigError(f"{k} keys must be argument names (strings); got {hp[k]!r}")
+    pick_device(hp["device"])
+    check_optimizer_args(hp)
     return hp
+
+
+def check_optimizer_args(hp: dict) -> None:
+    """Build the optimizer and scheduler once on a dummy parameter: optimizer_args / scheduler_args that
+    torch (or Prodigy) would refuse are refused now, by name, not after the models have loaded."""
+    import torch
+    try:
+        opt = make_optimizer([torch.nn.Parameter(torch.zeros(1))], hp)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"optimizer_args {hp['optimizer_args']!r} for {hp['optimizer']}: {e}") from None
+    try:
+        make_scheduler(opt, hp, steps_per_epoch=1)
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"scheduler_args {hp['scheduler_args']!r} for {hp['lr_scheduler']}: {e}") from None
+
+
+def check_output_dir(path) -> Path:
+    """output_dir must be a folder capkit can create and write to: said now, not at the first save."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"output_dir {out} can't be created: {e.strerror or e}") from None
+    try:
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ConfigError(f"output_dir {out} is not writable: {e.strerror or e}") from None
+    return out
 
 
 def model_config_from_hparams(hp: dict):
@@ -343,9 +403,22 @@ def make_scheduler(opt, hp: dict, steps_per_epoch: int):
 
 
 def pick_device(name: str):
+    """"auto" -> cuda > mps > cpu; any other name must be a device this machine has (ConfigError otherwise)."""
     import torch
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ConfigError(f"device {name!r} is not a device name: use auto, cpu, cuda, cuda:N or mps") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r}: no CUDA GPU is visible here; use device='cpu' (or 'auto')")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError(f"device {name!r}: Apple's MPS backend is not available here; use 'cpu' or 'auto'")
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise ConfigError(f"device {name!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -387,6 +460,28 @@ def compile_step(module, device):
     return torch.compile(module, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
+def fmt(x) -> str:
+    """A metric for the log: 4 decimals, or n/a where a split had no images."""
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def logged_step(line: str) -> float:
+    """The step of a train_log JSONL line; inf for a line a kill cut short (dropped when resuming)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def write_skip_list(out_dir: Path, run_id: str, skips) -> None:
+    """skipped_inputs_<run>.tsv, rewritten with every metadata save so it always matches the saved counts."""
+    path = out_dir / f"skipped_inputs_{run_id}.tsv"
+    if skips.items:
+        skips.write(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def train(hp: dict, resume_from=None) -> dict:
     """One training run. resume_from: the metadata JSON of a resumable checkpoint of this run (see resume.py);
     the run then continues exactly where that checkpoint was saved."""
@@ -399,18 +494,20 @@ def train(hp: dict, resume_from=None) -> dict:
     from tqdm import tqdm
 
     from dataset import AugmentThenPreprocess, CaptionAugment, Collate, LengthGroupedBatches, PairDataset, SkipLog, load_splits
+    from errors import HubUnavailableError, RefusedFileError
     from eval import ROUGE_L_NOTE, evaluate
     from features import image_features
-    from model import HubUnavailableError, atomic_torch_save, atomic_write_json, build_model
-    from resume import STATE_FORMAT, StopSignals, capture_rng, load_state, prune_checkpoints, restore_rng, state_path_for
+    from model import atomic_torch_save, atomic_write_json, build_model
+    from resume import (STATE_FORMAT, StopSignals, capture_rng, load_state, prune_checkpoints, read_metadata,
+                        restore_rng, state_path_for)
 
     if hp["log_with"] == "wandb" and importlib.util.find_spec("wandb") is None:
         raise ConfigError("log_with='wandb' needs the wandb package: pip install wandb (or log_with='tensorboard')")
+    out_dir = check_output_dir(hp["output_dir"])  # a file, or a folder that can't be written: said before any loading
     random.seed(hp["seed"]); np.random.seed(hp["seed"]); torch.manual_seed(hp["seed"])
     run_id = (f"{hp['training_name']}_" if hp["training_name"] else "") + datetime.now().strftime("%Y%m%d_%H%M%S")
-    if resume_from is not None:
-        run_id = json.loads(Path(resume_from).read_text(encoding="utf-8"))["run_id"]  # same run, same file names
-    out_dir = Path(hp["output_dir"])
+    if resume_from is not None:  # same run, same file names (a run_id that could leave out_dir is refused)
+        run_id = read_metadata(Path(resume_from))["run_id"]
     # under `accelerate launch` (DDP) each process takes its share of every global batch of
     # batch_size pairs (split_batches), so the run sees the same batches as a single process would
     acc = Accelerator(cpu=hp["device"] == "cpu", dataloader_config=DataLoaderConfiguration(split_batches=True),
@@ -418,9 +515,8 @@ def train(hp: dict, resume_from=None) -> dict:
     main = acc.is_main_process
     log = print if main else (lambda *a, **k: None)
     if hp["batch_size"] % acc.num_processes:
-        raise ValueError(f"batch_size {hp['batch_size']} must be divisible by the {acc.num_processes} processes")
+        raise ConfigError(f"batch_size {hp['batch_size']} must be divisible by the {acc.num_processes} processes")
     device = acc.device if acc.num_processes > 1 else pick_device(hp["device"])
-    out_dir.mkdir(parents=True, exist_ok=True)
     log(f"run {run_id} on {device}" + (f" x {acc.num_processes} processes" if acc.num_processes > 1 else ""))
 
     # data first (a wrong path fails before a big model loads); hub problems are reported together
@@ -448,6 +544,12 @@ def train(hp: dict, resume_from=None) -> dict:
                                    acc=acc)  # under accelerate: each process encodes a share, the main one writes
         feats = feats.to(device)
         train_set, pairs = keep_images(train_set, pairs, ok)
+    if not pairs:
+        raise DataError(f"none of the training images could be read ({skips.summary()})")
+    for name, why in (("val", "validation"), ("test", "test evaluation")):
+        if splits[name].num_images == 0:
+            log(f"note: the {name} split has no images (too few images to hold any out): {why} is skipped; "
+                f"add images, or give {name}_dir")
     trainable = model.trainable_parameters()
     n_params = sum(p.numel() for p in trainable)
     log(f"data: {len(pairs)} training pairs from {train_set.num_images} images; "
@@ -492,7 +594,7 @@ def train(hp: dict, resume_from=None) -> dict:
     before = None
     if hp["evaluate_before_training"]:
         before = evaluate(model, splits["test"], skips=SkipLog(), acc=acc, **eval_kw)
-        log(f"🧪 Before training, held-out test: ROUGE-L {before['rouge_l']:.4f}, loss {before['loss']:.4f}")
+        log(f"🧪 Before training, held-out test: ROUGE-L {fmt(before.get('rouge_l'))}, loss {fmt(before['loss'])}")
     step_log = out_dir / f"train_log_{run_id}.jsonl"
     history, meta, meta_path, step = [], {}, None, 0
     bad, bad_steps, bad_in_a_row = False, 0, 0  # non-finite loss/gradient: this step, in all, consecutively
@@ -523,8 +625,7 @@ def train(hp: dict, resume_from=None) -> dict:
         except OSError as e:  # disk full, permissions: stop with the last complete checkpoint named
             raise SaveError(f"could not save checkpoint {stem} in {out_dir}: {e}. The last complete checkpoint is "
                             f"{meta_path or 'none'}; free space (or fix permissions), then resume from it.") from e
-        if skips.items:
-            skips.write(out_dir / f"skipped_inputs_{run_id}.tsv")
+        write_skip_list(out_dir, run_id, skips)  # the list and the metadata's counts come from the same SkipLog
         if hp["keep_last_n"]:
             prune_checkpoints(out_dir, run_id, hp["keep_last_n"], log)
         return paths[2], info
@@ -543,20 +644,25 @@ def train(hp: dict, resume_from=None) -> dict:
         return bool(acc.gather(torch.tensor([stop.requested], device=device)).any())  # all stop at the same step
 
     if resume_from is not None:
-        st = load_state(state_path_for(Path(resume_from)))
-        if [tuple(t.shape) for t in st["trainable"]] != [tuple(p.shape) for p in trainable]:
-            raise ValueError(f"--resume {resume_from}: its trainable tensors don't fit this model")
-        with torch.no_grad():
-            for p, t in zip(trainable, st["trainable"]):
-                p.copy_(t)
-        opt.load_state_dict(st["optimizer"])
-        if sched is not None and st["scheduler"] is not None:
-            sched.load_state_dict(st["scheduler"])
+        state_path = state_path_for(Path(resume_from))
+        st = load_state(state_path)
+        if [tuple(getattr(t, "shape", ())) for t in st["trainable"]] != [tuple(p.shape) for p in trainable]:
+            raise RefusedFileError(f"--resume {resume_from}: its trainable tensors don't fit this model")
+        try:
+            with torch.no_grad():
+                for p, t in zip(trainable, st["trainable"]):
+                    p.copy_(t)
+            opt.load_state_dict(st["optimizer"])
+            if sched is not None and st["scheduler"] is not None:
+                sched.load_state_dict(st["scheduler"])
+            g.set_state(st["data_order"][0].clone())  # the data order of the epoch it stopped in (or of the next one)
+            seed_gen.set_state(st["data_order"][1].clone())
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+            raise RefusedFileError(f"{state_path}: its optimizer, scheduler or data-order state doesn't fit this "
+                                   f"run ({type(e).__name__}); resume from an earlier checkpoint") from None
         step, history, bad_steps, bad_in_a_row = st["step"], st["history"], st["bad_steps"], st["bad_in_a_row"]
         meta_path = Path(resume_from)
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        g.set_state(st["data_order"][0].clone())  # the data order of the epoch it stopped in (or of the next one)
-        seed_gen.set_state(st["data_order"][1].clone())
+        meta = read_metadata(meta_path)
         if st["batches_done"] >= n_batches:  # saved at an epoch's end: the next epoch starts afresh
             start_epoch = st["epoch"] + 1
             restore_rng(st["rng"])
@@ -564,11 +670,11 @@ def train(hp: dict, resume_from=None) -> dict:
             start_epoch, skip_batches, resume_rng = st["epoch"], st["batches_done"], st["rng"]
             epoch_sums = tuple(st["epoch_sums"])
         if main and step_log.exists():  # steps after the checkpoint were never saved: they will be redone
-            kept = [ln for ln in step_log.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+            kept = [ln for ln in step_log.read_text(errors="replace").splitlines() if logged_step(ln) <= step]
             step_log.write_text("".join(ln + "\n" for ln in kept))
         if main:  # temp files of saves that a kill interrupted (this run's names only: other runs may share the folder)
-            for tmp in out_dir.glob(f".*{run_id}-*.tmp"):
-                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            for tmp in out_dir.glob(f".*{run_id}-*.tmp"):  # (run_id is a plain name: no glob characters, no '/')
+                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
         log(f"⏯️ resumed from {resume_from}: epoch {start_epoch}, batch {skip_batches}/{n_batches}, step {step}")
     with StopSignals(log) as stop:  # SIGINT / SIGTERM: finish the step, save, exit 0
         for epoch in range(start_epoch, hp["num_epochs"] + 1):
@@ -651,6 +757,9 @@ def train(hp: dict, resume_from=None) -> dict:
                                                    {"train_loss_so_far": total / max(count, 1)})
                         if want_stop:
                             return interrupted()
+            if count == 0 and bad_in_a_row == 0:  # not one batch had a readable image (they went bad mid-run)
+                raise DataError(f"epoch {epoch}: no training batch could be used ({skips.summary()}); "
+                                f"the last checkpoint is {meta_path or 'none'}")
             train_loss = total / max(count, 1)
             want_stop = stop_agreed()
             save_now = epoch % hp["save_every_n_epochs"] == 0 or epoch == hp["num_epochs"] or want_stop
@@ -661,9 +770,9 @@ def train(hp: dict, resume_from=None) -> dict:
             if device.type == "cuda":  # this process's high-water mark so far (weights + activations + optimizer)
                 history[-1]["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
             if hp["log_with"]:
-                acc.log({"val/loss": val["loss"], **({"val/rouge_l": val["rouge_l"]} if "rouge_l" in val else {}),
-                         "train/epoch_loss": train_loss}, step=step)
-            log(f"📊 Epoch {epoch}: training loss {train_loss:.4f}, validation loss {val['loss']:.4f}"
+                acc.log({"train/epoch_loss": train_loss, **{f"val/{k}": val[k] for k in ("loss", "rouge_l")
+                                                            if val.get(k) is not None}}, step=step)
+            log(f"📊 Epoch {epoch}: training loss {train_loss:.4f}, validation loss {fmt(val['loss'])}"
                 + (f", ROUGE-L {val['rouge_l']:.4f}" if val.get("rouge_l") is not None else "")
                 + f" ({history[-1]['seconds']:.0f} s" + (f", peak GPU memory {history[-1]['peak_gpu_memory_gib']} GiB)"
                                                          if "peak_gpu_memory_gib" in history[-1] else ")"))
@@ -680,23 +789,25 @@ def train(hp: dict, resume_from=None) -> dict:
             print(f"📁 Model {'state dict' if ckpt_path.suffix == '.pth' else 'adapter'}: {ckpt_path}")
             print(f"📁 Metadata: {meta_path}")
             print(f"📊 Training loss: {train_loss:.4f}")
-            print(f"📈 Validation loss: {val['loss']:.4f}")
+            print(f"📈 Validation loss: {fmt(val['loss'])}")
             if val.get("rouge_l") is not None:
                 print(f"🎯 ROUGE-L score: {val['rouge_l']:.4f}")
-        if hp["test_evaluation_enabled"]:
+        test_now = hp["test_evaluation_enabled"] and splits["test"].num_images > 0
+        if test_now:
             test = evaluate(model, splits["test"], skips=skips, ablate_image=hp["ablate_image"], seed=hp["seed"], acc=acc,
                             **eval_kw)
+            test_now = test["num_images"] > 0  # (none of its images could be read: evaluate said so)
         if hp["log_with"]:
-            if hp["test_evaluation_enabled"]:
+            if test_now:
                 acc.log({"test/loss": test["loss"], "test/rouge_l": test["rouge_l"]}, step=step)
             acc.end_training()
         if not main:
             return {}
-        if hp["test_evaluation_enabled"]:
+        if test_now:
             meta["test"] = {k: v for k, v in test.items() if k != "predictions"}
             if before is not None:
                 meta["test_before_training"] = {k: v for k, v in before.items() if k != "predictions"}
-            print(f"🧪 Held-out test ({splits['test'].num_images} images): ROUGE-L {test['rouge_l']:.4f}, loss {test['loss']:.4f}")
+            print(f"🧪 Held-out test ({test['num_images']} images): ROUGE-L {test['rouge_l']:.4f}, loss {test['loss']:.4f}")
             if "ablated" in test:
                 print(f"🔀 Images shuffled across the set: ROUGE-L {test['ablated']['rouge_l']:.4f}, "
                       f"loss {test['ablated']['loss']:.4f} (drop {test['rouge_l'] - test['ablated']['rouge_l']:.4f})")
@@ -707,8 +818,10 @@ def train(hp: dict, resume_from=None) -> dict:
                     ("ablated" in test and test["rouge_l"] - test["ablated"]["rouge_l"] >= targets["ablation_drop_min"]))
                 meta["demo_targets"] = {**targets, "met": met}
                 print(f"demo targets ({', '.join(f'{k} {v}' for k, v in targets.items())}): {'met' if met else 'NOT met'}")
+        if meta_path is not None:  # test evaluation (or the last epoch's) may have skipped more inputs
             meta["skipped_inputs"] = dict(skips.counts)
             atomic_write_json(meta, meta_path)
+            write_skip_list(out_dir, run_id, skips)
         if skips.items:
             print(f"{skips.summary()}; list: {out_dir / f'skipped_inputs_{run_id}.tsv'}")
         return meta
@@ -735,36 +848,20 @@ def merge_main(argv: list[str]) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    from model import HubUnavailableError
-    try:
-        if "--merge_weights" in argv:
-            return merge_main(argv)
-        if any(a == "--resume" or a.startswith("--resume=") for a in argv):
-            hp, resume_from = resolve_resume(argv)
-        else:
-            hp, resume_from = resolve_hparams(argv), None
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (HubUnavailableError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        train(hp, resume_from)
-    except HubUnavailableError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (NonFiniteError, SaveError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except (FileNotFoundError, ValueError) as e:  # bad paths / bad data files: say what, not where in the code
-        if os.environ.get("CAPKIT_DEBUG"):
-            raise
-        print(f"error: {e}\n(set CAPKIT_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 2
+def run(argv: list[str]) -> int:
+    if "--merge_weights" in argv:
+        return merge_main(argv)
+    if any(a == "--resume" or a.startswith("--resume=") for a in argv):
+        hp, resume_from = resolve_resume(argv)
+    else:
+        hp, resume_from = resolve_hparams(argv), None
+    train(hp, resume_from)
     return 0
+
+
+def main(argv=None) -> int:
+    """The command line: expected failures end in one paragraph and their exit code (errors.py)."""
+    return run_cli(run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
