@@ -432,7 +432,10 @@ def load_flickr30k(split: str, skips: SkipLog, data_dir=None) -> CaptionSet:
 def load_splits(hp: dict, skips: SkipLog, which=("train", "val", "test")) -> dict[str, CaptionSet]:
     """Build the requested splits from hyperparameters (dataset, data_dir, train_dir, val_dir,
     test_dir, captions_file, split_ratio, val_ratio, seed)."""
-    kind = hp["dataset"]
+    kind = hp.get("dataset")
+    if kind is None:  # a checkpoint whose training metadata is gone doesn't say which data it was trained on
+        raise DataError("no dataset named (a checkpoint without its training metadata doesn't say which data it "
+                        "was trained on): pass --dataset and --data_dir (or --test_dir)")
     if kind == "flickr30k":
         return {s: load_flickr30k(s, skips, hp.get("data_dir")) for s in which}
     if kind in ("shapes", "shapes_b"):  # the demo datasets (shapes_b: one style-B caption per image)

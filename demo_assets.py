@@ -23,6 +23,7 @@ import csv
 import json
 import math
 import random
+import re
 import time
 from pathlib import Path
 
@@ -130,6 +131,17 @@ SPLITS = {"train": (2000, 1001), "val": (100, 2002), "test": (300, 3003)}  # ima
 STYLE_B_SPLITS = {"train": (600, 1101), "val": (50, 2102), "test": (200, 3103)}  # git_demo: style B captions
 
 
+def _only_shapes(root: Path, splits: dict) -> bool:
+    """Does root hold nothing but (part of) a shapes dataset, e.g. one whose writing was interrupted?"""
+    if not root.is_dir():
+        return False
+    for entry in root.iterdir():
+        if entry.name not in splits or not entry.is_dir() or not all(
+                f.name == "captions.csv" or re.fullmatch(r"shape_\d{5}\.png", f.name) for f in entry.iterdir()):
+            return False
+    return True
+
+
 def ensure_shapes_dataset(data_dir, style: str = "all") -> Path:
     """Write the shapes dataset (deterministic) unless an identical one is already there."""
     root = Path(data_dir)
@@ -138,6 +150,12 @@ def ensure_shapes_dataset(data_dir, style: str = "all") -> Path:
     marker = root / "shapes_dataset.json"
     if marker.exists() and json.loads(marker.read_text()) == json.loads(json.dumps(spec)):
         return root
+    if not marker.exists() and root.exists() and not _only_shapes(root, splits):
+        # e.g. `--preset demo --data_dir=my_photos/`: the preset's dataset="shapes" would write over their captions
+        from errors import DataError
+        raise DataError(f"data_dir {root} holds other files and is not a capkit shapes dataset; dataset="
+                        f"{'shapes' if style == 'all' else 'shapes_b'} (the demo's synthetic data) writes its images "
+                        "and captions.csv there. For your own photos use --dataset=folder; for the demo, another data_dir")
     t = time.time()
     for name, (n, seed) in splits.items():
         write_split(root / name, n, seed, style)

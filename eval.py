@@ -445,12 +445,6 @@ def write_output(path, text: str) -> None:
     Path(path).write_text(text, encoding="utf-8")
 
 
-def check_dataset_known(hp: dict, checkpoint) -> None:
-    """eval / the example script find the data through the training metadata; without it, say what to pass."""
-    if "dataset" not in hp:
-        raise ConfigError(f"{checkpoint}: no training metadata beside it says which data it was trained on; "
-                          "pass --dataset (and --data_dir / --test_dir) to name the data to evaluate on")
-
 
 def int_at_least(low: int):
     """argparse type: an integer >= low (a batch size, a token count, a beam count, top_k)."""
@@ -504,7 +498,6 @@ def run(argv=None) -> int:
     model, meta, hp = load_model_from_checkpoint(args.checkpoint, device)
     hp = {**hp, **{k: v for k in ("dataset", "data_dir", "train_dir", "val_dir", "test_dir", "captions_file")
                    if (v := getattr(args, k)) is not None}}
-    check_dataset_known(hp, args.checkpoint)
     skips = SkipLog()
     data = load_splits(hp, skips, which=(args.split,))[args.split]
     gen = {"max_new_tokens": args.max_new_tokens or hp.get("max_new_tokens", 40),

@@ -80,8 +80,6 @@ def run(argv) -> int:
         images = argv[1:]
     else:
         from dataset import SkipLog, load_splits
-        from eval import check_dataset_known
-        check_dataset_known(hp, ckpt)
         images = load_splits(hp, SkipLog(), which=("test",))["test"].images[:3]
     from dataset import image_problem, load_rgb
     readable = []

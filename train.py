@@ -745,8 +745,13 @@ def train(hp: dict, resume_from=None) -> dict:
                 total, count, step = total + loss_value, count + 1, step + 1
                 bar.set_postfix({"Loss": f"{loss_value:.4f}", "Avg Loss": f"{total / count:.4f}"})
                 if main:
-                    with open(step_log, "a") as f:
-                        f.write(json.dumps({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr}) + "\n")
+                    try:
+                        with open(step_log, "a") as f:
+                            f.write(json.dumps({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr}) + "\n")
+                    except OSError as e:  # disk full mid-epoch: stop like a failed save, naming what is intact
+                        raise SaveError(f"could not append to {step_log}: {e.strerror or e}. The run stopped; the "
+                                        f"last complete checkpoint is {meta_path or 'none'}; free space, then "
+                                        "resume from it.") from e
                 if hp["log_with"]:
                     acc.log({"train/loss": loss_value, "train/lr": lr}, step=step)
                 if i + 1 < n_batches:  # (an epoch's last step is saved with the epoch, after validation)

@@ -595,6 +595,19 @@ def test_merge_never_replaces_a_folder_capkit_did_not_write(code_folders, tmp_pa
     assert (home / "thesis.tex").read_text() == "precious"
 
 
+def test_the_demo_preset_never_writes_its_dataset_over_a_users_folder(tmp_path, capsys):
+    photos = tmp_path / "my_photos"
+    captions_csv(photos, [["me.jpg", "my own caption"]])
+    before = (photos / "captions.csv").read_bytes()
+    # a tired user: the demo preset (dataset="shapes") with their own data_dir
+    code, err = outcome(capsys, train.main, ["--preset=demo", f"--data_dir={photos}", f"--output_dir={tmp_path / 'o'}"])
+    assert code == 2 and "--dataset=folder" in err and str(photos) in err
+    assert (photos / "captions.csv").read_bytes() == before and sorted(p.name for p in photos.iterdir()) == ["captions.csv"]
+    from demo_assets import SPLITS, _only_shapes
+    write_split(tmp_path / "partial" / "train", 2, 1)  # a demo dataset whose writing was interrupted: still its own
+    assert _only_shapes(tmp_path / "partial", SPLITS) and not _only_shapes(photos, SPLITS)
+
+
 # ================================================================================================
 # 6. everything written to HTML is escaped
 
@@ -711,6 +724,21 @@ def test_a_genuine_bug_keeps_its_traceback():
         return {}["missing"]
     with pytest.raises(KeyError):
         run_cli(main, [])
+
+
+def test_a_disk_that_fills_up_mid_epoch_stops_with_exit_3(tmp_path, capsys, monkeypatch):
+    from datetime import datetime
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 1, 1)
+    monkeypatch.setattr(train, "datetime", Frozen)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train_log_20260101_000000.jsonl").symlink_to("/dev/full")  # every write: ENOSPC
+    code, err = outcome(capsys, train.main, small_folder(tmp_path) + [f"--output_dir={out}", "--log_with=None"])
+    assert code == 3 and "No space left on device" in err and "last complete checkpoint is none" in err
 
 
 def test_offline_hub_models_exit_5(tmp_path, capsys):
