@@ -73,9 +73,11 @@ class SkipLog:
         return f"skipped inputs: {len(self.items)} ({parts})"
 
     def write(self, path) -> None:
-        with open(path, "w", encoding="utf-8") as f:
+        """One line per item: tabs, newlines and NULs in names are escaped, undecodable bytes kept as \\x.."""
+        escape = {9: "\\t", 10: "\\n", 13: "\\r", 0: "\\0"}
+        with open(path, "w", encoding="utf-8", errors="backslashreplace") as f:
             for p, r in self.items:
-                f.write(f"{p}\t{r}\n")
+                f.write(f"{p.translate(escape)}\t{r.translate(escape)}\n")
 
 
 @dataclass
@@ -155,7 +157,12 @@ def check_image(path: Path, root: Path | None, skips: SkipLog) -> bool:
     if outside:
         skips.add(path, "outside dataset folder")
         return False
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError:  # a name too long for the file system
+        skips.add(path, "unreadable path")
+        return False
+    if not exists:
         skips.add(path, "missing file")
         return False
     try:
@@ -188,7 +195,9 @@ def _build(entries, root: Path, skips: SkipLog) -> CaptionSet:
             skips.add(path, f"caption is not text: {type(caption).__name__}")
             continue
         caption = _clean(caption or "")
-        if len(caption) > MAX_CAPTION_CHARS:
+        if not _encodable(caption):  # a lone surrogate from a broken JSON escape: no tokenizer takes it
+            skips.add(path, "caption is not valid text")
+        elif len(caption) > MAX_CAPTION_CHARS:
             skips.add(path, f"caption too long: {len(caption):,} characters (limit {MAX_CAPTION_CHARS:,})")
         elif caption:
             grouped[path].append(caption)
@@ -198,6 +207,14 @@ def _build(entries, root: Path, skips: SkipLog) -> CaptionSet:
         skips.add(path, "image without captions")
         del grouped[path]
     return CaptionSet(list(grouped), list(grouped.values()))
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _pick_column(header, options, what, source) -> str:
@@ -268,7 +285,7 @@ def from_metadata(root, skips: SkipLog) -> CaptionSet:
                 rec = json.loads(line)
                 icol = _pick_column(rec.keys(), IMAGE_COLUMNS, "image", jl)
                 ccol = _pick_column(rec.keys(), CAPTION_COLUMNS, "caption", jl)
-            except (json.JSONDecodeError, ValueError, AttributeError) as e:
+            except (ValueError, AttributeError, RecursionError) as e:
                 skips.add(f"{jl}:{n}", f"bad metadata line: {type(e).__name__}")
                 continue
             if not isinstance(rec[icol], (str, int)) or not str(rec[icol]).strip():

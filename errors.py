@@ -84,6 +84,10 @@ def describe_os_error(e: OSError) -> str | None:
     return f"could not read or write a file{where}: {why}. Free space or fix the permissions, then run again."
 
 
+# OSErrors about a path the user typed (a name too long, a loop of links): exit 2
+_PATH_ERRNOS = {errno.ENAMETOOLONG: "a file name in it is too long", errno.ELOOP: "it loops through symbolic links"}
+
+
 def run_cli(main, argv=None) -> int:
     """main(argv) -> exit code, with every expected failure turned into one paragraph and its exit code."""
     try:
@@ -97,6 +101,9 @@ def run_cli(main, argv=None) -> int:
         print("\ninterrupted", file=sys.stderr)
         return 130
     except OSError as e:
+        if e.errno in _PATH_ERRNOS and not os.environ.get("CAPKIT_DEBUG"):
+            print(f"error: can't use the path {e.filename}: {_PATH_ERRNOS[e.errno]}", file=sys.stderr)
+            return ConfigError.exit_code
         message = describe_os_error(e)
         if message is None or os.environ.get("CAPKIT_DEBUG"):
             raise

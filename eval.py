@@ -136,11 +136,15 @@ def caption_metrics(references: dict, predictions: dict, log=print) -> dict:
     refs = {str(k): v for k, v in references.items()}
     preds = {str(k): v for k, v in predictions.items()}
     missing, extra = sorted(set(refs) - set(preds)), sorted(set(preds) - set(refs))
+    if not refs:
+        raise DataError("no images to score: the references and predictions are empty")
     if missing or extra:
-        raise ValueError(f"references and predictions must cover the same images: {len(missing)} without a "
-                         f"prediction (e.g. {missing[:3]}), {len(extra)} without references (e.g. {extra[:3]})")
+        raise DataError(f"references and predictions must cover the same images: {len(missing)} without a "
+                        f"prediction (e.g. {missing[:3]}), {len(extra)} without references (e.g. {extra[:3]})")
     if any(not isinstance(v, list) or not v for v in refs.values()):
-        raise ValueError("every image needs a non-empty list of reference captions")
+        raise DataError("every image needs a non-empty list of reference captions")
+    if not any(str(c).strip() for c in preds.values()) or not any(str(r).strip() for v in refs.values() for r in v):
+        raise DataError("every caption is empty: there is nothing to score")
     ids = sorted(refs)
     gts = {i: [{"caption": c} for c in sorted(refs[i])] for i in ids}
     res = {i: [{"caption": preds[i]}] for i in ids}
@@ -446,8 +450,8 @@ def write_output(path, text: str) -> None:
 
 
 
-def int_at_least(low: int):
-    """argparse type: an integer >= low (a batch size, a token count, a beam count, top_k)."""
+def int_at_least(low: int, high: int = 2**31 - 1):
+    """argparse type: an integer in [low, high] (a batch size, a token count, a beam count, top_k, a seed)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -455,6 +459,8 @@ def int_at_least(low: int):
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"{value} must be <= {high}")
         return value
     return parse
 
@@ -474,7 +480,7 @@ def run(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch_size", type=positive_int, default=None)
     ap.add_argument("--max_new_tokens", type=positive_int, default=None)
-    ap.add_argument("--num_beams", type=positive_int, default=None)
+    ap.add_argument("--num_beams", type=int_at_least(1, 64), default=None)
     for key in ("dataset", "data_dir", "train_dir", "val_dir", "test_dir", "captions_file"):
         ap.add_argument(f"--{key}", default=None, help="override the training run's value")
     args = ap.parse_args(argv)
@@ -491,6 +497,9 @@ def run(argv=None) -> int:
     from load_model_example import load_model_from_checkpoint
     from train import pick_device
     check_output_path(args.output)
+    if args.report:
+        from report import check_report_dir
+        check_report_dir(args.report)  # said now, not after the whole evaluation
     # under `accelerate launch` each process decodes its share of the images; one process otherwise
     device = pick_device(args.device)
     acc = Accelerator(cpu=args.device == "cpu")

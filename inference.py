@@ -28,6 +28,11 @@ def collect_images(inputs, skipped: list) -> list[Path]:
     not a regular file (a FIFO, a device) is reported in `skipped`, never opened."""
     out = []
     for item in map(Path, inputs):
+        try:
+            item.exists()
+        except OSError:  # a name too long for the file system
+            skipped.append((str(item), "unreadable path"))
+            continue
         if item.is_dir():
             out += find_images(item)
         elif item.is_file():
@@ -65,12 +70,12 @@ def run(argv=None) -> int:
     ap.add_argument("--batch_size", type=positive_int, default=16)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--max_new_tokens", type=positive_int, default=40)
-    ap.add_argument("--num_beams", type=positive_int, default=1)
+    ap.add_argument("--num_beams", type=int_at_least(1, 64), default=1)
     ap.add_argument("--do_sample", action="store_true")
-    ap.add_argument("--temperature", type=sampling_float(0, 100, True), default=1.0)
+    ap.add_argument("--temperature", type=sampling_float(0.01, 100, False), default=1.0)
     ap.add_argument("--top_p", type=sampling_float(0, 1, True), default=1.0)
     ap.add_argument("--top_k", type=int_at_least(0), default=0)
-    ap.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
+    ap.add_argument("--seed", type=int_at_least(0, 2**32 - 1), default=None, help="for reproducible sampling")
     args = ap.parse_args(argv)
     if args.output and not args.output.endswith((".json", ".jsonl")):
         ap.error("--output must end in .json or .jsonl")

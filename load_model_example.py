@@ -67,6 +67,9 @@ def newest_checkpoint(folder="saved_models") -> Path | None:
 
 
 def run(argv) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
     ckpt = argv[0] if argv else newest_checkpoint()
     if ckpt is None:
         print("error: no checkpoint given and none in saved_models/ (run: python train.py --preset demo)",

@@ -110,13 +110,14 @@ def write_report(out_dir, predictions: list[dict], metrics: dict, title: str = "
                  subtitle: str = "") -> Path:
     """predictions: eval.py's rows ({image, caption, references, rouge_l, [clip_score, ref_clip_score]});
     metrics: name -> value (numbers and short strings). -> the path of index.html."""
-    out = Path(out_dir)
+    out = check_report_dir(out_dir)
     predictions = check_rows(predictions, "predictions")
-    (out / "thumbs").mkdir(parents=True, exist_ok=True)
     keys = [k for k in SCORE_KEYS if any(k in p for p in predictions)]
     rows = []
     for i, p in enumerate(predictions):
         thumb = out / "thumbs" / f"{i:05d}.jpg"
+        if thumb.is_symlink():  # written in place of a link, never through it
+            thumb.unlink()
         img = (f'<img src="thumbs/{thumb.name}" alt="{html.escape(Path(p["image"]).name)}">'
                if write_thumbnail(p["image"], thumb) else f'<em>unreadable: {html.escape(str(p["image"]))}</em>')
         refs = "".join(f"<li>{html.escape(r)}</li>" for r in p.get("references", []))
@@ -129,8 +130,23 @@ def write_report(out_dir, predictions: list[dict], metrics: dict, title: str = "
                       for k in keys)
     page = PAGE.format(title=html.escape(title), subtitle=html.escape(subtitle), metric_rows=metric_rows,
                        n=len(predictions), score_headers=headers, image_rows="\n".join(rows), thumb=THUMB)
+    if (out / "index.html").is_symlink():
+        (out / "index.html").unlink()
     (out / "index.html").write_text(page, encoding="utf-8")
     return out / "index.html"
+
+
+def check_report_dir(out_dir) -> Path:
+    """The report folder and its thumbs/ folder (a real folder, not a link to elsewhere), created, or DataError."""
+    out = Path(out_dir)
+    for d in (out, out / "thumbs"):
+        if d != out and d.is_symlink():  # (the folder the user named may be a link; what capkit puts in it isn't)
+            d.unlink()
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"report folder {d} can't be created: {e.strerror or e}") from None
+    return out
 
 
 def report_metrics(result: dict) -> dict:
@@ -148,8 +164,7 @@ def run(argv) -> int:
     data = read_json(argv[0], "predictions file")
     if not isinstance(data, dict) or "predictions" not in data:
         raise DataError(f"{argv[0]} is not an eval.py predictions file (no 'predictions')")
-    if Path(argv[1]).exists() and not Path(argv[1]).is_dir():
-        raise DataError(f"report folder {argv[1]} is a file; give a folder")
+    check_report_dir(argv[1])
     check_rows(data["predictions"], argv[0])
     index = write_report(argv[1], data["predictions"], report_metrics(data),
                          subtitle=f"{data.get('checkpoint', '')}, split {data.get('split', '?')}")

@@ -73,13 +73,33 @@ def load_state(path) -> dict:
     if missing:
         raise RefusedFileError(f"{path}: an incomplete training state (no {', '.join(missing)}); "
                                "resume from an earlier checkpoint")
+    import torch
+    wrong = [k for k, ok in (
+        ("epoch", _is_int(state["epoch"])), ("batches_done", _is_int(state["batches_done"])),
+        ("step", _is_int(state["step"])), ("bad_steps", _is_int(state["bad_steps"])),
+        ("bad_in_a_row", _is_int(state["bad_in_a_row"])), ("history", isinstance(state["history"], list)),
+        ("epoch_sums", isinstance(state["epoch_sums"], list) and len(state["epoch_sums"]) == 3),
+        ("trainable", isinstance(state["trainable"], list) and all(isinstance(t, torch.Tensor) for t in state["trainable"])),
+        ("data_order", isinstance(state["data_order"], torch.Tensor) and state["data_order"].dim() == 2),
+        ("rng", isinstance(state["rng"], dict) and {"python", "numpy", "torch"} <= set(state["rng"])),
+        ("optimizer", isinstance(state["optimizer"], dict))) if not ok]
+    if wrong:
+        raise RefusedFileError(f"{path}: a damaged or edited training state ({', '.join(wrong)} of the wrong type); "
+                               "resume from an earlier checkpoint")
     return state
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def metadata_for(path) -> Path:
     """Whatever names a checkpoint (its metadata JSON, train_state .pt, .pth or adapter folder) -> its metadata path."""
     from load_model_example import metadata_path_for
     p = Path(path)
+    if not p.name:
+        raise MissingInputError(f"--resume {str(path)!r}: name a checkpoint (its metadata JSON, .pth, adapter folder "
+                                "or train_state), or give no path for the newest one")
     if p.name.startswith("training_metadata_") and p.suffix == ".json":
         return p
     if p.name.startswith("train_state_"):

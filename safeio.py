@@ -110,6 +110,8 @@ def read_json(path, what: str, error=DataError):
     except json.JSONDecodeError as e:
         raise error(f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
                     "it may be truncated or hand-edited") from None
+    except (ValueError, RecursionError) as e:  # a 5000-digit number, a 200,000-deep nesting
+        raise error(f"{what} {path} can't be read as JSON ({type(e).__name__}: {str(e)[:120]})") from None
 
 
 def _blocked_global(message: str) -> str:

@@ -24,6 +24,7 @@ import difflib
 import importlib.util
 import json
 import math
+import os
 import platform
 import random
 import shutil
@@ -280,6 +281,7 @@ def resolve_resume(argv: list[str]) -> tuple[dict, Path]:
 
 
 def _in_range(value, interval: str) -> bool:
+    """(Python compares a 400-digit int with a float exactly: no overflow here.)"""
     lo, hi = (float(x) for x in interval[1:-1].split(","))
     return ((lo < value) if interval[0] == "(" else (lo <= value)) and \
         ((value < hi) if interval[-1] == ")" else (value <= hi))
@@ -300,8 +302,10 @@ def validate_hparams(hp: dict) -> dict:
             raise ConfigError(f"hyperparameter {k!r} must be one of {', '.join(map(repr, allowed))}; got {hp[k]!r}")
     for k, interval in RANGES.items():
         v = hp[k]
-        if v is not None and (not math.isfinite(v) or not _in_range(v, interval)):
-            raise ConfigError(f"hyperparameter {k!r} must be {_describe(interval)}; got {v!r}")
+        if v is not None and ((isinstance(v, float) and not math.isfinite(v)) or not _in_range(v, interval)
+                              or abs(v) > 2**53):
+            shown = repr(v) if len(repr(v)) < 40 else f"a {len(repr(v))}-digit number"
+            raise ConfigError(f"hyperparameter {k!r} must be {_describe(interval)} (and below 2**53); got {shown}")
     if hp["warmup_steps"] and hp["lr_scheduler"] in ("CyclicLR", "OneCycleLR") and hp["learning_rate_scheduler_enabled"]:
         raise ConfigError(f"{hp['lr_scheduler']} ramps the learning rate up by itself; set warmup_steps=0")
     if hp["target_modules"] is not None and (not hp["target_modules"] or
@@ -321,22 +325,39 @@ def check_optimizer_args(hp: dict) -> None:
     """Build the optimizer and scheduler once on a dummy parameter: optimizer_args / scheduler_args that
     torch (or Prodigy) would refuse are refused now, by name, not after the models have loaded."""
     import torch
+    param = torch.nn.Parameter(torch.zeros(1))
     try:
-        opt = make_optimizer([torch.nn.Parameter(torch.zeros(1))], hp)
-    except (TypeError, ValueError) as e:
+        opt = make_optimizer([param], hp)
+    except (TypeError, ValueError, IndexError, KeyError) as e:
         raise ConfigError(f"optimizer_args {hp['optimizer_args']!r} for {hp['optimizer']}: {e}") from None
     try:
-        make_scheduler(opt, hp, steps_per_epoch=1)
-    except (TypeError, ValueError, ZeroDivisionError) as e:
-        if isinstance(e, ConfigError):
-            raise
+        sched = make_scheduler(opt, hp, steps_per_epoch=1)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError) as e:
+        raise ConfigError(f"scheduler_args {hp['scheduler_args']!r} for {hp['lr_scheduler']}: {e}") from None
+    try:  # one step of each: some values (a one-element betas, a step_size of 0) only fail when used
+        param.grad = torch.zeros(1)
+        opt.step()
+    except (TypeError, ValueError, IndexError, KeyError) as e:
+        raise ConfigError(f"optimizer_args {hp['optimizer_args']!r} for {hp['optimizer']}: {e}") from None
+    try:
+        if sched is not None:
+            sched.step()
+    except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError) as e:
         raise ConfigError(f"scheduler_args {hp['scheduler_args']!r} for {hp['lr_scheduler']}: {e}") from None
 
 
 def check_output_dir(path) -> Path:
     """output_dir must be a folder capkit can create and write to: said now, not at the first save."""
+    if not str(path).strip():
+        raise ConfigError("output_dir is empty; name a folder (e.g. saved_models)")
     out = Path(path)
-    if out.exists() and not out.is_dir():
+    try:
+        is_file = out.exists() and not out.is_dir()
+    except OSError as e:  # a name too long for the file system
+        raise ConfigError(f"output_dir {out} can't be used: {e.strerror or e}") from None
+    if is_file:
         raise ConfigError(f"output_dir {out} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -473,6 +494,13 @@ def logged_step(line: str) -> float:
         return math.inf
 
 
+def append_line(path: Path, line: str) -> None:
+    """Append one line to a log in the run folder, never through a symlink (O_NOFOLLOW: ELOOP instead)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
 def write_skip_list(out_dir: Path, run_id: str, skips) -> None:
     """skipped_inputs_<run>.tsv, rewritten with every metadata save so it always matches the saved counts."""
     path = out_dir / f"skipped_inputs_{run_id}.tsv"
@@ -497,7 +525,7 @@ def train(hp: dict, resume_from=None) -> dict:
     from errors import HubUnavailableError, RefusedFileError
     from eval import ROUGE_L_NOTE, evaluate
     from features import image_features
-    from model import atomic_torch_save, atomic_write_json, build_model
+    from model import atomic_torch_save, atomic_write, atomic_write_json, build_model
     from resume import (STATE_FORMAT, StopSignals, capture_rng, load_state, prune_checkpoints, read_metadata,
                         restore_rng, state_path_for)
 
@@ -671,10 +699,12 @@ def train(hp: dict, resume_from=None) -> dict:
             epoch_sums = tuple(st["epoch_sums"])
         if main and step_log.exists():  # steps after the checkpoint were never saved: they will be redone
             kept = [ln for ln in step_log.read_text(errors="replace").splitlines() if logged_step(ln) <= step]
-            step_log.write_text("".join(ln + "\n" for ln in kept))
+            # atomically: a symlink planted in the run folder is replaced, its target never written
+            atomic_write(step_log, lambda f: f.write("".join(ln + "\n" for ln in kept).encode()))
         if main:  # temp files of saves that a kill interrupted (this run's names only: other runs may share the folder)
             for tmp in out_dir.glob(f".*{run_id}-*.tmp"):  # (run_id is a plain name: no glob characters, no '/')
-                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
+                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() and not tmp.is_symlink() else \
+                    tmp.unlink(missing_ok=True)
         log(f"⏯️ resumed from {resume_from}: epoch {start_epoch}, batch {skip_batches}/{n_batches}, step {step}")
     with StopSignals(log) as stop:  # SIGINT / SIGTERM: finish the step, save, exit 0
         for epoch in range(start_epoch, hp["num_epochs"] + 1):
@@ -746,8 +776,7 @@ def train(hp: dict, resume_from=None) -> dict:
                 bar.set_postfix({"Loss": f"{loss_value:.4f}", "Avg Loss": f"{total / count:.4f}"})
                 if main:
                     try:
-                        with open(step_log, "a") as f:
-                            f.write(json.dumps({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr}) + "\n")
+                        append_line(step_log, json.dumps({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr}))
                     except OSError as e:  # disk full mid-epoch: stop like a failed save, naming what is intact
                         raise SaveError(f"could not append to {step_log}: {e.strerror or e}. The run stopped; the "
                                         f"last complete checkpoint is {meta_path or 'none'}; free space, then "

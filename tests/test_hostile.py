@@ -736,8 +736,18 @@ def test_a_disk_that_fills_up_mid_epoch_stops_with_exit_3(tmp_path, capsys, monk
     monkeypatch.setattr(train, "datetime", Frozen)
     out = tmp_path / "out"
     out.mkdir()
-    (out / "train_log_20260101_000000.jsonl").symlink_to("/dev/full")  # every write: ENOSPC
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (out / "train_log_20260101_000000.jsonl").symlink_to(victim)  # planted: appending must not follow it
     code, err = outcome(capsys, train.main, small_folder(tmp_path) + [f"--output_dir={out}", "--log_with=None"])
+    assert code == 3 and "train_log_20260101_000000.jsonl" in err and "last complete checkpoint is none" in err
+    assert victim.read_text() == "precious"
+
+    def full(path, line):
+        raise OSError(28, "No space left on device", str(path))
+    monkeypatch.setattr(train, "append_line", full)
+    code, err = outcome(capsys, train.main, small_folder(tmp_path) + [f"--output_dir={tmp_path / 'o2'}",
+                                                                      "--log_with=None"])
     assert code == 3 and "No space left on device" in err and "last complete checkpoint is none" in err
 
 
@@ -788,3 +798,119 @@ def test_predictions_in_pycocoevalcap_form_are_accepted(tmp_path, capsys):
     code, err = outcome(capsys, eval_mod.main, ["--references", str(tmp_path / "r.json"),
                                                 "--predictions", str(tmp_path / "p.json")])
     assert code == 2 and "'1' must be one caption" in err and "p.json" in err
+
+
+# ================================================================================================
+# found by a second pair of eyes: more of the same families
+
+@pytest.mark.parametrize("flags, names", [
+    (["--lr_scheduler=StepLR", "--scheduler_args={'step_size': 0}"], "scheduler_args"),
+    (["--lr_scheduler=OneCycleLR", "--scheduler_args={'div_factor': 0}"], "scheduler_args"),
+    (["--lr_scheduler=StepLR", "--scheduler_args={'last_epoch': 5}"], "scheduler_args"),
+    (["--optimizer_args={'betas': [0.9]}"], "optimizer_args"),
+    (["--num_epochs=1" + "0" * 400], "num_epochs"),
+    (["--seed=1" + "0" * 400], "seed"),
+    (["--output_dir="], "output_dir"),
+])
+def test_more_bad_hyperparameters_exit_2(capsys, flags, names):
+    code, err = outcome(capsys, train.main, flags)
+    assert code == 2 and names in err
+
+
+def test_names_too_long_for_the_file_system(tmp_path, capsys, ckpt):
+    long = tmp_path / ("x" * 300)
+    code, err = outcome(capsys, train.main, [f"--output_dir={long}"])
+    assert code == 2 and "output_dir" in err
+    code, err = outcome(capsys, eval_mod.main, ["--checkpoint", f"{long}.pth"])
+    assert code in (2, 4) and "x" * 300 in err
+    write_image(tmp_path / "good.png")
+    captions_csv(tmp_path, [["good.png", "fine"], ["y" * 300 + ".png", "too long a name"]])
+    skips = SkipLog()
+    assert len(load_folder(tmp_path, skips).images) == 1 and skips.counts == {"unreadable path": 1}
+    code, err = outcome(capsys, inference.main, ["--checkpoint", str(ckpt), "--max_new_tokens", "2",
+                                                 str(tmp_path / "good.png"), f"{long}.png"])
+    assert code == 0 and "unreadable path" in err and "1 captioned, 1 skipped" in err
+
+
+@pytest.mark.parametrize("arg", ["--resume=", "--resume=/"])
+def test_an_empty_resume_path_is_one_sentence(capsys, arg):
+    code, err = outcome(capsys, train.main, [arg])
+    assert code == 2 and "--resume" in err
+
+
+@pytest.mark.parametrize("field, value", [("rng", {}), ("batches_done", "0"), ("trainable", 5), ("history", 7),
+                                          ("data_order", [1, 2])])
+def test_an_edited_training_state_is_refused_before_loading(small_run, tmp_path, capsys, field, value):
+    root, argv = small_run
+    out = tmp_path / "out"
+    if not out.exists():
+        assert train.main(argv + [f"--output_dir={out}", "--save_every_n_steps=None"]) == 0
+    (state,) = out.glob("train_state_*.pt")
+    st = torch.load(state, weights_only=True)
+    torch.save({**st, field: value}, state)
+    code, err = outcome(capsys, train.main, ["--resume", f"--output_dir={out}", "--num_epochs=2"])
+    assert code == 4 and field in err and state.name in err
+
+
+@pytest.mark.parametrize("payload", ['{"predictions": [1' + "0" * 5000 + "]}", "[" * 200_000 + "]" * 200_000])
+def test_json_with_absurd_numbers_or_nesting_is_one_sentence(tmp_path, capsys, payload):
+    (tmp_path / "p.json").write_text(payload)
+    code, err = outcome(capsys, report.main, [str(tmp_path / "p.json"), str(tmp_path / "r")])
+    assert code == 2 and "can't be read as JSON" in err
+    (tmp_path / "metadata.jsonl").write_text(payload + "\n" + json.dumps({"file_name": "a.png", "text": "ok"}))
+    write_image(tmp_path / "a.png")
+    skips = SkipLog()
+    assert load_folder(tmp_path, skips).captions == [["ok"]] and skips.counts == {"bad metadata line": 1}
+
+
+@pytest.mark.parametrize("refs, preds, message", [
+    ({}, {}, "empty"), ({"1": ["a"], "2": ["b"]}, {"1": "a"}, "same images"), ({"1": []}, {"1": "a"}, "non-empty"),
+    ({"1": ["a dog"]}, {"1": ""}, "nothing to score"), ({"2": ["x"]}, [{"image_id": 2.0, "caption": "x"}], "same images"),
+])
+def test_odd_reference_and_prediction_files_are_one_sentence_and_never_hang(tmp_path, capsys, refs, preds, message):
+    (tmp_path / "r.json").write_text(json.dumps(refs))
+    (tmp_path / "p.json").write_text(json.dumps(preds))
+    code, err = outcome(capsys, eval_mod.main, ["--references", str(tmp_path / "r.json"),
+                                                "--predictions", str(tmp_path / "p.json")])
+    assert code == 2 and message in err
+
+
+def test_odd_text_in_captions_and_file_names_is_skipped_and_listed_one_per_line(tmp_path):
+    write_image(tmp_path / "a.png")
+    bad = os.fsdecode(b"bad\xe9\tname\n.png")  # not UTF-8, with a tab and a newline
+    (tmp_path / bad).write_text("not an image")
+    lines = [{"file_name": "a.png", "text": "a \ud800 circle"}, {"file_name": "a.png", "text": "a circle"},
+             {"file_name": bad, "text": "x"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    skips = SkipLog()
+    assert load_folder(tmp_path, skips).captions == [["a circle"]]
+    assert skips.counts == {"caption is not valid text": 1, "unreadable image": 1}
+    skips.write(tmp_path / "skipped.tsv")
+    assert len((tmp_path / "skipped.tsv").read_text().splitlines()) == 2
+
+
+def test_report_never_writes_through_links_and_says_when_it_cant(tmp_path, capsys, ckpt):
+    img = write_image(tmp_path / "a.png", size=(64, 64))
+    (tmp_path / "p.json").write_text(json.dumps({"predictions": [{"image": str(img), "caption": "x"}]}))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "r" / "thumbs").mkdir(parents=True)
+    (tmp_path / "r" / "index.html").symlink_to(victim)
+    (tmp_path / "r" / "thumbs" / "00000.jpg").symlink_to(victim)
+    assert outcome(capsys, report.main, [str(tmp_path / "p.json"), str(tmp_path / "r")])[0] == 0
+    assert victim.read_text() == "precious" and "<table" in (tmp_path / "r" / "index.html").read_text()
+    (tmp_path / "r2").mkdir()
+    (tmp_path / "r2" / "thumbs").write_text("a file where the thumbs folder goes")
+    code, err = outcome(capsys, report.main, [str(tmp_path / "p.json"), str(tmp_path / "r2")])
+    assert code == 2 and "thumbs can't be created" in err
+    code, err = outcome(capsys, eval_mod.main, ["--checkpoint", str(ckpt), "--report", str(victim)])
+    assert code == 2 and "can't be created" in err and victim.read_text() == "precious"
+
+
+@pytest.mark.parametrize("argv, message", [(["--seed", str(2**70)], "seed"), (["--do_sample", "--temperature", "1e-300"],
+                                                                              "temperature"),
+                                           (["--num_beams", "1000000"], "num_beams")])
+def test_sampling_flags_that_would_crash_decoding_are_usage_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        inference.main(["--checkpoint", "x.pth", "a.png", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
