@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps
 
 from errors import DataError, MissingInputError
-from safeio import NotRegularFile, decode_text, open_regular, read_bytes
+from safeio import NotRegularFile, open_regular, read_text
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 FLICKR30K_REPO = "nlphuji/flickr30k"
@@ -151,16 +151,12 @@ def check_image(path: Path, root: Path | None, skips: SkipLog) -> bool:
     """Cheap header check at index time; full decoding errors are caught again when loading."""
     try:
         outside = root is not None and not path.resolve().is_relative_to(root.resolve())
-    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte in the name
+        exists = path.exists()
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte, a name too long for the file system
         skips.add(path, "unreadable path")
         return False
     if outside:
         skips.add(path, "outside dataset folder")
-        return False
-    try:
-        exists = path.exists()
-    except OSError:  # a name too long for the file system
-        skips.add(path, "unreadable path")
         return False
     if not exists:
         skips.add(path, "missing file")
@@ -236,7 +232,7 @@ def from_captions_csv(csv_path, image_dir, skips: SkipLog) -> CaptionSet:
     """CSV with an image column and a caption column (proper CSV quoting; several rows per image).
     A row the csv module can't parse is skipped and counted as <file>:<line>."""
     csv_path, image_dir = Path(csv_path), Path(image_dir)
-    text = read_text_file(csv_path, "captions file")
+    text = read_text(csv_path, "captions file")
     limit = csv.field_size_limit(1 << 26)  # an overlong caption is read as one field, then skipped as too long
     try:
         reader = csv.DictReader(io.StringIO(text, newline=""))
@@ -267,18 +263,13 @@ def from_captions_csv(csv_path, image_dir, skips: SkipLog) -> CaptionSet:
     return _build(entries, image_dir, skips)
 
 
-def read_text_file(path: Path, what: str) -> str:
-    """A captions file as text: a regular file (not a folder or FIFO), UTF-8 or UTF-16 with a BOM."""
-    return decode_text(read_bytes(path, what), path, what)
-
-
 def from_metadata(root, skips: SkipLog) -> CaptionSet:
     """Hugging Face imagefolder layout: metadata.jsonl or metadata.csv with file_name + text/caption."""
     root = Path(root)
     entries = []
     jl = root / "metadata.jsonl"
     if jl.exists():
-        for n, line in enumerate(read_text_file(jl, "captions file").splitlines(), 1):
+        for n, line in enumerate(read_text(jl, "captions file").splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -314,7 +305,7 @@ def from_sidecar_txt(root, skips: SkipLog) -> CaptionSet:
             skips.add(img, "no caption file")
             continue
         try:
-            text = read_text_file(txt, "caption file")
+            text = read_text(txt, "caption file")
         except DataError as e:  # one image's caption file among many: a counted skip, not the run's end
             skips.add(img, f"unreadable caption file: {e}")
             continue
@@ -425,7 +416,7 @@ def load_flickr30k(split: str, skips: SkipLog, data_dir=None) -> CaptionSet:
     sub = images / "flickr30k-images"
     image_dir = sub if sub.is_dir() else images
     entries = []
-    reader = csv.DictReader(io.StringIO(read_text_file(csv_path, "Flickr30K annotations"), newline=""))
+    reader = csv.DictReader(io.StringIO(read_text(csv_path, "Flickr30K annotations"), newline=""))
     missing = [c for c in ("raw", "filename", "split") if c not in (reader.fieldnames or [])]
     if missing:
         raise DataError(f"{csv_path}: not the Flickr30K annotations file (no {', '.join(missing)} column)")

@@ -110,8 +110,8 @@ def write_report(out_dir, predictions: list[dict], metrics: dict, title: str = "
                  subtitle: str = "") -> Path:
     """predictions: eval.py's rows ({image, caption, references, rouge_l, [clip_score, ref_clip_score]});
     metrics: name -> value (numbers and short strings). -> the path of index.html."""
-    out = check_report_dir(out_dir)
     predictions = check_rows(predictions, "predictions")
+    out = check_report_dir(out_dir)
     keys = [k for k in SCORE_KEYS if any(k in p for p in predictions)]
     rows = []
     for i, p in enumerate(predictions):
@@ -137,15 +137,15 @@ def write_report(out_dir, predictions: list[dict], metrics: dict, title: str = "
 
 
 def check_report_dir(out_dir) -> Path:
-    """The report folder and its thumbs/ folder (a real folder, not a link to elsewhere), created, or DataError."""
-    out = Path(out_dir)
-    for d in (out, out / "thumbs"):
-        if d != out and d.is_symlink():  # (the folder the user named may be a link; what capkit puts in it isn't)
-            d.unlink()
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise DataError(f"report folder {d} can't be created: {e.strerror or e}") from None
+    """The report folder with a real thumbs/ folder in it (a link there is replaced, never written through),
+    created, or DataError. (The folder the user named may itself be a link: that is their choice.)"""
+    out, thumbs = Path(out_dir), Path(out_dir) / "thumbs"
+    if thumbs.is_symlink():
+        thumbs.unlink()
+    try:
+        thumbs.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"report folder {thumbs} can't be created: {e.strerror or e}") from None
     return out
 
 
@@ -164,8 +164,7 @@ def run(argv) -> int:
     data = read_json(argv[0], "predictions file")
     if not isinstance(data, dict) or "predictions" not in data:
         raise DataError(f"{argv[0]} is not an eval.py predictions file (no 'predictions')")
-    check_report_dir(argv[1])
-    check_rows(data["predictions"], argv[0])
+    check_rows(data["predictions"], argv[0])  # (named after the file here; write_report checks the folder)
     index = write_report(argv[1], data["predictions"], report_metrics(data),
                          subtitle=f"{data.get('checkpoint', '')}, split {data.get('split', '?')}")
     print(f"report: {index}")

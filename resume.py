@@ -148,7 +148,7 @@ def resume_target(path, output_dir, training_name=None) -> Path:
         raise MissingInputError(f"--resume {path}: no {meta.name} beside it, so that checkpoint was never completely "
                                 "written; resume from an earlier one")
     read_metadata(meta)  # a damaged or edited metadata file is named here
-    if not resumable(meta):
+    if not state_path_for(meta).is_file():
         raise MissingInputError(f"--resume {path}: {meta.name} has no training state (train_state_*.pt) to resume from")
     return meta
 
