@@ -23,7 +23,15 @@ import random
 import resource
 import time
 
+import open_clip
 import torch
+from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+from common import COMPILE_PAD_MULTIPLE, compile_step, pick_device
+from dataset import LengthGroupedBatches, pad_to_multiple
+from demo_assets import LM_DIR
+from model import CaptionerConfig, ClipCaptioner, tokenize_captions
+from shapes import captions_for, random_attrs, render
 
 CONFIGS = {
     "demo": {"batch_size": 64, "steps": 20, "captions": 64, "max_new_tokens": 24},
@@ -36,21 +44,16 @@ BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A
 
 def real_shape_lm_config(tok):
     """A Qwen3 config with Qwen3-0.6B-Base's dimensions (596M parameters); weights are random."""
-    from transformers import Qwen3Config
     return Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                        num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
                        tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
 
 def build(config: str, device):
-    from demo_assets import LM_DIR
-    from model import CaptionerConfig, ClipCaptioner
     if config == "demo":
         cfg = CaptionerConfig(clip_model_name="demo/clip-tiny", clip_pretrained=None, lm_name="demo/qwen3-tiny",
                               proj_prefix_length=8, proj_hidden_dim=512, lm_dtype="float32")
         return ClipCaptioner.from_config(cfg).to(device)
-    import open_clip
-    from transformers import AutoTokenizer, Qwen3ForCausalLM
     torch.manual_seed(0)
     clip, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
     tok = AutoTokenizer.from_pretrained(LM_DIR, trust_remote_code=False)  # any tokenizer: ids index the 151,936-row table
@@ -62,7 +65,6 @@ def build(config: str, device):
 
 
 def make_data(n: int, seed: int = 0):
-    from demo_assets import captions_for, random_attrs, render
     rng = random.Random(seed)
     attrs = [random_attrs(rng) for _ in range(n)]
     return [render(a, rng) for a in attrs], [rng.choice(captions_for(a)) for a in attrs]
@@ -130,8 +132,6 @@ def seed_generate(model, lm32, images, max_new_tokens, device):
 
 # ---------------------------------------------------------------------------------------------- real path
 def real_train(model, feats, captions, steps, B, device, compile=False):
-    from dataset import LengthGroupedBatches, pad_to_multiple, tokenize_captions
-    from train import COMPILE_PAD_MULTIPLE, compile_step
     # compiled as train.py does (static shapes, CUDA graphs on CUDA): the first batches of each shape compile
     step_model, warmup = (compile_step(model, device), 6) if compile else (model, 1)
     opt = torch.optim.AdamW(model.projector.parameters(), lr=1e-4)
@@ -169,7 +169,6 @@ def main():
     ap.add_argument("--device", default="auto")
     ap.add_argument("--compile", action="store_true", help="torch.compile the real path's training step")
     args = ap.parse_args()
-    from train import pick_device
     c = {**CONFIGS[args.config], **{k: v for k in ("steps", "captions", "batch_size") if (v := getattr(args, k))}}
     device = pick_device(args.device)
     torch.manual_seed(0)

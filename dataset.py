@@ -28,10 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
+from huggingface_hub import hf_hub_download
 from PIL import Image, ImageFile, ImageOps
+from torchvision.transforms import ColorJitter, RandomResizedCrop
 
+from common import hub_or_cache
 from errors import DataError, MissingInputError
 from safeio import NotRegularFile, open_regular, read_text
+from shapes import ensure_shapes_dataset
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 FLICKR30K_REPO = "nlphuji/flickr30k"
@@ -374,21 +379,11 @@ def flickr30k_files(data_dir=None) -> tuple[Path, Path]:
             if csv_path.exists() and images.exists():
                 return csv_path, images
         raise MissingInputError(f"{d}: expected {FLICKR30K_FILES[0]} and flickr30k-images/ (or {FLICKR30K_FILES[1]})")
-    from huggingface_hub import hf_hub_download
-
-    from errors import HubUnavailableError
-    from model import hub_online
-    offline = not hub_online()
-    try:
-        paths = [Path(hf_hub_download(FLICKR30K_REPO, f, repo_type="dataset", local_files_only=offline))
-                 for f in FLICKR30K_FILES]
-    except Exception:
-        if offline:
-            raise HubUnavailableError(
-                f"cannot load Flickr30K: the Hugging Face Hub is unreachable and {FLICKR30K_REPO} is not cached. "
-                f"Run once with internet access, or set `data_dir` to a folder holding {FLICKR30K_FILES[0]} "
-                f"and flickr30k-images/ (or {FLICKR30K_FILES[1]}).") from None
-        raise
+    paths = hub_or_cache(
+        lambda offline: [Path(hf_hub_download(FLICKR30K_REPO, f, repo_type="dataset", local_files_only=offline))
+                         for f in FLICKR30K_FILES],
+        f"Flickr30K ({FLICKR30K_REPO})", f"set `data_dir` to a folder holding {FLICKR30K_FILES[0]} and "
+        f"flickr30k-images/ (or {FLICKR30K_FILES[1]}).")
     return paths[0], paths[1]
 
 
@@ -447,7 +442,6 @@ def load_splits(hp: dict, skips: SkipLog, which=("train", "val", "test")) -> dic
     if kind == "flickr30k":
         return {s: load_flickr30k(s, skips, hp.get("data_dir")) for s in which}
     if kind in ("shapes", "shapes_b"):  # the demo datasets (shapes_b: one style-B caption per image)
-        from demo_assets import ensure_shapes_dataset
         root = ensure_shapes_dataset(hp["data_dir"], "all" if kind == "shapes" else "b")
         return {s: load_folder(root / s, skips) for s in which}
     if kind != "folder":
@@ -486,7 +480,6 @@ def run_sharded(acc, n: int, fn) -> list:
     that order follow index order). acc None or one process: just [fn(list(range(n)))]."""
     if acc is None or acc.num_processes == 1:
         return [fn(list(range(n)))]
-    from accelerate.utils import gather_object
     with acc.split_between_processes(list(range(n))) as mine:
         part = fn(list(mine))
     return gather_object([part])
@@ -519,11 +512,9 @@ class AugmentThenPreprocess:
     preprocessing. No flips and no hue changes: captions name sides and colours."""
 
     def __init__(self, preprocess):
-        from torchvision.transforms import ColorJitter
         self.preprocess, self.jitter = preprocess, ColorJitter(brightness=0.2, contrast=0.2)
 
     def __call__(self, image):
-        from torchvision.transforms import RandomResizedCrop
         image = RandomResizedCrop(image.size[::-1], scale=(0.85, 1.0), ratio=(0.9, 1.1))(image)  # same (H, W)
         return self.preprocess(self.jitter(image))
 
@@ -628,17 +619,3 @@ def pad_to_multiple(enc: dict, multiple: int, pad_id: int) -> dict:
         return enc
     return {**enc, "input_ids": torch.nn.functional.pad(enc["input_ids"], (0, extra), value=pad_id),
             "attention_mask": torch.nn.functional.pad(enc["attention_mask"], (0, extra), value=0)}
-
-
-def tokenize_captions(tok, captions, max_length):
-    """-> input_ids, attention_mask (B, T): each caption's tokens + EOS, T = longest in batch."""
-    ids = tok(list(captions), add_special_tokens=False)["input_ids"]
-    ids = [x[: max_length - 1] + [tok.eos_token_id] for x in ids]
-    T = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), T), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), T), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, :len(x)] = torch.tensor(x)
-        mask[i, :len(x)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask}
-

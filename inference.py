@@ -17,9 +17,14 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+from torch.utils.data import DataLoader
+
+from common import check_output_path, int_at_least, pick_device, positive_int
 from dataset import Collate, ImageDataset, find_images
 from errors import run_cli
-from eval import check_output_path, int_at_least, positive_int
+from load_model_example import load_model_from_checkpoint
+from model import Generation
 from safeio import file_kind
 
 
@@ -69,23 +74,18 @@ def run(argv=None) -> int:
     ap.add_argument("--output", help="write results to FILE.json or FILE.jsonl")
     ap.add_argument("--batch_size", type=positive_int, default=16)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--max_new_tokens", type=positive_int, default=40)
-    ap.add_argument("--num_beams", type=int_at_least(1, 64), default=1)
+    g = Generation()  # the defaults every script shares
+    ap.add_argument("--max_new_tokens", type=positive_int, default=g.max_new_tokens)
+    ap.add_argument("--num_beams", type=int_at_least(1, 64), default=g.num_beams)
     ap.add_argument("--do_sample", action="store_true")
-    ap.add_argument("--temperature", type=sampling_float(0.01, 100, False), default=1.0)
-    ap.add_argument("--top_p", type=sampling_float(0, 1, True), default=1.0)
-    ap.add_argument("--top_k", type=int_at_least(0), default=0)
+    ap.add_argument("--temperature", type=sampling_float(0.01, 100, False), default=g.temperature)
+    ap.add_argument("--top_p", type=sampling_float(0, 1, True), default=g.top_p)
+    ap.add_argument("--top_k", type=int_at_least(0), default=g.top_k)
     ap.add_argument("--seed", type=int_at_least(0, 2**32 - 1), default=None, help="for reproducible sampling")
     args = ap.parse_args(argv)
     if args.output and not args.output.endswith((".json", ".jsonl")):
         ap.error("--output must end in .json or .jsonl")
     check_output_path(args.output)
-
-    import torch
-    from torch.utils.data import DataLoader
-
-    from load_model_example import load_model_from_checkpoint
-    from train import pick_device
     model, _, _ = load_model_from_checkpoint(args.checkpoint, pick_device(args.device))
     skipped = []
     paths = collect_images(args.inputs, skipped)

@@ -24,18 +24,11 @@ from pathlib import Path
 
 import torch
 
+from checkpoints import checkpoint_globs, metadata_path_for
+from dataset import SkipLog, image_problem, load_rgb, load_splits
 from errors import RefusedFileError, run_cli
-from model import checkpoint_stem, load_captioner
+from model import Generation, load_captioner
 from safeio import read_json
-
-
-def metadata_path_for(checkpoint) -> Path:
-    """model_state_dict_<stem>.pth / adapter_<stem>/ -> training_metadata_<stem>.json beside it;
-    a merged folder carries its own training_metadata.json."""
-    p = Path(checkpoint)
-    if p.is_dir() and (p / "training_metadata.json").exists():
-        return p / "training_metadata.json"
-    return p.with_name(f"training_metadata_{checkpoint_stem(p)}.json")
 
 
 def load_model_from_checkpoint(path, device="cpu", **config_overrides) -> tuple[torch.nn.Module, dict, dict]:
@@ -51,7 +44,6 @@ def load_model_from_checkpoint(path, device="cpu", **config_overrides) -> tuple[
 
 @torch.no_grad()
 def caption_images(model, paths, batch_size: int = 16, **gen_kwargs) -> list[str]:
-    from dataset import load_rgb
     out = []
     for s in range(0, len(paths), batch_size):
         pixels = torch.stack([model.preprocess(load_rgb(p)) for p in paths[s:s + batch_size]])
@@ -61,7 +53,7 @@ def caption_images(model, paths, batch_size: int = 16, **gen_kwargs) -> list[str
 
 def newest_checkpoint(folder="saved_models") -> Path | None:
     """The newest checkpoint (.pth or adapter folder) whose metadata JSON exists (= it was completely written)."""
-    ckpts = [p for p in [*Path(folder).glob("model_state_dict_*.pth"), *Path(folder).glob("adapter_*")]
+    ckpts = [p for pattern in checkpoint_globs() for p in Path(folder).glob(pattern)
              if not p.name.startswith(".") and metadata_path_for(p).exists()]
     return max(ckpts, key=lambda p: p.stat().st_mtime) if ckpts else None
 
@@ -82,9 +74,7 @@ def run(argv) -> int:
     if len(argv) > 1:
         images = argv[1:]
     else:
-        from dataset import SkipLog, load_splits
         images = load_splits(hp, SkipLog(), which=("test",))["test"].images[:3]
-    from dataset import image_problem, load_rgb
     readable = []
     for p in images:  # a missing or unreadable image is named, the others are still captioned
         try:
@@ -92,7 +82,7 @@ def run(argv) -> int:
             readable.append(str(p))
         except Exception as e:  # whatever decoding a stranger's file raises: that image is skipped
             print(f"skipped {p}: {image_problem(e)}", file=sys.stderr)
-    for path, caption in zip(readable, caption_images(model, readable, max_new_tokens=hp.get("max_new_tokens", 40))):
+    for path, caption in zip(readable, caption_images(model, readable, max_new_tokens=hp.get("max_new_tokens", Generation.max_new_tokens))):
         print(f"{path}\t{caption}")
     return 0 if readable else 1
 

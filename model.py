@@ -15,24 +15,25 @@ capkit's captioners, behind one interface (forward -> (logits, loss), generate, 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
-import socket
-import tempfile
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
-from urllib.parse import urlparse
 
+import open_clip
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers
+from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, GenerationConfig
 
+from checkpoints import MERGED_METADATA, metadata_name, stem_of
+from common import atomic_folder, atomic_torch_save, atomic_write_json, hub_or_cache, load_all, resolve_local_path
 from errors import ConfigError, HubUnavailableError, RefusedFileError
 from safeio import check_model_folder, read_json, torch_load
 
-REPO_DIR = Path(__file__).resolve().parent
 CHECKPOINT_FORMAT = "capkit.clip_mlp.v1"
 HF_CHECKPOINT_FORMAT = "capkit.hf.v1"
 HF_CONFIG_FILE = "capkit_config.json"  # in an adapter or merged-model folder: what rebuilds it
@@ -62,7 +63,7 @@ class CaptionerConfig:
     lm_dtype: str = "auto"                  # auto: bfloat16 on CUDA, float32 elsewhere
     # GIT / BLIP: a whole captioning model (hub id or local folder; None = the family's default)
     hf_model_name: str | None = None
-    quantization_bits: int = 16             # 4 (nf4, double quantization, bf16 compute), 8, or 16 (none)
+    quantization_bits: int = 4              # 4 = QLoRA (nf4, double quantization, bf16 compute), 8, or 16 (none)
     peft_module: str | None = "LoRA"        # "LoRA" | "IA3" (None only for a merged, standalone model)
     lora_r: int = 16
     lora_alpha: int = 32
@@ -143,52 +144,7 @@ def build_projector(cfg: CaptionerConfig) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------
-# loading backbones, with one clear message when the hub can't be reached
-
-def resolve_local_path(path: str | os.PathLike | None) -> Path | None:
-    """An existing path as given (relative to the cwd) or relative to the repo (so notebooks and
-    other working directories find the shipped demo assets); None if neither exists."""
-    if not path:
-        return None
-    p = Path(path).expanduser()
-    for cand in (p, REPO_DIR / p):
-        if cand.exists():
-            return cand.resolve()
-    return None
-
-
-_HUB_ONLINE: bool | None = None
-
-
-def hub_online() -> bool:
-    """Can the Hugging Face Hub be reached? Checked once per process with a 3 s TCP connect, so
-    an offline machine fails in seconds instead of huggingface_hub's ~30 s of retries. When it
-    can't, huggingface_hub is switched to offline mode so cached files still load."""
-    global _HUB_ONLINE
-    if _HUB_ONLINE is None:
-        import huggingface_hub.constants as hfc
-        if hfc.HF_HUB_OFFLINE:
-            _HUB_ONLINE = False
-        elif os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
-            _HUB_ONLINE = True  # can't probe through a proxy; let the hub client try
-        else:
-            host = urlparse(hfc.ENDPOINT).hostname or "huggingface.co"
-            try:
-                socket.create_connection((host, 443), timeout=3).close()
-                _HUB_ONLINE = True
-            except OSError:
-                _HUB_ONLINE = False
-        if not _HUB_ONLINE:
-            hfc.HF_HUB_OFFLINE = True
-            os.environ["HF_HUB_OFFLINE"] = "1"
-    return _HUB_ONLINE
-
-
-def _offline_message(what: str, key_hint: str) -> str:
-    return (f"cannot load {what}: the Hugging Face Hub is unreachable (no network, or HF_HUB_OFFLINE=1) "
-            f"and it is not in the local cache. Run once on a machine with internet access to cache it, "
-            f"or {key_hint}")
-
+# loading backbones (common.hub_or_cache: one clear message when the hub can't be reached)
 
 def load_image_encoder(cfg: CaptionerConfig):
     """open_clip model -> (visual tower, eval preprocess, embedding dim). Only the visual tower is
@@ -207,48 +163,53 @@ def load_image_encoder(cfg: CaptionerConfig):
 def load_clip(cfg: CaptionerConfig):
     """The whole open_clip model named by cfg (both towers) -> (model, eval preprocess, the name to
     give open_clip.get_tokenizer). Hub ids, local weights files and local open_clip folders."""
-    import open_clip
-    name, pretrained = cfg.clip_model_name, cfg.clip_pretrained
-    local = resolve_local_path(name[len("local-dir:"):] if name.startswith("local-dir:") else name)
-    needs_hub = False
-    local_weights = None
-    if local is not None and local.is_dir():
-        name, pretrained = f"local-dir:{local}", None
-        check_model_folder(local, "CLIP folder")  # its weights file is refused if it would run code
-    elif name.startswith("local-dir:"):
-        raise ConfigError(f"clip_model_name {cfg.clip_model_name!r}: no such folder")
-    elif pretrained and resolve_local_path(pretrained) is not None:
-        pretrained = local_weights = str(resolve_local_path(pretrained))
-        if not Path(pretrained).is_file():
-            raise ConfigError(f"clip_pretrained {cfg.clip_pretrained!r} is not a file (a weights file is expected)")
-        if not pretrained.endswith(".safetensors"):
-            torch_load(pretrained, "CLIP weights file")  # refused here, in capkit's words, if it would run code
-    else:
-        needs_hub = name.startswith("hf-hub:") or bool(pretrained)
-    if needs_hub:
-        hub_online()
-    quiet = needs_hub and not hub_online()  # open_clip logs its own ERROR line before raising; we say it better
-    if quiet:
-        logging.disable(logging.ERROR)
+    name, pretrained, local = _clip_source(cfg)
+    needs_hub = local is None and (name.startswith("hf-hub:") or bool(pretrained))
+
+    def create(offline: bool):
+        if offline:  # open_clip logs its own ERROR line before raising; hub_or_cache says it better
+            logging.disable(logging.ERROR)
+        try:
+            return open_clip.create_model_and_transforms(name, pretrained=pretrained,
+                                                         force_image_size=cfg.clip_image_size)
+        finally:
+            if offline:
+                logging.disable(logging.NOTSET)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, force_image_size=cfg.clip_image_size)
-    except Exception as e:  # open_clip wraps hub failures in RuntimeError/FileNotFoundError
-        if needs_hub and not hub_online():
-            raise HubUnavailableError(_offline_message(
-                f"the CLIP image encoder {cfg.clip_model_name!r} (pretrained={cfg.clip_pretrained!r})",
-                "set `clip_pretrained` to a local weights file (e.g. --clip_pretrained=/path/ViT-B-32.pt), "
-                "or `clip_model_name` to 'local-dir:/path' (a folder with open_clip_config.json + weights).",
-            )) from None
-        if local is not None or local_weights is not None:
-            raise RefusedFileError(f"the CLIP encoder {local or local_weights} can't be loaded by open_clip "
+        model, _, preprocess = hub_or_cache(
+            create, f"the CLIP image encoder {cfg.clip_model_name!r} (pretrained={cfg.clip_pretrained!r})",
+            "set `clip_pretrained` to a local weights file (e.g. --clip_pretrained=/path/ViT-B-32.pt), "
+            "or `clip_model_name` to 'local-dir:/path' (a folder with open_clip_config.json + weights).",
+        ) if needs_hub else create(False)
+    except HubUnavailableError:
+        raise
+    except Exception as e:  # open_clip wraps its failures in RuntimeError / FileNotFoundError / ValueError
+        if local is not None:
+            raise RefusedFileError(f"the CLIP encoder {local} can't be loaded by open_clip "
                                    f"({type(e).__name__}: {_first_line(e)})") from None
         raise ConfigError(f"clip_model_name={cfg.clip_model_name!r} / clip_pretrained={cfg.clip_pretrained!r}: "
                           f"open_clip can't build it ({type(e).__name__}: {_first_line(e)})") from None
-    finally:
-        if quiet:
-            logging.disable(logging.NOTSET)
     return model, preprocess, name
+
+
+def _clip_source(cfg: CaptionerConfig) -> tuple[str, str | None, Path | None]:
+    """-> (name, pretrained) to give open_clip, and the local folder or weights file they come from (None:
+    the hub or open_clip's built-in configs). Local weights that would run code are refused here, first."""
+    name, pretrained = cfg.clip_model_name, cfg.clip_pretrained
+    folder = resolve_local_path(name.removeprefix("local-dir:"))
+    if folder is not None and folder.is_dir():
+        check_model_folder(folder, "CLIP folder")  # its weights file is refused if it would run code
+        return f"local-dir:{folder}", None, folder
+    if name.startswith("local-dir:"):
+        raise ConfigError(f"clip_model_name {cfg.clip_model_name!r}: no such folder")
+    weights = resolve_local_path(pretrained) if pretrained else None
+    if weights is None:
+        return name, pretrained, None
+    if not weights.is_file():
+        raise ConfigError(f"clip_pretrained {cfg.clip_pretrained!r} is not a file (a weights file is expected)")
+    if weights.suffix != ".safetensors":
+        torch_load(weights, "CLIP weights file")  # refused here, in capkit's words, if it would run code
+    return name, str(weights), weights
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -270,15 +231,14 @@ def from_pretrained(cls, name: str, what: str, key: str, **kw):
         raise ConfigError(f"{key}={name!r} is a file; give a folder written by save_pretrained, or a hub id")
     if local is not None:
         check_model_folder(local, what)
-    src = str(local) if local is not None else name
-    offline = local is None and not hub_online()
     try:
-        return cls.from_pretrained(src, local_files_only=offline, trust_remote_code=False, **kw)
+        if local is not None:
+            return cls.from_pretrained(str(local), trust_remote_code=False, **kw)
+        return hub_or_cache(lambda offline: cls.from_pretrained(name, local_files_only=offline, trust_remote_code=False,
+                                                                **kw),
+                            f"the {what} {name!r}", f"set `{key}` to a local folder written by save_pretrained "
+                            f"(e.g. --{key}=/path/to/folder).", catch=OSError)
     except OSError as e:
-        if offline:
-            raise HubUnavailableError(_offline_message(
-                f"the {what} {name!r}", f"set `{key}` to a local folder written by save_pretrained "
-                f"(e.g. --{key}=/path/to/folder).")) from None
         if local is not None:
             raise RefusedFileError(f"{what} folder {local} can't be loaded: {_first_line(e)}") from None
         raise ConfigError(f"{key}={name!r}: {_first_line(e)}") from None
@@ -299,7 +259,6 @@ def _first_line(e: BaseException) -> str:
 
 def load_decoder(cfg: CaptionerConfig):
     """transformers causal LM + tokenizer from a hub id or local folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     lm = from_pretrained(AutoModelForCausalLM, cfg.lm_name, "decoder", "lm_name", dtype=resolve_dtype(cfg.lm_dtype))
     tok = from_pretrained(AutoTokenizer, cfg.lm_tokenizer_name or cfg.lm_name, "tokenizer",
                           "lm_tokenizer_name" if cfg.lm_tokenizer_name else "lm_name")
@@ -309,9 +268,85 @@ def load_decoder(cfg: CaptionerConfig):
 
 
 # ----------------------------------------------------------------------------------------------
-# the captioner
+# what every captioner is: the interface train.py, eval.py and inference.py rely on
 
-class ClipCaptioner(nn.Module):
+@dataclass(frozen=True)
+class Generation:
+    """Decoding settings and their defaults, for every script: train.py's evaluation, eval.py, inference.py
+    and load_model_example.py. generate(**kw) checks kw against these names."""
+    max_new_tokens: int = 40        # generated tokens at most (EOS ends a caption earlier)
+    num_beams: int = 1              # 1 = greedy
+    do_sample: bool = False         # sample instead of searching (then temperature / top_p / top_k apply)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                  # 0 = no top-k cut
+    seed: int | None = None         # torch.manual_seed before decoding (reproducible sampling)
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the positions where mask is 1: logits (B, T, V) predict targets (B, T).
+    Padding (and any prefix) carries mask 0, which is the same as a label of -100."""
+    labels = targets.masked_fill(mask == 0, -100)                                     # (B, T)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+class Captioner(nn.Module, ABC):
+    """The shape a capkit model fills in. A third model type subclasses this, gets a model_type in
+    CaptionerConfig and a branch in build_model; the scripts need nothing else.
+
+    Attributes: config (CaptionerConfig, saved in every checkpoint), tokenizer, preprocess (PIL image ->
+    (3, S, S) tensor), supports_feature_cache (True when the image side is frozen, so features.py may
+    compute its output once per image and pass image_embeds instead of pixel_values)."""
+    supports_feature_cache = False
+    config: CaptionerConfig
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
+    @abstractmethod
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer updates (and what a training state saves)."""
+
+    @abstractmethod
+    def tokenize(self, captions, max_length: int) -> dict[str, torch.Tensor]:
+        """captions -> {"input_ids", "attention_mask"} (B, T), right-padded, the form forward() takes."""
+
+    @abstractmethod
+    def loss_tokens(self, attention_mask: torch.Tensor) -> int:
+        """How many tokens forward()'s mean loss is taken over, for a batch of tokenize()'s output."""
+
+    @abstractmethod
+    def forward(self, input_ids, attention_mask, pixel_values=None, image_embeds=None):
+        """-> (logits, loss): loss = masked_cross_entropy over the caption's tokens (padding excluded)."""
+
+    @abstractmethod
+    def generate(self, pixel_values=None, image_embeds=None, **generation) -> list[str]:
+        """One caption per image; generation: the fields of Generation."""
+
+    @abstractmethod
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        """Write the trainable weights + the config that rebuilds the rest (load_captioner reads it)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# the main path: frozen CLIP -> trainable projector -> frozen decoder
+
+def tokenize_captions(tok, captions, max_length: int) -> dict[str, torch.Tensor]:
+    """-> input_ids, attention_mask (B, T): each caption's tokens + EOS, T = longest in batch (no BOS:
+    the image prefix leads). Padding uses the tokenizer's pad id and is masked out of attention and loss."""
+    ids = tok(list(captions), add_special_tokens=False)["input_ids"]
+    ids = [x[: max_length - 1] + [tok.eos_token_id] for x in ids]
+    T = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), T), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), T), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, :len(x)] = torch.tensor(x)
+        mask[i, :len(x)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+class ClipCaptioner(Captioner):
     supports_feature_cache = True  # the image side is frozen: features can be computed once (features.py)
 
     def __init__(self, config: CaptionerConfig, image_encoder: nn.Module, lm: nn.Module, tokenizer,
@@ -329,17 +364,8 @@ class ClipCaptioner(nn.Module):
 
     @classmethod
     def from_config(cls, config: CaptionerConfig) -> "ClipCaptioner":
-        problems = []
-        try:
-            encoder, preprocess, embed_dim = load_image_encoder(config)
-        except HubUnavailableError as e:
-            problems.append(str(e))
-        try:
-            lm, tok = load_decoder(config)
-        except HubUnavailableError as e:
-            problems.append(str(e))
-        if problems:
-            raise HubUnavailableError("\n".join(problems))
+        (encoder, preprocess, embed_dim), (lm, tok) = load_all(partial(load_image_encoder, config),
+                                                               partial(load_decoder, config))
         return cls(config, encoder, lm, tok, preprocess, embed_dim)
 
     def train(self, mode: bool = True):
@@ -360,12 +386,10 @@ class ClipCaptioner(nn.Module):
 
     def tokenize(self, captions, max_length: int) -> dict[str, torch.Tensor]:
         """-> input_ids, attention_mask (B, T): caption tokens + EOS, right-padded (no BOS: the prefix leads)."""
-        from dataset import tokenize_captions
         return tokenize_captions(self.tokenizer, captions, max_length)
 
-    @staticmethod
-    def checkpoint_name(stem: str) -> str:
-        return f"model_state_dict_{stem}.pth"
+    def loss_tokens(self, attention_mask: torch.Tensor) -> int:
+        return int(attention_mask.sum())  # every caption token and its EOS is predicted (from the prefix on)
 
     # -- pieces ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -409,32 +433,27 @@ class ClipCaptioner(nn.Module):
         keep = torch.arange(P - 1, P - 1 + T, device=inputs_embeds.device)
         logits = self.lm(inputs_embeds=inputs_embeds, attention_mask=mask, logits_to_keep=keep,
                          use_cache=False).logits                                       # (B, T, V)
-        labels = input_ids.masked_fill(attention_mask == 0, -100)                     # padding ignored
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-        return logits, loss
+        return logits, masked_cross_entropy(logits, input_ids, attention_mask)         # padding ignored
 
     # -- generation -----------------------------------------------------------------------------
     @torch.no_grad()
-    def generate_ids(self, pixel_values=None, image_embeds=None, max_new_tokens: int = 40, num_beams: int = 1,
-                     do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                     seed: int | None = None) -> torch.Tensor:
+    def generate_ids(self, pixel_values=None, image_embeds=None, **generation) -> torch.Tensor:
         """Batched decoding with the decoder's KV cache; returns new token ids (B, <=max_new_tokens),
-        padded with pad_token_id after EOS."""
-        from transformers import GenerationConfig
+        padded with pad_token_id after EOS. generation: the fields of Generation."""
+        g = Generation(**generation)
         prefix = self.prefix_embeds(self._image_embeds(pixel_values, image_embeds))   # (B, P, H)
         mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
-        gen = GenerationConfig(
-            max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
-            temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
-            top_k=top_k if do_sample else None, eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id, bos_token_id=None,
-        )
-        if seed is not None:
-            torch.manual_seed(seed)
+        sampled = {"temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k} if g.do_sample else \
+            {"temperature": None, "top_p": None, "top_k": None}
+        gen = GenerationConfig(max_new_tokens=g.max_new_tokens, num_beams=g.num_beams, do_sample=g.do_sample,
+                               eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                               bos_token_id=None, **sampled)
+        if g.seed is not None:
+            torch.manual_seed(g.seed)
         return self.lm.generate(inputs_embeds=prefix, attention_mask=mask, generation_config=gen)
 
-    def generate(self, pixel_values=None, image_embeds=None, **kw) -> list[str]:
-        ids = self.generate_ids(pixel_values, image_embeds, **kw)
+    def generate(self, pixel_values=None, image_embeds=None, **generation) -> list[str]:
+        ids = self.generate_ids(pixel_values, image_embeds, **generation)
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -474,12 +493,11 @@ def quantization_kwargs(bits: int) -> dict:
         return {}
     if bits not in (4, 8):
         raise ValueError(f"quantization_bits must be 4, 8 or 16, got {bits}")
-    from transformers import BitsAndBytesConfig
     if bits == 4:
-        return {"quantization_config": BitsAndBytesConfig(
+        return {"quantization_config": transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)}
-    return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
+    return {"quantization_config": transformers.BitsAndBytesConfig(load_in_8bit=True)}
 
 
 def load_hf_model(cfg: CaptionerConfig, source: str | None = None, device: str | torch.device = "cpu"):
@@ -487,7 +505,6 @@ def load_hf_model(cfg: CaptionerConfig, source: str | None = None, device: str |
     cfg.quantization_bits says. Where this platform can't quantize, says so in one line and goes on
     unquantized (cfg.quantization_bits is set to 16 so the checkpoint tells the truth). The model
     comes back on `device` (bitsandbytes models can't be moved after loading)."""
-    import transformers
     default, cls_name = HF_FAMILIES[cfg.model_type][:2]
     name = source or cfg.hf_model_name or default
     what, cls = f"{cfg.model_type.upper()} model", getattr(transformers, cls_name)
@@ -531,7 +548,7 @@ def add_adapters(model, cfg: CaptionerConfig):
     return model
 
 
-class HFCaptioner(nn.Module):
+class HFCaptioner(Captioner):
     """GIT or BLIP (+ PEFT adapters) behind ClipCaptioner's interface. Captions are tokenized as
     [CLS] caption [SEP] (BLIP: its [DEC] BOS instead of [CLS], as its generate() starts with)."""
     supports_feature_cache = False  # the adapters change what the image side computes
@@ -562,6 +579,9 @@ class HFCaptioner(nn.Module):
             ids[:, 0] = self.model.config.text_config.bos_token_id
         return {"input_ids": ids, "attention_mask": enc["attention_mask"]}
 
+    def loss_tokens(self, attention_mask: torch.Tensor) -> int:
+        return int(attention_mask[:, 1:].sum())  # the BOS is never predicted
+
     def _pixels(self, pixel_values, image_embeds):
         if image_embeds is not None or pixel_values is None:
             raise ValueError(f"{self.config.model_type} models take pixel_values (no cached image features)")
@@ -580,62 +600,33 @@ class HFCaptioner(nn.Module):
                          pixel_values=self._pixels(pixel_values, image_embeds), use_cache=False)
         T = input_ids.shape[1]
         logits = out.logits[:, -T:-1]  # GIT puts the image tokens first: keep the text positions  (B, T-1, V)
-        labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-        return logits, loss
+        return logits, masked_cross_entropy(logits, input_ids[:, 1:], attention_mask[:, 1:])
 
     @torch.no_grad()
-    def generate(self, pixel_values=None, image_embeds=None, max_new_tokens: int = 40, num_beams: int = 1,
-                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None) -> list[str]:
-        kw = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": do_sample}
-        if do_sample:
-            kw.update(temperature=temperature, top_p=top_p, top_k=top_k)
-        if seed is not None:
-            torch.manual_seed(seed)
+    def generate(self, pixel_values=None, image_embeds=None, **generation) -> list[str]:
+        g = Generation(**generation)
+        kw = {"max_new_tokens": g.max_new_tokens, "num_beams": g.num_beams, "do_sample": g.do_sample}
+        if g.do_sample:
+            kw.update(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
+        if g.seed is not None:
+            torch.manual_seed(g.seed)
         ids = self.model.generate(pixel_values=self._pixels(pixel_values, image_embeds), **kw)
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
-
-    @staticmethod
-    def checkpoint_name(stem: str) -> str:
-        return f"adapter_{stem}"
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         """A folder: the PEFT adapter (safetensors) + processor + capkit_config.json; written beside
         the target and renamed into place, so the folder is complete or absent."""
-        write_hf_folder(path, lambda d: (self.model.save_pretrained(d), self.processor.save_pretrained(d)),
-                        self.config)
+        write_hf_folder(path, self.model, self.processor, self.config)
 
 
-def current_umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it: put it straight back
-    os.umask(mask)
-    return mask
-
-
-def write_hf_folder(path, write_fn, cfg: CaptionerConfig) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700 folders; give the usual permissions
-    try:
-        write_fn(str(tmp))
+def write_hf_folder(path, model, processor, cfg: CaptionerConfig) -> None:
+    """model + processor (save_pretrained) + the capkit_config.json that rebuilds them, as one folder that
+    is complete or absent (common.atomic_folder); an existing folder is replaced only if capkit wrote it."""
+    def write(tmp: Path):
+        model.save_pretrained(str(tmp))
+        processor.save_pretrained(str(tmp))
         atomic_write_json({"format": HF_CHECKPOINT_FORMAT, "model_config": asdict(cfg)}, tmp / HF_CONFIG_FILE)
-        for f in tmp.rglob("*"):  # on disk before the rename makes the folder visible
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if path.is_symlink() or path.is_file():
-            raise ConfigError(f"{path} exists and is not a folder: choose another destination")
-        if path.exists():  # replace only a folder capkit wrote (a checkpoint saved again after a resume)
-            if any(path.iterdir()) and not (path / HF_CONFIG_FILE).is_file():
-                raise ConfigError(f"{path} exists and is not a capkit model folder: capkit won't replace it; "
-                                  "choose another destination or remove it yourself")
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    atomic_folder(path, write, marker=HF_CONFIG_FILE)
 
 
 def read_hf_config(path: Path, **config_overrides) -> CaptionerConfig:
@@ -659,8 +650,7 @@ def read_hf_config(path: Path, **config_overrides) -> CaptionerConfig:
 
 def load_hf_checkpoint(path, device="cpu", **config_overrides) -> HFCaptioner:
     """An adapter folder (base model from its config + the adapter) or a merged folder (standalone)."""
-    from peft import PeftModel
-    from transformers import AutoProcessor
+    from peft import PeftModel  # optional: only the git / blip path needs it
     path = Path(path)
     cfg = read_hf_config(path, **config_overrides)
     if (path / "adapter_config.json").exists():
@@ -676,17 +666,11 @@ def load_hf_checkpoint(path, device="cpu", **config_overrides) -> HFCaptioner:
     return HFCaptioner(cfg, model, processor).eval()
 
 
-def checkpoint_stem(path) -> str:
-    """model_state_dict_<run>-<epoch>.pth / adapter_<run>-<epoch> -> "<run>-<epoch>" (what the
-    metadata JSON and the predictions file are named after)."""
-    return Path(path).name.removesuffix(".pth").removeprefix("model_state_dict_").removeprefix("adapter_")
-
-
 def merge_adapter(adapter_dir, merged_dir=None, wise_alpha: float = 1.0) -> Path:
     """Fold a LoRA / IA3 adapter into an unquantized copy of its base model and save the result as a
     standalone folder (save_pretrained + processor + capkit_config.json + the training metadata).
     wise_alpha < 1 interpolates WiSE-FT style: weights = base + alpha x (fine-tuned - base)."""
-    from peft import PeftModel
+    from peft import PeftModel  # optional: only the git / blip path needs it
     adapter_dir = Path(adapter_dir)
     cfg = read_hf_config(adapter_dir, quantization_bits=16, lm_dtype="float32")
     if not (adapter_dir / "adapter_config.json").exists():
@@ -699,16 +683,16 @@ def merge_adapter(adapter_dir, merged_dir=None, wise_alpha: float = 1.0) -> Path
             for k, v in merged.state_dict().items():
                 if v.is_floating_point():
                     v.copy_(before[k] + wise_alpha * (v - before[k]))
-    stem = checkpoint_stem(adapter_dir)
+    stem = stem_of(adapter_dir)
     merged_dir = Path(merged_dir) if merged_dir else adapter_dir.with_name(
         f"merged_{stem}" + (f"_wise{wise_alpha:g}" if wise_alpha < 1 else ""))
     out_cfg = read_hf_config(adapter_dir, peft_module=None, quantization_bits=16)
-    write_hf_folder(merged_dir, lambda d: (merged.save_pretrained(d), processor.save_pretrained(d)), out_cfg)
-    meta = adapter_dir.with_name(f"training_metadata_{stem}.json")
+    write_hf_folder(merged_dir, merged, processor, out_cfg)
+    meta = adapter_dir.with_name(metadata_name(stem))
     if meta.exists():  # eval.py finds the dataset through it
         m = read_json(meta, "training metadata", RefusedFileError)
         m["merged"] = {"adapter": str(adapter_dir), "wise_alpha": wise_alpha}
-        atomic_write_json(m, merged_dir / "training_metadata.json")
+        atomic_write_json(m, merged_dir / MERGED_METADATA)
     return merged_dir
 
 
@@ -751,31 +735,3 @@ def load_captioner(path: str | os.PathLike, device: str | torch.device = "cpu", 
         raise RefusedFileError(f"{path}: its weights don't fit the projector its config describes "
                                f"({_first_line(e)})") from None
     return model.to(device).eval()
-
-
-# ----------------------------------------------------------------------------------------------
-# atomic writes: a crash mid-write never leaves a half-written file under the final name
-
-def atomic_write(path, write_fn) -> None:
-    """write_fn(binary file) into a temp file beside path, fsync, then rename over path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the usual permissions (shared clusters)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_torch_save(obj, path) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_json(obj, path) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))

@@ -14,6 +14,9 @@ import math
 import sys
 from pathlib import Path
 
+from PIL import Image
+
+from dataset import open_image
 from errors import DataError, run_cli
 from safeio import read_json
 
@@ -90,9 +93,6 @@ def check_rows(predictions, source) -> list[dict]:
 def write_thumbnail(src, dst: Path) -> bool:
     """A JPEG thumbnail of src at dst; False (and no file) if the image can't be read. Only regular files
     under the pixel budget are opened: a predictions file can name anything."""
-    from PIL import Image
-
-    from dataset import open_image
     try:
         with open_image(src) as im:
             im = im.convert("RGB")

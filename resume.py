@@ -18,8 +18,15 @@ import random
 import shutil
 import signal
 import sys
+import threading
+import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from checkpoints import checkpoint_files, is_metadata, metadata_path_for, run_metadata_glob, state_path_for, stem_of
 from errors import ConfigError, MissingInputError, RefusedFileError
 from safeio import plain_name, read_json, torch_load
 
@@ -32,15 +39,95 @@ RESUME_SAFE = frozenset({
 })
 
 
-def state_path_for(meta_path: Path) -> Path:
-    return meta_path.with_name(meta_path.name.replace("training_metadata_", "train_state_", 1).removesuffix(".json") + ".pt")
+# ----------------------------------------------------------------------------------------------
+# the training loop's state: what a checkpoint saves and what --resume restores, side by side
+
+LOCAL = {"saved": False}  # field metadata: this process's bookkeeping, never written to a training state
+
+
+@dataclass
+class LoopState:
+    """Where train.py's loop is. Every field without LOCAL is saved in train_state_<stem>.pt (saved()) and
+    restored by --resume (from_state()), and load_state() checks its type: a new resumable field is one
+    line here."""
+    epoch: int = 1                      # the epoch being trained (finished, once batches_done reaches its length)
+    batches_done: int = 0               # micro-batches of `epoch` consumed so far
+    step: int = 0                       # optimizer steps taken in the whole run
+    epoch_sums: list = field(default_factory=lambda: [0.0, 0, 0.0])  # this epoch: summed step losses, steps, seconds
+    history: list = field(default_factory=list)                      # one summary per finished epoch
+    bad_steps: int = 0                  # optimizer steps skipped for a non-finite loss or gradient, in all ...
+    bad_in_a_row: int = 0               # ... and consecutively (max_bad_steps stops the run)
+    meta_path: Path | None = field(default=None, metadata=LOCAL)     # the last complete checkpoint's metadata
+    meta: dict = field(default_factory=dict, metadata=LOCAL)         # ... and its contents
+    rng_at_epoch_start: dict | None = field(default=None, metadata=LOCAL)  # a mid-epoch resume's RNG states
+    epoch_started: float = field(default=0.0, metadata=LOCAL)        # time.time() when this epoch (re)started
+    batches_per_epoch: int = field(default=0, metadata=LOCAL)
+
+    @classmethod
+    def saved_fields(cls) -> list:
+        return [f for f in fields(cls) if f.metadata.get("saved", True)]
+
+    def saved(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in self.saved_fields()}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "LoopState":
+        return cls(**{f.name: state[f.name] for f in cls.saved_fields()})
+
+    def first_epoch(self, n_batches: int) -> int:
+        """The epoch to train next: this one if it stopped part-way, else the one after (1 for a new run)."""
+        return self.epoch + 1 if self.batches_done >= n_batches else self.epoch
+
+    def start_epoch(self, epoch: int, n_batches: int) -> int:
+        """-> how many batches of `epoch` to skip: a resume inside it continues it; otherwise it starts afresh."""
+        if not (self.epoch == epoch and 0 < self.batches_done < n_batches):
+            self.epoch, self.batches_done, self.epoch_sums = epoch, 0, [0.0, 0, 0.0]
+        self.epoch_started, self.batches_per_epoch = time.time() - self.epoch_sums[2], n_batches
+        return self.batches_done
+
+    def add_step(self, loss: float) -> None:
+        self.epoch_sums[0], self.epoch_sums[1], self.step = self.epoch_sums[0] + loss, self.epoch_sums[1] + 1, self.step + 1
+
+    @property
+    def train_loss(self) -> float:
+        """The mean step loss of this epoch so far."""
+        return self.epoch_sums[0] / max(self.epoch_sums[1], 1)
+
+
+def training_state(run_id: str, loop: LoopState, opt, sched, trainable, data_order) -> dict:
+    """What train_state_<stem>.pt holds: the loop's state plus everything else a bit-exact resume needs."""
+    loop.epoch_sums[2] = time.time() - loop.epoch_started
+    return {"format": STATE_FORMAT, "run_id": run_id, **loop.saved(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict() if sched is not None else None,
+            "trainable": [p.detach().cpu().clone() for p in trainable], "data_order": data_order, "rng": capture_rng()}
+
+
+def restore_training_state(path: Path, opt, sched, trainable, generators) -> LoopState:
+    """train_state_<stem>.pt back into the optimizer, scheduler, trainable weights and data-order generators
+    -> the loop's state. RNG states are restored now (saved at an epoch's end) or when the epoch restarts."""
+    st = load_state(path)
+    if [tuple(getattr(t, "shape", ())) for t in st["trainable"]] != [tuple(p.shape) for p in trainable]:
+        raise RefusedFileError(f"--resume {path}: its trainable tensors don't fit this model")
+    try:
+        with torch.no_grad():
+            for p, t in zip(trainable, st["trainable"]):
+                p.copy_(t)
+        opt.load_state_dict(st["optimizer"])
+        if sched is not None and st["scheduler"] is not None:
+            sched.load_state_dict(st["scheduler"])
+        for g, saved in zip(generators, st["data_order"]):  # the data order of the epoch it stopped in (or the next)
+            g.set_state(saved.clone())
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+        raise RefusedFileError(f"{path}: its optimizer, scheduler or data-order state doesn't fit this "
+                               f"run ({type(e).__name__}); resume from an earlier checkpoint") from None
+    loop = LoopState.from_state(st)
+    loop.rng_at_epoch_start = st["rng"]
+    return loop
 
 
 def capture_rng() -> dict:
     """Every RNG a training step can draw from (Python, NumPy, torch CPU and CUDA), in a form that
     torch.load(weights_only=True) accepts."""
-    import numpy as np
-    import torch
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     out = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached],
            "torch": torch.get_rng_state()}
@@ -50,8 +137,6 @@ def capture_rng() -> dict:
 
 
 def restore_rng(rng: dict) -> None:
-    import numpy as np
-    import torch
     random.setstate(rng["python"])
     kind, keys, pos, has_gauss, cached = rng["numpy"]
     np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
@@ -60,8 +145,9 @@ def restore_rng(rng: dict) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-STATE_KEYS = ("run_id", "epoch", "batches_done", "step", "epoch_sums", "history", "bad_steps", "bad_in_a_row",
-              "optimizer", "scheduler", "trainable", "data_order", "rng")
+STATE_KEYS = ("run_id", *(f.name for f in LoopState.saved_fields()), "optimizer", "scheduler", "trainable",
+              "data_order", "rng")
+_FIELD_CHECKS = {"int": lambda v: _is_int(v), "list": lambda v: isinstance(v, list)}
 
 
 def load_state(path) -> dict:
@@ -73,12 +159,10 @@ def load_state(path) -> dict:
     if missing:
         raise RefusedFileError(f"{path}: an incomplete training state (no {', '.join(missing)}); "
                                "resume from an earlier checkpoint")
-    import torch
-    wrong = [k for k, ok in (
-        ("epoch", _is_int(state["epoch"])), ("batches_done", _is_int(state["batches_done"])),
-        ("step", _is_int(state["step"])), ("bad_steps", _is_int(state["bad_steps"])),
-        ("bad_in_a_row", _is_int(state["bad_in_a_row"])), ("history", isinstance(state["history"], list)),
-        ("epoch_sums", isinstance(state["epoch_sums"], list) and len(state["epoch_sums"]) == 3),
+    wrong = [f.name for f in LoopState.saved_fields() if not _FIELD_CHECKS[f.type](state[f.name])]
+    if "epoch_sums" not in wrong and len(state["epoch_sums"]) != 3:
+        wrong.append("epoch_sums")
+    wrong += [k for k, ok in (
         ("trainable", isinstance(state["trainable"], list) and all(isinstance(t, torch.Tensor) for t in state["trainable"])),
         ("data_order", isinstance(state["data_order"], torch.Tensor) and state["data_order"].dim() == 2),
         ("rng", isinstance(state["rng"], dict) and {"python", "numpy", "torch"} <= set(state["rng"])),
@@ -95,16 +179,10 @@ def _is_int(v) -> bool:
 
 def metadata_for(path) -> Path:
     """Whatever names a checkpoint (its metadata JSON, train_state .pt, .pth or adapter folder) -> its metadata path."""
-    from load_model_example import metadata_path_for
-    p = Path(path)
-    if not p.name:
+    if not Path(path).name:
         raise MissingInputError(f"--resume {str(path)!r}: name a checkpoint (its metadata JSON, .pth, adapter folder "
                                 "or train_state), or give no path for the newest one")
-    if p.name.startswith("training_metadata_") and p.suffix == ".json":
-        return p
-    if p.name.startswith("train_state_"):
-        return p.with_name(f"training_metadata_{p.name.removeprefix('train_state_').removesuffix('.pt')}.json")
-    return metadata_path_for(p)  # a .pth or an adapter folder
+    return metadata_path_for(path)
 
 
 def read_metadata(meta_path: Path) -> dict:
@@ -114,7 +192,7 @@ def read_metadata(meta_path: Path) -> dict:
     if not isinstance(meta, dict) or not isinstance(meta.get("hyperparameters"), dict):
         raise RefusedFileError(f"{meta_path}: not a capkit training metadata file (no hyperparameters)")
     run_id = plain_name(meta.get("run_id"), f"{meta_path}: run_id")
-    if not meta_path.name.startswith(f"training_metadata_{run_id}-"):
+    if not (is_metadata(meta_path) and stem_of(meta_path).startswith(f"{run_id}-")):
         raise RefusedFileError(f"{meta_path}: its run_id {run_id!r} doesn't match its file name")
     return meta
 
@@ -130,8 +208,8 @@ def resumable(meta_path: Path) -> bool:
 
 def find_resumable(output_dir, training_name=None) -> Path | None:
     """The newest complete, resumable checkpoint's metadata in output_dir (of runs named training_name, if given)."""
-    metas = [m for m in Path(output_dir).glob("training_metadata_*.json")
-             if (training_name is None or m.name.startswith(f"training_metadata_{training_name}_")) and resumable(m)]
+    metas = [m for m in Path(output_dir).glob(run_metadata_glob())
+             if (training_name is None or stem_of(m).startswith(f"{training_name}_")) and resumable(m)]
     return max(metas, key=lambda m: (m.stat().st_mtime, m.name)) if metas else None
 
 
@@ -194,7 +272,6 @@ class StopSignals:
                  "(interrupt again to quit at once)")
 
     def __enter__(self):
-        import threading
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
             for s in (signal.SIGINT, signal.SIGTERM):
                 self.saved[s] = signal.signal(s, self._handle)
@@ -205,20 +282,13 @@ class StopSignals:
             signal.signal(s, h)
 
 
-def checkpoint_files(meta_path: Path) -> list[Path]:
-    """The files of one checkpoint, derived from its metadata's own name (never from what the JSON says):
-    training_metadata_<stem>.json -> train_state_<stem>.pt, model_state_dict_<stem>.pth, adapter_<stem>/."""
-    stem = meta_path.name.removeprefix("training_metadata_").removesuffix(".json")
-    return [meta_path.with_name(n) for n in (f"train_state_{stem}.pt", f"model_state_dict_{stem}.pth", f"adapter_{stem}")]
-
-
 def prune_checkpoints(out_dir: Path, run_id: str, keep: int, log=print) -> None:
     """Keep this run's newest `keep` checkpoints. The metadata goes first, so an interrupted prune leaves
     at worst an uncommitted (ignored) checkpoint, never a committed one without its files. Only files
     named after the metadata are removed, in out_dir itself: a metadata JSON naming other files (edited,
     or from a stranger) can't make it delete anything else."""
     plain_name(run_id, "run_id")  # no glob characters, no path separators
-    metas = sorted(out_dir.glob(f"training_metadata_{run_id}-*.json"), key=lambda m: m.stat().st_mtime)
+    metas = sorted(out_dir.glob(run_metadata_glob(run_id)), key=lambda m: m.stat().st_mtime)
     for meta in metas[:-keep] if keep else []:
         meta.unlink(missing_ok=True)
         for p in checkpoint_files(meta):
@@ -226,5 +296,5 @@ def prune_checkpoints(out_dir: Path, run_id: str, keep: int, log=print) -> None:
                 shutil.rmtree(p, ignore_errors=True)
             elif p.exists() or p.is_symlink():
                 p.unlink(missing_ok=True)  # a symlink goes, never what it points to
-        log(f"🧹 removed checkpoint {meta.name.removeprefix('training_metadata_').removesuffix('.json')} "
+        log(f"🧹 removed checkpoint {stem_of(meta)} "
             f"(keep_last_n={keep})")

@@ -18,9 +18,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import re
 import stat
 from pathlib import Path
+
+import torch
 
 from errors import DataError, RefusedFileError
 
@@ -122,9 +125,6 @@ def _blocked_global(message: str) -> str:
 def torch_load(path, what: str = "checkpoint"):
     """torch.load(weights_only=True) of a regular file: plain tensors and containers only. A pickle that
     would run code, and a damaged file, are refused with a sentence of capkit's own."""
-    import pickle
-
-    import torch
     try:
         with open_regular(path) as f:
             return torch.load(f, map_location="cpu", weights_only=True)

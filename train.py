@@ -19,22 +19,42 @@ saved_models/training_metadata_<run>-<epoch>.json (everything about the run).
 """
 from __future__ import annotations
 
+import argparse
 import ast
+import contextlib
 import difflib
 import importlib.util
 import json
 import math
 import os
-import platform
 import random
 import shutil
 import sys
 import tempfile
 import time
+import tomllib
+from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
+import numpy as np
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from checkpoints import checkpoint_name, metadata_name, skip_list_name, state_name, step_log_name
+from common import (COMPILE_PAD_MULTIPLE, atomic_torch_save, atomic_write, atomic_write_json, compile_step,
+                    library_versions, load_all, pick_device)
+from dataset import (AugmentThenPreprocess, CaptionAugment, CaptionSet, Collate, LengthGroupedBatches, PairDataset,
+                     SkipLog, load_splits)
 from errors import ConfigError, DataError, NonFiniteError, SaveError, run_cli
+from eval import ROUGE_L_NOTE, evaluate
+from features import image_features
+from model import CaptionerConfig, Generation, build_model, merge_adapter
+from resume import (LoopState, StopSignals, load_state, merge_resume_hparams, prune_checkpoints, read_metadata,
+                    restore_rng, restore_training_state, resume_target, state_path_for, training_state)
 from safeio import plain_name, read_text
 
 hyperparameters = {
@@ -54,7 +74,7 @@ hyperparameters = {
     "clip_pretrained": "openai",     # open_clip pretrained tag or local weights file (None for local folders)
     "image_size": None,              # CLIP input size; None = the encoder's own (224 for ViT-B-32; don't change)
     "lm_name": "Qwen/Qwen3-0.6B-Base",        # decoder: hub id or local save_pretrained folder
-    "tokenizer_name": "Qwen/Qwen3-0.6B-Base", # tokenizer: hub id or local folder (None = lm_name)
+    "tokenizer_name": None,          # tokenizer: hub id or local folder (None = lm_name)
     "lm_dtype": "auto",              # decoder weights: auto (bf16 on CUDA, else fp32) | float32 | bfloat16 | float16
     "proj_type": "mlp",              # projector: "mlp" (Linear-GELU-Linear) or "linear"
     "proj_prefix_length": 10,        # prefix tokens the image becomes (each of the decoder's hidden size)
@@ -102,8 +122,8 @@ hyperparameters = {
     "evaluate_before_training": False,  # also score the test split before training (the "before" figure)
     "ablate_image": False,           # with test evaluation: also score with images shuffled across the set
     "eval_batch_size": 32,           # images per batch when generating
-    "max_new_tokens": 40,            # generation length limit for evaluation
-    "num_beams": 1,                  # 1 = greedy decoding for evaluation
+    "max_new_tokens": Generation.max_new_tokens,  # generation length limit for evaluation (40)
+    "num_beams": Generation.num_beams,            # 1 = greedy decoding for evaluation
     "output_dir": "saved_models",    # checkpoints, metadata and the skipped-input list go here
     "training_name": None,           # prefix of the run name in file names and logs (None: the timestamp alone)
     "save_every_n_epochs": 1,        # checkpoint every n epochs (the last epoch is always saved)
@@ -205,7 +225,6 @@ def check_keys(d: dict, where: str):
 
 def read_toml(path) -> dict:
     """A --config file: the same keys as `hyperparameters` (tables for optimizer_args / scheduler_args)."""
-    import tomllib
     text = read_text(path, "config file")  # a folder, a FIFO or non-UTF-8 bytes: one sentence naming the file
     try:
         cfg = tomllib.loads(text)
@@ -257,7 +276,6 @@ def resolve_resume(argv: list[str]) -> tuple[dict, Path]:
     """[the run's own command] --resume [PATH] -> (the run's hyperparameters with the safe changes, its
     metadata path). --preset / --config / --KEY=VALUE may repeat the interrupted command: values that agree
     with the saved run are fine, safe changes are applied, the others are refused by name."""
-    from resume import load_state, merge_resume_hparams, read_metadata, resume_target, state_path_for
     path, rest, args = None, [], list(argv)
     while args:
         a = args.pop(0)
@@ -324,7 +342,6 @@ def validate_hparams(hp: dict) -> dict:
 def check_optimizer_args(hp: dict) -> None:
     """Build the optimizer and scheduler once on a dummy parameter: optimizer_args / scheduler_args that
     torch (or Prodigy) would refuse are refused now, by name, not after the models have loaded."""
-    import torch
     param = torch.nn.Parameter(torch.zeros(1))
     try:
         opt = make_optimizer([param], hp)
@@ -371,8 +388,7 @@ def check_output_dir(path) -> Path:
     return out
 
 
-def model_config_from_hparams(hp: dict):
-    from model import CaptionerConfig
+def model_config_from_hparams(hp: dict) -> CaptionerConfig:
     return CaptionerConfig(
         model_type=hp["model_type"],
         clip_model_name=hp["clip_model_name"], clip_pretrained=hp["clip_pretrained"], clip_image_size=hp["image_size"],
@@ -391,14 +407,13 @@ def make_optimizer(params, hp: dict):
         except ImportError:
             raise ConfigError("optimizer='Prodigy' needs the prodigyopt package: pip install prodigyopt") from None
         return Prodigy(params, lr=hp["learning_rate"], weight_decay=hp["weight_decay"], **hp["optimizer_args"])
-    import torch
     return torch.optim.AdamW(params, lr=hp["learning_rate"], weight_decay=hp["weight_decay"], **hp["optimizer_args"])
 
 
 def make_scheduler(opt, hp: dict, steps_per_epoch: int):
     """Stepped once per optimizer step. Defaults follow the run's length; scheduler_args override
     them. StepLR keeps the seed's meaning: x learning_rate_decay every learning_rate_decay_step epochs."""
-    import torch.optim.lr_scheduler as S
+    S = torch.optim.lr_scheduler
     if not hp["learning_rate_scheduler_enabled"] or hp["lr_scheduler"] is None:
         main = None
     else:
@@ -423,62 +438,11 @@ def make_scheduler(opt, hp: dict, steps_per_epoch: int):
     return warm if main is None else S.SequentialLR(opt, [warm, main], milestones=[hp["warmup_steps"]])
 
 
-def pick_device(name: str):
-    """"auto" -> cuda > mps > cpu; any other name must be a device this machine has (ConfigError otherwise)."""
-    import torch
-    if name != "auto":
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise ConfigError(f"device {name!r} is not a device name: use auto, cpu, cuda, cuda:N or mps") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r}: no CUDA GPU is visible here; use device='cpu' (or 'auto')")
-        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise ConfigError(f"device {name!r}: Apple's MPS backend is not available here; use 'cpu' or 'auto'")
-        if device.type not in ("cpu", "cuda", "mps"):
-            raise ConfigError(f"device {name!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def library_versions() -> dict:
-    import importlib.metadata as md
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "open_clip_torch", "transformers", "tokenizers", "rouge_score"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
 def keep_images(data, pairs, keep):
     """Restrict a CaptionSet to the images at indices `keep` and renumber the (image, caption) pairs
     (pairs of dropped images go)."""
     remap = {old: new for new, old in enumerate(keep)}
     return data.subset(keep), [(remap[i], c) for i, c in pairs if i in remap]
-
-
-COMPILE_PAD_MULTIPLE = 8  # compile=True: caption lengths rounded up to a multiple of this (a few static shapes)
-
-
-def compile_step(module, device):
-    """torch.compile for the training step: static shapes (the collate pads captions to a multiple of
-    COMPILE_PAD_MULTIPLE) and, on CUDA, CUDA graphs ("reduce-overhead"), since the frozen decoder's step
-    is launch-bound. Measured on an H100 with torch 2.11 (README, Performance): dynamic=True did not finish
-    compiling the 0.6B decoder's step in 170 s (and hit an inductor assertion in another run); static
-    shapes compiled in 65-90 s per shape and ran a batch-64 step in 31 ms, 17 ms with CUDA graphs (eager: 112 ms).
-    Each new (batch size, padded length) compiles once, so the recompile limit is raised above dynamo's 8."""
-    import torch
-    import torch._dynamo
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(module, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
 def fmt(x) -> str:
@@ -501,34 +465,88 @@ def append_line(path: Path, line: str) -> None:
         f.write(line + "\n")
 
 
-def write_skip_list(out_dir: Path, run_id: str, skips) -> None:
+def write_skip_list(run: Run) -> None:
     """skipped_inputs_<run>.tsv, rewritten with every metadata save so it always matches the saved counts."""
-    path = out_dir / f"skipped_inputs_{run_id}.tsv"
-    if skips.items:
-        skips.write(path)
+    path = run.out_dir / skip_list_name(run.run_id)
+    if run.skips.items:
+        run.skips.write(path)
     else:
         path.unlink(missing_ok=True)
 
 
+# ----------------------------------------------------------------------------------------------
+# one training run, as a table of contents: each stage below takes what the previous ones made
+
 def train(hp: dict, resume_from=None) -> dict:
-    """One training run. resume_from: the metadata JSON of a resumable checkpoint of this run (see resume.py);
-    the run then continues exactly where that checkpoint was saved."""
-    import contextlib
+    """One training run -> the last checkpoint's metadata. resume_from: the metadata JSON of a resumable
+    checkpoint of this run (see resume.py); the run then continues exactly where that checkpoint was saved."""
+    run = start_run(hp, resume_from)                    # output folder, run id, seeds, accelerator, device
+    splits, model = load_all(partial(load_splits, hp, run.skips),  # data first: a wrong path fails before a big
+                             partial(build_model, model_config_from_hparams(hp), run.device))  # model loads
+    data = build_training_data(run, splits["train"], model)   # the pairs, cached CLIP features, the loader
+    optim = build_step(run, model, data)                # optimizer, scheduler, DDP / torch.compile
+    describe_run(run, splits, data, model, optim)
+    before = evaluate_before(run, model, splits["test"], data) if hp["evaluate_before_training"] else None
+    loop = resume_loop(run, resume_from, data, optim) if resume_from is not None else LoopState()
+    with StopSignals(run.log) as stop:                  # SIGINT / SIGTERM: finish the step, save, exit 0
+        for epoch in range(loop.first_epoch(len(data.loader)), hp["num_epochs"] + 1):
+            if not train_epoch(run, model, data, optim, loop, epoch, stop):
+                return interrupted(run, loop)           # (a resumable checkpoint was saved mid-epoch)
+            stop_now = stop_agreed(run, stop)
+            val, saved = end_epoch(run, model, splits["val"], data, optim, loop, stop_now)
+            if stop_now and epoch < hp["num_epochs"]:
+                return interrupted(run, loop)
+            if saved:
+                announce_checkpoint(run, loop, val)
+    return finish(run, model, splits["test"], data, loop, before)
 
-    import numpy as np
-    import torch
-    from accelerate import Accelerator, DataLoaderConfiguration
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
 
-    from dataset import AugmentThenPreprocess, CaptionAugment, Collate, LengthGroupedBatches, PairDataset, SkipLog, load_splits
-    from errors import HubUnavailableError, RefusedFileError
-    from eval import ROUGE_L_NOTE, evaluate
-    from features import image_features
-    from model import atomic_torch_save, atomic_write, atomic_write_json, build_model
-    from resume import (STATE_FORMAT, StopSignals, capture_rng, load_state, prune_checkpoints, read_metadata,
-                        restore_rng, state_path_for)
+@dataclass
+class Run:
+    """What every stage of one run shares, set once by start_run."""
+    hp: dict
+    out_dir: Path
+    run_id: str
+    acc: Accelerator        # one process, or one of several under `accelerate launch`
+    device: torch.device
+    skips: SkipLog          # every input skipped in this run, and why (saved with each checkpoint)
 
+    @property
+    def main(self) -> bool:  # only the main process saves and prints
+        return self.acc.is_main_process
+
+    def log(self, *args, **kw) -> None:
+        if self.main:
+            print(*args, **kw)
+
+
+@dataclass
+class TrainingData:
+    """The training pairs and how they are batched."""
+    images: CaptionSet               # the training images that are used (and readable)
+    pairs: list                      # (image index, caption)
+    feats: torch.Tensor | None       # (N, E) frozen-CLIP features on the device, or None: pixels per batch
+    cache_dir: str | None            # where CLIP features are cached (None: no cache)
+    loader: DataLoader
+    order: torch.Generator           # the data order: saved, so a resume replays the same batches
+    worker_seeds: torch.Generator    # DataLoader worker seeds
+    workers: int
+
+    def order_state(self) -> torch.Tensor:
+        return torch.stack([self.order.get_state(), self.worker_seeds.get_state()])
+
+
+@dataclass
+class Optimization:
+    """What one training step uses."""
+    model: torch.nn.Module           # what the step calls: the captioner, DDP-wrapped / compiled as asked
+    opt: torch.optim.Optimizer
+    sched: object | None             # an LR scheduler, stepped once per optimizer step
+    trainable: list                  # the parameters that learn
+    accum: int                       # micro-batches per optimizer step
+
+
+def start_run(hp: dict, resume_from) -> Run:
     if hp["log_with"] == "wandb" and importlib.util.find_spec("wandb") is None:
         raise ConfigError("log_with='wandb' needs the wandb package: pip install wandb (or log_with='tensorboard')")
     out_dir = check_output_dir(hp["output_dir"])  # a file, or a folder that can't be written: said before any loading
@@ -540,57 +558,35 @@ def train(hp: dict, resume_from=None) -> dict:
     # batch_size pairs (split_batches), so the run sees the same batches as a single process would
     acc = Accelerator(cpu=hp["device"] == "cpu", dataloader_config=DataLoaderConfiguration(split_batches=True),
                       log_with=hp["log_with"], project_dir=str(out_dir / "logs"))
-    main = acc.is_main_process
-    log = print if main else (lambda *a, **k: None)
     if hp["batch_size"] % acc.num_processes:
         raise ConfigError(f"batch_size {hp['batch_size']} must be divisible by the {acc.num_processes} processes")
     device = acc.device if acc.num_processes > 1 else pick_device(hp["device"])
-    log(f"run {run_id} on {device}" + (f" x {acc.num_processes} processes" if acc.num_processes > 1 else ""))
+    run = Run(hp, out_dir, run_id, acc, device, SkipLog())
+    run.log(f"run {run_id} on {device}" + (f" x {acc.num_processes} processes" if acc.num_processes > 1 else ""))
+    return run
 
-    # data first (a wrong path fails before a big model loads); hub problems are reported together
-    skips, problems = SkipLog(), []
-    try:
-        splits = load_splits(hp, skips)
-    except HubUnavailableError as e:
-        problems.append(str(e))
-    try:
-        model = build_model(model_config_from_hparams(hp), device)
-    except HubUnavailableError as e:
-        problems.append(str(e))
-    if problems:
-        raise HubUnavailableError("\n".join(problems))
-    train_set = splits["train"]
+
+def build_training_data(run: Run, train_set: CaptionSet, model) -> TrainingData:
+    """The (image, caption) pairs to train on, their CLIP features (computed once, cached) when the image
+    side is frozen, and a DataLoader over them in a seeded, resumable order."""
+    hp = run.hp
     pairs = train_set.pairs()
     if hp["training_size_limit"] is not None and len(pairs) > hp["training_size_limit"]:
         pairs = random.Random(hp["seed"]).sample(pairs, hp["training_size_limit"])
         train_set, pairs = keep_images(train_set, pairs, sorted({i for i, _ in pairs}))  # only these need features
     feats, cache_dir = None, hp["feature_cache_dir"] if model.supports_feature_cache else None
     if hp["augment_images"] and cache_dir is not None:
-        log("augment_images: the feature cache is bypassed for training (every epoch sees new crops)")
+        run.log("augment_images: the feature cache is bypassed for training (every epoch sees new crops)")
     elif cache_dir is not None:  # CLIP runs once per image, never inside the epoch loop
-        feats, ok = image_features(model, train_set.images, cache_dir, hp["eval_batch_size"], 0, skips,
-                                   acc=acc)  # under accelerate: each process encodes a share, the main one writes
-        feats = feats.to(device)
+        feats, ok = image_features(model, train_set.images, cache_dir, hp["eval_batch_size"], 0, run.skips,
+                                   acc=run.acc)  # under accelerate: each process encodes a share, the main one writes
+        feats = feats.to(run.device)                                                   # (N, E)
         train_set, pairs = keep_images(train_set, pairs, ok)
     if not pairs:
-        raise DataError(f"none of the training images could be read ({skips.summary()})")
-    for name, why in (("val", "validation"), ("test", "test evaluation")):
-        if splits[name].num_images == 0:
-            log(f"note: the {name} split has no images (too few images to hold any out): {why} is skipped; "
-                f"add images, or give {name}_dir")
-    trainable = model.trainable_parameters()
-    n_params = sum(p.numel() for p in trainable)
-    log(f"data: {len(pairs)} training pairs from {train_set.num_images} images; "
-        f"val {splits['val'].num_images} images; test {splits['test'].num_images} images; {skips.summary()}")
-    c = model.config
-    log(f"model: {c.clip_model_name} ({c.clip_embed_dim}-d) -> MLP ({n_params:,} trainable) -> "
-        f"{c.proj_prefix_length} x {c.lm_hidden_size} prefix -> {c.lm_name}" if c.model_type == "clip_mlp" else
-        f"model: {c.model_type} {c.hf_model_name or 'default'} ({c.quantization_bits}-bit) + {c.peft_module} "
-        f"adapters ({n_params:,} trainable)")
-
-    workers = hp["num_workers"] if hp["num_workers"] is not None else (4 if device.type == "cuda" else 0)
-    g = torch.Generator().manual_seed(hp["seed"])                # the data order
-    seed_gen = torch.Generator().manual_seed(hp["seed"] + 1)     # DataLoader worker seeds
+        raise DataError(f"none of the training images could be read ({run.skips.summary()})")
+    workers = hp["num_workers"] if hp["num_workers"] is not None else (4 if run.device.type == "cuda" else 0)
+    order = torch.Generator().manual_seed(hp["seed"])
+    worker_seeds = torch.Generator().manual_seed(hp["seed"] + 1)
     transform = None if feats is not None else (
         AugmentThenPreprocess(model.preprocess) if hp["augment_images"] else model.preprocess)
     cap_aug = (CaptionAugment(hp["shuffle_captions"], hp["frozen_parts"], hp["caption_dropout"])
@@ -599,273 +595,342 @@ def train(hp: dict, resume_from=None) -> dict:
         lengths = [len(x) for x in model.tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]]
         # the loader's own generator seeds its workers: creating an epoch's iterator then draws nothing
         # from the global torch RNG, which a resumed run restores to the exact pre-interruption state
-        batching = {"batch_sampler": LengthGroupedBatches(lengths, hp["batch_size"], g), "generator": seed_gen}
+        batching = {"batch_sampler": LengthGroupedBatches(lengths, hp["batch_size"], order), "generator": worker_seeds}
     else:
-        batching = {"batch_size": hp["batch_size"], "shuffle": True, "generator": g}
+        batching = {"batch_size": hp["batch_size"], "shuffle": True, "generator": order}
     collate = Collate(model.tokenize, hp["max_caption_length"], pad_id=model.tokenizer.pad_token_id,
                       pad_to_multiple_of=COMPILE_PAD_MULTIPLE if hp["compile"] else None)
     loader = DataLoader(PairDataset(train_set, transform, pairs, cap_aug), **batching, num_workers=workers,
-                        pin_memory=device.type == "cuda", collate_fn=collate)
-    accum = hp["gradient_accumulation_steps"]
+                        pin_memory=run.device.type == "cuda", collate_fn=collate)
+    return TrainingData(train_set, pairs, feats, cache_dir, loader, order, worker_seeds, workers)
+
+
+def build_step(run: Run, model, data: TrainingData) -> Optimization:
+    """Optimizer and LR scheduler over the trainable parameters; the model, optimizer and loader prepared
+    by accelerate (DDP on several processes) and the step compiled if asked. data.loader is replaced."""
+    hp, accum, trainable = run.hp, run.hp["gradient_accumulation_steps"], model.trainable_parameters()
     opt = make_optimizer(trainable, hp)
-    sched = make_scheduler(opt, hp, steps_per_epoch=-(-len(loader) // accum))
-    eval_kw = dict(batch_size=hp["eval_batch_size"], max_caption_length=hp["max_caption_length"],
-                   gen_kwargs={"max_new_tokens": hp["max_new_tokens"], "num_beams": hp["num_beams"]},
-                   num_workers=workers, cache_dir=cache_dir)
-    step_model, opt, loader = acc.prepare(model, opt, loader)  # DDP-wrapped on several processes
+    sched = make_scheduler(opt, hp, steps_per_epoch=-(-len(data.loader) // accum))
+    step_model, opt, data.loader = run.acc.prepare(model, opt, data.loader)  # DDP-wrapped on several processes
     if hp["compile"]:  # here, not through accelerate's dynamo plugin: that one is process-wide state and
         # would stick to the first run in a notebook
-        step_model = compile_step(step_model, device)
+        step_model = compile_step(step_model, run.device)
     if hp["log_with"]:
-        acc.init_trackers(run_id, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                          for k, v in hp.items()})
-    before = None
-    if hp["evaluate_before_training"]:
-        before = evaluate(model, splits["test"], skips=SkipLog(), acc=acc, **eval_kw)
-        log(f"🧪 Before training, held-out test: ROUGE-L {fmt(before.get('rouge_l'))}, loss {fmt(before['loss'])}")
-    step_log = out_dir / f"train_log_{run_id}.jsonl"
-    history, meta, meta_path, step = [], {}, None, 0
-    bad, bad_steps, bad_in_a_row = False, 0, 0  # non-finite loss/gradient: this step, in all, consecutively
-    n_batches = len(loader)
-    start_epoch, skip_batches, resume_rng, epoch_sums = 1, 0, None, (0.0, 0, 0.0)
+        run.acc.init_trackers(run.run_id, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                  for k, v in hp.items()})
+    return Optimization(step_model, opt, sched, trainable, accum)
 
-    def save(stem: str, epoch: int, batches_done: int, data_order, fields: dict) -> tuple[Path, dict]:
-        """The trainable weights, then the training state, then the metadata: the commit marker, so a
-        checkpoint without it (a crash mid-save) is never loaded. Each file is written atomically."""
-        paths = (out_dir / model.checkpoint_name(stem), out_dir / f"train_state_{stem}.pt",
-                 out_dir / f"training_metadata_{stem}.json")
+
+def describe_run(run: Run, splits: dict, data: TrainingData, model, optim: Optimization) -> None:
+    for name, why in (("val", "validation"), ("test", "test evaluation")):
+        if splits[name].num_images == 0:
+            run.log(f"note: the {name} split has no images (too few images to hold any out): {why} is skipped; "
+                    f"add images, or give {name}_dir")
+    n_params = sum(p.numel() for p in optim.trainable)
+    run.log(f"data: {len(data.pairs)} training pairs from {data.images.num_images} images; "
+            f"val {splits['val'].num_images} images; test {splits['test'].num_images} images; {run.skips.summary()}")
+    c = model.config
+    run.log(f"model: {c.clip_model_name} ({c.clip_embed_dim}-d) -> MLP ({n_params:,} trainable) -> "
+            f"{c.proj_prefix_length} x {c.lm_hidden_size} prefix -> {c.lm_name}" if c.model_type == "clip_mlp" else
+            f"model: {c.model_type} {c.hf_model_name or 'default'} ({c.quantization_bits}-bit) + {c.peft_module} "
+            f"adapters ({n_params:,} trainable)")
+
+
+def eval_settings(run: Run, data: TrainingData) -> dict:
+    """evaluate()'s keyword arguments for every evaluation in the run (before, each epoch's validation, test)."""
+    hp = run.hp
+    return dict(batch_size=hp["eval_batch_size"], max_caption_length=hp["max_caption_length"],
+                gen_kwargs={"max_new_tokens": hp["max_new_tokens"], "num_beams": hp["num_beams"]},
+                num_workers=data.workers, cache_dir=data.cache_dir)
+
+
+def evaluate_before(run: Run, model, test_split, data: TrainingData) -> dict:
+    """The test split scored by the untrained model (on a resume too: before the checkpoint's weights load)."""
+    before = evaluate(model, test_split, skips=SkipLog(), acc=run.acc, **eval_settings(run, data))
+    run.log(f"🧪 Before training, held-out test: ROUGE-L {fmt(before.get('rouge_l'))}, loss {fmt(before['loss'])}")
+    return before
+
+
+def resume_loop(run: Run, resume_from, data: TrainingData, optim: Optimization) -> LoopState:
+    """Put a resumable checkpoint back: weights, optimizer, scheduler, data order, RNGs and the loop's state.
+    The step log loses the steps after the checkpoint (they are redone), and temp files of an interrupted
+    save of this run go."""
+    meta_path, n_batches = Path(resume_from), len(data.loader)
+    loop = restore_training_state(state_path_for(meta_path), optim.opt, optim.sched, optim.trainable,
+                                  (data.order, data.worker_seeds))
+    loop.meta_path, loop.meta = meta_path, read_metadata(meta_path)
+    if loop.batches_done >= n_batches:  # saved at an epoch's end: the next epoch starts afresh, RNGs as they were
+        restore_rng(loop.rng_at_epoch_start)
+        loop.rng_at_epoch_start = None
+    step_log = run.out_dir / step_log_name(run.run_id)
+    if run.main and step_log.exists():  # steps after the checkpoint were never saved: they will be redone
+        kept = [ln for ln in step_log.read_text(errors="replace").splitlines() if logged_step(ln) <= loop.step]
+        # atomically: a symlink planted in the run folder is replaced, its target never written
+        atomic_write(step_log, lambda f: f.write("".join(ln + "\n" for ln in kept).encode()))
+    if run.main:  # temp files of saves that a kill interrupted (this run's names only: other runs may share the folder)
+        for tmp in run.out_dir.glob(f".*{run.run_id}-*.tmp"):  # (run_id is a plain name: no glob characters, no '/')
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() and not tmp.is_symlink() else \
+                tmp.unlink(missing_ok=True)
+    first = loop.first_epoch(n_batches)
+    run.log(f"⏯️ resumed from {resume_from}: epoch {first}, batch {loop.batches_done if first == loop.epoch else 0}"
+            f"/{n_batches}, step {loop.step}")
+    return loop
+
+
+# ----------------------------------------------------------------------------------------------
+# the epoch: micro-batches -> optimizer steps -> (mid-epoch) checkpoints
+
+def train_epoch(run: Run, model, data: TrainingData, optim: Optimization, loop: LoopState, epoch: int, stop) -> bool:
+    """One pass over the training batches (the rest of one, after a resume). False: a stop was asked for
+    (SIGINT / SIGTERM) and a resumable checkpoint was saved."""
+    model.train()
+    n_batches = len(data.loader)
+    order = data.order_state()  # this epoch's data order, drawn from when the loader is iterated
+    first = loop.start_epoch(epoch, n_batches)  # only the epoch a resume lands in starts part-way
+    it = iter(run.acc.skip_first_batches(data.loader, first) if first else data.loader)
+    if loop.rng_at_epoch_start is not None:  # a mid-epoch resume: the RNGs as they were at that step
+        restore_rng(loop.rng_at_epoch_start)
+        loop.rng_at_epoch_start = None
+    bar = tqdm(it, desc=f"Training Epoch {epoch}/{run.hp['num_epochs']}", dynamic_ncols=True, disable=not run.main,
+               total=n_batches, initial=first)
+    micro_losses, bad = [], False  # the current optimizer step's micro-batch losses; a non-finite one among them
+    for i, batch in enumerate(bar, start=first):
+        loop.batches_done = i + 1
+        for path, reason in batch["skipped"]:
+            run.skips.add(path, reason)
+        # gradient accumulation: an optimizer step after every `accum` micro-batches (and at the epoch's end)
+        group = min(optim.accum, n_batches - (i - i % optim.accum))
+        last_micro = (i + 1) % optim.accum == 0 or i + 1 == n_batches
+        loss = micro_step(run, data, optim, batch, group, last_micro)  # None: no usable image; nan: non-finite
+        if loss is not None:
+            bad = bad or math.isnan(loss)
+            micro_losses += [] if math.isnan(loss) else [loss]
+        if not last_micro or not (micro_losses or bad):
+            continue
+        stepped = optimizer_step(run, optim, loop, micro_losses, bad)
+        micro_losses, bad = [], False
+        if stepped is None:  # skipped: non-finite
+            continue
+        bar.set_postfix({"Loss": f"{stepped[0]:.4f}", "Avg Loss": f"{loop.train_loss:.4f}"})
+        record_step(run, loop, *stepped)
+        if i + 1 < n_batches and not mid_epoch_checkpoint(run, model, optim, loop, order, stop):
+            return False  # (an epoch's last step is saved with the epoch, after validation)
+    if loop.epoch_sums[1] == 0 and loop.bad_in_a_row == 0:  # not one batch had a readable image (they went bad)
+        raise DataError(f"epoch {epoch}: no training batch could be used ({run.skips.summary()}); "
+                        f"the last checkpoint is {loop.meta_path or 'none'}")
+    return True
+
+
+def micro_step(run: Run, data: TrainingData, optim: Optimization, batch: dict, group: int, last_micro: bool):
+    """Forward + backward of one micro-batch (loss / group, so a group's gradients average). -> its loss
+    (averaged over processes), nan if non-finite (no backward then), None if no image in it could be used."""
+    acc = run.acc
+    usable = "input_ids" in batch
+    if acc.num_processes > 1 and data.feats is None:  # images load per step here: a share can come up empty,
+        # and a DDP step needs every process, so all skip it together
+        usable = bool(acc.gather(torch.tensor([usable], device=run.device)).all())
+    if not usable:
+        return None
+    if data.feats is not None:
+        image_inputs = {"image_embeds": data.feats[batch["image_idx"]]}                    # (B, E)
+    else:
+        image_inputs = {"pixel_values": batch["pixel_values"].to(run.device, non_blocking=True)}  # (B, 3, S, S)
+    # only the last micro-batch of a group synchronises gradients across processes
+    sync = contextlib.nullcontext() if last_micro or acc.num_processes == 1 else acc.no_sync(optim.model)
+    with sync:
+        _, loss = optim.model(batch["input_ids"], batch["attention_mask"], **image_inputs)
+        finite = torch.isfinite(loss.detach()).reshape(1)
+        if acc.num_processes > 1:  # every process skips the backward together, or none does
+            finite = acc.gather(finite).all()
+        if finite:
+            acc.backward(loss / group)
+    return acc.reduce(loss.detach(), "mean").item() if finite else math.nan  # the global batch's loss
+
+
+def optimizer_step(run: Run, optim: Optimization, loop: LoopState, micro_losses: list, bad: bool):
+    """Clip, step the optimizer and scheduler -> (the step's loss, its learning rate); None when the step
+    is skipped because a loss or gradient is not finite (after max_bad_steps in a row, the run stops)."""
+    if not bad:  # the norm also catches a finite loss whose gradients overflowed (inf: measure, don't clip)
+        norm = run.acc.clip_grad_norm_(optim.trainable, run.hp["max_grad_norm"] or float("inf"))
+        bad = norm is not None and not torch.isfinite(torch.as_tensor(norm))
+    if bad:  # skip the whole optimizer step: no update, no scheduler step
+        optim.opt.zero_grad(set_to_none=True)
+        loop.bad_steps, loop.bad_in_a_row = loop.bad_steps + 1, loop.bad_in_a_row + 1
+        run.log(f"⚠️ step {loop.step + 1} skipped: non-finite loss or gradient ({loop.bad_in_a_row} in a row, "
+                f"{loop.bad_steps} in all)")
+        if loop.bad_in_a_row >= run.hp["max_bad_steps"]:
+            raise NonFiniteError(
+                f"{loop.bad_in_a_row} non-finite losses or gradients in a row (epoch {loop.epoch}, after step "
+                f"{loop.step}): the run stopped. Last good checkpoint: {loop.meta_path or 'none saved yet'}. "
+                "Try a lower learning_rate, or check the data (max_bad_steps sets the limit).")
+        return None
+    loop.bad_in_a_row = 0
+    optim.opt.step()
+    optim.opt.zero_grad(set_to_none=True)
+    lr = optim.opt.param_groups[0]["lr"]
+    if optim.sched is not None:
+        optim.sched.step()
+    loss = sum(micro_losses) / len(micro_losses)
+    loop.add_step(loss)
+    return loss, lr
+
+
+def record_step(run: Run, loop: LoopState, loss: float, lr: float) -> None:
+    """One line per optimizer step in train_log_<run>.jsonl (and the tracker)."""
+    step_log = run.out_dir / step_log_name(run.run_id)
+    if run.main:
         try:
-            model.save_checkpoint(paths[0])
-            atomic_torch_save({"format": STATE_FORMAT, "run_id": run_id, "epoch": epoch, "batches_done": batches_done,
-                               "step": step, "epoch_sums": [total, count, time.time() - t0], "history": history,
-                               "bad_steps": bad_steps, "bad_in_a_row": bad_in_a_row, "optimizer": opt.state_dict(),
-                               "scheduler": sched.state_dict() if sched is not None else None,
-                               "trainable": [p.detach().cpu().clone() for p in trainable],
-                               "data_order": data_order, "rng": capture_rng()}, paths[1])
-            info = {"checkpoint": paths[0].name, "train_state": paths[1].name, "run_id": run_id,
-                    "epoch": epoch, "step": step, "batches_done": batches_done, "batches_per_epoch": n_batches,
-                    **fields, "metric_notes": {"rouge_l": ROUGE_L_NOTE}, "nonfinite_steps_skipped": bad_steps,
-                    "history": history, "hyperparameters": hp, "model_config": model.config.__dict__,
-                    "trainable_parameters": n_params, "skipped_inputs": dict(skips.counts),
-                    "library_versions": library_versions(), "device": str(device),
-                    "saved_at": datetime.now().isoformat(timespec="seconds")}
-            atomic_write_json(info, paths[2])
-        except OSError as e:  # disk full, permissions: stop with the last complete checkpoint named
-            raise SaveError(f"could not save checkpoint {stem} in {out_dir}: {e}. The last complete checkpoint is "
-                            f"{meta_path or 'none'}; free space (or fix permissions), then resume from it.") from e
-        write_skip_list(out_dir, run_id, skips)  # the list and the metadata's counts come from the same SkipLog
-        if hp["keep_last_n"]:
-            prune_checkpoints(out_dir, run_id, hp["keep_last_n"], log)
-        return paths[2], info
+            append_line(step_log, json.dumps({"step": loop.step, "epoch": loop.epoch, "loss": loss, "lr": lr}))
+        except OSError as e:  # disk full mid-epoch: stop like a failed save, naming what is intact
+            raise SaveError(f"could not append to {step_log}: {e.strerror or e}. The run stopped; the "
+                            f"last complete checkpoint is {loop.meta_path or 'none'}; free space, then "
+                            "resume from it.") from e
+    if run.hp["log_with"]:
+        run.acc.log({"train/loss": loss, "train/lr": lr}, step=loop.step)
 
-    def interrupted() -> dict:
-        if hp["log_with"]:
-            acc.end_training()
-        if not main:
-            return {}
-        print(f"⏸️ stopped after step {step}; saved {meta_path}\nresume with:\n    python train.py --resume {meta_path}")
-        return {"interrupted": True, "resume_from": str(meta_path)}
 
-    def stop_agreed() -> bool:
-        if acc.num_processes == 1:
-            return stop.requested
-        return bool(acc.gather(torch.tensor([stop.requested], device=device)).any())  # all stop at the same step
+def mid_epoch_checkpoint(run: Run, model, optim: Optimization, loop: LoopState, order, stop) -> bool:
+    """A resumable checkpoint inside the epoch, every save_every_n_steps steps or when a stop is asked for.
+    -> False when the run must stop now."""
+    want_stop, every = stop_agreed(run, stop), run.hp["save_every_n_steps"]
+    if (want_stop or (every and loop.step % every == 0)) and run.main:
+        save_checkpoint(run, model, optim, loop, f"{run.run_id}-{loop.epoch}-step{loop.step}", order,
+                        {"train_loss_so_far": loop.train_loss})
+    return not want_stop
 
-    if resume_from is not None:
-        state_path = state_path_for(Path(resume_from))
-        st = load_state(state_path)
-        if [tuple(getattr(t, "shape", ())) for t in st["trainable"]] != [tuple(p.shape) for p in trainable]:
-            raise RefusedFileError(f"--resume {resume_from}: its trainable tensors don't fit this model")
-        try:
-            with torch.no_grad():
-                for p, t in zip(trainable, st["trainable"]):
-                    p.copy_(t)
-            opt.load_state_dict(st["optimizer"])
-            if sched is not None and st["scheduler"] is not None:
-                sched.load_state_dict(st["scheduler"])
-            g.set_state(st["data_order"][0].clone())  # the data order of the epoch it stopped in (or of the next one)
-            seed_gen.set_state(st["data_order"][1].clone())
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
-            raise RefusedFileError(f"{state_path}: its optimizer, scheduler or data-order state doesn't fit this "
-                                   f"run ({type(e).__name__}); resume from an earlier checkpoint") from None
-        step, history, bad_steps, bad_in_a_row = st["step"], st["history"], st["bad_steps"], st["bad_in_a_row"]
-        meta_path = Path(resume_from)
-        meta = read_metadata(meta_path)
-        if st["batches_done"] >= n_batches:  # saved at an epoch's end: the next epoch starts afresh
-            start_epoch = st["epoch"] + 1
-            restore_rng(st["rng"])
-        else:  # inside an epoch: skip the batches already trained on, then the RNGs as they were
-            start_epoch, skip_batches, resume_rng = st["epoch"], st["batches_done"], st["rng"]
-            epoch_sums = tuple(st["epoch_sums"])
-        if main and step_log.exists():  # steps after the checkpoint were never saved: they will be redone
-            kept = [ln for ln in step_log.read_text(errors="replace").splitlines() if logged_step(ln) <= step]
-            # atomically: a symlink planted in the run folder is replaced, its target never written
-            atomic_write(step_log, lambda f: f.write("".join(ln + "\n" for ln in kept).encode()))
-        if main:  # temp files of saves that a kill interrupted (this run's names only: other runs may share the folder)
-            for tmp in out_dir.glob(f".*{run_id}-*.tmp"):  # (run_id is a plain name: no glob characters, no '/')
-                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() and not tmp.is_symlink() else \
-                    tmp.unlink(missing_ok=True)
-        log(f"⏯️ resumed from {resume_from}: epoch {start_epoch}, batch {skip_batches}/{n_batches}, step {step}")
-    with StopSignals(log) as stop:  # SIGINT / SIGTERM: finish the step, save, exit 0
-        for epoch in range(start_epoch, hp["num_epochs"] + 1):
-            model.train()
-            epoch_start_order = torch.stack([g.get_state(), seed_gen.get_state()])  # drawn from when iterated
-            first, skip_batches = skip_batches, 0  # only the epoch a resume lands in starts part-way
-            batches = acc.skip_first_batches(loader, first) if first else loader
-            it = iter(batches)
-            total, count, elapsed = epoch_sums if first else (0.0, 0, 0.0)
-            t0, micro_losses = time.time() - elapsed, []
-            if resume_rng is not None:
-                restore_rng(resume_rng)
-                resume_rng = None
-            bar = tqdm(it, desc=f"Training Epoch {epoch}/{hp['num_epochs']}", dynamic_ncols=True, disable=not main,
-                       total=n_batches, initial=first)
-            for i, batch in enumerate(bar, start=first):
-                for path, reason in batch["skipped"]:
-                    skips.add(path, reason)
-                # gradient accumulation: an optimizer step after every `accum` micro-batches (and at the epoch's end)
-                group = min(accum, n_batches - (i - i % accum))
-                last_micro = (i + 1) % accum == 0 or i + 1 == n_batches
-                usable = "input_ids" in batch
-                if acc.num_processes > 1 and feats is None:  # images load per step here: a share can come up empty,
-                    # and a DDP step needs every process, so all skip it together
-                    usable = bool(acc.gather(torch.tensor([usable], device=device)).all())
-                if usable:
-                    if feats is not None:
-                        image_inputs = {"image_embeds": feats[batch["image_idx"]]}                # (B, E)
-                    else:
-                        image_inputs = {"pixel_values": batch["pixel_values"].to(device, non_blocking=True)}
-                    # only the last micro-batch of a group synchronises gradients across processes
-                    sync = contextlib.nullcontext() if last_micro or acc.num_processes == 1 else acc.no_sync(step_model)
-                    with sync:
-                        _, loss = step_model(batch["input_ids"], batch["attention_mask"], **image_inputs)
-                        finite = torch.isfinite(loss.detach()).reshape(1)
-                        if acc.num_processes > 1:  # every process skips the backward together, or none does
-                            finite = acc.gather(finite).all()
-                        if finite:
-                            acc.backward(loss / group)
-                    if finite:
-                        micro_losses.append(acc.reduce(loss.detach(), "mean").item())  # the global batch's loss
-                    else:
-                        bad = True
-                if not last_micro or not (micro_losses or bad):
-                    continue
-                if not bad:  # the norm also catches a finite loss whose gradients overflowed (inf: measure, don't clip)
-                    norm = acc.clip_grad_norm_(trainable, hp["max_grad_norm"] or float("inf"))
-                    bad = norm is not None and not torch.isfinite(torch.as_tensor(norm))
-                if bad:  # skip the whole optimizer step: no update, no scheduler step
-                    opt.zero_grad(set_to_none=True)
-                    bad, micro_losses = False, []
-                    bad_steps, bad_in_a_row = bad_steps + 1, bad_in_a_row + 1
-                    log(f"⚠️ step {step + 1} skipped: non-finite loss or gradient ({bad_in_a_row} in a row, {bad_steps} in all)")
-                    if bad_in_a_row >= hp["max_bad_steps"]:
-                        raise NonFiniteError(
-                            f"{bad_in_a_row} non-finite losses or gradients in a row (epoch {epoch}, after step {step}): "
-                            f"the run stopped. Last good checkpoint: {meta_path or 'none saved yet'}. "
-                            "Try a lower learning_rate, or check the data (max_bad_steps sets the limit).")
-                    continue
-                bad_in_a_row = 0
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                lr = opt.param_groups[0]["lr"]
-                if sched is not None:
-                    sched.step()
-                loss_value = sum(micro_losses) / len(micro_losses)
-                micro_losses = []
-                total, count, step = total + loss_value, count + 1, step + 1
-                bar.set_postfix({"Loss": f"{loss_value:.4f}", "Avg Loss": f"{total / count:.4f}"})
-                if main:
-                    try:
-                        append_line(step_log, json.dumps({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr}))
-                    except OSError as e:  # disk full mid-epoch: stop like a failed save, naming what is intact
-                        raise SaveError(f"could not append to {step_log}: {e.strerror or e}. The run stopped; the "
-                                        f"last complete checkpoint is {meta_path or 'none'}; free space, then "
-                                        "resume from it.") from e
-                if hp["log_with"]:
-                    acc.log({"train/loss": loss_value, "train/lr": lr}, step=step)
-                if i + 1 < n_batches:  # (an epoch's last step is saved with the epoch, after validation)
-                    want_stop = stop_agreed()
-                    if want_stop or (hp["save_every_n_steps"] and step % hp["save_every_n_steps"] == 0):
-                        if main:
-                            meta_path, meta = save(f"{run_id}-{epoch}-step{step}", epoch, i + 1, epoch_start_order,
-                                                   {"train_loss_so_far": total / max(count, 1)})
-                        if want_stop:
-                            return interrupted()
-            if count == 0 and bad_in_a_row == 0:  # not one batch had a readable image (they went bad mid-run)
-                raise DataError(f"epoch {epoch}: no training batch could be used ({skips.summary()}); "
-                                f"the last checkpoint is {meta_path or 'none'}")
-            train_loss = total / max(count, 1)
-            want_stop = stop_agreed()
-            save_now = epoch % hp["save_every_n_epochs"] == 0 or epoch == hp["num_epochs"] or want_stop
-            # every process evaluates its share of the images; only the main process saves and prints
-            val = evaluate(model, splits["val"], skips=skips, generate=hp["evaluation_enabled"], acc=acc, **eval_kw)
-            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "rouge_l": val.get("rouge_l"),
-                            "seconds": round(time.time() - t0, 1)})
-            if device.type == "cuda":  # this process's high-water mark so far (weights + activations + optimizer)
-                history[-1]["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-            if hp["log_with"]:
-                acc.log({"train/epoch_loss": train_loss, **{f"val/{k}": val[k] for k in ("loss", "rouge_l")
-                                                            if val.get(k) is not None}}, step=step)
-            log(f"📊 Epoch {epoch}: training loss {train_loss:.4f}, validation loss {fmt(val['loss'])}"
-                + (f", ROUGE-L {val['rouge_l']:.4f}" if val.get("rouge_l") is not None else "")
-                + f" ({history[-1]['seconds']:.0f} s" + (f", peak GPU memory {history[-1]['peak_gpu_memory_gib']} GiB)"
-                                                         if "peak_gpu_memory_gib" in history[-1] else ")"))
-            if main and save_now:  # g's state now = the next epoch's data order
-                next_order = torch.stack([g.get_state(), seed_gen.get_state()])
-                meta_path, meta = save(f"{run_id}-{epoch}", epoch, n_batches, next_order,
-                                       {"train_loss": train_loss, "val_loss": val["loss"], "rouge_l": val.get("rouge_l")})
-            if want_stop and epoch < hp["num_epochs"]:
-                return interrupted()
-            if not main or not save_now:
-                continue
-            ckpt_path = out_dir / meta["checkpoint"]
-            print("✅ Model saved successfully!")
-            print(f"📁 Model {'state dict' if ckpt_path.suffix == '.pth' else 'adapter'}: {ckpt_path}")
-            print(f"📁 Metadata: {meta_path}")
-            print(f"📊 Training loss: {train_loss:.4f}")
-            print(f"📈 Validation loss: {fmt(val['loss'])}")
-            if val.get("rouge_l") is not None:
-                print(f"🎯 ROUGE-L score: {val['rouge_l']:.4f}")
-        test_now = hp["test_evaluation_enabled"] and splits["test"].num_images > 0
-        if test_now:
-            test = evaluate(model, splits["test"], skips=skips, ablate_image=hp["ablate_image"], seed=hp["seed"], acc=acc,
-                            **eval_kw)
-            test_now = test["num_images"] > 0  # (none of its images could be read: evaluate said so)
-        if hp["log_with"]:
-            if test_now:
-                acc.log({"test/loss": test["loss"], "test/rouge_l": test["rouge_l"]}, step=step)
-            acc.end_training()
-        if not main:
-            return {}
-        if test_now:
-            meta["test"] = {k: v for k, v in test.items() if k != "predictions"}
-            if before is not None:
-                meta["test_before_training"] = {k: v for k, v in before.items() if k != "predictions"}
-            print(f"🧪 Held-out test ({test['num_images']} images): ROUGE-L {test['rouge_l']:.4f}, loss {test['loss']:.4f}")
-            if "ablated" in test:
-                print(f"🔀 Images shuffled across the set: ROUGE-L {test['ablated']['rouge_l']:.4f}, "
-                      f"loss {test['ablated']['loss']:.4f} (drop {test['rouge_l'] - test['ablated']['rouge_l']:.4f})")
-            targets = DEMO_TARGETS.get(hp["dataset"])
-            if targets:
-                met = test["rouge_l"] >= targets["test_rouge_l_min"] and (
-                    targets.get("ablation_drop_min") is None or
-                    ("ablated" in test and test["rouge_l"] - test["ablated"]["rouge_l"] >= targets["ablation_drop_min"]))
-                meta["demo_targets"] = {**targets, "met": met}
-                print(f"demo targets ({', '.join(f'{k} {v}' for k, v in targets.items())}): {'met' if met else 'NOT met'}")
-        if meta_path is not None:  # test evaluation (or the last epoch's) may have skipped more inputs
-            meta["skipped_inputs"] = dict(skips.counts)
-            atomic_write_json(meta, meta_path)
-            write_skip_list(out_dir, run_id, skips)
-        if skips.items:
-            print(f"{skips.summary()}; list: {out_dir / f'skipped_inputs_{run_id}.tsv'}")
-        return meta
+
+def stop_agreed(run: Run, stop) -> bool:
+    """Was a stop asked for? Under DDP: by any process, so all stop at the same step."""
+    if run.acc.num_processes == 1:
+        return stop.requested
+    return bool(run.acc.gather(torch.tensor([stop.requested], device=run.device)).any())
+
+
+def interrupted(run: Run, loop: LoopState) -> dict:
+    if run.hp["log_with"]:
+        run.acc.end_training()
+    if not run.main:
+        return {}
+    print(f"⏸️ stopped after step {loop.step}; saved {loop.meta_path}\nresume with:\n"
+          f"    python train.py --resume {loop.meta_path}")
+    return {"interrupted": True, "resume_from": str(loop.meta_path)}
+
+
+# ----------------------------------------------------------------------------------------------
+# after each epoch: validation, the checkpoint; after the last: the test split
+
+def end_epoch(run: Run, model, val_split, data: TrainingData, optim: Optimization, loop: LoopState,
+              stop_now: bool) -> tuple[dict, bool]:
+    """Validation loss (+ ROUGE-L), the epoch's summary in the history and the log, and the checkpoint
+    when one is due -> (validation scores, whether a checkpoint was saved)."""
+    hp, epoch, train_loss = run.hp, loop.epoch, loop.train_loss
+    save_now = epoch % hp["save_every_n_epochs"] == 0 or epoch == hp["num_epochs"] or stop_now
+    # every process evaluates its share of the images; only the main process saves and prints
+    val = evaluate(model, val_split, skips=run.skips, generate=hp["evaluation_enabled"], acc=run.acc,
+                   **eval_settings(run, data))
+    summary = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "rouge_l": val.get("rouge_l"),
+               "seconds": round(time.time() - loop.epoch_started, 1)}
+    if run.device.type == "cuda":  # this process's high-water mark so far (weights + activations + optimizer)
+        summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2)
+    loop.history.append(summary)
+    if hp["log_with"]:
+        run.acc.log({"train/epoch_loss": train_loss, **{f"val/{k}": val[k] for k in ("loss", "rouge_l")
+                                                        if val.get(k) is not None}}, step=loop.step)
+    run.log(f"📊 Epoch {epoch}: training loss {train_loss:.4f}, validation loss {fmt(val['loss'])}"
+            + (f", ROUGE-L {val['rouge_l']:.4f}" if val.get("rouge_l") is not None else "")
+            + f" ({summary['seconds']:.0f} s" + (f", peak GPU memory {summary['peak_gpu_memory_gib']} GiB)"
+                                                 if "peak_gpu_memory_gib" in summary else ")"))
+    if run.main and save_now:  # the generators' state now = the next epoch's data order
+        save_checkpoint(run, model, optim, loop, f"{run.run_id}-{epoch}", data.order_state(),
+                        {"train_loss": train_loss, "val_loss": val["loss"], "rouge_l": val.get("rouge_l")})
+    return val, run.main and save_now
+
+
+def save_checkpoint(run: Run, model, optim: Optimization, loop: LoopState, stem: str, data_order, fields: dict):
+    """The trainable weights, then the training state, then the metadata: the commit marker, so a
+    checkpoint without it (a crash mid-save) is never loaded. Each file is written atomically."""
+    out = run.out_dir
+    paths = (out / checkpoint_name(stem, model.config.model_type), out / state_name(stem), out / metadata_name(stem))
+    try:
+        model.save_checkpoint(paths[0])
+        atomic_torch_save(training_state(run.run_id, loop, optim.opt, optim.sched, optim.trainable, data_order),
+                          paths[1])
+        info = {"checkpoint": paths[0].name, "train_state": paths[1].name, "run_id": run.run_id,
+                "epoch": loop.epoch, "step": loop.step, "batches_done": loop.batches_done,
+                "batches_per_epoch": loop.batches_per_epoch, **fields, "metric_notes": {"rouge_l": ROUGE_L_NOTE},
+                "nonfinite_steps_skipped": loop.bad_steps, "history": loop.history, "hyperparameters": run.hp,
+                "model_config": model.config.__dict__, "trainable_parameters": sum(p.numel() for p in optim.trainable),
+                "skipped_inputs": dict(run.skips.counts), "library_versions": library_versions(),
+                "device": str(run.device), "saved_at": datetime.now().isoformat(timespec="seconds")}
+        atomic_write_json(info, paths[2])
+    except OSError as e:  # disk full, permissions: stop with the last complete checkpoint named
+        raise SaveError(f"could not save checkpoint {stem} in {out}: {e}. The last complete checkpoint is "
+                        f"{loop.meta_path or 'none'}; free space (or fix permissions), then resume from it.") from e
+    loop.meta_path, loop.meta = paths[2], info
+    write_skip_list(run)  # the list and the metadata's counts come from the same SkipLog
+    if run.hp["keep_last_n"]:
+        prune_checkpoints(out, run.run_id, run.hp["keep_last_n"], run.log)
+
+
+def announce_checkpoint(run: Run, loop: LoopState, val: dict) -> None:
+    ckpt_path = run.out_dir / loop.meta["checkpoint"]
+    print("✅ Model saved successfully!")
+    print(f"📁 Model {'state dict' if ckpt_path.suffix == '.pth' else 'adapter'}: {ckpt_path}")
+    print(f"📁 Metadata: {loop.meta_path}")
+    print(f"📊 Training loss: {loop.meta['train_loss']:.4f}")
+    print(f"📈 Validation loss: {fmt(val['loss'])}")
+    if val.get("rouge_l") is not None:
+        print(f"🎯 ROUGE-L score: {val['rouge_l']:.4f}")
+
+
+def finish(run: Run, model, test_split, data: TrainingData, loop: LoopState, before: dict | None) -> dict:
+    """The held-out test split (with the image ablation and the demo's targets), recorded in the last
+    checkpoint's metadata -> that metadata."""
+    hp = run.hp
+    test = None
+    if hp["test_evaluation_enabled"] and test_split.num_images > 0:
+        test = evaluate(model, test_split, skips=run.skips, ablate_image=hp["ablate_image"], seed=hp["seed"],
+                        acc=run.acc, **eval_settings(run, data))
+        test = test if test["num_images"] > 0 else None  # (none of its images could be read: evaluate said so)
+    if hp["log_with"]:
+        if test is not None:
+            run.acc.log({"test/loss": test["loss"], "test/rouge_l": test["rouge_l"]}, step=loop.step)
+        run.acc.end_training()
+    if not run.main:
+        return {}
+    meta = loop.meta
+    if test is not None:
+        meta["test"] = {k: v for k, v in test.items() if k != "predictions"}
+        if before is not None:
+            meta["test_before_training"] = {k: v for k, v in before.items() if k != "predictions"}
+        print(f"🧪 Held-out test ({test['num_images']} images): ROUGE-L {test['rouge_l']:.4f}, loss {test['loss']:.4f}")
+        if "ablated" in test:
+            print(f"🔀 Images shuffled across the set: ROUGE-L {test['ablated']['rouge_l']:.4f}, "
+                  f"loss {test['ablated']['loss']:.4f} (drop {test['rouge_l'] - test['ablated']['rouge_l']:.4f})")
+        check_demo_targets(hp, test, meta)
+    if loop.meta_path is not None:  # test evaluation (or the last epoch's) may have skipped more inputs
+        meta["skipped_inputs"] = dict(run.skips.counts)
+        atomic_write_json(meta, loop.meta_path)
+        write_skip_list(run)
+    if run.skips.items:
+        print(f"{run.skips.summary()}; list: {run.out_dir / skip_list_name(run.run_id)}")
+    return meta
+
+
+def check_demo_targets(hp: dict, test: dict, meta: dict) -> None:
+    """The demo datasets' promised figures (DEMO_TARGETS): met or not, said and recorded."""
+    targets = DEMO_TARGETS.get(hp["dataset"])
+    if not targets:
+        return
+    met = test["rouge_l"] >= targets["test_rouge_l_min"] and (
+        targets.get("ablation_drop_min") is None or
+        ("ablated" in test and test["rouge_l"] - test["ablated"]["rouge_l"] >= targets["ablation_drop_min"]))
+    meta["demo_targets"] = {**targets, "met": met}
+    print(f"demo targets ({', '.join(f'{k} {v}' for k, v in targets.items())}): {'met' if met else 'NOT met'}")
 
 
 def merge_main(argv: list[str]) -> int:
     """python train.py --merge_weights --checkpoint ADAPTER_DIR [--merged_dir DIR] [--wise_alpha A]"""
-    import argparse
-
-    from model import merge_adapter
     ap = argparse.ArgumentParser(prog="train.py --merge_weights", description=
                                  "Merge a git/blip adapter into its base model: a standalone folder that eval.py, "
                                  "inference.py and load_model_example.py load with no base model or adapter.")

@@ -10,7 +10,8 @@ from PIL import Image
 
 from conftest import SHARED, make_tokenizer, write_image
 from dataset import (Collate, ImageDataset, PairDataset, SkipLog, caption_from_filename, from_captions_csv,
-                     load_flickr30k, load_folder, load_rgb, load_splits, tokenize_captions)
+                     load_flickr30k, load_folder, load_rgb, load_splits)
+from model import tokenize_captions
 
 TO_TENSOR = lambda im: torch.tensor(np.array(im.resize((8, 8)))).permute(2, 0, 1).float()
 

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_two_process_run_matches_one_process(tmp_path):
-    from demo_assets import write_split
+    from shapes import write_split
     for split, n, seed in (("train", 32, 1), ("val", 4, 2), ("test", 4, 3)):
         write_split(tmp_path / "data" / split, n, seed)
     args = ["--preset=demo", "--dataset=folder", f"--train_dir={tmp_path / 'data/train'}",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import eval as eval_mod
-from demo_assets import captions_for, random_attrs, render
+from shapes import captions_for, random_attrs, render
 
 
 def test_frechet_distance_matches_the_fid_formula():

@@ -84,7 +84,7 @@ def test_unreadable_images_stay_skipped_on_cache_hits(tmp_path, images):
 def test_training_epochs_never_call_the_encoder(tmp_path, monkeypatch):
     """Encoder calls are the same for 1 and for 3 epochs: all of them happen in feature extraction."""
     from conftest import count_encoder_calls
-    from demo_assets import write_split
+    from shapes import write_split
     for split, n, seed in (("train", 24, 1), ("val", 4, 2), ("test", 4, 3)):
         write_split(tmp_path / "data" / split, n, seed)
     calls = count_encoder_calls(monkeypatch)

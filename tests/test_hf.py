@@ -210,8 +210,9 @@ def test_unknown_model_type_and_peft_module_are_refused(saved_bases):
 
 
 def test_offline_hub_id_fails_with_a_clear_message(monkeypatch):
+    import common
     import model as model_mod
-    monkeypatch.setattr(model_mod, "_HUB_ONLINE", False)
+    monkeypatch.setattr(common, "_HUB_ONLINE", False)
     with pytest.raises(model_mod.HubUnavailableError, match="hf_model_name"):
         build_model(CaptionerConfig(model_type="git", hf_model_name="microsoft/git-base-not-cached-here",
                                     quantization_bits=16))
@@ -224,7 +225,7 @@ def test_train_eval_inference_and_merge_through_the_scripts(saved_bases, family,
     import eval as eval_mod
     import inference
     import train
-    from demo_assets import write_split
+    from shapes import write_split
     from load_model_example import newest_checkpoint
     for split, n, seed in (("train", 16, 1), ("val", 4, 2), ("test", 4, 3)):
         write_split(tmp_path / "data" / split, n, seed)

@@ -24,7 +24,7 @@ import report
 import train
 from conftest import REPO, write_image
 from dataset import Collate, ImageDataset, PairDataset, SkipLog, load_folder, load_flickr30k, load_splits
-from demo_assets import write_split
+from shapes import write_split
 from errors import (EXIT_CODES, ConfigError, DataError, HubUnavailableError, NonFiniteError, RefusedFileError,
                     SaveError, run_cli)
 
@@ -603,7 +603,7 @@ def test_the_demo_preset_never_writes_its_dataset_over_a_users_folder(tmp_path, 
     code, err = outcome(capsys, train.main, ["--preset=demo", f"--data_dir={photos}", f"--output_dir={tmp_path / 'o'}"])
     assert code == 2 and "--dataset=folder" in err and str(photos) in err
     assert (photos / "captions.csv").read_bytes() == before and sorted(p.name for p in photos.iterdir()) == ["captions.csv"]
-    from demo_assets import SPLITS, _only_shapes
+    from shapes import SPLITS, _only_shapes
     write_split(tmp_path / "partial" / "train", 2, 1)  # a demo dataset whose writing was interrupted: still its own
     assert _only_shapes(tmp_path / "partial", SPLITS) and not _only_shapes(photos, SPLITS)
 

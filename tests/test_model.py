@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import save_backbones
-from dataset import tokenize_captions
+from model import tokenize_captions
 from model import CaptionerConfig, ClipCaptioner, build_projector, load_captioner, read_checkpoint
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import make_tokenizer
-from dataset import tokenize_captions
+from model import tokenize_captions
 from model import CaptionerConfig, ClipCaptioner
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import report
-from demo_assets import write_split
+from shapes import write_split
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # .ci/run installs Debian's chromium and sets this: there the render test must run, not skip

@@ -12,7 +12,7 @@ import torch
 
 import train
 from conftest import REPO
-from demo_assets import write_split
+from shapes import write_split
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +193,8 @@ def test_a_failed_save_stops_the_run_and_keeps_the_previous_checkpoint(data, tmp
         if calls[0] > 2:  # epoch 1's weights + train_state are written; epoch 2's are not
             raise OSError(errno.ENOSPC, "No space left on device")
         real(obj, path)
-    monkeypatch.setattr(model, "atomic_torch_save", full_disk)
+    monkeypatch.setattr(model, "atomic_torch_save", full_disk)   # the weights
+    monkeypatch.setattr(train, "atomic_torch_save", full_disk)   # the training state
     assert train.main(argv_for(data, out)) == 3
     err = capsys.readouterr().err
     (meta,) = out.glob("training_metadata_*.json")
