@@ -16,13 +16,16 @@ Edit `hyperparameters` here, or override keys on the command line (--KEY=VALUE; 
 literals, anything else is a string). Unknown keys and wrong types are refused. After each epoch:
 saved_models/model_state_dict_<run>-<epoch>.pth (the MLP + the model config) and
 saved_models/training_metadata_<run>-<epoch>.json (everything about the run).
+
+Reading order: `hyperparameters` and PRESETS (what you edit), then train(): its stages in the order
+they run, each taking what the ones before made. One optimizer step is train_epoch -> micro_step
+(model.py's forward) -> optimizer_step -> record_step; save_checkpoint writes resume.LoopState.
+How the hyperparameters are parsed and checked is config.py's job; file names are checkpoints.py's.
 """
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
-import difflib
 import importlib.util
 import json
 import math
@@ -30,9 +33,7 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
-import tomllib
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -44,6 +45,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import config
 from checkpoints import checkpoint_name, metadata_name, skip_list_name, state_name, step_log_name
 from common import (COMPILE_PAD_MULTIPLE, atomic_torch_save, atomic_write, atomic_write_json, compile_step,
                     library_versions, load_all, pick_device)
@@ -52,10 +54,10 @@ from dataset import (AugmentThenPreprocess, CaptionAugment, CaptionSet, Collate,
 from errors import ConfigError, DataError, NonFiniteError, SaveError, run_cli
 from eval import ROUGE_L_NOTE, evaluate
 from features import image_features
-from model import CaptionerConfig, Generation, build_model, merge_adapter
-from resume import (LoopState, StopSignals, load_state, merge_resume_hparams, prune_checkpoints, read_metadata,
-                    restore_rng, restore_training_state, resume_target, state_path_for, training_state)
-from safeio import plain_name, read_text
+from config import check_output_dir, make_optimizer, make_scheduler, model_config_from_hparams
+from model import Generation, build_model, merge_adapter
+from resume import (LoopState, StopSignals, prune_checkpoints, read_metadata, restore_rng, restore_training_state,
+                    state_path_for, training_state)
 
 hyperparameters = {
     # --- data ---
@@ -134,31 +136,6 @@ hyperparameters = {
     "num_workers": None,             # DataLoader workers; None = 4 on GPU, 0 on CPU
 }
 
-# keys that may be None: the type a value must have when it is not None
-NONE_DEFAULT_TYPES = {"data_dir": str, "train_dir": str, "val_dir": str, "test_dir": str, "captions_file": str,
-                      "training_size_limit": int, "clip_pretrained": str, "image_size": int, "tokenizer_name": str,
-                      "num_workers": int, "max_grad_norm": float, "feature_cache_dir": str, "hf_model_name": str,
-                      "target_modules": list, "training_name": str, "log_with": str, "lr_scheduler": str,
-                      "save_every_n_steps": int, "keep_last_n": int}
-SCHEDULERS = ("StepLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR", "OneCycleLR")
-CHOICES = {"model_type": ("clip_mlp", "git", "blip"), "proj_type": ("mlp", "linear"), "quantization_bits": (4, 8, 16),
-           "peft_module": ("LoRA", "IA3"), "optimizer": ("AdamW", "Prodigy"), "lr_scheduler": SCHEDULERS + (None,),
-           "log_with": ("tensorboard", "wandb", None), "dataset": ("flickr30k", "folder", "shapes", "shapes_b"),
-           "lm_dtype": ("auto", "float32", "bfloat16", "float16")}
-# the values each number may take, checked before anything loads ("[" includes the bound, "(" excludes it;
-# None values are checked only where None is not allowed)
-RANGES = {
-    "batch_size": "[1, inf)", "num_epochs": "[1, inf)", "eval_batch_size": "[1, inf)", "max_new_tokens": "[1, inf)",
-    "num_beams": "[1, inf)", "max_caption_length": "[2, inf)", "proj_prefix_length": "[1, 1024]",
-    "proj_hidden_dim": "[1, 65536]", "lora_r": "[1, 4096]", "lora_alpha": "(0, inf)", "image_size": "[16, 4096]",
-    "learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "learning_rate_decay": "(0, inf)",
-    "learning_rate_decay_step": "[1, inf)", "warmup_steps": "[0, inf)", "gradient_accumulation_steps": "[1, inf)",
-    "max_grad_norm": "(0, inf)", "max_bad_steps": "[1, inf)", "training_size_limit": "[1, inf)",
-    "frozen_parts": "[0, inf)", "save_every_n_epochs": "[1, inf)", "save_every_n_steps": "[1, inf)",
-    "keep_last_n": "[1, inf)", "num_workers": "[0, 256]", "seed": "[0, 4294967295]", "split_ratio": "(0, 1]",
-    "val_ratio": "[0, 1)", "proj_dropout": "[0, 1)", "lora_dropout": "[0, 1)", "caption_dropout": "[0, 1)",
-}
-
 PRESETS = {
     # the offline demo: synthetic shapes, the committed tiny backbones, CPU in a few minutes
     "demo": {
@@ -188,290 +165,14 @@ DEMO_TARGETS = {"shapes": {"test_rouge_l_min": 0.9, "ablation_drop_min": 0.2},  
                 "shapes_b": {"test_rouge_l_min": 0.8}}
 
 
-def _parse_value(text: str):
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def _check_type(key, value):
-    default = hyperparameters[key]
-    want = NONE_DEFAULT_TYPES.get(key) if default is None else type(default)
-    if value is None:
-        if default is None or key in NONE_DEFAULT_TYPES:
-            return value
-        raise ConfigError(f"hyperparameter {key!r} can't be None (default {default!r})")
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if want is not None and (not isinstance(value, want) or (want is int and isinstance(value, bool))):
-        raise ConfigError(f"hyperparameter {key!r} must be {want.__name__}, got {value!r} ({type(value).__name__})")
-    return value
-
-
-def check_keys(d: dict, where: str):
-    unknown = [k for k in d if k not in hyperparameters]
-    if unknown:
-        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, hyperparameters, 1)) else repr(k)
-                 for k in unknown]
-        raise ConfigError(f"unknown hyperparameter {', '.join(hints)} in {where}.\n"
-                          f"Valid keys: {', '.join(sorted(hyperparameters))}")
-
-
-def read_toml(path) -> dict:
-    """A --config file: the same keys as `hyperparameters` (tables for optimizer_args / scheduler_args)."""
-    text = read_text(path, "config file")  # a folder, a FIFO or non-UTF-8 bytes: one sentence naming the file
-    try:
-        cfg = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-    check_keys(cfg, f"config file {path}")
-    return cfg
-
-
-def parse_argv(argv: list[str]) -> tuple[str | None, str | None, dict]:
-    """--preset NAME, --config FILE.toml and --KEY=VALUE (or --KEY VALUE) -> (preset, config file, overrides)."""
-    overrides, preset, config_file = {}, None, None
-    args = list(argv)
-    while args:
-        a = args.pop(0)
-        if not a.startswith("--"):
-            raise ConfigError(f"unexpected argument {a!r}; use --KEY=VALUE, --preset NAME or --config FILE.toml")
-        key, eq, val = a[2:].partition("=")
-        if not eq:
-            if not args:
-                raise ConfigError(f"--{key} needs a value (--{key}=VALUE)")
-            val = args.pop(0)
-        if key == "preset":
-            if val not in PRESETS:
-                raise ConfigError(f"unknown preset {val!r}; presets: {', '.join(PRESETS)}")
-            preset = val
-        elif key == "config":
-            config_file = val
-        else:
-            check_keys({key: None}, "the command line")
-            overrides[key] = _check_type(key, _parse_value(val))
-    return preset, config_file, overrides
-
-
 def resolve_hparams(argv: list[str]) -> dict:
-    """Defaults <- --preset NAME <- --config FILE.toml <- --KEY=VALUE (in that order of precedence)."""
-    check_keys(hyperparameters, "the hyperparameters dict")  # catches typos after editing NONE_DEFAULT_TYPES etc.
-    preset, config_file, overrides = parse_argv(argv)
-    hp = dict(hyperparameters)
-    if preset:
-        hp.update(PRESETS[preset])
-    if config_file:
-        hp.update(read_toml(config_file))
-    hp.update(overrides)
-    return validate_hparams(hp)
+    """The hyperparameters above <- --preset NAME <- --config FILE.toml <- --KEY=VALUE, checked (config.py)."""
+    return config.resolve_hparams(argv, hyperparameters, PRESETS)
 
 
 def resolve_resume(argv: list[str]) -> tuple[dict, Path]:
-    """[the run's own command] --resume [PATH] -> (the run's hyperparameters with the safe changes, its
-    metadata path). --preset / --config / --KEY=VALUE may repeat the interrupted command: values that agree
-    with the saved run are fine, safe changes are applied, the others are refused by name."""
-    path, rest, args = None, [], list(argv)
-    while args:
-        a = args.pop(0)
-        if a == "--resume":
-            if args and not args[0].startswith("--"):
-                path = args.pop(0)
-        elif a.startswith("--resume="):
-            path = a.partition("=")[2]
-        else:
-            rest.append(a)
-    preset, config_file, flags = parse_argv(rest)
-    given = {**(PRESETS[preset] if preset else {}), **(read_toml(config_file) if config_file else {}), **flags}
-    given = {k: _check_type(k, v) for k, v in given.items()}
-    meta_path = resume_target(path, given.get("output_dir", hyperparameters["output_dir"]), given.get("training_name"))
-    saved = read_metadata(meta_path)["hyperparameters"]
-    load_state(state_path_for(meta_path))  # a damaged or code-carrying training state is refused before any loading
-    given.pop("output_dir", None)  # the run continues where it saved
-    hp = merge_resume_hparams(saved, given, hyperparameters)
-    hp["output_dir"] = str(meta_path.parent)
-    return validate_hparams(hp), meta_path
-
-
-def _in_range(value, interval: str) -> bool:
-    """(Python compares a 400-digit int with a float exactly: no overflow here.)"""
-    lo, hi = (float(x) for x in interval[1:-1].split(","))
-    return ((lo < value) if interval[0] == "(" else (lo <= value)) and \
-        ((value < hi) if interval[-1] == ")" else (value <= hi))
-
-
-def _describe(interval: str) -> str:
-    """"[1, inf)" -> ">= 1"; "(0, 1]" -> "in (0, 1]"."""
-    lo, hi = interval[1:-1].split(", ")
-    return f"{'>' if interval[0] == '(' else '>='} {lo}" if hi == "inf" else f"in {interval}"
-
-
-def validate_hparams(hp: dict) -> dict:
-    """Types, choices and ranges of every hyperparameter, then what torch must accept (device, optimizer
-    and scheduler arguments): all before any data or model loads."""
-    hp = {k: _check_type(k, v) for k, v in hp.items()}
-    for k, allowed in CHOICES.items():
-        if hp[k] not in allowed:
-            raise ConfigError(f"hyperparameter {k!r} must be one of {', '.join(map(repr, allowed))}; got {hp[k]!r}")
-    for k, interval in RANGES.items():
-        v = hp[k]
-        if v is not None and ((isinstance(v, float) and not math.isfinite(v)) or not _in_range(v, interval)
-                              or abs(v) > 2**53):
-            shown = repr(v) if len(repr(v)) < 40 else f"a {len(repr(v))}-digit number"
-            raise ConfigError(f"hyperparameter {k!r} must be {_describe(interval)} (and below 2**53); got {shown}")
-    if hp["warmup_steps"] and hp["lr_scheduler"] in ("CyclicLR", "OneCycleLR") and hp["learning_rate_scheduler_enabled"]:
-        raise ConfigError(f"{hp['lr_scheduler']} ramps the learning rate up by itself; set warmup_steps=0")
-    if hp["target_modules"] is not None and (not hp["target_modules"] or
-                                             not all(isinstance(m, str) and m for m in hp["target_modules"])):
-        raise ConfigError(f"target_modules must be a non-empty list of layer names; got {hp['target_modules']!r}")
-    if hp["training_name"] is not None:
-        plain_name(hp["training_name"], "training_name", ConfigError)  # it becomes part of file names
-    for k in ("optimizer_args", "scheduler_args"):
-        if not all(isinstance(a, str) for a in hp[k]):
-            raise ConfigError(f"{k} keys must be argument names (strings); got {hp[k]!r}")
-    pick_device(hp["device"])
-    check_optimizer_args(hp)
-    return hp
-
-
-def check_optimizer_args(hp: dict) -> None:
-    """Build the optimizer and scheduler once on a dummy parameter: optimizer_args / scheduler_args that
-    torch (or Prodigy) would refuse are refused now, by name, not after the models have loaded."""
-    param = torch.nn.Parameter(torch.zeros(1))
-    try:
-        opt = make_optimizer([param], hp)
-    except (TypeError, ValueError, IndexError, KeyError) as e:
-        raise ConfigError(f"optimizer_args {hp['optimizer_args']!r} for {hp['optimizer']}: {e}") from None
-    try:
-        sched = make_scheduler(opt, hp, steps_per_epoch=1)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError) as e:
-        raise ConfigError(f"scheduler_args {hp['scheduler_args']!r} for {hp['lr_scheduler']}: {e}") from None
-    try:  # one step of each: some values (a one-element betas, a step_size of 0) only fail when used
-        param.grad = torch.zeros(1)
-        opt.step()
-    except (TypeError, ValueError, IndexError, KeyError) as e:
-        raise ConfigError(f"optimizer_args {hp['optimizer_args']!r} for {hp['optimizer']}: {e}") from None
-    try:
-        if sched is not None:
-            sched.step()
-    except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError) as e:
-        raise ConfigError(f"scheduler_args {hp['scheduler_args']!r} for {hp['lr_scheduler']}: {e}") from None
-
-
-def check_output_dir(path) -> Path:
-    """output_dir must be a folder capkit can create and write to: said now, not at the first save."""
-    if not str(path).strip():
-        raise ConfigError("output_dir is empty; name a folder (e.g. saved_models)")
-    out = Path(path)
-    try:
-        is_file = out.exists() and not out.is_dir()
-    except OSError as e:  # a name too long for the file system
-        raise ConfigError(f"output_dir {out} can't be used: {e.strerror or e}") from None
-    if is_file:
-        raise ConfigError(f"output_dir {out} is a file, not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"output_dir {out} can't be created: {e.strerror or e}") from None
-    try:
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise ConfigError(f"output_dir {out} is not writable: {e.strerror or e}") from None
-    return out
-
-
-def model_config_from_hparams(hp: dict) -> CaptionerConfig:
-    return CaptionerConfig(
-        model_type=hp["model_type"],
-        clip_model_name=hp["clip_model_name"], clip_pretrained=hp["clip_pretrained"], clip_image_size=hp["image_size"],
-        proj_type=hp["proj_type"], proj_prefix_length=hp["proj_prefix_length"], proj_hidden_dim=hp["proj_hidden_dim"],
-        proj_dropout=hp["proj_dropout"], lm_name=hp["lm_name"], lm_tokenizer_name=hp["tokenizer_name"],
-        lm_dtype=hp["lm_dtype"], hf_model_name=hp["hf_model_name"], quantization_bits=hp["quantization_bits"],
-        peft_module=hp["peft_module"], lora_r=hp["lora_r"], lora_alpha=hp["lora_alpha"],
-        lora_dropout=hp["lora_dropout"], target_modules=hp["target_modules"],
-        gradient_checkpointing=hp["gradient_checkpointing"])
-
-
-def make_optimizer(params, hp: dict):
-    if hp["optimizer"] == "Prodigy":
-        try:
-            from prodigyopt import Prodigy
-        except ImportError:
-            raise ConfigError("optimizer='Prodigy' needs the prodigyopt package: pip install prodigyopt") from None
-        return Prodigy(params, lr=hp["learning_rate"], weight_decay=hp["weight_decay"], **hp["optimizer_args"])
-    return torch.optim.AdamW(params, lr=hp["learning_rate"], weight_decay=hp["weight_decay"], **hp["optimizer_args"])
-
-
-def make_scheduler(opt, hp: dict, steps_per_epoch: int):
-    """Stepped once per optimizer step. Defaults follow the run's length; scheduler_args override
-    them. StepLR keeps the seed's meaning: x learning_rate_decay every learning_rate_decay_step epochs."""
-    S = torch.optim.lr_scheduler
-    if not hp["learning_rate_scheduler_enabled"] or hp["lr_scheduler"] is None:
-        main = None
-    else:
-        total = max(1, steps_per_epoch * hp["num_epochs"] - hp["warmup_steps"])
-        lr = hp["learning_rate"]
-        defaults = {
-            "StepLR": {"step_size": max(1, hp["learning_rate_decay_step"] * steps_per_epoch),
-                       "gamma": hp["learning_rate_decay"]},
-            "CosineAnnealingLR": {"T_max": total},
-            "CosineAnnealingWarmRestarts": {"T_0": max(1, steps_per_epoch)},
-            "CyclicLR": {"base_lr": lr / 10, "max_lr": lr, "step_size_up": max(1, steps_per_epoch // 2),
-                         "cycle_momentum": False},
-            "OneCycleLR": {"max_lr": lr, "total_steps": total, "cycle_momentum": False},
-        }[hp["lr_scheduler"]]
-        try:
-            main = getattr(S, hp["lr_scheduler"])(opt, **{**defaults, **hp["scheduler_args"]})
-        except TypeError as e:
-            raise ConfigError(f"scheduler_args for {hp['lr_scheduler']}: {e}") from None
-    if not hp["warmup_steps"]:
-        return main
-    warm = S.LinearLR(opt, start_factor=1.0 / (hp["warmup_steps"] + 1), total_iters=hp["warmup_steps"])
-    return warm if main is None else S.SequentialLR(opt, [warm, main], milestones=[hp["warmup_steps"]])
-
-
-def keep_images(data, pairs, keep):
-    """Restrict a CaptionSet to the images at indices `keep` and renumber the (image, caption) pairs
-    (pairs of dropped images go)."""
-    remap = {old: new for new, old in enumerate(keep)}
-    return data.subset(keep), [(remap[i], c) for i, c in pairs if i in remap]
-
-
-def fmt(x) -> str:
-    """A metric for the log: 4 decimals, or n/a where a split had no images."""
-    return "n/a" if x is None else f"{x:.4f}"
-
-
-def logged_step(line: str) -> float:
-    """The step of a train_log JSONL line; inf for a line a kill cut short (dropped when resuming)."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
-
-
-def append_line(path: Path, line: str) -> None:
-    """Append one line to a log in the run folder, never through a symlink (O_NOFOLLOW: ELOOP instead)."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
-    with os.fdopen(fd, "a", encoding="utf-8") as f:
-        f.write(line + "\n")
-
-
-def write_skip_list(run: Run) -> None:
-    """skipped_inputs_<run>.tsv, rewritten with every metadata save so it always matches the saved counts."""
-    path = run.out_dir / skip_list_name(run.run_id)
-    if run.skips.items:
-        run.skips.write(path)
-    else:
-        path.unlink(missing_ok=True)
+    """[the run's own command] --resume [PATH] -> (the run's hyperparameters, its checkpoint's metadata path)."""
+    return config.resolve_resume(argv, hyperparameters, PRESETS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -928,6 +629,48 @@ def check_demo_targets(hp: dict, test: dict, meta: dict) -> None:
     meta["demo_targets"] = {**targets, "met": met}
     print(f"demo targets ({', '.join(f'{k} {v}' for k, v in targets.items())}): {'met' if met else 'NOT met'}")
 
+
+# ----------------------------------------------------------------------------------------------
+# small helpers of the stages above
+
+def keep_images(data, pairs, keep):
+    """Restrict a CaptionSet to the images at indices `keep` and renumber the (image, caption) pairs
+    (pairs of dropped images go)."""
+    remap = {old: new for new, old in enumerate(keep)}
+    return data.subset(keep), [(remap[i], c) for i, c in pairs if i in remap]
+
+
+def fmt(x) -> str:
+    """A metric for the log: 4 decimals, or n/a where a split had no images."""
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def logged_step(line: str) -> float:
+    """The step of a train_log JSONL line; inf for a line a kill cut short (dropped when resuming)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line to a log in the run folder, never through a symlink (O_NOFOLLOW: ELOOP instead)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
+def write_skip_list(run: Run) -> None:
+    """skipped_inputs_<run>.tsv, rewritten with every metadata save so it always matches the saved counts."""
+    path = run.out_dir / skip_list_name(run.run_id)
+    if run.skips.items:
+        run.skips.write(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line
 
 def merge_main(argv: list[str]) -> int:
     """python train.py --merge_weights --checkpoint ADAPTER_DIR [--merged_dir DIR] [--wise_alpha A]"""

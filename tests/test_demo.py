@@ -45,7 +45,7 @@ def test_demo_learns(demo_run):
 def test_untrained_projector_is_much_worse(demo_run):
     """Training is what raises ROUGE-L and lowers the loss: the same backbones with a fresh MLP."""
     sys.path.insert(0, str(REPO))
-    import train
+    import config
     from dataset import SkipLog, load_splits
     from eval import evaluate
     from model import ClipCaptioner
@@ -54,7 +54,7 @@ def test_untrained_projector_is_much_worse(demo_run):
     hp = {**meta["hyperparameters"]}
     import torch
     torch.manual_seed(0)  # the fresh MLP's init; over seeds 0-4: loss 1.06-1.29, ROUGE-L 0.58-0.66
-    model = ClipCaptioner.from_config(train.model_config_from_hparams(hp))
+    model = ClipCaptioner.from_config(config.model_config_from_hparams(hp))
     test = load_splits(hp, SkipLog(), which=("test",))["test"]
     res = evaluate(model, test, batch_size=128, max_caption_length=32, gen_kwargs={"max_new_tokens": 24})
     assert res["rouge_l"] < meta["test"]["rouge_l"] - 0.2

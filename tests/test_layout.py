@@ -95,9 +95,10 @@ def test_no_function_is_longer_than_80_lines(name):
 
 
 def test_train_py_defaults_agree_with_the_model_config_and_generation_defaults():
+    import config
     import train
     from model import CaptionerConfig, Generation
-    assert asdict(train.model_config_from_hparams(train.hyperparameters)) == asdict(CaptionerConfig())
+    assert asdict(config.model_config_from_hparams(train.hyperparameters)) == asdict(CaptionerConfig())
     assert train.hyperparameters["max_new_tokens"] == Generation().max_new_tokens
     assert train.hyperparameters["num_beams"] == Generation().num_beams
 

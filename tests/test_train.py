@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+import config
 import train
 from conftest import REPO
 
@@ -17,9 +18,9 @@ def test_defaults_have_the_design_keys():
                 "learning_rate_scheduler_enabled", "image_size", "tokenizer_name", "max_caption_length",
                 "training_size_limit", "evaluation_enabled"):
         assert key in train.hyperparameters
-    assert set(train.NONE_DEFAULT_TYPES) <= set(train.hyperparameters)
+    assert set(config.NONE_DEFAULT_TYPES) <= set(train.hyperparameters)
     for preset in train.PRESETS.values():
-        train.check_keys(preset, "preset")
+        config.check_keys(preset, "preset", train.hyperparameters)
 
 
 def test_overrides_preset_and_types():
@@ -123,7 +124,7 @@ def test_bad_option_values_are_refused(argv, message):
 def _lrs(hp, steps_per_epoch, n):
     import torch
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=hp["learning_rate"])
-    sched = train.make_scheduler(opt, hp, steps_per_epoch)
+    sched = config.make_scheduler(opt, hp, steps_per_epoch)
     out = []
     for _ in range(n):
         out.append(opt.param_groups[0]["lr"])
@@ -248,7 +249,7 @@ def test_wandb_without_the_package_is_a_clear_error(tmp_path, capsys):
 
 
 
-@pytest.mark.parametrize("optimizer,scheduler", [("AdamW", s) for s in train.SCHEDULERS] + [("Prodigy", "StepLR")])
+@pytest.mark.parametrize("optimizer,scheduler", [("AdamW", s) for s in config.SCHEDULERS] + [("Prodigy", "StepLR")])
 def test_every_optimizer_and_scheduler_trains_a_run(tmp_path, optimizer, scheduler):
     out = tmp_path / "out"
     hp = train.resolve_hparams(_folder_data(tmp_path, 8) + [
