@@ -124,7 +124,6 @@ def parse_argv(argv: list[str], defaults: dict, presets: dict) -> tuple[str | No
 
 def resolve_hparams(argv: list[str], defaults: dict, presets: dict) -> dict:
     """defaults <- --preset NAME <- --config FILE.toml <- --KEY=VALUE (in that order of precedence)."""
-    check_keys(defaults, "the hyperparameters dict", defaults)
     for table in (NONE_DEFAULT_TYPES, CHOICES, RANGES):  # catches typos after editing a table here
         check_keys(table, "config.py's tables", defaults)
     preset, config_file, overrides = parse_argv(argv, defaults, presets)

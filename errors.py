@@ -7,7 +7,7 @@ them into one paragraph on stderr and the exit code of their class; anything els
 its traceback. Set CAPKIT_DEBUG=1 to see the traceback of an expected failure too.
 
     exit 0    done
-    exit 1    inference.py / eval.py: not one of the given images could be read
+    exit 1    NothingReadable: inference.py / eval.py / load_model_example.py could read none of the images
     exit 2    ConfigError, DataError: a hyperparameter, a flag, or the data / file it names can't be used
     exit 3    RunStopped: a file could not be written (disk full, permissions), or training stopped on
               repeated NaN/inf losses; everything saved before is intact and named
@@ -30,6 +30,11 @@ EXIT_CODES = {0: "done", 1: "no input could be read", 2: "configuration or data"
 class CapkitError(Exception):
     """An expected failure: its message is the whole explanation (what, which file or key, what to do)."""
     exit_code = 2
+
+
+class NothingReadable(CapkitError):
+    """Not one of the images to caption or evaluate could be read (each was skipped and named)."""
+    exit_code = 1
 
 
 class ConfigError(CapkitError, ValueError):

@@ -37,7 +37,7 @@ from transformers import AutoModel, AutoTokenizer
 from checkpoints import predictions_name
 from common import check_output_path, hub_online, int_at_least, pick_device, positive_int, write_output
 from dataset import SkipLog, load_splits, run_sharded
-from errors import DataError, run_cli
+from errors import DataError, NothingReadable, run_cli
 from features import encode_split, image_features
 from load_model_example import load_model_from_checkpoint
 from model import Generation, load_clip
@@ -481,9 +481,7 @@ def run(argv=None) -> int:
     if not acc.is_main_process:
         return 0
     if res["num_images"] == 0:
-        print(f"error: not one of the {data.num_images} {args.split} images could be read ({skips.summary()})",
-              file=sys.stderr)
-        return 1
+        raise NothingReadable(f"not one of the {data.num_images} {args.split} images could be read ({skips.summary()})")
     # the COCO toolkit's metrics on the same predictions (references grouped per image)
     res["caption_metrics"] = score_captions({p["image"]: p["references"] for p in res["predictions"]},
                                             {p["image"]: p["caption"] for p in res["predictions"]}, res)

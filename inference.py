@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from common import check_output_path, int_at_least, pick_device, positive_int
 from dataset import Collate, ImageDataset, find_images
-from errors import run_cli
+from errors import NothingReadable, run_cli
 from load_model_example import load_model_from_checkpoint
 from model import Generation
 from safeio import file_kind
@@ -126,9 +126,8 @@ def run(argv=None) -> int:
     print(f"{len(results)} captioned, {len(skipped)} skipped" + (f"; wrote {args.output}" if args.output else ""),
           file=sys.stderr)
     if not results:
-        print("error: not one image could be read" if paths or skipped else
-              f"error: no image files in {', '.join(args.inputs)}", file=sys.stderr)
-        return 1
+        raise NothingReadable("not one image could be read" if paths or skipped else
+                              f"no image files in {', '.join(args.inputs)}")
     return 0
 
 

@@ -26,7 +26,8 @@ import torch
 
 from checkpoints import checkpoint_globs, metadata_path_for
 from dataset import SkipLog, image_problem, load_rgb, load_splits
-from errors import RefusedFileError, run_cli
+from common import pick_device
+from errors import MissingInputError, NothingReadable, RefusedFileError, run_cli
 from model import Generation, load_captioner
 from safeio import read_json
 
@@ -64,11 +65,8 @@ def run(argv) -> int:
         return 0
     ckpt = argv[0] if argv else newest_checkpoint()
     if ckpt is None:
-        print("error: no checkpoint given and none in saved_models/ (run: python train.py --preset demo)",
-              file=sys.stderr)
-        return 2
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, metadata, hp = load_model_from_checkpoint(ckpt, device)
+        raise MissingInputError("no checkpoint given and none in saved_models/ (run: python train.py --preset demo)")
+    model, metadata, hp = load_model_from_checkpoint(ckpt, pick_device("auto"))
     print(f"loaded {ckpt}: epoch {metadata.get('epoch')}, val loss {metadata.get('val_loss')}, "
           f"ROUGE-L {metadata.get('rouge_l')}")
     if len(argv) > 1:
@@ -82,9 +80,12 @@ def run(argv) -> int:
             readable.append(str(p))
         except Exception as e:  # whatever decoding a stranger's file raises: that image is skipped
             print(f"skipped {p}: {image_problem(e)}", file=sys.stderr)
-    for path, caption in zip(readable, caption_images(model, readable, max_new_tokens=hp.get("max_new_tokens", Generation.max_new_tokens))):
+    if not readable:
+        raise NothingReadable(f"none of the {len(images)} images could be read")
+    captions = caption_images(model, readable, max_new_tokens=hp.get("max_new_tokens", Generation.max_new_tokens))
+    for path, caption in zip(readable, captions):
         print(f"{path}\t{caption}")
-    return 0 if readable else 1
+    return 0
 
 
 def main(argv=None) -> int:
