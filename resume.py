@@ -82,8 +82,12 @@ class LoopState:
         """-> how many batches of `epoch` to skip: a resume inside it continues it; otherwise it starts afresh."""
         if not (self.epoch == epoch and 0 < self.batches_done < n_batches):
             self.epoch, self.batches_done, self.epoch_sums = epoch, 0, [0.0, 0, 0.0]
-        self.epoch_started, self.batches_per_epoch = time.time() - self.epoch_sums[2], n_batches
+        self.batches_per_epoch = n_batches
         return self.batches_done
+
+    def start_clock(self) -> None:
+        """The epoch's seconds run from now, plus those it had already run before a mid-epoch save."""
+        self.epoch_started = time.time() - self.epoch_sums[2]
 
     def add_step(self, loss: float) -> None:
         self.epoch_sums[0], self.epoch_sums[1], self.step = self.epoch_sums[0] + loss, self.epoch_sums[1] + 1, self.step + 1
@@ -115,8 +119,8 @@ def restore_training_state(path: Path, opt, sched, trainable, generators) -> Loo
         opt.load_state_dict(st["optimizer"])
         if sched is not None and st["scheduler"] is not None:
             sched.load_state_dict(st["scheduler"])
-        for g, saved in zip(generators, st["data_order"]):  # the data order of the epoch it stopped in (or the next)
-            g.set_state(saved.clone())
+        for g, saved in zip(generators, st["data_order"], strict=True):  # the data order of the epoch it
+            g.set_state(saved.clone())                                      # stopped in (or of the next one)
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
         raise RefusedFileError(f"{path}: its optimizer, scheduler or data-order state doesn't fit this "
                                f"run ({type(e).__name__}); resume from an earlier checkpoint") from None
@@ -164,7 +168,8 @@ def load_state(path) -> dict:
         wrong.append("epoch_sums")
     wrong += [k for k, ok in (
         ("trainable", isinstance(state["trainable"], list) and all(isinstance(t, torch.Tensor) for t in state["trainable"])),
-        ("data_order", isinstance(state["data_order"], torch.Tensor) and state["data_order"].dim() == 2),
+        ("data_order", isinstance(state["data_order"], torch.Tensor) and state["data_order"].dim() == 2
+         and state["data_order"].shape[0] == 2),
         ("rng", isinstance(state["rng"], dict) and {"python", "numpy", "torch"} <= set(state["rng"])),
         ("optimizer", isinstance(state["optimizer"], dict))) if not ok]
     if wrong:

@@ -185,8 +185,8 @@ def train(hp: dict, resume_from=None) -> dict:
     splits, model = load_all(partial(load_splits, hp, run.skips),  # data first: a wrong path fails before a big
                              partial(build_model, model_config_from_hparams(hp), run.device))  # model loads
     data = build_training_data(run, splits["train"], model)   # the pairs, cached CLIP features, the loader
+    describe_run(run, splits, data, model)
     optim = build_step(run, model, data)                # optimizer, scheduler, DDP / torch.compile
-    describe_run(run, splits, data, model, optim)
     before = evaluate_before(run, model, splits["test"], data) if hp["evaluate_before_training"] else None
     loop = resume_loop(run, resume_from, data, optim) if resume_from is not None else LoopState()
     with StopSignals(run.log) as stop:                  # SIGINT / SIGTERM: finish the step, save, exit 0
@@ -322,12 +322,12 @@ def build_step(run: Run, model, data: TrainingData) -> Optimization:
     return Optimization(step_model, opt, sched, trainable, accum)
 
 
-def describe_run(run: Run, splits: dict, data: TrainingData, model, optim: Optimization) -> None:
+def describe_run(run: Run, splits: dict, data: TrainingData, model) -> None:
     for name, why in (("val", "validation"), ("test", "test evaluation")):
         if splits[name].num_images == 0:
             run.log(f"note: the {name} split has no images (too few images to hold any out): {why} is skipped; "
                     f"add images, or give {name}_dir")
-    n_params = sum(p.numel() for p in optim.trainable)
+    n_params = sum(p.numel() for p in model.trainable_parameters())
     run.log(f"data: {len(data.pairs)} training pairs from {data.images.num_images} images; "
             f"val {splits['val'].num_images} images; test {splits['test'].num_images} images; {run.skips.summary()}")
     c = model.config
@@ -389,6 +389,7 @@ def train_epoch(run: Run, model, data: TrainingData, optim: Optimization, loop: 
     order = data.order_state()  # this epoch's data order, drawn from when the loader is iterated
     first = loop.start_epoch(epoch, n_batches)  # only the epoch a resume lands in starts part-way
     it = iter(run.acc.skip_first_batches(data.loader, first) if first else data.loader)
+    loop.start_clock()  # (after iter(): the seconds don't include starting the loader's workers)
     if loop.rng_at_epoch_start is not None:  # a mid-epoch resume: the RNGs as they were at that step
         restore_rng(loop.rng_at_epoch_start)
         loop.rng_at_epoch_start = None
@@ -416,6 +417,7 @@ def train_epoch(run: Run, model, data: TrainingData, optim: Optimization, loop: 
         record_step(run, loop, *stepped)
         if i + 1 < n_batches and not mid_epoch_checkpoint(run, model, optim, loop, order, stop):
             return False  # (an epoch's last step is saved with the epoch, after validation)
+    loop.batches_done = n_batches
     if loop.epoch_sums[1] == 0 and loop.bad_in_a_row == 0:  # not one batch had a readable image (they went bad)
         raise DataError(f"epoch {epoch}: no training batch could be used ({run.skips.summary()}); "
                         f"the last checkpoint is {loop.meta_path or 'none'}")

@@ -839,7 +839,7 @@ def test_an_empty_resume_path_is_one_sentence(capsys, arg):
 
 
 @pytest.mark.parametrize("field, value", [("rng", {}), ("batches_done", "0"), ("trainable", 5), ("history", 7),
-                                          ("data_order", [1, 2])])
+                                          ("data_order", [1, 2]), ("data_order", torch.zeros(1, 5, dtype=torch.uint8))])
 def test_an_edited_training_state_is_refused_before_loading(small_run, tmp_path, capsys, field, value):
     root, argv = small_run
     out = tmp_path / "out"
