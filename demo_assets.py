@@ -1,9 +1,9 @@
 """
-The offline demo: a synthetic "shapes" captioning dataset and the tiny backbones it runs on.
+The offline demo's tiny backbones, and how they were built (the "shapes" data they learned from is shapes.py).
 
     python demo_assets.py                 # rebuild demo/clip-tiny and demo/qwen3-tiny (~10 min, 2 CPU cores)
     python demo_assets.py --only git      # rebuild demo/git-tiny (or blip: demo/blip-tiny), ~6 min each
-    python demo_assets.py --data data/shapes   # only write the shapes dataset (train.py --preset demo does this itself)
+    python demo_assets.py --data data/shapes   # only write the shapes dataset (= python shapes.py data/shapes)
 
 Why it exists: machines without a GPU or hub access can still prove that the pipeline learns.
 The backbones are committed (a few MB, fp16) and load through the same code path as real weights:

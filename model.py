@@ -1,5 +1,6 @@
 """
-capkit's captioners, behind one interface (forward -> (logits, loss), generate, save_checkpoint):
+capkit's captioners, behind one interface (Captioner: tokenize, forward -> (logits, loss), generate,
+save_checkpoint; a third model type fills in the same methods):
 
 - model_type "clip_mlp" (ClipCaptioner): frozen CLIP image encoder -> trainable MLP -> frozen decoder LM.
   The image embedding (B, E) is mapped by the projector to `proj_prefix_length` vectors in the
