@@ -96,5 +96,5 @@ def checkpoint_files(meta_path) -> list[Path]:
     says): its training state and its weights, whichever model type saved them."""
     meta_path = Path(meta_path)
     stem = stem_of(meta_path)
-    weights = {checkpoint_name(stem, t) for t in (*_CHECKPOINT, "adapter")}
-    return [meta_path.with_name(n) for n in (state_name(stem), *sorted(weights))]
+    weights = [f"{prefix}{stem}{suffix}" for prefix, suffix in (*_CHECKPOINT.values(), _ADAPTER)]
+    return [meta_path.with_name(n) for n in (state_name(stem), *weights)]

@@ -151,7 +151,13 @@ def restore_rng(rng: dict) -> None:
 
 STATE_KEYS = ("run_id", *(f.name for f in LoopState.saved_fields()), "optimizer", "scheduler", "trainable",
               "data_order", "rng")
-_FIELD_CHECKS = {"int": lambda v: _is_int(v), "list": lambda v: isinstance(v, list)}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+_FIELD_CHECKS = {"int": _is_int, "list": lambda v: isinstance(v, list)}  # by LoopState's field annotations
 
 
 def load_state(path) -> dict:
@@ -176,10 +182,6 @@ def load_state(path) -> dict:
         raise RefusedFileError(f"{path}: a damaged or edited training state ({', '.join(wrong)} of the wrong type); "
                                "resume from an earlier checkpoint")
     return state
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def metadata_for(path) -> Path:

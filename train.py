@@ -220,6 +220,14 @@ class Run:
         if self.main:
             print(*args, **kw)
 
+    @property
+    def step_log(self) -> Path:  # one line per optimizer step
+        return self.out_dir / step_log_name(self.run_id)
+
+    @property
+    def skip_list(self) -> Path:  # the skipped inputs, rewritten with every metadata save
+        return self.out_dir / skip_list_name(self.run_id)
+
 
 @dataclass
 class TrainingData:
@@ -363,7 +371,7 @@ def resume_loop(run: Run, resume_from, data: TrainingData, optim: Optimization) 
     if loop.batches_done >= n_batches:  # saved at an epoch's end: the next epoch starts afresh, RNGs as they were
         restore_rng(loop.rng_at_epoch_start)
         loop.rng_at_epoch_start = None
-    step_log = run.out_dir / step_log_name(run.run_id)
+    step_log = run.step_log
     if run.main and step_log.exists():  # steps after the checkpoint were never saved: they will be redone
         kept = [ln for ln in step_log.read_text(errors="replace").splitlines() if logged_step(ln) <= loop.step]
         # atomically: a symlink planted in the run folder is replaced, its target never written
@@ -404,9 +412,10 @@ def train_epoch(run: Run, model, data: TrainingData, optim: Optimization, loop: 
         group = min(optim.accum, n_batches - (i - i % optim.accum))
         last_micro = (i + 1) % optim.accum == 0 or i + 1 == n_batches
         loss = micro_step(run, data, optim, batch, group, last_micro)  # None: no usable image; nan: non-finite
-        if loss is not None:
-            bad = bad or math.isnan(loss)
-            micro_losses += [] if math.isnan(loss) else [loss]
+        if loss is not None and math.isnan(loss):
+            bad = True
+        elif loss is not None:
+            micro_losses.append(loss)
         if not last_micro or not (micro_losses or bad):
             continue
         stepped = optimizer_step(run, optim, loop, micro_losses, bad)
@@ -480,12 +489,11 @@ def optimizer_step(run: Run, optim: Optimization, loop: LoopState, micro_losses:
 
 def record_step(run: Run, loop: LoopState, loss: float, lr: float) -> None:
     """One line per optimizer step in train_log_<run>.jsonl (and the tracker)."""
-    step_log = run.out_dir / step_log_name(run.run_id)
     if run.main:
         try:
-            append_line(step_log, json.dumps({"step": loop.step, "epoch": loop.epoch, "loss": loss, "lr": lr}))
+            append_line(run.step_log, json.dumps({"step": loop.step, "epoch": loop.epoch, "loss": loss, "lr": lr}))
         except OSError as e:  # disk full mid-epoch: stop like a failed save, naming what is intact
-            raise SaveError(f"could not append to {step_log}: {e.strerror or e}. The run stopped; the "
+            raise SaveError(f"could not append to {run.step_log}: {e.strerror or e}. The run stopped; the "
                             f"last complete checkpoint is {loop.meta_path or 'none'}; free space, then "
                             "resume from it.") from e
     if run.hp["log_with"]:
@@ -616,7 +624,7 @@ def finish(run: Run, model, test_split, data: TrainingData, loop: LoopState, bef
         atomic_write_json(meta, loop.meta_path)
         write_skip_list(run)
     if run.skips.items:
-        print(f"{run.skips.summary()}; list: {run.out_dir / skip_list_name(run.run_id)}")
+        print(f"{run.skips.summary()}; list: {run.skip_list}")
     return meta
 
 
@@ -664,11 +672,10 @@ def append_line(path: Path, line: str) -> None:
 
 def write_skip_list(run: Run) -> None:
     """skipped_inputs_<run>.tsv, rewritten with every metadata save so it always matches the saved counts."""
-    path = run.out_dir / skip_list_name(run.run_id)
     if run.skips.items:
-        run.skips.write(path)
+        run.skips.write(run.skip_list)
     else:
-        path.unlink(missing_ok=True)
+        run.skip_list.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------
