@@ -110,10 +110,11 @@ class ImageTooLarge(ValueError):
     pass
 
 
-def open_image(path) -> Image.Image:
+def open_image(source) -> Image.Image:
     """Image.open on a regular file only (a FIFO or device named like an image is refused, never waited
-    on), with the pixel budget checked from the header before anything is decoded."""
-    f = open_regular(path)
+    on) or on an open binary file (serve.py's uploads, in memory), with the pixel budget checked from the
+    header before anything is decoded."""
+    f = source if hasattr(source, "read") else open_regular(source)
     try:
         with warnings.catch_warnings():  # under the budget Pillow's bomb warning is noise; above it we refuse
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -127,10 +128,10 @@ def open_image(path) -> Image.Image:
         raise
 
 
-def load_rgb(path) -> Image.Image:
-    """Open any PIL-readable image as RGB: EXIF rotation applied; transparency composited on white;
-    grayscale, palette and CMYK converted."""
-    with open_image(path) as im:
+def load_rgb(source) -> Image.Image:
+    """Open any PIL-readable image (a path, or an open binary file) as RGB: EXIF rotation applied;
+    transparency composited on white; grayscale, palette and CMYK converted."""
+    with open_image(source) as im:
         im = ImageOps.exif_transpose(im)
         if im.mode == "P":
             im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")

@@ -13,7 +13,7 @@ its traceback. Set CAPKIT_DEBUG=1 to see the traceback of an expected failure to
               repeated NaN/inf losses; everything saved before is intact and named
     exit 4    RefusedFileError: a checkpoint or model folder that would run code, or is damaged / not capkit's
     exit 5    HubUnavailableError: a download is needed and the Hugging Face Hub can't be reached
-    exit 130  interrupted (Ctrl-C in eval / inference; a second interrupt during training)
+    exit 130  interrupted (Ctrl-C in eval / inference; a second interrupt during training or serving)
 
 This module imports nothing of capkit's, so every other module can use it.
 """

@@ -40,7 +40,7 @@ from dataset import SkipLog, load_splits, run_sharded
 from errors import DataError, NothingReadable, run_cli
 from features import encode_split, image_features
 from load_model_example import load_model_from_checkpoint
-from model import Generation, load_clip
+from model import GENERATION_LIMITS, Generation, load_clip
 from report import check_report_dir, report_metrics, write_report
 from safeio import read_json
 
@@ -445,8 +445,8 @@ def parse_args(argv):
     ap.add_argument("--report", metavar="DIR", help="also write an HTML report (thumbnails, captions, sortable scores)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch_size", type=positive_int, default=None)
-    ap.add_argument("--max_new_tokens", type=positive_int, default=None)
-    ap.add_argument("--num_beams", type=int_at_least(1, 64), default=None)
+    ap.add_argument("--max_new_tokens", type=int_at_least(*GENERATION_LIMITS["max_new_tokens"]), default=None)
+    ap.add_argument("--num_beams", type=int_at_least(*GENERATION_LIMITS["num_beams"]), default=None)
     for key in DATA_KEYS:
         ap.add_argument(f"--{key}", default=None, help="override the training run's value")
     args = ap.parse_args(argv)

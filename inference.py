@@ -24,7 +24,7 @@ from common import check_output_path, int_at_least, pick_device, positive_int
 from dataset import Collate, ImageDataset, find_images
 from errors import NothingReadable, run_cli
 from load_model_example import load_model_from_checkpoint
-from model import Generation
+from model import GENERATION_LIMITS, Generation
 from safeio import file_kind
 
 
@@ -74,14 +74,14 @@ def run(argv=None) -> int:
     ap.add_argument("--output", help="write results to FILE.json or FILE.jsonl")
     ap.add_argument("--batch_size", type=positive_int, default=16)
     ap.add_argument("--device", default="auto")
-    g = Generation()  # the defaults every script shares
-    ap.add_argument("--max_new_tokens", type=positive_int, default=g.max_new_tokens)
-    ap.add_argument("--num_beams", type=int_at_least(1, 64), default=g.num_beams)
+    g, lim = Generation(), GENERATION_LIMITS  # the defaults and ranges every script shares
+    ap.add_argument("--max_new_tokens", type=int_at_least(*lim["max_new_tokens"]), default=g.max_new_tokens)
+    ap.add_argument("--num_beams", type=int_at_least(*lim["num_beams"]), default=g.num_beams)
     ap.add_argument("--do_sample", action="store_true")
-    ap.add_argument("--temperature", type=sampling_float(0.01, 100, False), default=g.temperature)
-    ap.add_argument("--top_p", type=sampling_float(0, 1, True), default=g.top_p)
-    ap.add_argument("--top_k", type=int_at_least(0), default=g.top_k)
-    ap.add_argument("--seed", type=int_at_least(0, 2**32 - 1), default=None, help="for reproducible sampling")
+    ap.add_argument("--temperature", type=sampling_float(*lim["temperature"], False), default=g.temperature)
+    ap.add_argument("--top_p", type=sampling_float(*lim["top_p"], True), default=g.top_p)
+    ap.add_argument("--top_k", type=int_at_least(*lim["top_k"]), default=g.top_k)
+    ap.add_argument("--seed", type=int_at_least(*lim["seed"]), default=None, help="for reproducible sampling")
     args = ap.parse_args(argv)
     if args.output and not args.output.endswith((".json", ".jsonl")):
         ap.error("--output must end in .json or .jsonl")

@@ -284,6 +284,12 @@ class Generation:
     seed: int | None = None         # torch.manual_seed before decoding (reproducible sampling)
 
 
+# the range each decoding setting accepts, for every script's checks (inference.py's flags, serve.py's fields):
+# (lowest, highest), both allowed, except top_p's 0 (it would keep no token)
+GENERATION_LIMITS = {"max_new_tokens": (1, 1024), "num_beams": (1, 64), "temperature": (0.01, 100.0),
+                     "top_p": (0.0, 1.0), "top_k": (0, 1_000_000), "seed": (0, 2**32 - 1)}
+
+
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the positions where mask is 1: logits (B, T, V) predict targets (B, T).
     Padding (and any prefix) carries mask 0, which is the same as a label of -100."""

@@ -68,6 +68,50 @@ def save_backbones(tmp: Path, seed=0):
     return cdir, ldir
 
 
+def run_script(*args, cwd=REPO) -> str:
+    """python <args> in the repo; it must exit 0 -> its stdout."""
+    import subprocess
+    p = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """train.py --preset demo, once per test session (test_demo.py checks it learns; test_serve.py serves it)
+    -> (its folder, its stdout, the metadata files in epoch order)."""
+    import json
+    tmp = tmp_path_factory.mktemp("demo")
+    out = run_script("train.py", "--preset", "demo", f"--output_dir={tmp / 'saved'}", f"--data_dir={tmp / 'shapes'}",
+                     f"--feature_cache_dir={tmp / 'cache'}")
+    metas = sorted((tmp / "saved").glob("training_metadata_*.json"), key=lambda p: json.loads(p.read_text())["epoch"])
+    return tmp, out, metas
+
+
+def chromium_path() -> str:
+    """Debian's chromium for the browser tests; they skip without it, except where .ci/run (which installs
+    it) sets CAPKIT_REQUIRE_CHROMIUM=1: there they must run."""
+    import shutil
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found:
+        if os.environ.get("CAPKIT_REQUIRE_CHROMIUM") == "1":
+            pytest.fail("CAPKIT_REQUIRE_CHROMIUM=1 but no chromium on PATH")
+        pytest.skip("no chromium (Debian: apt-get install chromium)")
+    return found
+
+
+def bomb_png(path: Path, side=30000):
+    """A 100-byte PNG whose header claims side x side pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+    return path
+
+
 @pytest.fixture
 def tiny_model():
     return make_model()

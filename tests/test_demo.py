@@ -2,29 +2,13 @@
 must really learn (held-out ROUGE-L >= 0.9, far above an untrained projector and far above the same
 model fed shuffled images), and eval.py / inference.py / load_model_example.py must use its checkpoint."""
 import json
-import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_script as run
 
 pytestmark = pytest.mark.slow
-
-
-def run(*args, cwd=REPO):
-    p = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p.stdout
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("demo")
-    out = run("train.py", "--preset", "demo", f"--output_dir={tmp / 'saved'}", f"--data_dir={tmp / 'shapes'}",
-              f"--feature_cache_dir={tmp / 'cache'}")
-    metas = sorted((tmp / "saved").glob("training_metadata_*.json"), key=lambda p: json.loads(p.read_text())["epoch"])
-    return tmp, out, metas
 
 
 def test_demo_learns(demo_run):

@@ -7,10 +7,8 @@ import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
-import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,8 +20,8 @@ import inference
 import load_model_example
 import report
 import train
-from conftest import REPO, write_image
-from dataset import Collate, ImageDataset, PairDataset, SkipLog, load_folder, load_flickr30k, load_splits
+from conftest import REPO, bomb_png, write_image
+from dataset import Collate, ImageDataset, PairDataset, SkipLog, load_folder, load_flickr30k
 from shapes import write_split
 from errors import (EXIT_CODES, ConfigError, DataError, HubUnavailableError, NonFiniteError, RefusedFileError,
                     SaveError, run_cli)
@@ -66,15 +64,6 @@ def marker(tmp_path, monkeypatch):
     m = tmp_path / "PWNED"
     monkeypatch.setenv("CAPKIT_MARKER", str(m))
     return m
-
-
-def bomb_png(path: Path, side=30000):
-    """A 100-byte PNG whose header claims side x side pixels (a decompression bomb)."""
-    def chunk(t, d):
-        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
-    return path
 
 
 def captions_csv(folder: Path, rows, encoding="utf-8"):

@@ -1,5 +1,4 @@
 """The HTML report: escaped text, thumbnails, sortable scores, and a real render in headless Chromium."""
-import os
 import shutil
 import subprocess
 
@@ -8,12 +7,8 @@ import pytest
 from PIL import Image
 
 import report
+from conftest import chromium_path
 from shapes import write_split
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-# .ci/run installs Debian's chromium and sets this: there the render test must run, not skip
-REQUIRED = os.environ.get("CAPKIT_REQUIRE_CHROMIUM") == "1"
-
 
 @pytest.fixture
 def preds(tmp_path):
@@ -43,14 +38,10 @@ def test_report_page_thumbnails_and_escaping(tmp_path, preds):
 
 
 def chromium(*args, cwd):
-    if not CHROMIUM:
-        if REQUIRED:
-            pytest.fail("CAPKIT_REQUIRE_CHROMIUM=1 but no chromium on PATH")
-        pytest.skip("no chromium (Debian: apt-get install chromium)")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={cwd / 'chromium-profile'}", "--hide-scrollbars"]
-    return subprocess.run([CHROMIUM, *flags, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run([chromium_path(), *flags, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
 def saturated_pixels(png) -> int:

@@ -1,0 +1,156 @@
+"""
+Load-test serve.py on this machine: concurrent clients, each sending one image per request, against the
+same checkpoint served twice in one run, with dynamic batching and with --max_batch 1. Prints p50 / p95
+latency, images/s and the failed requests of each, and whether the two gave the same captions.
+
+    python loadtest.py --checkpoint saved_models/model_state_dict_....pth              # 32 clients x 8 requests
+    python loadtest.py --checkpoint CKPT --clients 64 --requests 16 --device cuda --max_batch 64
+
+Traffic goes to 127.0.0.1 only, to servers this script starts and stops; every client sends a fixed
+number of requests (each with a timeout), so a run ends by itself. The images are rendered shapes
+(shapes.py), a different one per request, the same set for both servers.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from common import int_at_least, positive_int
+from shapes import random_attrs, render
+
+REQUEST_TIMEOUT_S = 300   # one request; a server that answers none in this long counts as failed
+START_TIMEOUT_S = 600     # loading the model
+
+
+def images(n: int, seed: int = 0) -> list[bytes]:
+    """n distinct PNG files (bytes) of the synthetic shapes."""
+    rng, out = random.Random(seed), []
+    for _ in range(n):
+        buf = io.BytesIO()
+        render(random_attrs(rng), rng).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def start_server(checkpoint: str, device: str, max_batch: int, max_wait_ms: int) -> tuple[subprocess.Popen, str]:
+    """serve.py on a free port of 127.0.0.1 -> (process, its URL), once it answers /health."""
+    cmd = [sys.executable, str(Path(__file__).with_name("serve.py")), "--checkpoint", checkpoint, "--port", "0",
+           "--device", device, "--max_batch", str(max_batch), "--max_wait_ms", str(max_wait_ms)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    for line in proc.stdout:  # the server prints "serving ... at URL" once it serves
+        if m := re.search(r" at (http://127\.0\.0\.1:\d+/)$", line.strip()):
+            url = m.group(1)
+            break
+        if time.monotonic() > deadline:
+            break
+    else:
+        sys.exit(f"serve.py exited with {proc.wait()} before serving (run it by hand to see why)")
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "health", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    sys.exit(f"serve.py did not answer within {START_TIMEOUT_S} s")
+
+
+def stop_server(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+async def load(url: str, files: list[bytes], clients: int, requests: int) -> dict:
+    """clients x requests POSTs of one image each, the clients concurrent -> latencies, failures, captions."""
+    latencies, failures, captions = [], [], {}
+
+    async def client(c: int, http: httpx.AsyncClient):
+        for r in range(requests):
+            i = c * requests + r
+            t = time.perf_counter()
+            try:
+                resp = await http.post(url + "caption", files={"files": (f"img{i}.png", files[i], "image/png")})
+                if resp.status_code == 200 and "caption" in resp.json()[0]:
+                    captions[i] = resp.json()[0]["caption"]
+                    latencies.append(time.perf_counter() - t)
+                else:
+                    failures.append(f"{resp.status_code}: {resp.text[:200]}")
+            except httpx.HTTPError as e:
+                failures.append(f"{type(e).__name__}: {e}")
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as http:
+        before = (await http.get(url + "health")).json()["served"]
+        start = time.perf_counter()
+        await asyncio.gather(*(client(c, http) for c in range(clients)))
+        wall = time.perf_counter() - start
+        after = (await http.get(url + "health")).json()["served"]
+    served = {k: after[k] - before[k] for k in ("images", "batches")}
+    return {"latencies": latencies, "failures": failures, "captions": captions, "wall": wall, "served": served}
+
+
+def run_one(args, files: list[bytes], max_batch: int) -> dict:
+    proc, url = start_server(args.checkpoint, args.device, max_batch, args.max_wait_ms)
+    try:
+        asyncio.run(load(url, files[:8], 1, 1))  # warm-up: first-call costs are not the server's throughput
+        result = asyncio.run(load(url, files, args.clients, args.requests))
+    finally:
+        result_rc = stop_server(proc)
+    result["exit"] = result_rc
+    return result
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--clients", type=int_at_least(1, 1024), default=32)
+    ap.add_argument("--requests", type=int_at_least(1, 1000), default=8, help="per client")
+    ap.add_argument("--max_batch", type=positive_int, default=32, help="the batching server's --max_batch")
+    ap.add_argument("--max_wait_ms", type=int_at_least(0, 10_000), default=10)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args(argv)
+    files = images(args.clients * args.requests)
+    print(f"{args.clients} clients x {args.requests} requests of one image, {Path(args.checkpoint).name}, "
+          f"device {args.device}, {os.cpu_count()} CPU cores")
+    runs = {f"batching (--max_batch {args.max_batch})": run_one(args, files, args.max_batch),
+            "no batching (--max_batch 1)": run_one(args, files, 1)}
+    print(f"\n{'server':<28} {'p50 ms':>8} {'p95 ms':>8} {'images/s':>9} {'failed':>7} {'mean batch':>11}")
+    for name, r in runs.items():
+        lat = r["latencies"] or [float("nan")]
+        mean_batch = r["served"]["images"] / max(r["served"]["batches"], 1)
+        print(f"{name:<28} {1000 * percentile(lat, 50):>8.0f} {1000 * percentile(lat, 95):>8.0f} "
+              f"{len(r['latencies']) / r['wall']:>9.1f} {len(r['failures']):>7} {mean_batch:>11.1f}")
+        for failure in r["failures"][:5]:
+            print(f"  failed: {failure}")
+    batched, single = runs.values()
+    same = sum(batched["captions"].get(i) == c for i, c in single["captions"].items())
+    print(f"\ncaptions equal between the two servers: {same}/{len(files)}")
+    speedup = (len(batched["latencies"]) / batched["wall"]) / max(len(single["latencies"]) / single["wall"], 1e-9)
+    print(f"throughput_speedup_from_batching: {speedup:.2f}")
+    failed = sum(len(r["failures"]) for r in runs.values())
+    return 0 if failed == 0 and all(r["exit"] == 0 for r in runs.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,466 @@
+"""
+Serve a trained captioner over HTTP: a JSON API with dynamic batching, and a web page to try it.
+
+    python serve.py --checkpoint saved_models/model_state_dict_....pth      # then open http://127.0.0.1:8000/
+    python serve.py --checkpoint saved_models/adapter_<run>-<epoch> --port 8080   # git / blip: the same API
+    curl -F files=@photo.jpg -F files=@dog.png http://127.0.0.1:8000/caption
+    curl -F files=@photo.jpg -F num_beams=3 "http://127.0.0.1:8000/caption?max_new_tokens=20"
+
+    GET  /          the web page: pick or drop images, see each caption as it arrives
+    POST /caption   multipart field `files` (one or more images) -> [{"filename", "caption", "ms"}, ...];
+                    decoding options (num_beams, max_new_tokens, do_sample, temperature, top_p, top_k, seed)
+                    as query or form fields
+    GET  /health    model loaded, device, checkpoint name, model type, limits
+    GET  /docs      the OpenAPI docs (served from a local copy: they work offline)
+
+Concurrent requests are gathered into one batched model.generate call (the KV-cache path inference.py
+uses): up to --max_batch images, waiting at most --max_wait_ms after the first for more. Requests with
+other options wait for a batch of their own; a request with a seed is decoded alone, so it is
+reproducible whatever else arrives. Images are decoded in memory (no temp files) before they join a
+batch, so a bad file fails only its own entry. It binds to 127.0.0.1: pass --host 0.0.0.0 only on a
+network you trust (there is no authentication).
+
+Exit codes (errors.py): 0 after Ctrl-C or SIGTERM (the requests in flight are answered first; a second
+Ctrl-C stops at once: 130); 2 for a bad flag or a port in use; 4 / 5 when the checkpoint is missing or refused,
+or its backbones can't be had offline, as for every script.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import signal
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import uvicorn
+from fastapi import Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi_offline import FastAPIOffline
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from common import int_at_least, pick_device, positive_int
+from dataset import ImageTooLarge, image_problem, load_rgb
+from errors import ConfigError, run_cli
+from load_model_example import load_model_from_checkpoint
+from model import GENERATION_LIMITS, Generation
+
+PAGE = Path(__file__).with_name("serve.html")  # the web page at /: plain HTML + JS, nothing fetched from elsewhere
+FILES_FIELD = "files"                           # the multipart field the images come in
+MAX_FIELD_BYTES = 1024                          # an option's value is a number: anything longer is refused
+_LIM, _DEF = GENERATION_LIMITS, Generation()
+
+
+# ----------------------------------------------------------------------------------------------
+# what a request may ask for: Generation's fields, in GENERATION_LIMITS' ranges
+
+class CaptionOptions(BaseModel):
+    """Decoding options of POST /caption (query or form fields); the defaults are every script's."""
+    model_config = ConfigDict(extra="forbid")
+    max_new_tokens: int = Field(_DEF.max_new_tokens, ge=_LIM["max_new_tokens"][0], le=_LIM["max_new_tokens"][1])
+    num_beams: int = Field(_DEF.num_beams, ge=_LIM["num_beams"][0], le=_LIM["num_beams"][1])
+    do_sample: bool = _DEF.do_sample
+    temperature: float = Field(_DEF.temperature, ge=_LIM["temperature"][0], le=_LIM["temperature"][1])
+    top_p: float = Field(_DEF.top_p, gt=_LIM["top_p"][0], le=_LIM["top_p"][1])
+    top_k: int = Field(_DEF.top_k, ge=_LIM["top_k"][0], le=_LIM["top_k"][1])
+    seed: int | None = Field(_DEF.seed, ge=_LIM["seed"][0], le=_LIM["seed"][1])
+
+
+PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'unsafe-inline'; "
+            "script-src 'unsafe-inline'; connect-src 'self'")
+# POST /caption reads its own body (for the clear 4xx answers above): its request schema is declared here
+CAPTION_OPENAPI = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": [FILES_FIELD],
+    "properties": {FILES_FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}},
+                   **CaptionOptions.model_json_schema()["properties"]}}}}}}
+
+
+class BadRequest(Exception):
+    """A request refused as a whole: status + one sentence (+ the per-file errors, when files were the cause)."""
+    def __init__(self, status: int, detail: str, errors: list | None = None):
+        super().__init__(detail)
+        self.status, self.detail, self.errors = status, detail, errors or []
+
+    def response(self) -> JSONResponse:
+        body = {"detail": self.detail} | ({"errors": self.errors} if self.errors else {})
+        return JSONResponse(body, status_code=self.status)
+
+
+async def bad_request(request: Request, e: BadRequest) -> JSONResponse:
+    return e.response()
+
+
+def read_options(query: list[tuple[str, str]], form: list[tuple[str, str]]) -> dict:
+    """Query and form fields -> Generation keyword arguments. An empty value means "not given"; a name given
+    twice, an unknown name or a value out of range is a 422 naming it."""
+    given = {}
+    for name, value in query + form:
+        if value == "":
+            continue
+        if name in given:
+            raise BadRequest(422, f"option {name!r} is given twice")
+        given[name] = value
+    try:
+        return CaptionOptions(**given).model_dump()
+    except ValidationError as e:
+        problems = [f"{'.'.join(map(str, err['loc'])) or 'options'}: {err['msg']}" for err in e.errors()]
+        known = ", ".join(CaptionOptions.model_fields)
+        raise BadRequest(422, "bad option: " + "; ".join(problems) + f" (options: {known})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# reading uploads: in memory, one verdict per file
+
+@dataclass
+class FileResult:
+    filename: str
+    pixels: torch.Tensor | None = None   # (3, S, S) when the file is a usable image
+    error: str | None = None
+    status: int = 200                    # the 4xx of the error
+
+    def entry(self, caption: str | None, ms: float) -> dict:
+        if self.error is not None:
+            return {"filename": self.filename, "error": self.error, "status": self.status}
+        return {"filename": self.filename, "caption": caption, "ms": round(ms, 1)}
+
+
+def check_upload(name: str, size: int, max_bytes: int) -> FileResult | None:
+    """Why a file is refused before it is read (empty: 400, over the size limit: 413), or None."""
+    if size == 0:
+        return FileResult(name, error="empty file (0 bytes)", status=400)
+    if size > max_bytes:
+        return FileResult(name, error=f"{size:,} bytes: over the upload limit of {max_bytes / 2**20:g} MB "
+                                      f"({max_bytes:,} bytes; serve.py --max_upload_mb)", status=413)
+    return None
+
+
+def decode_image(name: str, data: bytes, preprocess) -> FileResult:
+    """(In a worker thread.) Bytes -> the model's input tensor, or the reason the file is refused
+    (too many pixels: 413, not an image: 415)."""
+    try:
+        pixels = preprocess(load_rgb(io.BytesIO(data)))
+    except (ImageTooLarge, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return FileResult(name, error=image_problem(e), status=413)
+    except Exception as e:  # whatever decoding a stranger's bytes raises: this file is refused, the others go on
+        return FileResult(name, error=image_problem(e), status=415)
+    return FileResult(name, pixels=pixels)
+
+
+# ----------------------------------------------------------------------------------------------
+# dynamic batching: concurrent requests share one generate call
+
+@dataclass(eq=False)  # jobs are compared by identity (their tensors have no single truth value)
+class Job:
+    pixels: torch.Tensor                 # (n, 3, S, S): one request's images (or a max_batch slice of them)
+    options: dict                        # Generation keyword arguments
+    key: tuple                           # jobs with equal keys may share a generate call
+    future: asyncio.Future
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    """One worker thread runs generate(pixels, options) -> captions on batches gathered from the queue: up
+    to max_batch images with equal options, waiting at most max_wait_ms after the oldest job arrived."""
+
+    def __init__(self, generate, max_batch: int, max_wait_ms: float):
+        self.generate, self.max_batch, self.max_wait = generate, max_batch, max_wait_ms / 1000
+        self.queue: asyncio.Queue[Job] = asyncio.Queue()
+        self.waiting: list[Job] = []     # taken from the queue, not yet batched (other options, or no room)
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="capkit-generate")
+        self.stats = {"requests": 0, "images": 0, "batches": 0, "largest_batch": 0}
+
+    async def caption(self, pixels: torch.Tensor, options: dict) -> list[str]:
+        """pixels (n, 3, S, S) -> n captions, decoded in whichever batches they land in."""
+        loop, options_key = asyncio.get_running_loop(), tuple(sorted(options.items()))
+        # a seeded request is decoded alone, in one call: what its seed gives can't depend on the traffic
+        parts = [pixels] if options["seed"] is not None else list(pixels.split(self.max_batch))
+        futures = []
+        for part in parts:
+            future = loop.create_future()
+            key = (options_key, id(future)) if options["seed"] is not None else options_key
+            self.queue.put_nowait(Job(part, options, key, future))
+            futures.append(future)
+        self.stats["requests"] += 1
+        return [c for captions in await asyncio.gather(*futures) for c in captions]
+
+    async def run(self) -> None:
+        """The batching loop (a task for the server's life)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = []
+            try:
+                batch = await self.next_batch()
+                captions = await loop.run_in_executor(self.worker, self.generate_batch, batch)
+            except Exception as e:  # the model failed (out of memory, a bug): this batch's requests fail, not the loop
+                for job in batch or self.waiting:
+                    if not job.future.done():
+                        job.future.set_exception(e)
+                continue
+            for job in batch:
+                mine, captions = captions[:len(job.pixels)], captions[len(job.pixels):]
+                if not job.future.done():  # (its client may have gone)
+                    job.future.set_result(mine)
+
+    async def next_batch(self) -> list[Job]:
+        """The oldest waiting job and those that may join it, once there are max_batch images or its wait is over."""
+        self.waiting = [job for job in self.waiting if not job.future.done()]  # (their clients have gone)
+        if not self.waiting:
+            self.waiting.append(await self.queue.get())
+        first = self.waiting[0]
+        deadline = first.arrived + self.max_wait
+        while True:
+            while not self.queue.empty():  # everything that arrived meanwhile (e.g. during the last batch)
+                self.waiting.append(self.queue.get_nowait())
+            left = deadline - time.monotonic()
+            if self.images_like(first.key) >= self.max_batch or left <= 0:
+                break
+            try:
+                self.waiting.append(await asyncio.wait_for(self.queue.get(), left))
+            except TimeoutError:
+                break
+        batch, room = [], self.max_batch
+        for job in list(self.waiting):
+            if job.key == first.key and (not batch or len(job.pixels) <= room):
+                batch.append(job)
+                room -= len(job.pixels)
+                self.waiting.remove(job)
+        return batch
+
+    def images_like(self, key: tuple) -> int:
+        return sum(len(job.pixels) for job in self.waiting if job.key == key)
+
+    def generate_batch(self, batch: list[Job]) -> list[str]:
+        """(In the worker thread.) One generate call for the whole batch."""
+        pixels = torch.cat([job.pixels for job in batch])  # (B, 3, S, S)
+        self.stats["batches"] += 1
+        self.stats["images"] += len(pixels)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(pixels))
+        return self.generate(pixels, batch[0].options)
+
+    def close(self) -> None:
+        for job in self.waiting:
+            job.future.cancel()
+        self.worker.shutdown(wait=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# the app
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is refused with a 413 before (Content-Length)
+    or while (chunked) it is read, so an endless upload never fills memory or disk."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self.refuse(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise BodyTooLarge
+            return message
+        try:
+            await self.app(scope, counted, send)
+        except BodyTooLarge:
+            await self.refuse(scope, receive, send)
+
+    async def refuse(self, scope, receive, send):
+        mb = self.limit / 2**20
+        await BadRequest(413, f"request body over {mb:.0f} MB (--max_files x --max_upload_mb)").response()(
+            scope, receive, send)
+
+
+@dataclass
+class Limits:
+    max_batch: int = 32
+    max_wait_ms: float = 10.0
+    max_upload_mb: float = 20.0
+    max_files: int = 32
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
+
+
+def create_app(model, checkpoint: str, limits: Limits | None = None, metadata: dict | None = None,
+               announce: str | None = None):
+    """The FastAPI app serving `model` (a loaded Captioner in eval mode); `announce` is printed once it serves."""
+    limits = limits or Limits()
+    batcher = Batcher(lambda pixels, options: model.generate(pixel_values=pixels, **options),
+                      limits.max_batch, limits.max_wait_ms)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        task = asyncio.create_task(batcher.run())
+        if announce:
+            print(announce, flush=True)
+        yield
+        task.cancel()  # (uvicorn has answered every request in flight before it gets here)
+        await asyncio.gather(task, return_exceptions=True)
+        batcher.close()
+
+    app = FastAPIOffline(title="capkit captioner", lifespan=lifespan, redoc_url=None,
+                         description=f"Captions images with `{checkpoint}`. The web page is at `/`.")
+    app.add_middleware(BodyLimit, limit=limits.max_files * limits.max_upload_bytes + 2**20)
+    app.add_exception_handler(BadRequest, bad_request)
+    health = {"status": "ok", "model_loaded": True, "checkpoint": checkpoint, "model_type": model.config.model_type,
+              "model": model_names(model.config), "device": str(model.device),
+              "epoch": (metadata or {}).get("epoch"), **asdict(limits), "defaults": asdict(_DEF),
+              "limits": GENERATION_LIMITS}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        # the page builds everything it shows with textContent: a file name or caption is never markup
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"), headers={"Content-Security-Policy": PAGE_CSP})
+
+    @app.get("/health")
+    async def get_health() -> dict:
+        """Whether the model is loaded, what it is, where it runs, the server's limits and counters."""
+        return health | {"served": dict(batcher.stats)}
+
+    @app.post("/caption", openapi_extra=CAPTION_OPENAPI)
+    async def caption(request: Request) -> list[dict]:
+        """Caption the images of multipart field `files`, in order. A file that is not a usable image gets
+        {"filename", "error", "status"} in its place; if none is usable, the request fails with that 4xx."""
+        started = time.perf_counter()
+        uploads, options = await read_request(request, limits)
+        results = [upload if isinstance(upload, FileResult) else
+                   await run_in_threadpool(decode_image, *upload, model.preprocess) for upload in uploads]
+        good = [r for r in results if r.error is None]
+        if not good:
+            raise BadRequest(results[0].status, "; ".join(f"{r.filename}: {r.error}" for r in results),
+                             [r.entry(None, 0) for r in results])
+        try:
+            captions = iter(await batcher.caption(torch.stack([r.pixels for r in good]), options))
+        except torch.OutOfMemoryError:
+            raise BadRequest(503, f"out of {model.device.type} memory for this batch: try fewer images, fewer "
+                                  "beams, or restart the server with a smaller --max_batch") from None
+        ms = (time.perf_counter() - started) * 1000
+        return [r.entry(None if r.error else next(captions), ms) for r in results]
+
+    return app
+
+
+async def read_request(request: Request, limits: Limits) -> tuple[list, dict]:
+    """-> (for each file of field `files`: (filename, bytes), or the FileResult refusing it unread; the
+    decoding options). A request that can't be read is a BadRequest. Uploads are read into memory and
+    the form is closed here (Starlette spools big parts to anonymous temp files, which vanish when closed)."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise BadRequest(415, f"send the images as multipart/form-data in field {FILES_FIELD!r} "
+                              f"(curl -F {FILES_FIELD}=@photo.jpg ...)")
+    try:
+        async with request.form(max_files=limits.max_files, max_fields=64, max_part_size=MAX_FIELD_BYTES) as form:
+            items = form.multi_items()
+            uploads = []
+            for i, f in enumerate(v for k, v in items if k == FILES_FIELD and isinstance(v, UploadFile)):
+                name = f.filename or f"file {i + 1}"
+                uploads.append(check_upload(name, f.size or 0, limits.max_upload_bytes) or (name, await f.read()))
+    except HTTPException as e:  # malformed multipart, too many files, an overlong field: Starlette's sentence
+        raise BadRequest(413 if "Too many files" in str(e.detail) else 400,
+                         f"{e.detail} (this server: --max_files {limits.max_files})") from None
+    elsewhere = sorted({k for k, v in items if k != FILES_FIELD and isinstance(v, UploadFile)})
+    if elsewhere:
+        raise BadRequest(422, f"files in field(s) {', '.join(map(repr, elsewhere))}: send every image in "
+                              f"multipart field {FILES_FIELD!r} (curl -F {FILES_FIELD}=@photo.jpg)")
+    fields = [(k, v) for k, v in items if not isinstance(v, UploadFile)]
+    if any(k == FILES_FIELD for k, _ in fields):
+        raise BadRequest(422, f"field {FILES_FIELD!r} holds text, not a file: send it as {FILES_FIELD}=@photo.jpg")
+    if not uploads:
+        raise BadRequest(422, f"no images: send each one in multipart field {FILES_FIELD!r} "
+                              f"(curl -F {FILES_FIELD}=@photo.jpg)")
+    return uploads, read_options(list(request.query_params.multi_items()), fields)
+
+
+def model_names(cfg) -> str:
+    """What the checkpoint is built on, for /health and the page."""
+    if cfg.model_type == "clip_mlp":
+        return f"{cfg.clip_model_name} -> {cfg.proj_type} -> {cfg.lm_name}"
+    return f"{cfg.hf_model_name} ({cfg.model_type}, {cfg.peft_module or 'merged'})"
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="a .pth, an adapter_* folder or a merged_* folder")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    ap.add_argument("--port", type=int_at_least(0, 65535), default=8000, help="0: any free port")
+    ap.add_argument("--max_batch", type=positive_int, default=Limits.max_batch, help="images per generate call")
+    ap.add_argument("--max_wait_ms", type=int_at_least(0, 10_000), default=Limits.max_wait_ms,
+                    help="how long the first request of a batch waits for others")
+    ap.add_argument("--max_upload_mb", type=int_at_least(1, 1024), default=Limits.max_upload_mb)
+    ap.add_argument("--max_files", type=int_at_least(1, 1000), default=Limits.max_files, help="images per request")
+    ap.add_argument("--device", default="auto")
+    return ap.parse_args(argv)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads: a port in use is said at once."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        raise ConfigError(f"can't listen on {host}:{port}: {e.strerror or e}. Pick another --port "
+                          "(or --port 0 for any free one), or stop what is using it.") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def run(argv=None) -> int:
+    args = parse_args(argv)
+    sock = listen(args.host, args.port)
+    model, metadata, _ = load_model_from_checkpoint(args.checkpoint, pick_device(args.device))
+    limits = Limits(args.max_batch, args.max_wait_ms, args.max_upload_mb, args.max_files)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host}: anyone who can reach this machine can use the model "
+              "(no authentication)", file=sys.stderr)
+    app = create_app(model, Path(args.checkpoint).name, limits, metadata,
+                     announce=f"serving {args.checkpoint} ({model.config.model_type}, {model.device}) at {url}")
+    stopped = []
+    for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn re-raises the signal after its graceful shutdown
+        signal.signal(sig, lambda s, frame: stopped.append(signal.Signals(s).name))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=None))
+    server.run(sockets=[sock])
+    how = f" ({stopped[0]})" if stopped else ""
+    if server.force_exit:  # a second Ctrl-C: uvicorn dropped what was in flight
+        print(f"stopped{how} at once: requests in flight were dropped", file=sys.stderr)
+        return 130
+    print(f"stopped{how}: every request in flight was answered", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    """The command line: expected failures end in one paragraph and their exit code (errors.py)."""
+    return run_cli(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
