@@ -166,6 +166,31 @@ def test_the_openapi_docs_are_served_offline(client):
     assert {"files", "num_beams", "max_new_tokens", "do_sample", "temperature", "top_p", "seed"} <= set(props)
 
 
+@pytest.mark.parametrize("kind", ["adapter", "merged"])
+def test_git_adapter_and_merged_folders_are_served_like_a_pth(tmp_path, kind):
+    """Any checkpoint the other scripts take: the git path's adapter folder, and that folder merged."""
+    from demo_assets import HF_DIRS
+    from load_model_example import load_model_from_checkpoint
+    from model import CaptionerConfig, build_model, merge_adapter
+    torch.manual_seed(0)
+    m = build_model(CaptionerConfig(model_type="git", hf_model_name=HF_DIRS["git"], quantization_bits=16,
+                                    lm_dtype="float32"))
+    with torch.no_grad():  # adapters away from their identity init, so the folder is not just the base
+        for p in m.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    folder = tmp_path / "adapter_r-1"
+    m.save_checkpoint(folder)
+    if kind == "merged":
+        folder = merge_adapter(folder, tmp_path / "merged_r-1")
+    loaded, _, _ = load_model_from_checkpoint(folder)
+    with TestClient(create_app(loaded, folder.name)) as c:
+        assert c.get("/health").json()["model_type"] == "git"
+        r = post(c, [(n, IMAGES[n]) for n in list(IMAGES)[:2]], max_new_tokens=6)
+    assert r.status_code == 200
+    captions = [e["caption"] for e in r.json()]
+    assert captions == direct(loaded, list(IMAGES)[:2], max_new_tokens=6) and all(captions)
+
+
 # ================================================================================================
 # the batcher on its own
 
