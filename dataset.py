@@ -27,10 +27,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate.utils import gather_object
 from huggingface_hub import hf_hub_download
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torchvision.transforms import ColorJitter, RandomResizedCrop
 
 from common import hub_or_cache
@@ -107,31 +108,32 @@ class CaptionSet:
 # images
 
 class ImageTooLarge(ValueError):
-    pass
+    """An image whose header claims more pixels than the budget: args = (its size in words, the budget)."""
 
 
-def open_image(source) -> Image.Image:
+def open_image(source, max_pixels: int | None = None) -> Image.Image:
     """Image.open on a regular file only (a FIFO or device named like an image is refused, never waited
     on) or on an open binary file (serve.py's uploads, in memory), with the pixel budget checked from the
-    header before anything is decoded."""
+    header before anything is decoded (max_pixels: MAX_IMAGE_PIXELS unless given)."""
+    max_pixels = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     f = source if hasattr(source, "read") else open_regular(source)
     try:
         with warnings.catch_warnings():  # under the budget Pillow's bomb warning is noise; above it we refuse
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(f)
-        if im.width * im.height > MAX_IMAGE_PIXELS:
+        if im.width * im.height > max_pixels:
             im.close()
-            raise ImageTooLarge(f"{im.width}x{im.height} pixels")
+            raise ImageTooLarge(f"{im.width}x{im.height} pixels", max_pixels)
         return im
     except BaseException:
         f.close()
         raise
 
 
-def load_rgb(source) -> Image.Image:
+def load_rgb(source, max_pixels: int | None = None) -> Image.Image:
     """Open any PIL-readable image (a path, or an open binary file) as RGB: EXIF rotation applied;
-    transparency composited on white; grayscale, palette and CMYK converted."""
-    with open_image(source) as im:
+    transparency composited on white; grayscale, palette, CMYK, 16-bit and float images converted."""
+    with open_image(source, max_pixels) as im:
         im = ImageOps.exif_transpose(im)
         if im.mode == "P":
             im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
@@ -139,18 +141,38 @@ def load_rgb(source) -> Image.Image:
             bg = Image.new("RGB", im.size, (255, 255, 255))
             bg.paste(im.convert("RGBA"), mask=im.convert("RGBA").split()[-1])
             return bg
+        if im.mode.startswith("I") or im.mode == "F":
+            return _to_8_bit(im).convert("RGB")
         return im.convert("RGB")
 
 
+def _to_8_bit(im: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit or float grayscale image as 8-bit "L". Pillow's own convert clips these at 255,
+    which turns an ordinary 16-bit PNG white: integers are scaled from 16 bits, floats from [0, 1]
+    (or from their own range when they leave it)."""
+    a = np.asarray(im, dtype=np.float64)
+    if im.mode == "F":
+        low, high = (0.0, 1.0) if a.size == 0 or (a.min() >= 0 and a.max() <= 1) else (a.min(), a.max())
+    else:
+        low, high = 0.0, 65535.0 if a.size == 0 or a.max() <= 65535 else a.max()
+    scaled = (a - low) / max(high - low, 1e-12) * 255
+    return Image.fromarray(np.nan_to_num(scaled, nan=0.0).clip(0, 255).round().astype(np.uint8), mode="L")
+
+
 def image_problem(e: BaseException) -> str:
-    """The skip reason for an image that failed to open or decode."""
-    if isinstance(e, (ImageTooLarge, Image.DecompressionBombError, Image.DecompressionBombWarning)):
+    """The skip reason for an image that failed to open or decode ("kind: detail"; SkipLog counts the kind)."""
+    if isinstance(e, ImageTooLarge):
+        return f"image too large: over {e.args[1]:,} pixels"
+    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return f"image too large: over {MAX_IMAGE_PIXELS:,} pixels"
     if isinstance(e, NotRegularFile):
         return f"not a regular file: {e.kind}"
     if isinstance(e, FileNotFoundError):
         return "missing file"
-    return f"unreadable image: {type(e).__name__}"
+    if isinstance(e, UnidentifiedImageError):
+        return "unreadable image: not in any image format Pillow reads"
+    detail = " ".join(str(e).split())[:120]
+    return f"unreadable image: damaged or truncated ({type(e).__name__}{': ' + detail if detail else ''})"
 
 
 def check_image(path: Path, root: Path | None, skips: SkipLog) -> bool:
@@ -561,7 +583,7 @@ def _load_item(path, transform, **extra):
     try:
         pixels = transform(image)
     except (OSError, ValueError, TypeError) as e:
-        return {"error": (str(path), f"unreadable image: {type(e).__name__}")}
+        return {"error": (str(path), image_problem(e))}
     return {"pixel_values": pixels, **extra}
 
 

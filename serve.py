@@ -15,14 +15,18 @@ Serve a trained captioner over HTTP: a JSON API with dynamic batching, and a web
 
 Concurrent requests are gathered into one batched model.generate call (the KV-cache path inference.py
 uses): up to --max_batch images, waiting at most --max_wait_ms after the first for more. Requests with
-other options wait for a batch of their own; a request with a seed is decoded alone, so it is
-reproducible whatever else arrives. Images are decoded in memory (no temp files) before they join a
+other options wait for a batch of their own; a sampling request with a seed is decoded alone, in one
+call, so it is reproducible whatever else arrives. Images are decoded in memory (no temp files) before they join a
 batch, so a bad file fails only its own entry. It binds to 127.0.0.1: pass --host 0.0.0.0 only on a
 network you trust (there is no authentication).
 
-Exit codes (errors.py): 0 after Ctrl-C or SIGTERM (the requests in flight are answered first; a second
-Ctrl-C stops at once: 130); 2 for a bad flag or a port in use; 4 / 5 when the checkpoint is missing or refused,
-or its backbones can't be had offline, as for every script.
+One request can't hold the model for long: it may ask for at most --max_request_tokens (images x
+num_beams x max_new_tokens), and images over --max_megapixels are refused before they are decoded.
+
+Exit codes (errors.py): 0 after Ctrl-C or SIGTERM once every request in flight is answered; 130 if
+some were cut off (a second Ctrl-C, or still running --shutdown_grace_s seconds later); 2 for a bad
+flag or a port in use; 4 / 5 when the checkpoint is missing or refused, or its backbones can't be
+had offline, as for every script.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -48,6 +53,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from common import int_at_least, pick_device, positive_int
 from dataset import ImageTooLarge, image_problem, load_rgb
@@ -66,7 +72,7 @@ _LIM, _DEF = GENERATION_LIMITS, Generation()
 
 class CaptionOptions(BaseModel):
     """Decoding options of POST /caption (query or form fields); the defaults are every script's."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     max_new_tokens: int = Field(_DEF.max_new_tokens, ge=_LIM["max_new_tokens"][0], le=_LIM["max_new_tokens"][1])
     num_beams: int = Field(_DEF.num_beams, ge=_LIM["num_beams"][0], le=_LIM["num_beams"][1])
     do_sample: bool = _DEF.do_sample
@@ -100,6 +106,12 @@ async def bad_request(request: Request, e: BadRequest) -> JSONResponse:
     return e.response()
 
 
+async def server_error(request: Request, e: Exception) -> JSONResponse:
+    """Anything unexpected (a bug, or the model failing): still a JSON answer; uvicorn logs the traceback."""
+    return JSONResponse({"detail": f"the server failed on this request ({type(e).__name__}: {e}); "
+                                   "see the server's log"}, status_code=500)
+
+
 def read_options(query: list[tuple[str, str]], form: list[tuple[str, str]]) -> dict:
     """Query and form fields -> Generation keyword arguments. An empty value means "not given"; a name given
     twice, an unknown name or a value out of range is a 422 naming it."""
@@ -111,11 +123,14 @@ def read_options(query: list[tuple[str, str]], form: list[tuple[str, str]]) -> d
             raise BadRequest(422, f"option {name!r} is given twice")
         given[name] = value
     try:
-        return CaptionOptions(**given).model_dump()
+        options = CaptionOptions(**given).model_dump()
     except ValidationError as e:
         problems = [f"{'.'.join(map(str, err['loc'])) or 'options'}: {err['msg']}" for err in e.errors()]
         known = ", ".join(CaptionOptions.model_fields)
         raise BadRequest(422, "bad option: " + "; ".join(problems) + f" (options: {known})") from None
+    if not options["do_sample"]:
+        options["seed"] = None  # greedy and beam search don't draw random numbers: such requests batch as usual
+    return options
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,13 +159,13 @@ def check_upload(name: str, size: int, max_bytes: int) -> FileResult | None:
     return None
 
 
-def decode_image(name: str, data: bytes, preprocess) -> FileResult:
+def decode_image(name: str, data: bytes, preprocess, max_pixels: int) -> FileResult:
     """(In a worker thread.) Bytes -> the model's input tensor, or the reason the file is refused
-    (too many pixels: 413, not an image: 415)."""
+    (more pixels than --max_megapixels: 413, not an image: 415)."""
     try:
-        pixels = preprocess(load_rgb(io.BytesIO(data)))
+        pixels = preprocess(load_rgb(io.BytesIO(data), max_pixels))
     except (ImageTooLarge, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        return FileResult(name, error=image_problem(e), status=413)
+        return FileResult(name, error=image_problem(e) + " (serve.py --max_megapixels)", status=413)
     except Exception as e:  # whatever decoding a stranger's bytes raises: this file is refused, the others go on
         return FileResult(name, error=image_problem(e), status=415)
     return FileResult(name, pixels=pixels)
@@ -295,25 +310,32 @@ class BodyLimit:
 
 @dataclass
 class Limits:
-    max_batch: int = 32
-    max_wait_ms: float = 10.0
-    max_upload_mb: float = 20.0
-    max_files: int = 32
+    """What the server accepts; serve.py's flags of the same names."""
+    max_batch: int = 32                 # images per generate call
+    max_wait_ms: float = 10.0           # how long a batch's first image waits for others
+    max_upload_mb: float = 20.0         # per file
+    max_files: int = 32                 # per request
+    max_megapixels: float = 50.0        # per image, read from the header before decoding (a 50 MP photo decodes in ~1 s)
+    max_request_tokens: int = 16384     # per request: images x num_beams x max_new_tokens, the worst-case decoding work
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 2**20)
 
+    @property
+    def max_pixels(self) -> int:
+        return int(self.max_megapixels * 1_000_000)
+
 
 def create_app(model, checkpoint: str, limits: Limits | None = None, metadata: dict | None = None,
                announce: str | None = None):
-    """The FastAPI app serving `model` (a loaded Captioner in eval mode); `announce` is printed once it serves."""
+    """The FastAPI app serving `model` (a loaded Captioner in eval mode); `announce` is printed once it serves.
+    app.state.dropped counts the requests cut off by a shutdown (after uvicorn's grace period)."""
     limits = limits or Limits()
     # uploads are decoded on as many threads as there are cores: more only fight over the GIL (and, on a
     # CPU, with generation) and made the CPU load test ~15% slower than with these
     decoder = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="capkit-decode")
-    batcher = Batcher(lambda pixels, options: model.generate(pixel_values=pixels, **options),
-                      limits.max_batch, limits.max_wait_ms)
+    batcher = Batcher(partial(generate, model), limits.max_batch, limits.max_wait_ms)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -321,25 +343,28 @@ def create_app(model, checkpoint: str, limits: Limits | None = None, metadata: d
         if announce:
             print(announce, flush=True)
         yield
-        task.cancel()  # (uvicorn has answered every request in flight before it gets here)
+        task.cancel()  # (uvicorn has answered, or after its grace period dropped, every request before this)
         await asyncio.gather(task, return_exceptions=True)
         batcher.close()
         decoder.shutdown()
 
     app = FastAPIOffline(title="capkit captioner", lifespan=lifespan, redoc_url=None,
                          description=f"Captions images with `{checkpoint}`. The web page is at `/`.")
+    app.state.dropped = 0
     app.add_middleware(BodyLimit, limit=limits.max_files * limits.max_upload_bytes + 2**20)
     app.add_exception_handler(BadRequest, bad_request)
+    app.add_exception_handler(Exception, server_error)
     health = {"status": "ok", "model_loaded": True, "checkpoint": checkpoint, "model_type": model.config.model_type,
               "model": model_names(model.config), "device": str(model.device),
               "epoch": (metadata or {}).get("epoch"), **asdict(limits), "defaults": asdict(_DEF),
               "limits": GENERATION_LIMITS}
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     async def page():
         # the page builds everything it shows with textContent: a file name or caption is never markup
         return HTMLResponse(PAGE.read_text(encoding="utf-8"), headers={"Content-Security-Policy": PAGE_CSP})
 
+    @app.head("/health", include_in_schema=False)  # (curl -I, load balancers' checks)
     @app.get("/health")
     async def get_health() -> dict:
         """Whether the model is loaded, what it is, where it runs, the server's limits and counters."""
@@ -348,32 +373,60 @@ def create_app(model, checkpoint: str, limits: Limits | None = None, metadata: d
     @app.post("/caption", openapi_extra=CAPTION_OPENAPI)
     async def caption(request: Request) -> list[dict]:
         """Caption the images of multipart field `files`, in order. A file that is not a usable image gets
-        {"filename", "error", "status"} in its place; if none is usable, the request fails with that 4xx."""
-        started = time.perf_counter()
-        uploads, options = await read_request(request, limits)
-        loop = asyncio.get_running_loop()
-        results = [upload if isinstance(upload, FileResult) else
-                   await loop.run_in_executor(decoder, decode_image, *upload, model.preprocess) for upload in uploads]
-        good = [r for r in results if r.error is None]
-        if not good:
-            raise BadRequest(results[0].status, "; ".join(f"{r.filename}: {r.error}" for r in results),
-                             [r.entry(None, 0) for r in results])
+        {"filename", "error", "status"} in its place; if none is usable, the request fails with the first
+        file's 4xx."""
         try:
-            captions = iter(await batcher.caption(torch.stack([r.pixels for r in good]), options))
-        except torch.OutOfMemoryError:
-            raise BadRequest(503, f"out of {model.device.type} memory for this batch: try fewer images, fewer "
-                                  "beams, or restart the server with a smaller --max_batch") from None
-        ms = (time.perf_counter() - started) * 1000
-        return [r.entry(None if r.error else next(captions), ms) for r in results]
+            return await caption_request(request, model, limits, batcher, decoder)
+        except asyncio.CancelledError:  # a shutdown's grace period ran out (or the server was killed)
+            app.state.dropped += 1
+            raise
 
     return app
+
+
+def generate(model, pixels: torch.Tensor, options: dict) -> list[str]:
+    """(In the batcher's thread.) model.generate; a seed is the request's own: the random numbers of later
+    unseeded sampling are drawn afresh, not from the sequence that seed started."""
+    try:
+        return model.generate(pixel_values=pixels, **options)
+    finally:
+        if options["seed"] is not None:
+            torch.seed()
+
+
+async def caption_request(request: Request, model, limits: Limits, batcher: Batcher, decoder) -> list[dict]:
+    """POST /caption: read, refuse what can't be used, decode, caption through the batcher, answer in order."""
+    started = time.perf_counter()
+    uploads, options = await read_request(request, limits)
+    usable = sum(not isinstance(u, FileResult) for u in uploads)
+    work = usable * options["num_beams"] * options["max_new_tokens"]
+    if work > limits.max_request_tokens:
+        raise BadRequest(422, f"this request asks for up to {work:,} generated tokens ({usable} images x "
+                              f"{options['num_beams']} beams x max_new_tokens {options['max_new_tokens']}); this "
+                              f"server allows {limits.max_request_tokens:,} a request (serve.py --max_request_tokens)."
+                              " Send fewer images, beams or tokens")
+    loop = asyncio.get_running_loop()
+    results = [upload if isinstance(upload, FileResult) else
+               await loop.run_in_executor(decoder, decode_image, *upload, model.preprocess, limits.max_pixels)
+               for upload in uploads]
+    good = [r for r in results if r.error is None]
+    if not good:
+        raise BadRequest(results[0].status, "; ".join(f"{r.filename}: {r.error}" for r in results),
+                         [r.entry(None, 0) for r in results])
+    try:
+        captions = iter(await batcher.caption(torch.stack([r.pixels for r in good]), options))
+    except torch.OutOfMemoryError:
+        raise BadRequest(503, f"out of {model.device.type} memory for this batch: try fewer images, fewer "
+                              "beams, or restart the server with a smaller --max_batch") from None
+    ms = (time.perf_counter() - started) * 1000
+    return [r.entry(None if r.error else next(captions), ms) for r in results]
 
 
 async def read_request(request: Request, limits: Limits) -> tuple[list, dict]:
     """-> (for each file of field `files`: (filename, bytes), or the FileResult refusing it unread; the
     decoding options). A request that can't be read is a BadRequest. Uploads are read into memory and
     the form is closed here (Starlette spools big parts to anonymous temp files, which vanish when closed)."""
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
         raise BadRequest(415, f"send the images as multipart/form-data in field {FILES_FIELD!r} "
                               f"(curl -F {FILES_FIELD}=@photo.jpg ...)")
     try:
@@ -384,8 +437,12 @@ async def read_request(request: Request, limits: Limits) -> tuple[list, dict]:
                 name = f.filename or f"file {i + 1}"
                 uploads.append(check_upload(name, f.size or 0, limits.max_upload_bytes) or (name, await f.read()))
     except HTTPException as e:  # malformed multipart, too many files, an overlong field: Starlette's sentence
-        raise BadRequest(413 if "Too many files" in str(e.detail) else 400,
-                         f"{e.detail} (this server: --max_files {limits.max_files})") from None
+        if "Too many files" in str(e.detail):
+            raise BadRequest(413, f"{e.detail} (serve.py --max_files)") from None
+        raise BadRequest(400, f"unreadable multipart body: {e.detail} (a text field may hold at most "
+                              f"{MAX_FIELD_BYTES} bytes)") from None
+    except ClientDisconnect:  # (nobody is left to read the answer; it keeps the log free of tracebacks)
+        raise BadRequest(400, "the client disconnected before its upload was complete") from None
     elsewhere = sorted({k for k, v in items if k != FILES_FIELD and isinstance(v, UploadFile)})
     if elsewhere:
         raise BadRequest(422, f"files in field(s) {', '.join(map(repr, elsewhere))}: send every image in "
@@ -419,6 +476,13 @@ def parse_args(argv):
                     help="how long the first request of a batch waits for others")
     ap.add_argument("--max_upload_mb", type=int_at_least(1, 1024), default=Limits.max_upload_mb)
     ap.add_argument("--max_files", type=int_at_least(1, 1000), default=Limits.max_files, help="images per request")
+    ap.add_argument("--max_megapixels", type=int_at_least(1, 179), default=Limits.max_megapixels,
+                    help="pixels per image, checked before decoding")
+    ap.add_argument("--max_request_tokens", type=positive_int, default=Limits.max_request_tokens,
+                    help="images x num_beams x max_new_tokens a request may ask for (one request can't hold the "
+                         "model for long)")
+    ap.add_argument("--shutdown_grace_s", type=int_at_least(1, 3600), default=60,
+                    help="on Ctrl-C / SIGTERM, how long requests in flight may take to finish")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=positive_int, default=None,
                     help="torch threads on a CPU (default: the cores less one, which the HTTP side uses)")
@@ -446,7 +510,8 @@ def run(argv=None) -> int:
     if device.type == "cpu":  # generation's threads leave a core to the HTTP side (decoding uploads, answering)
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
     model, metadata, _ = load_model_from_checkpoint(args.checkpoint, device)
-    limits = Limits(args.max_batch, args.max_wait_ms, args.max_upload_mb, args.max_files)
+    limits = Limits(args.max_batch, args.max_wait_ms, args.max_upload_mb, args.max_files, args.max_megapixels,
+                    args.max_request_tokens)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -458,11 +523,11 @@ def run(argv=None) -> int:
     stopped = []
     for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn re-raises the signal after its graceful shutdown
         signal.signal(sig, lambda s, frame: stopped.append(signal.Signals(s).name))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=None))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=args.shutdown_grace_s))
     server.run(sockets=[sock])
     how = f" ({stopped[0]})" if stopped else ""
-    if server.force_exit:  # a second Ctrl-C: uvicorn dropped what was in flight
-        print(f"stopped{how} at once: requests in flight were dropped", file=sys.stderr)
+    if server.force_exit or app.state.dropped:  # a second Ctrl-C, or requests still running after the grace period
+        print(f"stopped{how}: {app.state.dropped} request(s) in flight were cut off", file=sys.stderr)
         return 130
     print(f"stopped{how}: every request in flight was answered", file=sys.stderr)
     return 0
