@@ -5,10 +5,12 @@ latency, images/s and the failed requests of each, and whether the two gave the 
 
     python loadtest.py --checkpoint saved_models/model_state_dict_....pth              # 32 clients x 8 requests
     python loadtest.py --checkpoint CKPT --clients 64 --requests 16 --device cuda --max_batch 64
+    python loadtest.py --real_shape --device cuda     # ViT-B-32 + Qwen3-0.6B-Base's shape, random weights (GPU)
 
 Traffic goes to 127.0.0.1 only, to servers this script starts and stops; every client sends a fixed
 number of requests (each with a timeout), so a run ends by itself. The images are rendered shapes
-(shapes.py), a different one per request, the same set for both servers.
+(shapes.py), a different one per request, the same set for both servers. --real_shape writes bench.py's
+real-shape model (random weights, ~1.5 GB) as a checkpoint in a temporary folder, removed afterwards.
 """
 from __future__ import annotations
 
@@ -23,14 +25,22 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import open_clip
+import torch
+from safetensors.torch import save_file
+from transformers import AutoTokenizer, Qwen3ForCausalLM
 
+from bench import real_shape_lm_config
 from common import int_at_least, positive_int
+from demo_assets import LM_DIR
+from model import CaptionerConfig, ClipCaptioner
 from shapes import random_attrs, render
 
 REQUEST_TIMEOUT_S = 300   # one request; a server that answers none in this long counts as failed
@@ -45,6 +55,25 @@ def images(n: int, seed: int = 0) -> list[bytes]:
         render(random_attrs(rng), rng).save(buf, format="PNG")
         out.append(buf.getvalue())
     return out
+
+
+def real_shape_checkpoint(folder: Path) -> str:
+    """bench.py's real-shape model as a checkpoint in folder: ViT-B-32 (an open_clip folder) + a decoder with
+    Qwen3-0.6B-Base's dimensions (a transformers folder), random weights, and the .pth naming them."""
+    torch.manual_seed(0)
+    clip_dir, lm_dir = folder / "clip", folder / "lm"
+    clip_dir.mkdir(parents=True)
+    clip = open_clip.create_model("ViT-B-32", pretrained=None)
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, clip_dir / "open_clip_model.safetensors")
+    (clip_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip.get_model_config("ViT-B-32"),
+                                                                "preprocess_cfg": {}}))
+    tok = AutoTokenizer.from_pretrained(LM_DIR, trust_remote_code=False)  # ids index the 151,936-row table
+    Qwen3ForCausalLM._from_config(real_shape_lm_config(tok), dtype=torch.bfloat16).save_pretrained(lm_dir)
+    tok.save_pretrained(lm_dir)
+    path = folder / "model_state_dict_realshape-1.pth"
+    ClipCaptioner.from_config(CaptionerConfig(clip_model_name=f"local-dir:{clip_dir}", clip_pretrained=None,
+                                              lm_name=str(lm_dir))).save_checkpoint(path)
+    return str(path)
 
 
 def start_server(checkpoint: str, device: str, max_batch: int, max_wait_ms: int) -> tuple[subprocess.Popen, str]:
@@ -144,18 +173,33 @@ def percentile(values: list[float], q: float) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True)
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint")
+    which.add_argument("--real_shape", action="store_true", help="bench.py's real-shape model, random weights")
     ap.add_argument("--clients", type=int_at_least(1, 1024), default=32)
     ap.add_argument("--requests", type=int_at_least(1, 1000), default=8, help="per client")
     ap.add_argument("--max_batch", type=positive_int, default=32, help="the batching server's --max_batch")
     ap.add_argument("--max_wait_ms", type=int_at_least(0, 10_000), default=10)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="capkit-loadtest-") as tmp:
+        if args.real_shape:
+            args.checkpoint = real_shape_checkpoint(Path(tmp))
+        runs = run_both(args)
+    return report(runs, args.clients * args.requests)
+
+
+def run_both(args) -> dict:
     files = images(args.clients * args.requests)
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "no GPU"
     print(f"{args.clients} clients x {args.requests} requests of one image, {Path(args.checkpoint).name}, "
-          f"device {args.device}, {os.cpu_count()} CPU cores")
-    runs = {f"batching (--max_batch {args.max_batch})": run_one(args, files, args.max_batch),
+          f"device {args.device} ({gpu}), {os.cpu_count()} CPU cores")
+    return {f"batching (--max_batch {args.max_batch})": run_one(args, files, args.max_batch),
             "no batching (--max_batch 1)": run_one(args, files, 1)}
+
+
+def report(runs: dict, n: int) -> int:
+    """The table; exit 0 only if no request failed and both servers shut down cleanly."""
     print(f"\n{'server':<28} {'p50 ms':>8} {'p95 ms':>8} {'images/s':>9} {'failed':>7} {'mean batch':>11}")
     for name, r in runs.items():
         lat = r["latencies"] or [float("nan")]
@@ -166,7 +210,7 @@ def main(argv=None) -> int:
             print(f"  failed: {failure}")
     batched, single = runs.values()
     same = sum(batched["captions"].get(i) == c for i, c in single["captions"].items())
-    print(f"\ncaptions equal between the two servers: {same}/{len(files)}")
+    print(f"\ncaptions equal between the two servers: {same}/{n}")
     speedup = (len(batched["latencies"]) / batched["wall"]) / max(len(single["latencies"]) / single["wall"], 1e-9)
     print(f"throughput_speedup_from_batching: {speedup:.2f}")
     failed = sum(len(r["failures"]) for r in runs.values())

@@ -423,6 +423,15 @@ def test_sigterm_answers_the_requests_in_flight_and_cuts_off_a_stuck_upload_afte
 
 
 @pytest.mark.slow
+def test_the_load_test_runs_both_servers_and_stops_by_itself(demo):
+    """(Its figures are a benchmark, in the README; here only that it works and says what it measured.)"""
+    out = run_script("loadtest.py", "--checkpoint", str(demo[0]), "--clients", "3", "--requests", "2")
+    assert re.search(r"batching \(--max_batch 32\) +\d+ +\d+ +[\d.]+ +0 ", out), out
+    assert re.search(r"no batching \(--max_batch 1\) +\d+ +\d+ +[\d.]+ +0 +1\.0", out), out
+    assert "captions equal between the two servers: 6/6" in out and "throughput_speedup_from_batching" in out
+
+
+@pytest.mark.slow
 def test_the_page_in_headless_chromium_captions_two_images(demo, server, tmp_path):
     browser_path = chromium_path()
     sync_api = pytest.importorskip("playwright.sync_api")
