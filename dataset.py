@@ -48,6 +48,9 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error (skipped
 # images with more pixels are skipped (counted), never decoded: Pillow's own decompression-bomb limit
 # (2 x Image.MAX_IMAGE_PIXELS, ~179 MP). A 100-megapixel panorama still loads (~300 MB while decoding).
 MAX_IMAGE_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+# how load_rgb turns a file into pixels; features.py keys its cache on it (2: 16-bit and float grayscale
+# images are scaled to 8 bits instead of clipped white, so features cached from the old pixels are stale)
+DECODE_VERSION = 2
 MAX_CAPTION_CHARS = 20_000  # a longer "caption" (a pasted document, a broken CSV quote) is skipped, counted
 
 

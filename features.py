@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from common import atomic_write
-from dataset import Collate, ImageDataset, SkipLog, run_sharded
+from dataset import DECODE_VERSION, Collate, ImageDataset, SkipLog, run_sharded
 from safeio import open_regular
 
 CACHE_FORMAT = "capkit.features.v1"
@@ -62,9 +62,10 @@ def encode_split(model, images, batch_size=32, num_workers=0, skips: SkipLog | N
 
 
 def encoder_fingerprint(model) -> str:
-    """Name + weights + preprocessing of the frozen encoder."""
+    """Name + weights + preprocessing of the frozen encoder (and the version of the decoding before it)."""
     h = hashlib.sha256()
-    h.update(f"{model.config.clip_model_name}|{model.config.clip_pretrained}|{model.config.clip_image_size}".encode())
+    h.update(f"{model.config.clip_model_name}|{model.config.clip_pretrained}|{model.config.clip_image_size}|"
+             f"decode {DECODE_VERSION}".encode())
     for name, t in sorted(model.image_encoder.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())

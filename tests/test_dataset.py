@@ -118,6 +118,17 @@ def test_modes_are_converted_to_rgb(tmp_path, mode):
     assert im.mode == "RGB" and im.size == (40, 30)
 
 
+def test_16_bit_and_float_grayscale_keep_their_brightness(tmp_path):
+    """Pillow's own convert("RGB") clips these modes at 255: an ordinary 16-bit PNG came out white."""
+    half, quarter = np.full((6, 8), 32896, dtype=np.uint16), np.full((6, 8), 0.25, dtype=np.float32)
+    Image.fromarray(half).save(tmp_path / "g16.png")
+    Image.fromarray(quarter).save(tmp_path / "f32.tif")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode.startswith("I")  # (the mode the old path clipped)
+    assert load_rgb(tmp_path / "g16.png").getpixel((0, 0)) == (128, 128, 128)
+    assert load_rgb(tmp_path / "f32.tif").getpixel((0, 0)) == (64, 64, 64)
+
+
 def test_transparent_pixels_become_white(tmp_path):
     im = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
     im.save(tmp_path / "t.png")
