@@ -20,7 +20,6 @@ import io
 import json
 import os
 import random
-import re
 import signal
 import statistics
 import subprocess
@@ -41,6 +40,7 @@ from bench import real_shape_lm_config
 from common import int_at_least, positive_int
 from demo_assets import LM_DIR
 from model import CaptionerConfig, ClipCaptioner
+from serve import READY
 from shapes import random_attrs, render
 
 REQUEST_TIMEOUT_S = 300   # one request; a server that answers none in this long counts as failed
@@ -82,8 +82,8 @@ def start_server(checkpoint: str, device: str, max_batch: int, max_wait_ms: int)
            "--device", device, "--max_batch", str(max_batch), "--max_wait_ms", str(max_wait_ms)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + START_TIMEOUT_S
-    for line in proc.stdout:  # the server prints "serving ... at URL" once it serves
-        if m := re.search(r" at (http://127\.0\.0\.1:\d+/)$", line.strip()):
+    for line in proc.stdout:
+        if m := READY.match(line.strip()):
             url = m.group(1)
             break
         if time.monotonic() > deadline:

@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import io
 import os
+import re
 import signal
 import socket
 import sys
@@ -64,6 +65,7 @@ from model import GENERATION_LIMITS, Generation
 PAGE = Path(__file__).with_name("serve.html")  # the web page at /: plain HTML + JS, nothing fetched from elsewhere
 FILES_FIELD = "files"                           # the multipart field the images come in
 MAX_FIELD_BYTES = 1024                          # an option's value is a number: anything longer is refused
+READY = re.compile(r"^serving .* at (http://\S+/)$")  # the line printed once it serves (loadtest.py waits for it)
 _LIM, _DEF = GENERATION_LIMITS, Generation()
 
 

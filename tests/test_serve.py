@@ -320,7 +320,7 @@ def start(ckpt, tmp_path, *flags):
     proc = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", str(ckpt), "--port", "0", *flags], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
-        if m := re.search(r" at (http://127\.0\.0\.1:\d+/)$", line.strip()):
+        if m := serve.READY.match(line.strip()):
             return proc, m.group(1)
     pytest.fail(f"serve.py exited {proc.wait()}: {proc.stderr.read()[-2000:]}")
 
