@@ -40,8 +40,9 @@ CHOICES = {"model_type": ("clip_mlp", "git", "blip"), "proj_type": ("mlp", "line
 # None values are checked only where None is not allowed)
 RANGES = {
     "batch_size": "[1, inf)", "num_epochs": "[1, inf)", "eval_batch_size": "[1, inf)",
-    "max_new_tokens": "[{}, {}]".format(*GENERATION_LIMITS["max_new_tokens"]),
-    "num_beams": "[{}, {}]".format(*GENERATION_LIMITS["num_beams"]), "max_caption_length": "[2, inf)", "proj_prefix_length": "[1, 1024]",
+    "max_new_tokens": "[{}, {}]".format(*GENERATION_LIMITS["max_new_tokens"]),  # as inference.py and serve.py
+    "num_beams": "[{}, {}]".format(*GENERATION_LIMITS["num_beams"]),
+    "max_caption_length": "[2, inf)", "proj_prefix_length": "[1, 1024]",
     "proj_hidden_dim": "[1, 65536]", "lora_r": "[1, 4096]", "lora_alpha": "(0, inf)", "image_size": "[16, 4096]",
     "learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "learning_rate_decay": "(0, inf)",
     "learning_rate_decay_step": "[1, inf)", "warmup_steps": "[0, inf)", "gradient_accumulation_steps": "[1, inf)",

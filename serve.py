@@ -50,14 +50,13 @@ import uvicorn
 from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi_offline import FastAPIOffline
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from common import int_at_least, pick_device, positive_int
-from dataset import ImageTooLarge, image_problem, load_rgb
+from dataset import image_problem, load_rgb
 from errors import ConfigError, run_cli
 from load_model_example import load_model_from_checkpoint
 from model import GENERATION_LIMITS, Generation
@@ -166,10 +165,11 @@ def decode_image(name: str, data: bytes, preprocess, max_pixels: int) -> FileRes
     (more pixels than --max_megapixels: 413, not an image: 415)."""
     try:
         pixels = preprocess(load_rgb(io.BytesIO(data), max_pixels))
-    except (ImageTooLarge, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        return FileResult(name, error=image_problem(e) + " (serve.py --max_megapixels)", status=413)
     except Exception as e:  # whatever decoding a stranger's bytes raises: this file is refused, the others go on
-        return FileResult(name, error=image_problem(e), status=415)
+        reason = image_problem(e)  # (which failures mean "too large" is dataset's to say)
+        if reason.startswith("image too large"):
+            return FileResult(name, error=reason + " (serve.py --max_megapixels)", status=413)
+        return FileResult(name, error=reason, status=415)
     return FileResult(name, pixels=pixels)
 
 
