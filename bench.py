@@ -6,6 +6,7 @@ same machine, one run.
     python bench.py --config real-shape           # ViT-B-32 + Qwen3 with the 0.6B model's dimensions, random weights
     python bench.py --config real-shape --steps 5 --captions 16 --batch_size 8
     python bench.py --config real-shape --batch_size 64 --steps 50 --compile    # on a GPU: MFU + epoch time
+    python bench.py --mappers [--device cuda --batch_size 64 --steps 20]   # samples/s per mapping network, real shapes
 
 The seed-style loop (the main design document's loop) encodes every batch through CLIP, pads every
 caption to max_caption_length (128), computes logits on every position, trains in fp32 and
@@ -93,8 +94,7 @@ def seed_train(model, lm32, images, captions, steps, B, device):
             t0 = time.time()
         idx = [(step * B + i) % len(images) for i in range(B)]
         pixels = torch.stack([model.preprocess(images[i]) for i in idx]).to(device)
-        with torch.no_grad():
-            feats = model.image_encoder(pixels).float()
+        feats = model.encode_images(pixels)
         prefix = model.prefix_embeds(feats).float()                                   # (B, P, H)
         enc = tok([captions[i] + tok.eos_token for i in idx], padding="max_length", truncation=True,
                   max_length=SEED_MAX_CAPTION_LENGTH, return_tensors="pt", add_special_tokens=False)
@@ -117,7 +117,7 @@ def seed_generate(model, lm32, images, max_new_tokens, device):
     """One image at a time, no KV cache: the whole sequence is re-run for each new token."""
     emb, eos, out = lm32.get_input_embeddings(), model.tokenizer.eos_token_id, []
     for im in images:
-        feats = model.image_encoder(model.preprocess(im).unsqueeze(0).to(device)).float()
+        feats = model.encode_images(model.preprocess(im).unsqueeze(0).to(device))
         seq = model.prefix_embeds(feats).float()                                     # (1, P, H)
         ids = []
         for _ in range(max_new_tokens):
@@ -160,6 +160,37 @@ def real_train(model, feats, captions, steps, B, device, compile=False):
     return time.time() - t0, tokens
 
 
+# ---------------------------------------------------------------------------------------------- mapping networks
+# each mapper at its default size (train.py's hyperparameters) on the features it takes
+MAPPER_BENCH = (("mlp", "pooled"), ("linear", "pooled"), ("transformer", "pooled"), ("transformer", "tokens"),
+                ("resampler", "tokens"))
+
+
+def bench_mappers(device, steps: int, B: int) -> None:
+    """The real shapes (ViT-B-32 + Qwen3-0.6B dims, random weights, decoder in bf16 on CPU and CUDA alike):
+    training samples/s with each mapping network, from cached features (the one-off extraction excluded)."""
+    torch.manual_seed(0)
+    clip, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
+    tok = AutoTokenizer.from_pretrained(LM_DIR, trust_remote_code=False)
+    lm = Qwen3ForCausalLM._from_config(real_shape_lm_config(tok), dtype=torch.bfloat16).to(device)
+    images, captions = make_data(B * (steps + 1))
+    print(f"mapping networks at the real shapes on {device} "
+          f"({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, {torch.get_num_threads()} threads): "
+          f"ViT-B-32 + Qwen3-0.6B dims in bf16, batch {B}, {steps} timed step(s) after one warm-up")
+    print(f"{'mapper':<12} {'features':<8} {'params':>9} {'samples/s':>10} {'step s':>8}  peak memory")
+    for proj_type, features in MAPPER_BENCH:
+        cfg = CaptionerConfig(clip_model_name="ViT-B-32", clip_pretrained=None, proj_type=proj_type,
+                              clip_features=features, lm_dtype="bfloat16")
+        model = ClipCaptioner(cfg, clip.visual, lm, tok, preprocess).to(device).train()
+        feats = encode_pil(model, images, device)                                   # (N, E) or (N, 49, 768)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        seconds, _ = real_train(model, feats, captions, steps, B, device)
+        n = sum(p.numel() for p in model.projector.parameters())
+        print(f"{proj_type:<12} {features:<8} {n / 1e6:>8.1f}M {steps * B / seconds:>10.2f} {seconds / steps:>8.2f}  "
+              f"{peak_mem(device)}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=list(CONFIGS), default="demo")
@@ -168,9 +199,12 @@ def main():
     ap.add_argument("--batch_size", type=int)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--compile", action="store_true", help="torch.compile the real path's training step")
+    ap.add_argument("--mappers", action="store_true", help="samples/s of each mapping network at the real shapes")
     args = ap.parse_args()
     c = {**CONFIGS[args.config], **{k: v for k in ("steps", "captions", "batch_size") if (v := getattr(args, k))}}
     device = pick_device(args.device)
+    if args.mappers:
+        return bench_mappers(device, args.steps or 1, args.batch_size or 8)
     torch.manual_seed(0)
     model = build(args.config, device).train()
     # the seed loop trains in fp32: on a bf16 GPU model it gets an fp32 copy of the same weights

@@ -21,7 +21,7 @@ import torch
 
 from common import pick_device
 from errors import ConfigError
-from model import GENERATION_LIMITS, CaptionerConfig
+from model import CLIP_FEATURES, GENERATION_LIMITS, PROJECTOR_TYPES, CaptionerConfig
 from resume import load_state, merge_resume_hparams, read_metadata, resume_target, state_path_for
 from safeio import plain_name, read_text
 
@@ -32,9 +32,10 @@ NONE_DEFAULT_TYPES = {"data_dir": str, "train_dir": str, "val_dir": str, "test_d
                       "target_modules": list, "training_name": str, "log_with": str, "lr_scheduler": str,
                       "save_every_n_steps": int, "keep_last_n": int}
 SCHEDULERS = ("StepLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR", "OneCycleLR")
-CHOICES = {"model_type": ("clip_mlp", "git", "blip"), "proj_type": ("mlp", "linear"), "quantization_bits": (4, 8, 16),
+CHOICES = {"model_type": ("clip_mlp", "git", "blip"), "proj_type": PROJECTOR_TYPES, "clip_features": CLIP_FEATURES,
+           "quantization_bits": (4, 8, 16),
            "peft_module": ("LoRA", "IA3"), "optimizer": ("AdamW", "Prodigy"), "lr_scheduler": SCHEDULERS + (None,),
-           "log_with": ("tensorboard", "wandb", None), "dataset": ("flickr30k", "folder", "shapes", "shapes_b"),
+           "log_with": ("tensorboard", "wandb", None), "dataset": ("flickr30k", "folder", "shapes", "shapes_b", "scenes"),
            "lm_dtype": ("auto", "float32", "bfloat16", "float16")}
 # the values each number may take, checked before anything loads ("[" includes the bound, "(" excludes it;
 # None values are checked only where None is not allowed)
@@ -43,7 +44,7 @@ RANGES = {
     "max_new_tokens": "[{}, {}]".format(*GENERATION_LIMITS["max_new_tokens"]),  # as inference.py and serve.py
     "num_beams": "[{}, {}]".format(*GENERATION_LIMITS["num_beams"]),
     "max_caption_length": "[2, inf)", "proj_prefix_length": "[1, 1024]",
-    "proj_hidden_dim": "[1, 65536]", "lora_r": "[1, 4096]", "lora_alpha": "(0, inf)", "image_size": "[16, 4096]",
+    "proj_hidden_dim": "[1, 65536]", "proj_num_layers": "[1, 64]", "proj_num_heads": "[1, 256]", "lora_r": "[1, 4096]", "lora_alpha": "(0, inf)", "image_size": "[16, 4096]",
     "learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "learning_rate_decay": "(0, inf)",
     "learning_rate_decay_step": "[1, inf)", "warmup_steps": "[0, inf)", "gradient_accumulation_steps": "[1, inf)",
     "max_grad_norm": "(0, inf)", "max_bad_steps": "[1, inf)", "training_size_limit": "[1, inf)",
@@ -200,6 +201,10 @@ def validate_hparams(hp: dict, defaults: dict) -> dict:
     for k in ("optimizer_args", "scheduler_args"):
         if not all(isinstance(a, str) for a in hp[k]):
             raise ConfigError(f"{k} keys must be argument names (strings); got {hp[k]!r}")
+    try:  # combinations the model config refuses (a resampler on pooled features, ...)
+        model_config_from_hparams(hp)
+    except ValueError as e:
+        raise ConfigError(f"model hyperparameters: {e}") from None
     pick_device(hp["device"])
     check_optimizer_args(hp)
     return hp
@@ -258,8 +263,9 @@ def model_config_from_hparams(hp: dict) -> CaptionerConfig:
     return CaptionerConfig(
         model_type=hp["model_type"],
         clip_model_name=hp["clip_model_name"], clip_pretrained=hp["clip_pretrained"], clip_image_size=hp["image_size"],
-        proj_type=hp["proj_type"], proj_prefix_length=hp["proj_prefix_length"], proj_hidden_dim=hp["proj_hidden_dim"],
-        proj_dropout=hp["proj_dropout"], lm_name=hp["lm_name"], lm_tokenizer_name=hp["tokenizer_name"],
+        clip_features=hp["clip_features"], proj_type=hp["proj_type"], proj_prefix_length=hp["proj_prefix_length"],
+        proj_hidden_dim=hp["proj_hidden_dim"], proj_dropout=hp["proj_dropout"], proj_num_layers=hp["proj_num_layers"],
+        proj_num_heads=hp["proj_num_heads"], lm_name=hp["lm_name"], lm_tokenizer_name=hp["tokenizer_name"],
         lm_dtype=hp["lm_dtype"], hf_model_name=hp["hf_model_name"], quantization_bits=hp["quantization_bits"],
         peft_module=hp["peft_module"], lora_r=hp["lora_r"], lora_alpha=hp["lora_alpha"],
         lora_dropout=hp["lora_dropout"], target_modules=hp["target_modules"],

@@ -37,7 +37,7 @@ from torchvision.transforms import ColorJitter, RandomResizedCrop
 from common import hub_or_cache
 from errors import DataError, MissingInputError
 from safeio import NotRegularFile, open_regular, read_text
-from shapes import ensure_shapes_dataset
+from shapes import STYLE_OF, ensure_shapes_dataset
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 FLICKR30K_REPO = "nlphuji/flickr30k"
@@ -467,11 +467,11 @@ def load_splits(hp: dict, skips: SkipLog, which=("train", "val", "test")) -> dic
                         "was trained on): pass --dataset and --data_dir (or --test_dir)")
     if kind == "flickr30k":
         return {s: load_flickr30k(s, skips, hp.get("data_dir")) for s in which}
-    if kind in ("shapes", "shapes_b"):  # the demo datasets (shapes_b: one style-B caption per image)
-        root = ensure_shapes_dataset(hp["data_dir"], "all" if kind == "shapes" else "b")
+    if kind in STYLE_OF:  # the demo datasets (shapes_b: one style-B caption per image; scenes: two shapes)
+        root = ensure_shapes_dataset(hp["data_dir"], STYLE_OF[kind])
         return {s: load_folder(root / s, skips) for s in which}
     if kind != "folder":
-        raise DataError(f"unknown dataset {kind!r}; expected 'flickr30k', 'folder', 'shapes' or 'shapes_b'")
+        raise DataError(f"unknown dataset {kind!r}; expected 'flickr30k', 'folder', 'shapes', 'shapes_b' or 'scenes'")
     seed = hp.get("seed", 0)
     if hp.get("train_dir"):
         train = load_folder(hp["train_dir"], skips, hp.get("captions_file"))

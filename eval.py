@@ -56,6 +56,23 @@ def rouge_l(predictions: list[str], references: list[list[str]]) -> tuple[float,
     return (sum(per) / len(per) if per else 0.0), per
 
 
+CIDER_NOTE = ("CIDEr-D (pycocoevalcap's Cider, x10 scale as published) on capkit's pure-Python tokens, document "
+              "frequencies from the evaluated set's references; training-time companion of ROUGE-L: template "
+              "words common to every reference weigh little, so it falls further than ROUGE-L when the image is ignored")
+
+
+def cider(predictions: list[str], references: list[list[str]]) -> tuple[float, list[float]]:
+    """CIDEr-D of each prediction against its references (the COCO toolkit's scorer, without Java) -> (mean, per).
+    caption_metrics' CIDEr uses the PTB tokenizer when Java is there, so the two may differ slightly."""
+    from pycocoevalcap.cider.cider import Cider
+    if not predictions:
+        return 0.0, []
+    gts = {i: [simple_tokenize(r) for r in refs] for i, refs in enumerate(references)}
+    res = {i: [simple_tokenize(p)] for i, p in enumerate(predictions)}
+    mean, per = Cider().compute_score(gts, res)
+    return float(mean), [float(x) for x in per]
+
+
 def image_inputs(model, images, cache_dir=None, batch_size=32, num_workers=0, skips=None, acc=None):
     """-> (inputs, indices of the images that loaded, forward keyword): frozen-CLIP features, cached,
     for clip_mlp ("image_embeds" (N, E)); preprocessed pixels for git / blip ("pixel_values" (N, 3, S, S))."""
@@ -400,9 +417,11 @@ def evaluate(model, data, batch_size=32, max_caption_length=128, gen_kwargs=None
     if generate:
         preds = generate_all(model, inputs, batch_size, **kw, **gen_kwargs)
         res["rouge_l"], per = rouge_l(preds, data.captions)
-        res["predictions"] = [{"image": str(p), "caption": c, "references": r, "rouge_l": s}
-                              for p, c, r, s in zip(data.images, preds, data.captions, per)]
-        if clip_score and key == "image_embeds":  # the run's own CLIP: its features are the inputs
+        res["cider"], per_cider = cider(preds, data.captions)
+        res["predictions"] = [{"image": str(p), "caption": c, "references": r, "rouge_l": s, "cider": d}
+                              for p, c, r, s, d in zip(data.images, preds, data.captions, per, per_cider)]
+        if clip_score and key == "image_embeds" and model.config.clip_features == "pooled":
+            # the run's own CLIP: its pooled features are the inputs (patch tokens are not CLIP's embedding)
             cs = clip_scores(model.config, inputs, preds, data.captions)
             res["clip_score"], res["ref_clip_score"] = cs["clip_score"], cs["ref_clip_score"]
             for row, c, r in zip(res["predictions"], cs["clip_score_per_image"], cs["ref_clip_score_per_image"]):
@@ -411,8 +430,9 @@ def evaluate(model, data, batch_size=32, max_caption_length=128, gen_kwargs=None
         shuffled = inputs[derangement(len(inputs), seed)]
         res["ablated"] = {"loss": caption_loss(model, shuffled, data.captions, batch_size * 2, max_caption_length, **kw)}
         if generate:
-            res["ablated"]["rouge_l"] = rouge_l(generate_all(model, shuffled, batch_size, **kw, **gen_kwargs),
-                                                data.captions)[0]
+            ablated = generate_all(model, shuffled, batch_size, **kw, **gen_kwargs)
+            res["ablated"]["rouge_l"] = rouge_l(ablated, data.captions)[0]
+            res["ablated"]["cider"] = cider(ablated, data.captions)[0]
     model.train(was_training)
     return res
 
@@ -486,8 +506,8 @@ def run(argv=None) -> int:
     res["caption_metrics"] = score_captions({p["image"]: p["references"] for p in res["predictions"]},
                                             {p["image"]: p["caption"] for p in res["predictions"]}, res)
     if "clip_score" not in res:
-        print("CLIPScore skipped: it needs the run's own CLIP encoder (clip_mlp runs)")
-    res["metric_notes"] = {"rouge_l": ROUGE_L_NOTE, "caption_metrics": CAPTION_METRICS_NOTE}
+        print("CLIPScore skipped: it needs the run's own CLIP embedding (clip_mlp runs with clip_features='pooled')")
+    res["metric_notes"] = {"rouge_l": ROUGE_L_NOTE, "cider": CIDER_NOTE, "caption_metrics": CAPTION_METRICS_NOTE}
     write_results(args, res, skips)
     return 0
 
@@ -502,12 +522,12 @@ def write_results(args, res: dict, skips: SkipLog) -> None:
                    "skipped_inputs": dict(skips.counts), "predictions": res["predictions"]}, f, indent=2)
     print(f"{args.split}: {res['num_images']} images; {skips.summary()}")
     print(f"📈 loss: {res['loss']:.4f}")
-    print(f"🎯 ROUGE-L (rouge_score, stemmed): {res['rouge_l']:.4f}")
+    print(f"🎯 ROUGE-L (rouge_score, stemmed): {res['rouge_l']:.4f}   CIDEr-D: {res['cider']:.4f}")
     print_metrics(res["caption_metrics"])
     if args.ablate_image:
         a = res["ablated"]
         print(f"🔀 images shuffled: loss {a['loss']:.4f}, ROUGE-L {a['rouge_l']:.4f} "
-              f"(ROUGE-L drop {res['rouge_l'] - a['rouge_l']:.4f})")
+              f"(ROUGE-L drop {res['rouge_l'] - a['rouge_l']:.4f}), CIDEr-D {a['cider']:.4f}")
     print(f"predictions: {out}")
     if args.report:
         index = write_report(args.report, res["predictions"], report_metrics(res),

@@ -3,9 +3,11 @@ Frozen-encoder features, computed once: CLIP never changes during training, so e
 embedding is extracted in batches (with a progress bar) and cached on disk.
 
     from features import image_features
-    feats, ok = image_features(model, data.images, cache_dir="cache/features")   # (N_ok, E) float32
+    feats, ok = image_features(model, data.images, cache_dir="cache/features")   # (N_ok, E) or (N_ok, N, W) fp16
 
-The cache key is the encoder's identity (model name + a hash of its weights + its preprocessing)
+What is cached follows clip_features: the pooled embedding (E per image) or the ViT's patch tokens
+(N x W per image; announce_size says how much disk that takes before extracting).
+The cache key is the encoder's identity (model name + a hash of its weights + its preprocessing + clip_features)
 and the content of every image (a hash of the file bytes): change any of them and the features
 are recomputed. Files are safetensors (fp16) written atomically; a file that is truncated, corrupt
 or doesn't match its key is detected and rebuilt, never trusted.
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -65,12 +69,30 @@ def encoder_fingerprint(model) -> str:
     """Name + weights + preprocessing of the frozen encoder (and the version of the decoding before it)."""
     h = hashlib.sha256()
     h.update(f"{model.config.clip_model_name}|{model.config.clip_pretrained}|{model.config.clip_image_size}|"
-             f"decode {DECODE_VERSION}".encode())
+             f"decode {DECODE_VERSION}|{model.config.clip_features}".encode())
     for name, t in sorted(model.image_encoder.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
     h.update(repr(model.preprocess).encode())
     return h.hexdigest()[:20]
+
+
+def announce_size(model, n_images: int, path: Path) -> None:
+    """Say how much disk the features will take before extracting them (patch tokens of a big set take
+    gigabytes: Flickr30K with ViT-B-32 tokens is ~2.2 GB), and warn when the disk hasn't that much free."""
+    shape = model.feature_shape  # (E,) or (N, W)
+    need = n_images * math.prod(shape) * 2  # fp16
+    what = "x".join(map(str, shape))
+    print(f"feature cache: {n_images} images x {what} fp16 ({model.config.clip_features}) = {need / 1e6:,.1f} MB "
+          f"-> {path}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return
+    if free < need * 1.1:
+        print(f"note: only {free / 1e6:,.1f} MB free there; the cache may not be written (features are then "
+              "recomputed on each run). Set feature_cache_dir to a larger disk, or None")
 
 
 def file_digest(path) -> str:
@@ -89,7 +111,7 @@ def _load(path: Path, digests: list[str]):
         meta = f.metadata() or {}
         if meta.get("format") != CACHE_FORMAT or json.loads(meta["digests"]) != digests:
             raise ValueError("key mismatch")
-        feats, ok = f.get_tensor("features").float(), f.get_tensor("ok").tolist()
+        feats, ok = f.get_tensor("features").half(), f.get_tensor("ok").tolist()
     if feats.shape[0] != len(ok) or (ok and max(ok) >= len(digests)):
         raise ValueError("inconsistent shapes")
     return feats, ok
@@ -120,6 +142,8 @@ def image_features(model, images, cache_dir=None, batch_size=64, num_workers=0, 
             for i in sorted(set(range(len(images))) - set(ok)):
                 skips.add(images[i], "unreadable image: cached")
         return feats, ok
+    if acc is None or acc.is_main_process:
+        announce_size(model, len(images), path)
     feats, ok = encode_split(model, images, batch_size, num_workers, skips, progress=True, acc=acc)
     if acc is None or acc.is_main_process:
         blob = save({"features": feats.half().contiguous(), "ok": torch.tensor(ok, dtype=torch.long)},
@@ -130,4 +154,4 @@ def image_features(model, images, cache_dir=None, batch_size=64, num_workers=0, 
             print(f"note: feature cache not written ({path}: {e.strerror or e}); features are recomputed next time")
     if acc is not None:
         acc.wait_for_everyone()  # nobody reads a half-written cache
-    return feats.half().float(), ok  # the same values a later cache hit returns
+    return feats.half(), ok  # the same values (and dtype) a later cache hit returns

@@ -39,6 +39,11 @@ CHECKPOINT_FORMAT = "capkit.clip_mlp.v1"
 HF_CHECKPOINT_FORMAT = "capkit.hf.v1"
 HF_CONFIG_FILE = "capkit_config.json"  # in an adapter or merged-model folder: what rebuilds it
 MODEL_TYPES = ("clip_mlp", "git", "blip")
+CLIP_FEATURES = ("pooled", "tokens")
+# each mapping network (build_projector) and the image features it takes (clip_features)
+PROJECTOR_INPUTS = {"mlp": ("pooled",), "linear": ("pooled",), "transformer": ("pooled", "tokens"),
+                    "resampler": ("tokens",)}
+PROJECTOR_TYPES = tuple(PROJECTOR_INPUTS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,12 +57,16 @@ class CaptionerConfig:
     clip_model_name: str = "ViT-B-32"
     clip_pretrained: str | None = "openai"
     clip_image_size: int | None = None      # None: the encoder's native input size
-    clip_normalize: bool = True             # L2-normalise the image embedding before the projector
-    # projector: image embedding (E) -> prefix_length x decoder hidden size (P x H)
-    proj_type: str = "mlp"                  # "mlp" (Linear-GELU-Linear) or "linear"
+    clip_normalize: bool = True             # L2-normalise the pooled image embedding before the projector
+    clip_features: str = "pooled"           # "pooled": one embedding (E) per image | "tokens": the ViT's patch
+                                            #   tokens (N x W), for the transformer / resampler mappers
+    # projector ("mapping network"): image features -> prefix_length x decoder hidden size (P x H)
+    proj_type: str = "mlp"                  # PROJECTOR_TYPES: "mlp" | "linear" | "transformer" | "resampler"
     proj_prefix_length: int = 10
-    proj_hidden_dim: int = 2048
+    proj_hidden_dim: int = 2048             # mlp: hidden width; transformer / resampler: feed-forward width
     proj_dropout: float = 0.0
+    proj_num_layers: int = 8                # transformer / resampler blocks (ClipCap's mapper: 8)
+    proj_num_heads: int = 8                 # attention heads (must divide the decoder's hidden size)
     # decoder (transformers AutoModelForCausalLM): hub id or local save_pretrained folder
     lm_name: str = "Qwen/Qwen3-0.6B-Base"
     lm_tokenizer_name: str | None = None    # None: same as lm_name
@@ -73,13 +82,22 @@ class CaptionerConfig:
     gradient_checkpointing: bool = False
     # read from the loaded backbones when the model is built; stored so checkpoints describe themselves
     clip_embed_dim: int | None = None
+    clip_token_dim: int | None = None       # width W of the patch tokens (clip_features "tokens")
     lm_hidden_size: int | None = None
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"unknown model_type {self.model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
+        for key, allowed in (("clip_features", CLIP_FEATURES), ("proj_type", PROJECTOR_TYPES)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"unknown {key} {getattr(self, key)!r}; expected one of {', '.join(allowed)}")
+        if self.model_type == "clip_mlp" and self.clip_features not in PROJECTOR_INPUTS[self.proj_type]:
+            raise ValueError(f"proj_type {self.proj_type!r} takes clip_features "
+                             f"{' or '.join(map(repr, PROJECTOR_INPUTS[self.proj_type]))}, not {self.clip_features!r} "
+                             "(the transformer mapper takes either; the resampler needs 'tokens')")
         # bounds that keep a hand-edited or hostile config from asking for terabytes of projector weights
-        for key, lo, hi in (("proj_prefix_length", 1, 1024), ("proj_hidden_dim", 1, 65536), ("lora_r", 1, 4096)):
+        for key, lo, hi in (("proj_prefix_length", 1, 1024), ("proj_hidden_dim", 1, 65536), ("lora_r", 1, 4096),
+                            ("proj_num_layers", 1, 64), ("proj_num_heads", 1, 256)):
             v = getattr(self, key)
             if isinstance(v, int) and not lo <= v <= hi:
                 raise ValueError(f"model config {key}={v} is out of range [{lo}, {hi}]")
@@ -128,20 +146,83 @@ def build_model(config: CaptionerConfig, device: str | torch.device = "cpu") -> 
 # projector
 
 def build_projector(cfg: CaptionerConfig) -> nn.Module:
-    """Image embedding (B, E) -> (B, P * H). Dims come from the loaded backbones."""
+    """The one factory for mapping networks: image features -> prefix (B, P, H), or (B, P * H) for mlp /
+    linear (reshaped by ClipCaptioner.prefix_embeds). Input: the pooled embedding (B, E) or, with
+    clip_features="tokens", the patch tokens (B, N, W). Dims come from the loaded backbones."""
     if cfg.clip_embed_dim is None or cfg.lm_hidden_size is None:
         raise ValueError("build_projector needs clip_embed_dim and lm_hidden_size (set when the backbones load)")
-    d_in, d_out = cfg.clip_embed_dim, cfg.proj_prefix_length * cfg.lm_hidden_size
+    tokens = cfg.clip_features == "tokens"
+    if tokens and cfg.clip_token_dim is None:
+        raise ValueError("build_projector needs clip_token_dim for clip_features='tokens'")
+    d_in, H, P = (cfg.clip_token_dim if tokens else cfg.clip_embed_dim), cfg.lm_hidden_size, cfg.proj_prefix_length
+    if cfg.proj_type in ("transformer", "resampler") and H % cfg.proj_num_heads:
+        raise ValueError(f"proj_num_heads={cfg.proj_num_heads} must divide the decoder's hidden size {H}")
     if cfg.proj_type == "linear":
-        return nn.Linear(d_in, d_out)
+        return nn.Linear(d_in, P * H)
     if cfg.proj_type == "mlp":
         return nn.Sequential(
             nn.Linear(d_in, cfg.proj_hidden_dim),
             nn.GELU(),
             nn.Dropout(cfg.proj_dropout),
-            nn.Linear(cfg.proj_hidden_dim, d_out),
+            nn.Linear(cfg.proj_hidden_dim, P * H),
         )
-    raise ValueError(f"unknown proj_type {cfg.proj_type!r}; expected 'mlp' or 'linear'")
+    if cfg.proj_type == "transformer":
+        return TransformerMapper(d_in, H, P, cfg, tokens)
+    if cfg.proj_type == "resampler":
+        return Resampler(d_in, H, P, cfg)
+    raise ValueError(f"unknown proj_type {cfg.proj_type!r}; expected one of {', '.join(PROJECTOR_TYPES)}")
+
+
+def _encoder(width: int, cfg: CaptionerConfig, cross: bool) -> nn.Module:
+    """cfg.proj_num_layers pre-norm blocks of width `width`: self-attention (+ cross-attention to the
+    image when `cross`) + a GELU feed-forward of proj_hidden_dim."""
+    kw = dict(d_model=width, nhead=cfg.proj_num_heads, dim_feedforward=cfg.proj_hidden_dim, dropout=cfg.proj_dropout,
+              activation="gelu", batch_first=True, norm_first=True)
+    if cross:
+        return nn.TransformerDecoder(nn.TransformerDecoderLayer(**kw), cfg.proj_num_layers, norm=nn.LayerNorm(width))
+    return nn.TransformerEncoder(nn.TransformerEncoderLayer(**kw), cfg.proj_num_layers, norm=nn.LayerNorm(width),
+                                 enable_nested_tensor=False)
+
+
+class TransformerMapper(nn.Module):
+    """ClipCap's transformer mapping network (Mokady et al. 2021): the image features become a few
+    tokens (the pooled embedding (B, E) -> P tokens through one Linear; or the patch tokens (B, N, W),
+    each through a Linear), P learned constant queries are appended, a transformer encoder mixes them,
+    and its outputs at the query positions are the prefix (B, P, H). Width: the decoder's H."""
+
+    def __init__(self, d_in: int, H: int, P: int, cfg: CaptionerConfig, tokens: bool):
+        super().__init__()
+        self.tokens, self.P, self.H = tokens, P, H
+        self.inp = nn.Linear(d_in, H if tokens else P * H)
+        # unit-scale queries, as ClipCap's: at 0.02 the first block's output swamps them in the residual stream,
+        # every query then carries the same content (measured on scenes: the mappers fell below the MLP)
+        self.queries = nn.Parameter(torch.randn(P, H))
+        self.encoder = _encoder(H, cfg, cross=False)
+        self.out = nn.Linear(H, H)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        img = self.inp(x) if self.tokens else self.inp(x).view(B, self.P, self.H)      # (B, N or P, H)
+        h = self.encoder(torch.cat([img, self.queries.expand(B, -1, -1)], dim=1))      # (B, N + P, H)
+        return self.out(h[:, -self.P:])                                                 # (B, P, H)
+
+
+class Resampler(nn.Module):
+    """K = P learned queries cross-attending to the image's patch tokens (Flamingo's Perceiver resampler,
+    BLIP-2's Q-Former without its text branch): each block is self-attention among the queries,
+    cross-attention to the tokens, a feed-forward. (B, N, W) -> (B, P, H), whatever N is."""
+
+    def __init__(self, d_in: int, H: int, P: int, cfg: CaptionerConfig):
+        super().__init__()
+        self.inp = nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, H))
+        self.queries = nn.Parameter(torch.randn(P, H))  # unit scale: see TransformerMapper
+        self.blocks = _encoder(H, cfg, cross=True)
+        self.out = nn.Linear(H, H)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        memory = self.inp(x)                                                            # (B, N, H)
+        q = self.queries.expand(x.shape[0], -1, -1)                                     # (B, P, H)
+        return self.out(self.blocks(q, memory))                                         # (B, P, H)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,6 +292,27 @@ def _clip_source(cfg: CaptionerConfig) -> tuple[str, str | None, Path | None]:
     if weights.suffix != ".safetensors":
         torch_load(weights, "CLIP weights file")  # refused here, in capkit's words, if it would run code
     return name, str(weights), weights
+
+
+def vit_patch_tokens(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """An open_clip VisionTransformer's patch tokens (B, N, W) for pixels (B, 3, S, S)."""
+    visual.output_tokens = True  # its forward then returns (pooled, tokens)
+    try:
+        return visual(pixels)[1]
+    finally:
+        visual.output_tokens = False
+
+
+def patch_token_shape(visual: nn.Module, clip_name: str) -> tuple[int, int]:
+    """(N, W) of the encoder's patch tokens; ConfigError for encoders that have none (ResNets, timm models)."""
+    if not isinstance(visual, open_clip.transformer.VisionTransformer):
+        raise ConfigError(f"clip_features='tokens' needs a ViT image encoder (open_clip VisionTransformer); "
+                          f"{clip_name!r} is a {type(visual).__name__}, which has no patch tokens. Use "
+                          "clip_features='pooled' (with proj_type mlp, linear or transformer), or a ViT-* encoder.")
+    size = visual.image_size if isinstance(visual.image_size, tuple) else (visual.image_size,) * 2
+    p = next(visual.parameters())
+    with torch.no_grad():
+        return tuple(vit_patch_tokens(visual, torch.zeros(1, 3, *size, dtype=p.dtype, device=p.device)).shape[1:])
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -367,6 +469,11 @@ class ClipCaptioner(Captioner):
         self.lm = lm.requires_grad_(False).eval()
         config.clip_embed_dim = int(clip_embed_dim or getattr(image_encoder, "output_dim"))
         config.lm_hidden_size = int(lm.get_input_embeddings().embedding_dim)
+        # what encode_images gives per image (the feature cache's row): (E,) pooled or (N, W) patch tokens
+        self.feature_shape = (config.clip_embed_dim,)
+        if config.clip_features == "tokens":
+            self.feature_shape = patch_token_shape(image_encoder, config.clip_model_name)
+            config.clip_token_dim = self.feature_shape[-1]
         self.projector = build_projector(config)
 
     @classmethod
@@ -401,17 +508,21 @@ class ClipCaptioner(Captioner):
     # -- pieces ---------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, E) float32 image embeddings from the frozen encoder."""
+        """(B, 3, S, S) -> float32 image features from the frozen encoder: the pooled embedding (B, E),
+        or with clip_features="tokens" the patch tokens (B, N, W) (after the ViT's final LayerNorm)."""
         dtype = next(self.image_encoder.parameters()).dtype
-        return self.image_encoder(pixel_values.to(self.device, dtype)).float()
+        x = pixel_values.to(self.device, dtype)
+        if self.config.clip_features == "tokens":
+            return vit_patch_tokens(self.image_encoder, x).float()
+        return self.image_encoder(x).float()
 
     def prefix_embeds(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """(B, E) -> (B, P, H) prefix in the decoder's embedding dtype."""
+        """Image features ((B, E) pooled or (B, N, W) tokens) -> (B, P, H) prefix in the decoder's dtype."""
         x = image_embeds.to(self.device, torch.float32)
-        if self.config.clip_normalize:
+        if self.config.clip_normalize and self.config.clip_features == "pooled":
             x = F.normalize(x, dim=-1)
-        prefix = self.projector(x)  # (B, P*H)
-        prefix = prefix.view(x.shape[0], self.config.proj_prefix_length, self.config.lm_hidden_size)
+        prefix = self.projector(x)  # (B, P*H) for mlp / linear, (B, P, H) for the others
+        prefix = prefix.reshape(x.shape[0], self.config.proj_prefix_length, self.config.lm_hidden_size)
         return prefix.to(self.lm.get_input_embeddings().weight.dtype)
 
     def _image_embeds(self, pixel_values, image_embeds):
@@ -731,7 +842,7 @@ def load_captioner(path: str | os.PathLike, device: str | torch.device = "cpu", 
         raise RefusedFileError(f"{path}: a .pth checkpoint holds a clip_mlp model, not {cfg.model_type!r}")
     model = ClipCaptioner.from_config(cfg)
     saved = ckpt["model_config"]
-    for k in ("clip_embed_dim", "lm_hidden_size"):
+    for k in ("clip_embed_dim", "clip_token_dim", "lm_hidden_size"):
         if saved.get(k) is not None and saved[k] != getattr(cfg, k):
             raise RefusedFileError(f"{path}: checkpoint was trained with {k}={saved[k]}, the loaded backbone has "
                                    f"{getattr(cfg, k)}")

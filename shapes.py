@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 
 from errors import DataError
 
-SHAPES_VERSION = 1
+SHAPES_VERSION = 3  # 3: the scenes style (a written dataset with another version is rewritten)
 IMAGE_SIZE = 64
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 225), "yellow": (235, 215, 40),
@@ -76,47 +76,131 @@ def random_attrs(rng: random.Random) -> dict:
 def render(a: dict, rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
     """Draw at 4x and downsample (anti-aliased edges); small jitter in place, size and colour."""
     S = size * 4
-    jit = lambda v: tuple(min(255, max(0, x + rng.randint(-18, 18))) for x in v)
-    im = Image.new("RGB", (S, S), jit(BACKGROUNDS[a["background"]]))
-    d = ImageDraw.Draw(im)
+    im = Image.new("RGB", (S, S), _jitter(BACKGROUNDS[a["background"]], rng))
     cx, cy = POSITIONS[a["position"]]
     cx, cy = (cx + rng.uniform(-0.04, 0.04)) * S, (cy + rng.uniform(-0.04, 0.04)) * S
-    r = SIZES[a["size"]] * S * rng.uniform(0.9, 1.1)
-    col = jit(COLORS[a["color"]])
-    if a["shape"] == "circle":
+    draw_shape(ImageDraw.Draw(im), a["shape"], cx, cy, SIZES[a["size"]] * S * rng.uniform(0.9, 1.1),
+               _jitter(COLORS[a["color"]], rng))
+    return im.resize((size, size), Image.LANCZOS)
+
+
+def _jitter(rgb, rng: random.Random) -> tuple:
+    return tuple(min(255, max(0, x + rng.randint(-18, 18))) for x in rgb)
+
+
+def draw_shape(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, col: tuple) -> None:
+    """One shape of half extent r centred at (cx, cy), in pixels."""
+    if shape == "circle":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=col)
-    elif a["shape"] == "square":
+    elif shape == "square":
         q = r * 0.85
         d.rectangle([cx - q, cy - q, cx + q, cy + q], fill=col)
-    elif a["shape"] == "triangle":
+    elif shape == "triangle":
         d.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=col)
     else:  # five-pointed star
         pts = [(cx + (r if k % 2 == 0 else r * 0.45) * math.sin(k * math.pi / 5),
                 cy - (r if k % 2 == 0 else r * 0.45) * math.cos(k * math.pi / 5)) for k in range(10)]
         d.polygon(pts, fill=col)
+
+
+# ----------------------------------------------------------------------------------------------
+# "scenes": two shapes and the relation between them, the harder demo (dataset="scenes"). Which colour
+# goes with which shape, and which object is where, are exactly what one pooled embedding tends to blur
+# (CLIP's known weakness at attribute binding and spatial relations); the patch tokens keep them apart.
+
+RELATIONS = {"to the left of": (-1, 0), "to the right of": (1, 0), "above": (0, -1), "below": (0, 1)}
+_INVERSE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
+SCENE_SIZES = {"small": 0.11, "large": 0.19}
+# the object named first (a) is always the left or the upper one, so an image's five captions follow from the image.
+# (Drawn either way, "a red circle to the left of a blue square" and "a blue square to the right of a red circle"
+# describe the same picture; its references would hold one family, and a perfect caption in the other scores
+# ROUGE-L 0.74: measured, it capped every mapper at ~0.74.) Phrasings 2 and 5 still name b first, inverted.
+NAMED_FIRST = ("to the left of", "above")
+
+
+def random_scene(rng: random.Random) -> dict:
+    """Two objects that differ in colour or shape (so every caption names one scene), a relation of the first
+    to the second, a background."""
+    def obj():
+        return {"color": rng.choice(list(COLORS)), "shape": rng.choice(SHAPES), "size": rng.choice(list(SCENE_SIZES))}
+    a, b = obj(), obj()
+    while (a["color"], a["shape"]) == (b["color"], b["shape"]):
+        b = obj()
+    return {"a": a, "b": b, "relation": rng.choice(NAMED_FIRST), "background": rng.choice(list(BACKGROUNDS))}
+
+
+def vary_scene(sc: dict, rng: random.Random) -> dict:
+    """The same scene with one thing changed: an object's colour, shape or size, or the relation (a near miss,
+    for contrastive training that must notice each attribute)."""
+    while True:
+        out = json.loads(json.dumps(sc))
+        what = rng.choice(["a", "b", "relation"])
+        if what == "relation":
+            out["relation"] = rng.choice([r for r in NAMED_FIRST if r != sc["relation"]])
+        else:
+            key = rng.choice(["color", "shape", "size"])
+            pool = {"color": list(COLORS), "shape": SHAPES, "size": list(SCENE_SIZES)}[key]
+            out[what][key] = rng.choice([v for v in pool if v != sc[what][key]])
+        if (out["a"]["color"], out["a"]["shape"]) != (out["b"]["color"], out["b"]["shape"]):
+            return out
+
+
+def render_scene(sc: dict, rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
+    """Object a placed on the relation's side of object b, the pair somewhere near the middle."""
+    S = size * 4
+    im = Image.new("RGB", (S, S), _jitter(BACKGROUNDS[sc["background"]], rng))
+    d = ImageDraw.Draw(im)
+    dx, dy = RELATIONS[sc["relation"]]
+    mx, my = 0.5 + rng.uniform(-0.05, 0.05), 0.5 + rng.uniform(-0.05, 0.05)
+    for obj, sign in ((sc["a"], 1), (sc["b"], -1)):
+        off = 0.23 + rng.uniform(-0.02, 0.02)
+        cx = (mx + sign * dx * off + (rng.uniform(-0.05, 0.05) if dx == 0 else 0)) * S
+        cy = (my + sign * dy * off + (rng.uniform(-0.05, 0.05) if dy == 0 else 0)) * S
+        draw_shape(d, obj["shape"], cx, cy, SCENE_SIZES[obj["size"]] * S * rng.uniform(0.9, 1.1),
+                   _jitter(COLORS[obj["color"]], rng))
     return im.resize((size, size), Image.LANCZOS)
 
 
-CAPTION_STYLES = {"all": captions_for, "b": lambda a: [caption_style_b(a)]}
+def scene_captions(sc: dict) -> list[str]:
+    """Five phrasings; two of them put the second object first (with the inverse relation)."""
+    def phrase(o, big=None):
+        return f"{(big or {}).get(o['size'], o['size'])} {o['color']} {o['shape']}"
+    a, b, r, bg = sc["a"], sc["b"], sc["relation"], sc["background"]
+    inv = _INVERSE[r]
+    return [
+        f"a {phrase(a)} {r} a {phrase(b)} on a {bg} background",
+        f"a {phrase(b, _BIG)} {inv} a {phrase(a, _BIG)} in a {bg} picture",
+        f"on a {bg} background there is a {phrase(a, _HUGE)} {r} a {phrase(b, _HUGE)}",
+        f"the {phrase(a)} is {r} the {phrase(b)} on {bg}",
+        f"{bg} image showing a {phrase(b)} with a {phrase(a)} {r} it",
+    ]
+
+
+SPLITS = {"train": (2000, 1001), "val": (100, 2002), "test": (300, 3003)}  # images, seed
+STYLE_B_SPLITS = {"train": (600, 1101), "val": (50, 2102), "test": (200, 3103)}  # git_demo: style B captions
+SCENE_SPLITS = {"train": (4000, 1201), "val": (100, 2202), "test": (300, 3203)}
+# style -> (draw one example's facts, render them, their captions, the splits, image file prefix)
+DATASET_NAMES = {"all": "shapes", "b": "shapes_b", "scenes": "scenes"}  # dataset= for each style
+STYLE_OF = {v: k for k, v in DATASET_NAMES.items()}
+STYLES = {"all": (random_attrs, render, captions_for, SPLITS, "shape"),
+          "b": (random_attrs, render, lambda a: [caption_style_b(a)], STYLE_B_SPLITS, "shape"),
+          "scenes": (random_scene, render_scene, scene_captions, SCENE_SPLITS, "scene")}
 
 
 def write_split(out: Path, n: int, seed: int, style: str = "all") -> None:
-    """n images; captions: "all" = the five phrasings, "b" = style B only."""
+    """n images; captions: "all" = the five phrasings, "b" = style B only, "scenes" = two-shape scenes."""
+    draw, paint, caption, _, prefix = STYLES[style]
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "captions.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["image", "caption"])
         for i in range(n):
-            a = random_attrs(rng)
-            name = f"shape_{i:05d}.png"
-            render(a, rng).save(out / name)
-            for cap in CAPTION_STYLES[style](a):
+            a = draw(rng)
+            name = f"{prefix}_{i:05d}.png"
+            paint(a, rng).save(out / name)
+            for cap in caption(a):
                 w.writerow([name, cap])
-
-
-SPLITS = {"train": (2000, 1001), "val": (100, 2002), "test": (300, 3003)}  # images, seed
-STYLE_B_SPLITS = {"train": (600, 1101), "val": (50, 2102), "test": (200, 3103)}  # git_demo: style B captions
 
 
 def _only_shapes(root: Path, splits: dict) -> bool:
@@ -125,7 +209,7 @@ def _only_shapes(root: Path, splits: dict) -> bool:
         return False
     for entry in root.iterdir():
         if entry.name not in splits or not entry.is_dir() or not all(
-                f.name == "captions.csv" or re.fullmatch(r"shape_\d{5}\.png", f.name) for f in entry.iterdir()):
+                f.name == "captions.csv" or re.fullmatch(r"(shape|scene)_\d{5}\.png", f.name) for f in entry.iterdir()):
             return False
     return True
 
@@ -133,7 +217,7 @@ def _only_shapes(root: Path, splits: dict) -> bool:
 def ensure_shapes_dataset(data_dir, style: str = "all") -> Path:
     """Write the shapes dataset (deterministic) unless an identical one is already there."""
     root = Path(data_dir)
-    splits = SPLITS if style == "all" else STYLE_B_SPLITS
+    splits = STYLES[style][3]
     spec = {"version": SHAPES_VERSION, "splits": splits, "image_size": IMAGE_SIZE, "style": style}
     marker = root / "shapes_dataset.json"
     if marker.exists() and json.loads(marker.read_text()) == json.loads(json.dumps(spec)):
@@ -141,14 +225,14 @@ def ensure_shapes_dataset(data_dir, style: str = "all") -> Path:
     if not marker.exists() and root.exists() and not _only_shapes(root, splits):
         # e.g. `--preset demo --data_dir=my_photos/`: the preset's dataset="shapes" would write over their captions
         raise DataError(f"data_dir {root} holds other files and is not a capkit shapes dataset; dataset="
-                        f"{'shapes' if style == 'all' else 'shapes_b'} (the demo's synthetic data) writes its images "
+                        f"{DATASET_NAMES[style]} (the demo's synthetic data) writes its images "
                         "and captions.csv there. For your own photos use --dataset=folder; for the demo, another data_dir")
     t = time.time()
     for name, (n, seed) in splits.items():
         write_split(root / name, n, seed, style)
     marker.write_text(json.dumps(spec))
     print(f"wrote the shapes dataset to {root} ({', '.join(f'{k}: {v[0]}' for k, v in splits.items())} images, "
-          f"{'5 captions' if style == 'all' else '1 style-B caption'} each) in {time.time() - t:.1f}s")
+          f"{'1 style-B caption' if style == 'b' else '5 captions'} each) in {time.time() - t:.1f}s")
     return root
 
 

@@ -8,6 +8,9 @@ Train capkit's captioner: only the MLP projector learns; CLIP and the decoder st
     accelerate launch --multi_gpu --num_processes 4 train.py --batch_size=64    # several GPUs (DDP)
     python train.py --model_type=git --quantization_bits=4 --dataset=folder --data_dir=my_photos/   # QLoRA GIT
     python train.py --preset git_demo                # offline: 4-bit QLoRA on a tiny GIT, CPU, minutes
+    python train.py --preset scenes_resampler        # offline: two-shape scenes, patch tokens + a resampler (also
+                                                     #   scenes_transformer, scenes_mlp: README "Which mapping network")
+    python train.py --preset smollm2_demo            # a real frozen decoder (after: python demo_assets.py --real-decoder)
     python train.py --config my_run.toml             # the same keys in a TOML file ([optimizer_args] etc. as tables)
     python train.py --resume                         # continue the newest resumable checkpoint exactly (or --resume PATH)
     python train.py --merge_weights --checkpoint saved_models/adapter_<run>-<epoch> [--merged_dir DIR] [--wise_alpha 0.5]
@@ -52,7 +55,7 @@ from common import (COMPILE_PAD_MULTIPLE, atomic_torch_save, atomic_write, atomi
 from dataset import (AugmentThenPreprocess, CaptionAugment, CaptionSet, Collate, LengthGroupedBatches, PairDataset,
                      SkipLog, load_splits)
 from errors import ConfigError, DataError, NonFiniteError, SaveError, run_cli
-from eval import ROUGE_L_NOTE, evaluate
+from eval import CIDER_NOTE, ROUGE_L_NOTE, evaluate
 from features import image_features
 from config import check_output_dir, make_optimizer, make_scheduler, model_config_from_hparams
 from model import Generation, build_model, merge_adapter
@@ -61,7 +64,7 @@ from resume import (LoopState, StopSignals, prune_checkpoints, read_metadata, re
 
 hyperparameters = {
     # --- data ---
-    "dataset": "flickr30k",          # "flickr30k" (Karpathy split) | "folder" (your images) | "shapes" (demo)
+    "dataset": "flickr30k",          # "flickr30k" (Karpathy split) | "folder" (your images) | "shapes" | "scenes" (demos)
     "data_dir": None,                # flickr30k: folder with the csv + images (None: download); folder: all your data
     "train_dir": None,               # folder datasets: separate train / val / test folders instead of data_dir
     "val_dir": None,                 #   None: val_ratio of the training images are held out for validation
@@ -78,10 +81,14 @@ hyperparameters = {
     "lm_name": "Qwen/Qwen3-0.6B-Base",        # decoder: hub id or local save_pretrained folder
     "tokenizer_name": None,          # tokenizer: hub id or local folder (None = lm_name)
     "lm_dtype": "auto",              # decoder weights: auto (bf16 on CUDA, else fp32) | float32 | bfloat16 | float16
-    "proj_type": "mlp",              # projector: "mlp" (Linear-GELU-Linear) or "linear"
+    "clip_features": "pooled",       # "pooled" (one CLIP embedding per image) | "tokens" (the ViT's patch tokens)
+    "proj_type": "mlp",              # mapping network: "mlp" | "linear" (pooled) | "transformer" (either) | "resampler"
+                                     #   (tokens); README: "Which mapping network"
     "proj_prefix_length": 10,        # prefix tokens the image becomes (each of the decoder's hidden size)
-    "proj_hidden_dim": 2048,         # MLP hidden width
-    "proj_dropout": 0.0,             # dropout inside the MLP
+    "proj_hidden_dim": 2048,         # mlp: hidden width; transformer / resampler: feed-forward width
+    "proj_dropout": 0.0,             # dropout inside the mapping network
+    "proj_num_layers": 8,            # transformer / resampler: blocks (ClipCap's mapper has 8)
+    "proj_num_heads": 8,             # transformer / resampler: attention heads (divide the decoder's hidden size)
     # --- git / blip (model_type "git" | "blip"): the whole captioner fine-tuned through PEFT adapters ---
     "hf_model_name": None,           # None: microsoft/git-base | Salesforce/blip-image-captioning-base; or a local folder
     "quantization_bits": 4,          # 4 = QLoRA (nf4, double quantization, bf16 compute) | 8 | 16 (not quantized)
@@ -160,6 +167,21 @@ PRESETS = {
     },
 }
 PRESETS["blip_demo"] = {**PRESETS["git_demo"], "model_type": "blip", "hf_model_name": "demo/blip-tiny"}
+# the harder demo: two shapes and a relation (shapes.py "scenes"), one preset per mapping network, all with the
+# same budget (README "Which mapping network": the measured table; targets.py measures it)
+_SCENES = {**PRESETS["demo"], "dataset": "scenes", "data_dir": "data/scenes", "clip_model_name": "demo/clip-scenes",
+           "lm_name": "demo/qwen3-scenes", "tokenizer_name": "demo/qwen3-scenes", "proj_prefix_length": 8,
+           "batch_size": 64, "num_epochs": 3, "learning_rate": 0.001, "lr_scheduler": "CosineAnnealingLR",
+           "warmup_steps": 100, "max_caption_length": 40, "max_new_tokens": 32}
+PRESETS["scenes_mlp"] = {**_SCENES, "proj_type": "mlp", "clip_features": "pooled", "proj_hidden_dim": 512}
+PRESETS["scenes_transformer"] = {**_SCENES, "proj_type": "transformer", "clip_features": "tokens",
+                                 "proj_num_layers": 4, "proj_num_heads": 4, "proj_hidden_dim": 512}
+PRESETS["scenes_resampler"] = {**PRESETS["scenes_transformer"], "proj_type": "resampler"}
+# a real pretrained decoder, frozen: SmolLM2-135M (python demo_assets.py --real-decoder) on the one-shape demo.
+# What it needs over `--preset demo --lm_name=...` (README "A real decoder"): many more, smaller steps
+PRESETS["smollm2_demo"] = {**PRESETS["demo"], "lm_name": "demo/smollm2-135m", "tokenizer_name": "demo/smollm2-135m",
+                           "training_size_limit": 9600, "batch_size": 16, "num_epochs": 1, "learning_rate": 0.001,
+                           "lr_scheduler": "CosineAnnealingLR", "warmup_steps": 30, "eval_batch_size": 100}
 
 DEMO_TARGETS = {"shapes": {"test_rouge_l_min": 0.9, "ablation_drop_min": 0.2},  # per demo dataset
                 "shapes_b": {"test_rouge_l_min": 0.8}}
@@ -356,7 +378,7 @@ def eval_settings(run: Run, data: TrainingData) -> dict:
 def evaluate_before(run: Run, model, test_split, data: TrainingData) -> dict:
     """The test split scored by the untrained model (on a resume too: before the checkpoint's weights load)."""
     before = evaluate(model, test_split, skips=SkipLog(), acc=run.acc, **eval_settings(run, data))
-    run.log(f"🧪 Before training, held-out test: ROUGE-L {fmt(before.get('rouge_l'))}, loss {fmt(before['loss'])}")
+    run.log(f"🧪 Before training, held-out test: ROUGE-L {fmt(before.get('rouge_l'))}, CIDEr {fmt(before.get('cider'))}, loss {fmt(before['loss'])}")
     return before
 
 
@@ -540,20 +562,21 @@ def end_epoch(run: Run, model, val_split, data: TrainingData, optim: Optimizatio
     val = evaluate(model, val_split, skips=run.skips, generate=hp["evaluation_enabled"], acc=run.acc,
                    **eval_settings(run, data))
     summary = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "rouge_l": val.get("rouge_l"),
-               "seconds": round(time.time() - loop.epoch_started, 1)}
+               "cider": val.get("cider"), "seconds": round(time.time() - loop.epoch_started, 1)}
     if run.device.type == "cuda":  # this process's high-water mark so far (weights + activations + optimizer)
         summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2)
     loop.history.append(summary)
     if hp["log_with"]:
-        run.acc.log({"train/epoch_loss": train_loss, **{f"val/{k}": val[k] for k in ("loss", "rouge_l")
+        run.acc.log({"train/epoch_loss": train_loss, **{f"val/{k}": val[k] for k in ("loss", "rouge_l", "cider")
                                                         if val.get(k) is not None}}, step=loop.step)
     run.log(f"📊 Epoch {epoch}: training loss {train_loss:.4f}, validation loss {fmt(val['loss'])}"
-            + (f", ROUGE-L {val['rouge_l']:.4f}" if val.get("rouge_l") is not None else "")
+            + (f", ROUGE-L {val['rouge_l']:.4f}, CIDEr {val['cider']:.4f}" if val.get("rouge_l") is not None else "")
             + f" ({summary['seconds']:.0f} s" + (f", peak GPU memory {summary['peak_gpu_memory_gib']} GiB)"
                                                  if "peak_gpu_memory_gib" in summary else ")"))
     if run.main and save_now:  # the generators' state now = the next epoch's data order
         save_checkpoint(run, model, optim, loop, f"{run.run_id}-{epoch}", data.order_state(),
-                        {"train_loss": train_loss, "val_loss": val["loss"], "rouge_l": val.get("rouge_l")})
+                        {"train_loss": train_loss, "val_loss": val["loss"], "rouge_l": val.get("rouge_l"),
+                         "cider": val.get("cider")})
     return val, run.main and save_now
 
 
@@ -568,7 +591,8 @@ def save_checkpoint(run: Run, model, optim: Optimization, loop: LoopState, stem:
                           paths[1])
         info = {"checkpoint": paths[0].name, "train_state": paths[1].name, "run_id": run.run_id,
                 "epoch": loop.epoch, "step": loop.step, "batches_done": loop.batches_done,
-                "batches_per_epoch": loop.batches_per_epoch, **fields, "metric_notes": {"rouge_l": ROUGE_L_NOTE},
+                "batches_per_epoch": loop.batches_per_epoch, **fields,
+                "metric_notes": {"rouge_l": ROUGE_L_NOTE, "cider": CIDER_NOTE},
                 "nonfinite_steps_skipped": loop.bad_steps, "history": loop.history, "hyperparameters": run.hp,
                 "model_config": model.config.__dict__, "trainable_parameters": sum(p.numel() for p in optim.trainable),
                 "skipped_inputs": dict(run.skips.counts), "library_versions": library_versions(),
@@ -591,7 +615,7 @@ def announce_checkpoint(run: Run, loop: LoopState, val: dict) -> None:
     print(f"📊 Training loss: {loop.meta['train_loss']:.4f}")
     print(f"📈 Validation loss: {fmt(val['loss'])}")
     if val.get("rouge_l") is not None:
-        print(f"🎯 ROUGE-L score: {val['rouge_l']:.4f}")
+        print(f"🎯 ROUGE-L score: {val['rouge_l']:.4f}, CIDEr: {val['cider']:.4f}")
 
 
 def finish(run: Run, model, test_split, data: TrainingData, loop: LoopState, before: dict | None) -> dict:
@@ -605,7 +629,8 @@ def finish(run: Run, model, test_split, data: TrainingData, loop: LoopState, bef
         test = test if test["num_images"] > 0 else None  # (none of its images could be read: evaluate said so)
     if hp["log_with"]:
         if test is not None:
-            run.acc.log({"test/loss": test["loss"], "test/rouge_l": test["rouge_l"]}, step=loop.step)
+            run.acc.log({"test/loss": test["loss"], "test/rouge_l": test["rouge_l"], "test/cider": test["cider"]},
+                        step=loop.step)
         run.acc.end_training()
     if not run.main:
         return {}
@@ -614,10 +639,12 @@ def finish(run: Run, model, test_split, data: TrainingData, loop: LoopState, bef
         meta["test"] = {k: v for k, v in test.items() if k != "predictions"}
         if before is not None:
             meta["test_before_training"] = {k: v for k, v in before.items() if k != "predictions"}
-        print(f"🧪 Held-out test ({test['num_images']} images): ROUGE-L {test['rouge_l']:.4f}, loss {test['loss']:.4f}")
+        print(f"🧪 Held-out test ({test['num_images']} images): ROUGE-L {test['rouge_l']:.4f}, "
+              f"CIDEr {test['cider']:.4f}, loss {test['loss']:.4f}")
         if "ablated" in test:
             print(f"🔀 Images shuffled across the set: ROUGE-L {test['ablated']['rouge_l']:.4f}, "
-                  f"loss {test['ablated']['loss']:.4f} (drop {test['rouge_l'] - test['ablated']['rouge_l']:.4f})")
+                  f"CIDEr {test['ablated']['cider']:.4f}, loss {test['ablated']['loss']:.4f} "
+                  f"(ROUGE-L drop {test['rouge_l'] - test['ablated']['rouge_l']:.4f})")
         check_demo_targets(hp, test, meta)
     if loop.meta_path is not None:  # test evaluation (or the last epoch's) may have skipped more inputs
         meta["skipped_inputs"] = dict(run.skips.counts)

@@ -117,6 +117,15 @@ def tiny_model():
     return make_model()
 
 
+# every mapping network (model.PROJECTOR_INPUTS) with each image feature it takes, tiny: make_model(**MAPPERS[k])
+MAPPERS = {"mlp": {},
+           "linear": {"proj_type": "linear"},
+           "transformer": {"proj_type": "transformer", "proj_num_layers": 2, "proj_num_heads": 4},
+           "transformer-tokens": {"proj_type": "transformer", "clip_features": "tokens", "proj_num_layers": 2,
+                                  "proj_num_heads": 4},
+           "resampler": {"proj_type": "resampler", "clip_features": "tokens", "proj_num_layers": 2, "proj_num_heads": 4}}
+
+
 def write_image(path: Path, color=(200, 30, 30), mode="RGB", size=(40, 30)):
     from PIL import Image
     path.parent.mkdir(parents=True, exist_ok=True)

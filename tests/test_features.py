@@ -1,6 +1,7 @@
 """The frozen-encoder feature cache: computed once, reused, invalidated when its key changes, rebuilt when damaged."""
 import pytest
 import torch
+from PIL import Image
 
 import train
 from conftest import make_model, write_image
@@ -30,9 +31,27 @@ def test_cache_hit_skips_the_encoder_and_returns_the_same_features(tmp_path, ima
     assert calls["n"] == 3 and ok == list(range(5)) and a.shape == (5, 32)
     b, ok2 = image_features(model, images, tmp_path / "cache", batch_size=2)
     assert calls["n"] == 3 and ok2 == ok and torch.equal(a, b)
-    # cached values are the fp16-rounded encoder output
+    # cached values are the fp16-rounded encoder output, kept in fp16 (patch tokens of a big set are gigabytes)
     ref, _ = image_features(model, images, None, batch_size=5)
-    assert torch.allclose(a, ref, atol=1e-2) and torch.equal(a, ref.half().float())
+    assert a.dtype == torch.float16 and torch.equal(a, ref.half())
+
+
+def test_patch_tokens_are_cached_under_their_own_key(tmp_path, images, capsys):
+    """clip_features is part of the key: the same encoder's pooled and token features never mix, and the
+    size on disk is said before extracting."""
+    pooled, tokens = make_model(), make_model(proj_type="resampler", clip_features="tokens", proj_num_layers=1,
+                                              proj_num_heads=2)
+    assert encoder_fingerprint(pooled) != encoder_fingerprint(tokens)
+    calls = counting(tokens)
+    t, ok = image_features(tokens, images, tmp_path / "c", batch_size=5)
+    assert t.shape == (5, 4, 32) and t.dtype == torch.float16 and ok == list(range(5))   # 2 x 2 patches, width 32
+    assert "5 images x 4x32 fp16 (tokens) = 0.0 MB" in capsys.readouterr().out
+    t2, _ = image_features(tokens, images, tmp_path / "c", batch_size=5)
+    assert calls["n"] == 1 and torch.equal(t, t2)                      # a hit: the encoder ran once
+    pixels = torch.stack([tokens.preprocess(Image.open(i).convert("RGB")) for i in images])
+    assert torch.equal(t, tokens.encode_images(pixels).half())        # the patch tokens themselves, fp16
+    p, _ = image_features(pooled, images, tmp_path / "c", batch_size=5)
+    assert p.shape == (5, 32) and len(list((tmp_path / "c").rglob("*.safetensors"))) == 2
 
 
 def test_cache_invalidated_by_encoder_weights_preprocessing_and_image_content(tmp_path, images):

@@ -6,9 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import save_backbones
+from conftest import MAPPERS, make_model, save_backbones
 from model import tokenize_captions
-from model import CaptionerConfig, ClipCaptioner, build_projector, load_captioner, read_checkpoint
+from model import PROJECTOR_INPUTS, CaptionerConfig, ClipCaptioner, build_projector, load_captioner, read_checkpoint
+
+
+@pytest.fixture(params=list(MAPPERS))
+def tiny_model(request):
+    """Every test below that takes tiny_model runs once per mapping network."""
+    return make_model(**MAPPERS[request.param])
 
 
 def batch(model, captions, B=None):
@@ -20,18 +26,58 @@ def batch(model, captions, B=None):
 def test_projector_dims_come_from_backbones(tiny_model):
     cfg = tiny_model.config
     assert (cfg.clip_embed_dim, cfg.lm_hidden_size) == (32, 32)
-    out = tiny_model.prefix_embeds(torch.randn(5, 32))
+    feats = tiny_model.encode_images(torch.randn(5, 3, 32, 32))
+    # pooled: the CLIP embedding (5, E); tokens: ViT-32px/16 -> 2 x 2 patch tokens of width 32
+    assert feats.shape == ((5, 32) if cfg.clip_features == "pooled" else (5, 4, 32))
+    assert cfg.clip_token_dim == (32 if cfg.clip_features == "tokens" else None)
+    out = tiny_model.prefix_embeds(feats)
     assert out.shape == (5, cfg.proj_prefix_length, 32)
+    # each image's prefix depends on that image only (no mixing across the batch, e.g. by a wrong batch_first)
+    alone = tiny_model.prefix_embeds(feats[2:3])
+    assert torch.allclose(out[2:3], alone, atol=1e-5)
 
 
 def test_build_projector_types():
-    cfg = CaptionerConfig(clip_embed_dim=8, lm_hidden_size=4, proj_prefix_length=3, proj_hidden_dim=16)
+    cfg = CaptionerConfig(clip_embed_dim=8, lm_hidden_size=4, proj_prefix_length=3, proj_hidden_dim=16,
+                          proj_num_layers=1, proj_num_heads=2)
     assert build_projector(cfg)(torch.randn(2, 8)).shape == (2, 12)
     cfg.proj_type = "linear"
     assert isinstance(build_projector(cfg), torch.nn.Linear)
     cfg.proj_type = "transformer"
+    assert build_projector(cfg)(torch.randn(2, 8)).shape == (2, 3, 4)
+    cfg.clip_features, cfg.clip_token_dim = "tokens", 6
+    assert build_projector(cfg)(torch.randn(2, 7, 6)).shape == (2, 3, 4)
+    cfg.proj_type = "resampler"
+    assert build_projector(cfg)(torch.randn(2, 5, 6)).shape == (2, 3, 4)   # any number of tokens
+    cfg.proj_num_heads = 3
+    with pytest.raises(ValueError, match="must divide"):
+        build_projector(cfg)
+    cfg.proj_type = "perceiver"
     with pytest.raises(ValueError, match="unknown proj_type"):
         build_projector(cfg)
+
+
+@pytest.mark.parametrize("proj_type", list(PROJECTOR_INPUTS))
+def test_each_mapper_takes_only_its_features(proj_type):
+    for features in ("pooled", "tokens"):
+        if features in PROJECTOR_INPUTS[proj_type]:
+            CaptionerConfig(proj_type=proj_type, clip_features=features)
+        else:
+            with pytest.raises(ValueError, match="takes clip_features"):
+                CaptionerConfig(proj_type=proj_type, clip_features=features)
+
+
+def test_tokens_need_a_vit_encoder():
+    """A ResNet CLIP has no patch tokens: said when the model is built, naming the setting."""
+    import open_clip
+    from conftest import make_backbones
+    from errors import ConfigError
+    _, lm, tok, _ = make_backbones()
+    resnet = open_clip.CLIP(embed_dim=32, vision_cfg={"image_size": 32, "layers": [1, 1, 1, 1], "width": 16},
+                            text_cfg={"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1})
+    cfg = CaptionerConfig(clip_model_name="RN-tiny", lm_name="tiny", proj_type="resampler", clip_features="tokens")
+    with pytest.raises(ConfigError, match="needs a ViT image encoder.*clip_features='pooled'"):
+        ClipCaptioner(cfg, resnet.visual, lm, tok)
 
 
 def test_forward_shapes_and_loss_matches_manual_ce(tiny_model):
@@ -136,10 +182,11 @@ def test_sampling_and_beam_search_run(tiny_model):
     assert a == b
 
 
-def test_checkpoint_round_trip_identical_logits(tmp_path):
+@pytest.mark.parametrize("mapper", list(MAPPERS))
+def test_checkpoint_round_trip_identical_logits(tmp_path, mapper):
     cdir, ldir = save_backbones(tmp_path)
     cfg = CaptionerConfig(clip_model_name=str(cdir), clip_pretrained=None, lm_name=str(ldir),
-                          proj_prefix_length=3, proj_hidden_dim=64, lm_dtype="float32")
+                          proj_prefix_length=3, proj_hidden_dim=64, lm_dtype="float32", **MAPPERS[mapper])
     model = ClipCaptioner.from_config(cfg)
     torch.manual_seed(0)
     for p in model.projector.parameters():
@@ -149,10 +196,13 @@ def test_checkpoint_round_trip_identical_logits(tmp_path):
     path = tmp_path / "model_state_dict_x-1.pth"
     model.save_checkpoint(path)
     ckpt = read_checkpoint(path)
-    assert set(ckpt["state_dict"]) == {f"projector.{k}" for k in model.projector.state_dict()}  # only the MLP
+    assert set(ckpt["state_dict"]) == {f"projector.{k}" for k in model.projector.state_dict()}  # only the mapper
     loaded = load_captioner(path)
+    assert type(loaded.projector) is type(model.projector) and loaded.config == model.config
     out, _ = loaded(ids, mask, pixel_values=px)
     assert torch.equal(ref, out)
+    assert torch.equal(model.generate_ids(pixel_values=px, max_new_tokens=5),
+                       loaded.generate_ids(pixel_values=px, max_new_tokens=5))
 
 
 class _Evil:

@@ -1,5 +1,6 @@
 """The real architecture's shapes (ViT-B-32 + a Qwen3 with the 0.6B model's dimensions), random
-weights, no download: the projector maps 512 -> prefix x 1024 and a bf16 training step runs on CPU."""
+weights, no download: the projector maps 512 -> prefix x 1024 (or 49 patch tokens x 768 -> prefix x 1024)
+and a bf16 training step runs on CPU, for every mapping network."""
 import pytest
 import torch
 
@@ -35,3 +36,25 @@ def test_vit_b32_qwen3_06b_shapes_bf16_step():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.projector.parameters())
     opt.step()
     assert torch.equal(frozen, model.lm.model.layers[5].mlp.up_proj.weight)
+    token_mapper_step(clip, lm, tok, preprocess)
+
+
+def token_mapper_step(clip, lm, tok, preprocess):
+    """The resampler on ViT-B-32's patch tokens, on the same (already built) backbones: 49 x 768 -> 10 x 1024.
+    (The transformer mapper on tokens runs the same code at tiny scale in test_model.py.)"""
+    mcfg = CaptionerConfig(clip_model_name="ViT-B-32", clip_pretrained=None, proj_type="resampler",
+                           clip_features="tokens", lm_dtype="bfloat16")
+    model = ClipCaptioner(mcfg, clip.visual.float(), lm, tok, preprocess)
+    assert (mcfg.clip_token_dim, mcfg.lm_hidden_size) == (768, 1024)
+    feats = model.encode_images(torch.randn(2, 3, 224, 224))
+    assert feats.shape == (2, 49, 768)                                   # 7 x 7 patches of ViT-B/32 at 224 px
+    batch = tokenize_captions(tok, ["a dog runs on grass", "a red ball"], 32)
+    frozen = model.lm.model.layers[3].self_attn.q_proj.weight.clone()
+    model.train()
+    logits, loss = model(batch["input_ids"], batch["attention_mask"], image_embeds=feats)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.projector.parameters())
+    torch.optim.AdamW(model.projector.parameters(), lr=1e-4).step()
+    assert torch.equal(frozen, model.lm.model.layers[3].self_attn.q_proj.weight)
+

@@ -53,13 +53,20 @@ def interrupt_at(monkeypatch, cls, n):
     monkeypatch.setattr(cls, "forward", forward)
 
 
-def test_sigterm_then_resume_continues_the_exact_loss_sequence(data, tmp_path, monkeypatch, capsys):
+MAPPER_ARGS = {"mlp": [], "transformer-tokens": ["--proj_type=transformer", "--clip_features=tokens",
+                                                "--proj_num_layers=2", "--proj_num_heads=4"],
+               "resampler": ["--proj_type=resampler", "--clip_features=tokens", "--proj_num_layers=2",
+                             "--proj_num_heads=4", "--proj_dropout=0.1"]}  # dropout: its RNG must resume too
+
+
+@pytest.mark.parametrize("mapper", list(MAPPER_ARGS))
+def test_sigterm_then_resume_continues_the_exact_loss_sequence(data, tmp_path, monkeypatch, capsys, mapper):
     from model import ClipCaptioner
     ref = tmp_path / "ref"
-    train.train(train.resolve_hparams(argv_for(data, ref)))
+    train.train(train.resolve_hparams(argv_for(data, ref, *MAPPER_ARGS[mapper])))
     interrupt_at(monkeypatch, ClipCaptioner, 7)
     out = tmp_path / "run"
-    res = train.train(train.resolve_hparams(argv_for(data, out)))
+    res = train.train(train.resolve_hparams(argv_for(data, out, *MAPPER_ARGS[mapper])))
     assert res["interrupted"] and "train_state_" not in res["resume_from"]
     printed = capsys.readouterr().out
     assert "SIGTERM" in printed and f"python train.py --resume {res['resume_from']}" in printed
