@@ -74,3 +74,18 @@ def test_real_decoder_demo_converts_the_smollm2_gguf(tmp_path):
     gen = lm.generate(**ids, max_new_tokens=4, do_sample=False)
     assert "Paris" in tok.decode(gen[0, ids["input_ids"].shape[1]:])
     assert torch.equal(lm.get_input_embeddings().weight, lm.get_output_embeddings().weight)  # tied, as written
+
+
+@pytest.mark.parametrize("make", ["missing", "not_a_wheel", "wheel_without_gguf"])
+def test_real_decoder_demo_refuses_a_wrong_gguf_source_in_one_sentence(tmp_path, make):
+    import zipfile
+    src = tmp_path / {"missing": "nope.gguf", "not_a_wheel": "notes.txt", "wheel_without_gguf": "x-1-py3-none-any.whl"}[make]
+    if make == "not_a_wheel":
+        src.write_text("hello")
+    if make == "wheel_without_gguf":
+        with zipfile.ZipFile(src, "w") as z:
+            z.writestr("x/__init__.py", "")
+    p = subprocess.run([sys.executable, "demo_assets.py", "--real-decoder", "--gguf", str(src), "--out",
+                        str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert str(src.name) in p.stderr and not (tmp_path / "out").exists()
