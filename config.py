@@ -24,6 +24,7 @@ from errors import ConfigError
 from model import CLIP_FEATURES, GENERATION_LIMITS, PROJECTOR_TYPES, CaptionerConfig
 from resume import load_state, merge_resume_hparams, read_metadata, resume_target, state_path_for
 from safeio import plain_name, read_text
+from shapes import STYLE_OF
 
 # keys that may be None: the type a value must have when it is not None
 NONE_DEFAULT_TYPES = {"data_dir": str, "train_dir": str, "val_dir": str, "test_dir": str, "captions_file": str,
@@ -35,7 +36,7 @@ SCHEDULERS = ("StepLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "Cyc
 CHOICES = {"model_type": ("clip_mlp", "git", "blip"), "proj_type": PROJECTOR_TYPES, "clip_features": CLIP_FEATURES,
            "quantization_bits": (4, 8, 16),
            "peft_module": ("LoRA", "IA3"), "optimizer": ("AdamW", "Prodigy"), "lr_scheduler": SCHEDULERS + (None,),
-           "log_with": ("tensorboard", "wandb", None), "dataset": ("flickr30k", "folder", "shapes", "shapes_b", "scenes"),
+           "log_with": ("tensorboard", "wandb", None), "dataset": ("flickr30k", "folder", *STYLE_OF),
            "lm_dtype": ("auto", "float32", "bfloat16", "float16")}
 # the values each number may take, checked before anything loads ("[" includes the bound, "(" excludes it;
 # None values are checked only where None is not allowed)
@@ -44,7 +45,8 @@ RANGES = {
     "max_new_tokens": "[{}, {}]".format(*GENERATION_LIMITS["max_new_tokens"]),  # as inference.py and serve.py
     "num_beams": "[{}, {}]".format(*GENERATION_LIMITS["num_beams"]),
     "max_caption_length": "[2, inf)", "proj_prefix_length": "[1, 1024]",
-    "proj_hidden_dim": "[1, 65536]", "proj_num_layers": "[1, 64]", "proj_num_heads": "[1, 256]", "lora_r": "[1, 4096]", "lora_alpha": "(0, inf)", "image_size": "[16, 4096]",
+    "proj_hidden_dim": "[1, 65536]", "proj_num_layers": "[1, 64]", "proj_num_heads": "[1, 256]", "lora_r": "[1, 4096]",
+    "lora_alpha": "(0, inf)", "image_size": "[16, 4096]",
     "learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "learning_rate_decay": "(0, inf)",
     "learning_rate_decay_step": "[1, inf)", "warmup_steps": "[0, inf)", "gradient_accumulation_steps": "[1, inf)",
     "max_grad_norm": "(0, inf)", "max_bad_steps": "[1, inf)", "training_size_limit": "[1, inf)",

@@ -156,7 +156,8 @@ def build_projector(cfg: CaptionerConfig) -> nn.Module:
         raise ValueError("build_projector needs clip_token_dim for clip_features='tokens'")
     d_in, H, P = (cfg.clip_token_dim if tokens else cfg.clip_embed_dim), cfg.lm_hidden_size, cfg.proj_prefix_length
     if cfg.proj_type in ("transformer", "resampler") and H % cfg.proj_num_heads:
-        raise ValueError(f"proj_num_heads={cfg.proj_num_heads} must divide the decoder's hidden size {H}")
+        # ConfigError (a ValueError): known only once the decoder has loaded, and train.py must end in one sentence
+        raise ConfigError(f"proj_num_heads={cfg.proj_num_heads} must divide the decoder's hidden size {H}")
     if cfg.proj_type == "linear":
         return nn.Linear(d_in, P * H)
     if cfg.proj_type == "mlp":

@@ -50,7 +50,8 @@ def test_build_projector_types():
     cfg.proj_type = "resampler"
     assert build_projector(cfg)(torch.randn(2, 5, 6)).shape == (2, 3, 4)   # any number of tokens
     cfg.proj_num_heads = 3
-    with pytest.raises(ValueError, match="must divide"):
+    from errors import ConfigError
+    with pytest.raises(ConfigError, match="must divide"):   # one sentence and exit 2 from train.py, not a traceback
         build_projector(cfg)
     cfg.proj_type = "perceiver"
     with pytest.raises(ValueError, match="unknown proj_type"):
