@@ -167,20 +167,22 @@ MAPPER_BENCH = (("mlp", "pooled"), ("linear", "pooled"), ("transformer", "pooled
 
 
 def bench_mappers(device, steps: int, B: int) -> None:
-    """The real shapes (ViT-B-32 + Qwen3-0.6B dims, random weights, decoder in bf16 on CPU and CUDA alike):
-    training samples/s with each mapping network, from cached features (the one-off extraction excluded)."""
+    """The real shapes (ViT-B-32 + Qwen3-0.6B dims, random weights; the decoder in bf16 on CUDA, fp32 on CPU, as
+    train.py's lm_dtype=auto, since a bf16 step without AMX takes minutes): training samples/s with each mapping
+    network, from cached features (the one-off extraction excluded)."""
     torch.manual_seed(0)
     clip, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
     tok = AutoTokenizer.from_pretrained(LM_DIR, trust_remote_code=False)
-    lm = Qwen3ForCausalLM._from_config(real_shape_lm_config(tok), dtype=torch.bfloat16).to(device)
+    lm_dtype = "bfloat16" if device.type == "cuda" else "float32"
+    lm = Qwen3ForCausalLM._from_config(real_shape_lm_config(tok), dtype=getattr(torch, lm_dtype)).to(device)
     images, captions = make_data(B * (steps + 1))
     print(f"mapping networks at the real shapes on {device} "
           f"({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, {torch.get_num_threads()} threads): "
-          f"ViT-B-32 + Qwen3-0.6B dims in bf16, batch {B}, {steps} timed step(s) after one warm-up")
+          f"ViT-B-32 + Qwen3-0.6B dims, decoder in {lm_dtype}, batch {B}, {steps} timed step(s) after one warm-up")
     print(f"{'mapper':<12} {'features':<8} {'params':>9} {'samples/s':>10} {'step s':>8}  peak memory")
     for proj_type, features in MAPPER_BENCH:
         cfg = CaptionerConfig(clip_model_name="ViT-B-32", clip_pretrained=None, proj_type=proj_type,
-                              clip_features=features, lm_dtype="bfloat16")
+                              clip_features=features, lm_dtype=lm_dtype)
         model = ClipCaptioner(cfg, clip.visual, lm, tok, preprocess).to(device).train()
         feats = encode_pil(model, images, device)                                   # (N, E) or (N, 49, 768)
         if device.type == "cuda":
