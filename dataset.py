@@ -471,7 +471,7 @@ def load_splits(hp: dict, skips: SkipLog, which=("train", "val", "test")) -> dic
         root = ensure_shapes_dataset(hp["data_dir"], STYLE_OF[kind])
         return {s: load_folder(root / s, skips) for s in which}
     if kind != "folder":
-        raise DataError(f"unknown dataset {kind!r}; expected 'flickr30k', 'folder', 'shapes', 'shapes_b' or 'scenes'")
+        raise DataError(f"unknown dataset {kind!r}; expected one of {', '.join(('flickr30k', 'folder', *STYLE_OF))}")
     seed = hp.get("seed", 0)
     if hp.get("train_dir"):
         train = load_folder(hp["train_dir"], skips, hp.get("captions_file"))
