@@ -33,6 +33,25 @@ def test_a_scene_puts_its_first_object_where_the_relation_says(relation):
     assert len(caps) == 5 and f"large red circle {relation} a small blue square" in caps[0]
 
 
+def test_demo_decoders_copy_every_attribute_from_their_context_and_the_check_can_tell():
+    """demo_assets.copy_accuracy: the committed demo LMs carry colour, shape and size from one caption of an
+    example into another phrasing (what a mapper's prefix relies on: the first scenes LM copied sizes at chance,
+    and so every mapper named them at chance); the same architecture untrained does not."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from demo_assets import KINDS, copy_accuracy
+    for kind in ("scenes", "shapes"):
+        draw, _, captions_for, _, _, lm_dir = KINDS[kind]
+        lm, tok = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32), AutoTokenizer.from_pretrained(lm_dir)
+        rng = random.Random(5)
+        examples = [draw(rng) for _ in range(60)]
+        acc = copy_accuracy(lm, tok, examples, captions_for)
+        assert set(acc) == {"size", "color", "shape"} and min(acc.values()) >= 0.95, (kind, acc)
+    torch.manual_seed(0)
+    untrained = copy_accuracy(AutoModelForCausalLM.from_config(lm.config), tok, examples, captions_for)
+    assert max(untrained.values()) < 0.8, untrained
+
+
 def test_targets_script_runs_every_scenes_preset_and_reports_honestly(tmp_path):
     """The reduced (CI) budget: each mapper's preset trains with the same budget and is scored with CIDEr and the
     ablation; the ordering claim is judged from the rows and a missed claim is exit 6, not a pass. (At this
