@@ -240,7 +240,7 @@ def copy_accuracy(model, tok, examples, captions_for) -> dict[str, float]:
     after 644 steps copied colours and shapes (1.00) but sizes at chance (0.50), and every mapper then named
     sizes at chance too; after 2,596 steps, 1.00."""
     model.eval()
-    groups = {"size": ("small", "large"), "color": tuple(COLORS), "shape": SHAPES}
+    groups = {"size": tuple(SIZES), "color": tuple(COLORS), "shape": SHAPES}  # scenes use the same size words
     ids = {k: [tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in v] for k, v in groups.items()}
     hits = {k: [] for k in groups}
     for i, ex in enumerate(examples):
