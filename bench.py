@@ -31,7 +31,7 @@ from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 from common import COMPILE_PAD_MULTIPLE, compile_step, pick_device
 from dataset import LengthGroupedBatches, pad_to_multiple
 from demo_assets import LM_DIR
-from model import CaptionerConfig, ClipCaptioner, tokenize_captions
+from model import CaptionerConfig, ClipCaptioner, resolve_dtype, tokenize_captions
 from shapes import captions_for, random_attrs, render
 
 CONFIGS = {
@@ -58,7 +58,7 @@ def build(config: str, device):
     torch.manual_seed(0)
     clip, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
     tok = AutoTokenizer.from_pretrained(LM_DIR, trust_remote_code=False)  # any tokenizer: ids index the 151,936-row table
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = resolve_dtype("auto", device)  # as train.py's lm_dtype=auto on this device
     lm = Qwen3ForCausalLM._from_config(real_shape_lm_config(tok), dtype=dtype)
     cfg = CaptionerConfig(clip_model_name="ViT-B-32", clip_pretrained=None, proj_prefix_length=10,
                           lm_dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
@@ -173,7 +173,7 @@ def bench_mappers(device, steps: int, B: int) -> None:
     torch.manual_seed(0)
     clip, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
     tok = AutoTokenizer.from_pretrained(LM_DIR, trust_remote_code=False)
-    lm_dtype = "bfloat16" if device.type == "cuda" else "float32"
+    lm_dtype = str(resolve_dtype("auto", device)).removeprefix("torch.")  # bfloat16 or float32
     lm = Qwen3ForCausalLM._from_config(real_shape_lm_config(tok), dtype=getattr(torch, lm_dtype)).to(device)
     images, captions = make_data(B * (steps + 1))
     print(f"mapping networks at the real shapes on {device} "

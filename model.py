@@ -138,7 +138,7 @@ def build_model(config: CaptionerConfig, device: str | torch.device = "cpu") -> 
     """The one switch on model_type: ClipCaptioner for "clip_mlp", HFCaptioner for "git" / "blip";
     returned on `device` (quantized models are loaded straight onto it)."""
     if config.model_type == "clip_mlp":
-        return ClipCaptioner.from_config(config).to(device)
+        return ClipCaptioner.from_config(config, device).to(device)
     return HFCaptioner.from_config(config, device)
 
 
@@ -316,9 +316,12 @@ def patch_token_shape(visual: nn.Module, clip_name: str) -> tuple[int, int]:
         return tuple(vit_patch_tokens(visual, torch.zeros(1, 3, *size, dtype=p.dtype, device=p.device)).shape[1:])
 
 
-def resolve_dtype(name: str) -> torch.dtype:
+def resolve_dtype(name: str, device: str | torch.device | None = None) -> torch.dtype:
+    """lm_dtype -> torch dtype. "auto": bf16 where the decoder will run on a GPU that has it, else fp32 (a bf16
+    step on a CPU without AMX takes minutes). device=None means "the GPU if there is one"."""
     if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        on_gpu = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+        return torch.bfloat16 if on_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
     except KeyError:
@@ -361,9 +364,10 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(e).__name__
 
 
-def load_decoder(cfg: CaptionerConfig):
-    """transformers causal LM + tokenizer from a hub id or local folder."""
-    lm = from_pretrained(AutoModelForCausalLM, cfg.lm_name, "decoder", "lm_name", dtype=resolve_dtype(cfg.lm_dtype))
+def load_decoder(cfg: CaptionerConfig, device: str | torch.device | None = None):
+    """transformers causal LM + tokenizer from a hub id or local folder; lm_dtype=auto is resolved for `device`."""
+    lm = from_pretrained(AutoModelForCausalLM, cfg.lm_name, "decoder", "lm_name",
+                         dtype=resolve_dtype(cfg.lm_dtype, device))
     tok = from_pretrained(AutoTokenizer, cfg.lm_tokenizer_name or cfg.lm_name, "tokenizer",
                           "lm_tokenizer_name" if cfg.lm_tokenizer_name else "lm_name")
     if tok.pad_token_id is None:  # padding is masked out of attention and loss; never a content token
@@ -478,9 +482,9 @@ class ClipCaptioner(Captioner):
         self.projector = build_projector(config)
 
     @classmethod
-    def from_config(cls, config: CaptionerConfig) -> "ClipCaptioner":
+    def from_config(cls, config: CaptionerConfig, device: str | torch.device | None = None) -> "ClipCaptioner":
         (encoder, preprocess, embed_dim), (lm, tok) = load_all(partial(load_image_encoder, config),
-                                                               partial(load_decoder, config))
+                                                               partial(load_decoder, config, device))
         return cls(config, encoder, lm, tok, preprocess, embed_dim)
 
     def train(self, mode: bool = True):
@@ -628,7 +632,7 @@ def load_hf_model(cfg: CaptionerConfig, source: str | None = None, device: str |
     name = source or cfg.hf_model_name or default
     what, cls = f"{cfg.model_type.upper()} model", getattr(transformers, cls_name)
     processor = from_pretrained(transformers.AutoProcessor, name, what, "hf_model_name")
-    kw = {"device_map": {"": str(device)}, "dtype": resolve_dtype(cfg.lm_dtype)}
+    kw = {"device_map": {"": str(device)}, "dtype": resolve_dtype(cfg.lm_dtype, device)}
     try:
         model = from_pretrained(cls, name, what, "hf_model_name", **kw, **quantization_kwargs(cfg.quantization_bits))
     except (ImportError, RuntimeError, ValueError) as e:
@@ -841,7 +845,7 @@ def load_captioner(path: str | os.PathLike, device: str | torch.device = "cpu", 
         raise RefusedFileError(f"{path}: its model config is invalid: {e}") from None
     if cfg.model_type != "clip_mlp":
         raise RefusedFileError(f"{path}: a .pth checkpoint holds a clip_mlp model, not {cfg.model_type!r}")
-    model = ClipCaptioner.from_config(cfg)
+    model = ClipCaptioner.from_config(cfg, device)
     saved = ckpt["model_config"]
     for k in ("clip_embed_dim", "clip_token_dim", "lm_hidden_size"):
         if saved.get(k) is not None and saved[k] != getattr(cfg, k):

@@ -259,3 +259,22 @@ def test_batched_kv_cache_generation_equals_one_at_a_time_without_cache(tiny_mod
                 seq = torch.cat([seq, emb(torch.tensor([[nxt]]))], dim=1)
         assert batched[i, :len(naive)].tolist() == naive
         assert tiny_model.generate_ids(pixel_values=px[i:i + 1], max_new_tokens=10)[0, :len(naive)].tolist() == naive
+
+
+def test_lm_dtype_auto_follows_the_device_the_decoder_runs_on(monkeypatch, tmp_path):
+    """On a machine with a bf16 GPU, `--device cpu` must not load the decoder in bf16 (a CPU bf16 step without
+    AMX takes minutes): "auto" is resolved for the run's device, not for whether a GPU exists."""
+    from model import build_model, resolve_dtype
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_dtype("auto", "cpu") == resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", "cuda") == resolve_dtype("auto", "cuda:1") == torch.bfloat16
+    assert resolve_dtype("auto") == torch.bfloat16          # no device named: the GPU if there is one
+    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16  # an explicit choice is kept
+    clip_dir, lm_dir = save_backbones(tmp_path)
+    cfg = CaptionerConfig(clip_model_name=str(clip_dir), clip_pretrained=None, lm_name=str(lm_dir),
+                          proj_prefix_length=3, proj_hidden_dim=64, lm_dtype="auto")
+    model = build_model(cfg, "cpu")
+    assert next(model.lm.parameters()).dtype == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_dtype("auto") == torch.float32
