@@ -80,7 +80,7 @@ hyperparameters = {
     "image_size": None,              # CLIP input size; None = the encoder's own (224 for ViT-B-32; don't change)
     "lm_name": "Qwen/Qwen3-0.6B-Base",        # decoder: hub id or local save_pretrained folder
     "tokenizer_name": None,          # tokenizer: hub id or local folder (None = lm_name)
-    "lm_dtype": "auto",              # decoder weights: auto (bf16 if `device` is a bf16 GPU, else fp32) | float32 | bfloat16 | float16
+    "lm_dtype": "auto",              # decoder weights: auto (bf16 on a bf16 GPU device, else fp32) | float32 | bfloat16 | float16
     "clip_features": "pooled",       # "pooled" (one CLIP embedding per image) | "tokens" (the ViT's patch tokens)
     "proj_type": "mlp",              # mapping network: "mlp" | "linear" (pooled) | "transformer" (either) | "resampler"
                                      #   (tokens); README: "Which mapping network"
