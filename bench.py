@@ -61,7 +61,7 @@ def build(config: str, device):
     dtype = resolve_dtype("auto", device)  # as train.py's lm_dtype=auto on this device
     lm = Qwen3ForCausalLM._from_config(real_shape_lm_config(tok), dtype=dtype)
     cfg = CaptionerConfig(clip_model_name="ViT-B-32", clip_pretrained=None, proj_prefix_length=10,
-                          lm_dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
+                          lm_dtype=str(dtype).removeprefix("torch."))
     return ClipCaptioner(cfg, clip.visual, lm, tok, preprocess).to(device)
 
 
@@ -173,8 +173,9 @@ def bench_mappers(device, steps: int, B: int) -> None:
     torch.manual_seed(0)
     clip, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
     tok = AutoTokenizer.from_pretrained(LM_DIR, trust_remote_code=False)
-    lm_dtype = str(resolve_dtype("auto", device)).removeprefix("torch.")  # bfloat16 or float32
-    lm = Qwen3ForCausalLM._from_config(real_shape_lm_config(tok), dtype=getattr(torch, lm_dtype)).to(device)
+    dtype = resolve_dtype("auto", device)  # as train.py's lm_dtype=auto on this device
+    lm_dtype = str(dtype).removeprefix("torch.")  # bfloat16 or float32
+    lm = Qwen3ForCausalLM._from_config(real_shape_lm_config(tok), dtype=dtype).to(device)
     images, captions = make_data(B * (steps + 1))
     print(f"mapping networks at the real shapes on {device} "
           f"({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, {torch.get_num_threads()} threads): "
