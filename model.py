@@ -320,7 +320,7 @@ def resolve_dtype(name: str, device: str | torch.device | None = None) -> torch.
     """lm_dtype -> torch dtype. "auto": bf16 where the decoder will run on a GPU that has it, else fp32 (a bf16
     step on a CPU without AMX takes minutes). device=None means "the GPU if there is one"."""
     if name == "auto":
-        on_gpu = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+        on_gpu = device is None or torch.device(device).type == "cuda"
         return torch.bfloat16 if on_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
