@@ -277,12 +277,15 @@ def from_captions_csv(csv_path, image_dir, skips: SkipLog) -> CaptionSet:
         ccol = _pick_column(header, CAPTION_COLUMNS, "caption", csv_path)
         entries = []
         while True:
+            before = reader.line_num
             try:
                 row = next(reader)
             except StopIteration:
                 break
             except csv.Error as e:
                 skips.add(f"{csv_path}:{reader.line_num}", f"bad CSV row: {e}")
+                continue
+            if _unclosed_quote(csv_path, text, before, row.get(ccol), skips):
                 continue
             name = row.get(icol)
             if not isinstance(name, str) or not name.strip():
@@ -292,6 +295,34 @@ def from_captions_csv(csv_path, image_dir, skips: SkipLog) -> CaptionSet:
     finally:
         csv.field_size_limit(limit)
     return _build(entries, image_dir, skips)
+
+
+# a line with a field of its own that names an image ("dog.jpg,..." or "...,dog.jpg"): inside a quoted caption, it
+# means the quote was never closed
+_ROW_LIKE = re.compile(r'(?:^|,)\s*"?[^",]+\.(?:' + "|".join(e.lstrip(".") for e in sorted(IMAGE_EXTS))
+                       + r')"?\s*(?:,|$)', re.I)
+
+
+def _unclosed_quote(csv_path: Path, text: str, before: int, caption, skips: SkipLog) -> bool:
+    """A caption whose quote is never closed runs on and swallows the rows below it (the csv module reads them as
+    its text). Such a row and each swallowed row are skipped and counted by line, so the user can close the quote;
+    a genuine multi-line caption (no line of it looks like a row) is kept. `before`: the line the previous row
+    ended on."""
+    if not isinstance(caption, str) or "\n" not in caption:
+        return False
+    lines = caption.split("\n")
+    swallowed = [i for i, line in enumerate(lines) if i and _ROW_LIKE.search(line.rstrip("\r"))]
+    if not swallowed:
+        return False
+    physical = io.StringIO(text, newline="").readlines()  # numbered as csv's line_num counts them
+    first = before + 1
+    while first < len(physical) and not physical[first - 1].strip():  # blank lines the reader stepped over
+        first += 1
+    skips.add(f"{csv_path}:{first}", f"unclosed quote: this caption runs on over the {len(swallowed)} row(s) "
+                                     "below it; close its quote")
+    for i in swallowed:
+        skips.add(f"{csv_path}:{first + i}", f"unclosed quote: this row was read as part of the caption on line {first}")
+    return True
 
 
 def from_metadata(root, skips: SkipLog) -> CaptionSet:

@@ -147,6 +147,26 @@ def test_odd_csv_gives_clear_errors(tmp_path):
         load_folder(tmp_path / "nope", SkipLog())
 
 
+def test_an_unclosed_quote_is_counted_for_every_row_it_swallows_not_read_as_one_long_caption(tmp_path):
+    """Before, `b.jpg,"a dog` took the next rows in as its caption text ('a dog c.jpg,a cat d.jpg,...'): three
+    captions lost without a word, one wrong caption trained on. Now that row and each swallowed row are counted
+    by line (blank lines included in the numbering), and a quoted caption over two lines is still kept."""
+    for n in "abcd":
+        write_image(tmp_path / f"{n}.jpg")
+    (tmp_path / "captions.csv").write_text('image,caption\n\na.jpg,"a red\nball"\nb.jpg,"a dog, running\n'
+                                           'c.jpg,a cat\n\nd.jpg,a bird\n')
+    skips = SkipLog()
+    data = load_folder(tmp_path, skips)
+    assert [p.name for p in data.images] == ["a.jpg"] and data.captions == [["a red ball"]]
+    assert [p.rsplit(":", 1)[1] for p, _ in skips.items] == ["5", "6", "8"]
+    assert skips.summary() == "skipped inputs: 3 (3 unclosed quote)"
+    assert "close its quote" in skips.items[0][1] and "caption on line 5" in skips.items[2][1]
+    # the image column after the caption: the swallowed rows are found by their image names all the same
+    (tmp_path / "captions.csv").write_text('caption,image\n"a dog,b.jpg\na cat,c.jpg\n')
+    skips = SkipLog()
+    assert load_folder(tmp_path, skips).images == [] and skips.summary() == "skipped inputs: 2 (2 unclosed quote)"
+
+
 def test_split_by_image_never_shares_images(tmp_path):
     for i in range(20):
         write_image(tmp_path / f"img_{i:02d}.png", color=(i * 10, 0, 0))
