@@ -17,6 +17,7 @@ that leave the dataset folder are skipped and counted (SkipLog), with one summar
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import random
@@ -275,7 +276,8 @@ def from_captions_csv(csv_path, image_dir, skips: SkipLog) -> CaptionSet:
             raise DataError(f"{csv_path}: empty CSV (expected a header like 'image,caption')")
         icol = _pick_column(header, IMAGE_COLUMNS, "image", csv_path)
         ccol = _pick_column(header, CAPTION_COLUMNS, "caption", csv_path)
-        entries, physical = [], []  # physical: the file's lines, read only if a quote is left open
+        entries = []
+        lines_of_file = functools.cache(lambda: io.StringIO(text, newline="").readlines())  # as line_num counts
         while True:
             before = reader.line_num
             try:
@@ -285,7 +287,7 @@ def from_captions_csv(csv_path, image_dir, skips: SkipLog) -> CaptionSet:
             except csv.Error as e:
                 skips.add(f"{csv_path}:{reader.line_num}", f"bad CSV row: {e}")
                 continue
-            if _unclosed_quote(csv_path, text, physical, before, row.get(ccol), skips):
+            if _unclosed_quote(csv_path, lines_of_file, before, row.get(ccol), skips):
                 continue
             name = row.get(icol)
             if not isinstance(name, str) or not name.strip():
@@ -303,19 +305,18 @@ _ROW_LIKE = re.compile(r'(?:^|,)\s*"?[^",]+\.(?:' + "|".join(e.lstrip(".") for e
                        + r')"?\s*(?:,|$)', re.I)
 
 
-def _unclosed_quote(csv_path: Path, text: str, physical: list, before: int, caption, skips: SkipLog) -> bool:
+def _unclosed_quote(csv_path: Path, lines_of_file, before: int, caption, skips: SkipLog) -> bool:
     """A caption whose quote is never closed runs on and swallows the rows below it (the csv module reads them as
     its text). Such a row and each swallowed row are skipped and counted by line, so the user can close the quote;
     a genuine multi-line caption (no line of it looks like a row) is kept. `before`: the line the previous row
-    ended on; `physical`: filled once with the file's lines (a file with thousands of open quotes stays linear)."""
+    ended on; lines_of_file(): the file's lines, split once and only when a quote is left open."""
     if not isinstance(caption, str) or "\n" not in caption:
         return False
     lines = caption.split("\n")
     swallowed = [i for i, line in enumerate(lines) if i and _ROW_LIKE.search(line.rstrip("\r"))]
     if not swallowed:
         return False
-    if not physical:
-        physical.extend(io.StringIO(text, newline="").readlines())  # numbered as csv's line_num counts them
+    physical = lines_of_file()
     first = before + 1
     while first < len(physical) and not physical[first - 1].rstrip("\r\n"):  # blank lines the reader skipped
         first += 1
