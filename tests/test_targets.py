@@ -52,25 +52,48 @@ def test_demo_decoders_copy_every_attribute_from_their_context_and_the_check_can
     assert max(untrained.values()) < 0.8, untrained
 
 
-def test_targets_script_runs_every_scenes_preset_and_reports_honestly(tmp_path):
-    """The reduced (CI) budget: each mapper's preset trains with the same budget and is scored with CIDEr and the
-    ablation; the ordering claim is judged from the rows and a missed claim is exit 6, not a pass. (At this
-    budget the MLP is still ahead, measured: the token mappers overtake it only late in the full budget, see
-    targets.REDUCED; the full-budget figures are in the README.)"""
+def test_targets_script_at_the_ci_budget_puts_a_token_mapper_ahead_of_the_mlp_on_scenes(tmp_path):
+    """The reduced (CI) budget, one epoch at batch 16: each mapper's preset trains with the same budget, is scored
+    with CIDEr and the ablation, and the better of transformer / resampler beats the MLP (measured: resampler
+    0.832, transformer 0.812, mlp 0.803; at the old 63-step budget the MLP led, see targets.REDUCED). Full-budget
+    figures: README "Which mapping network"."""
     out = tmp_path / "targets.json"
     p = subprocess.run([sys.executable, "targets.py", "--reduced", "--only", "scenes", f"--data_dir={tmp_path / 'data'}",
                         f"--work_dir={tmp_path / 'work'}", f"--output={out}"], cwd=REPO, capture_output=True,
-                       text=True, timeout=1200)
+                       text=True, timeout=1800)
     res = json.loads(out.read_text())
     rows = {r["proj_type"]: r for r in res["rows"]}
     assert set(rows) == {"mlp", "transformer", "resampler"} and res["reduced"]
     assert all(r["cider"] > r["shuffled_cider"] for r in rows.values())  # CIDEr reported, and it sees the images
-    assert len({r["pairs_seen"] for r in rows.values()}) == 1              # the same budget for each mapper
+    assert {r["pairs_seen"] for r in rows.values()} == {20000}             # the same budget: one epoch of pairs
     assert rows["resampler"]["clip_features"] == "tokens" and rows["mlp"]["clip_features"] == "pooled"
-    ahead = max(rows["transformer"]["rouge_l"], rows["resampler"]["rouge_l"]) > rows["mlp"]["rouge_l"]
-    assert [c["met"] for c in res["claims"]] == [ahead]
-    assert p.returncode == (0 if ahead else 6), p.stdout[-3000:] + p.stderr[-3000:]
-    assert "| scenes_resampler | resampler | tokens |" in p.stdout and ("met " if ahead else "MISSED ") in p.stdout
+    assert max(rows["transformer"]["rouge_l"], rows["resampler"]["rouge_l"]) > rows["mlp"]["rouge_l"], rows
+    assert [c["met"] for c in res["claims"]] == [True]
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "| scenes_resampler | resampler | tokens |" in p.stdout and "met " in p.stdout
+
+
+def test_a_missed_target_is_reported_with_exit_6_not_passed(tmp_path, monkeypatch, capsys):
+    """The claims are judged from the rows: an MLP ahead (reduced) or a margin / level below target (full) is a
+    MISSED line and exit 6, whatever the script measured."""
+    import targets
+    from errors import run_cli
+    scores = {"scenes_mlp": 0.85, "scenes_transformer": 0.84, "scenes_resampler": 0.80}
+
+    def fake_run(preset, work, extra):
+        r = {"preset": preset, "proj_type": preset.split("_")[1], "clip_features": "tokens", "decoder": "d",
+             "trainable_parameters": 1, "pairs_seen": 1, "rouge_l": scores[preset], "cider": 1.0, "loss": 0.1,
+             "shuffled_rouge_l": 0.5, "shuffled_cider": 0.5, "minutes": 0.1}
+        return {**r, "ablation_drop": r["rouge_l"] - 0.5}
+    monkeypatch.setattr(targets, "run_preset", fake_run)
+    assert run_cli(targets.run, ["--reduced", "--only", "scenes", f"--work_dir={tmp_path}"]) == 6
+    assert "MISSED  transformer (0.840) > mlp (0.850) on scenes" in capsys.readouterr().out
+    scores.update(scenes_mlp=0.81, scenes_transformer=0.905)  # ahead and >= 0.90, but a margin of +0.095
+    claims = dict((c, m) for c, m in targets.check_scenes({k: fake_run(k, None, []) for k in scores}, reduced=False))
+    assert list(claims.values()) == [True, True, False, True], claims
+    assert run_cli(targets.run, ["--only", "scenes", f"--work_dir={tmp_path}"]) == 6
+    scores.update(scenes_mlp=0.80)
+    assert run_cli(targets.run, ["--only", "scenes", f"--work_dir={tmp_path}"]) == 0
 
 
 def test_real_decoder_demo_converts_the_smollm2_gguf(tmp_path):
