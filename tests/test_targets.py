@@ -56,20 +56,20 @@ def test_demo_decoders_copy_every_attribute_from_their_context_and_the_check_can
 
 @pytest.mark.slow
 def test_targets_script_at_the_ci_budget_puts_a_token_mapper_ahead_of_the_mlp_on_scenes(tmp_path):
-    """The reduced (CI) budget, one epoch at batch 16: each mapper's preset trains with the same budget, is scored
-    with CIDEr and the ablation, and the better of transformer / resampler beats the MLP (measured: resampler
-    0.832, transformer 0.812, mlp 0.803; at the old 63-step budget the MLP led, see targets.REDUCED). Full-budget
-    figures: README "Which mapping network"."""
+    """The reduced (CI) budget, two epochs at batch 16: each mapper's preset trains with the same budget, is scored
+    with CIDEr and the ablation, and the better of transformer / resampler beats the MLP (measured: transformer
+    0.884, resampler 0.860, mlp 0.825; with seed 7 0.876 / 0.875 / 0.823; after one epoch the order depended on
+    the seed, see targets.REDUCED). Full-budget figures: README "Which mapping network"."""
     out = tmp_path / "targets.json"
     p = subprocess.run([sys.executable, "targets.py", "--reduced", "--only", "scenes", f"--data_dir={tmp_path / 'data'}",
                         f"--work_dir={tmp_path / 'work'}", f"--output={out}"], cwd=REPO, capture_output=True,
-                       text=True, timeout=1800)
+                       text=True, timeout=2400)
     assert out.exists(), p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads(out.read_text())
     rows = {r["proj_type"]: r for r in res["rows"]}
     assert set(rows) == {"mlp", "transformer", "resampler"} and res["reduced"]
     assert all(r["cider"] > r["shuffled_cider"] for r in rows.values())  # CIDEr reported, and it sees the images
-    assert {r["pairs_seen"] for r in rows.values()} == {SCENE_SPLITS["train"][0] * 5}  # the same: one epoch
+    assert {r["pairs_seen"] for r in rows.values()} == {SCENE_SPLITS["train"][0] * 5 * 2}  # the same: 2 epochs
     assert rows["resampler"]["clip_features"] == "tokens" and rows["mlp"]["clip_features"] == "pooled"
     assert max(rows["transformer"]["rouge_l"], rows["resampler"]["rouge_l"]) > rows["mlp"]["rouge_l"], rows
     assert [c["met"] for c in res["claims"]] == [True]
