@@ -97,6 +97,7 @@ def test_targets_claims_are_judged_from_the_rows_and_a_miss_is_exit_6(tmp_path, 
     def judge(mlp, transformer, resampler, *flags):
         scores.update(scenes_mlp=mlp, scenes_transformer=transformer, scenes_resampler=resampler)
         out = tmp_path / "t.json"
+        out.unlink(missing_ok=True)  # each call must write its own
         code = run_cli(targets.run, [*flags, "--only", "scenes", f"--work_dir={tmp_path}", f"--output={out}"])
         claims = json.loads(out.read_text())["claims"]
         printed = capsys.readouterr().out
