@@ -642,7 +642,19 @@ def load_hf_model(cfg: CaptionerConfig, source: str | None = None, device: str |
               f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); continuing unquantized")
         cfg.quantization_bits = 16
         model = from_pretrained(cls, name, what, "hf_model_name", **kw)
+    keep_4bit_layout(model)
     return model, processor
+
+
+def keep_4bit_layout(model) -> None:
+    """bitsandbytes (0.49+) repacks each 4-bit weight for CPUs with AVX512-BF16 at its first forward in eval
+    mode without grad. That repacked layout fails on layers narrower than one quantization block (the tiny
+    demo models: "shape '[32, 0]' is invalid") and, after an evaluation, breaks the next training step (an
+    in-place bias add on a leaf). Opting out keeps the portable layout; only 4-bit inference on such CPUs is
+    slower. GPUs are unaffected."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def add_adapters(model, cfg: CaptionerConfig):

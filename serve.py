@@ -492,12 +492,16 @@ def parse_args(argv):
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before the model loads: a port in use is said at once."""
+    """The listening socket, bound before the model loads: a port in use is said at once. Connections that
+    come before the server runs wait in its backlog."""
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        # listening now, not when uvicorn starts: the "serving ... at URL" line comes from the app's startup,
+        # before uvicorn listens, and a client that connected on that line was refused (seen in the tests)
+        sock.listen(2048)
     except OSError as e:
         raise ConfigError(f"can't listen on {host}:{port}: {e.strerror or e}. Pick another --port "
                           "(or --port 0 for any free one), or stop what is using it.") from None

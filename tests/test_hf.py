@@ -172,6 +172,27 @@ def test_adapter_checkpoint_round_trip_identical_logits(saved_bases, family, bit
     assert torch.equal(before, after)
 
 
+def test_4bit_training_after_an_evaluation_on_a_cpu_with_avx512_bf16(saved_bases, monkeypatch):
+    """bitsandbytes repacks 4-bit weights at the first no-grad eval forward on AVX512-BF16 CPUs; on the tiny
+    models that fails, and after it a training step fails. Here every CPU claims AVX512-BF16 (where it is
+    missing, a repack that happened would call kernels this CPU lacks: the test fails either way)."""
+    bnb_modules = pytest.importorskip("bitsandbytes.nn.modules")
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    m = make(saved_bases, "git", quantization_bits=4)
+    if m.config.quantization_bits != 4:
+        pytest.skip("4-bit quantization is not available on this platform")
+    four_bit = [x for x in m.modules() if hasattr(x, "support_avx512bf16_for_cpu")]
+    assert four_bit and not any(x.support_avx512bf16_for_cpu for x in four_bit)
+    enc, px = m.tokenize(CAPTIONS, 32), pixels()
+    m.eval()
+    with torch.no_grad():  # an evaluation first, as train.py's evaluate_before_training
+        m(enc["input_ids"], enc["attention_mask"], pixel_values=px)
+    m.train()
+    _, loss = m(enc["input_ids"], enc["attention_mask"], pixel_values=px)
+    loss.backward()
+    assert all(p.grad is not None for p in m.trainable_parameters())
+
+
 @pytest.mark.parametrize("peft_module", ["LoRA", "IA3"])
 def test_merge_and_wise_ft(saved_bases, tmp_path, peft_module):
     m = make(saved_bases, "git", peft_module=peft_module)

@@ -304,6 +304,16 @@ def test_a_port_in_use_is_one_sentence_and_exit_2(capsys):
     assert code == 2 and "can't listen on 127.0.0.1" in err and "--port" in err and "Traceback" not in err
 
 
+def test_the_socket_takes_connections_from_the_moment_it_is_bound():
+    """The "serving ... at URL" line is printed by the app's startup, before uvicorn listens: a client that
+    connects on that line must wait in the backlog, not be refused."""
+    with serve.listen("127.0.0.1", 0) as sock, socket.create_connection(sock.getsockname(), timeout=5) as client:
+        conn, _ = sock.accept()
+        client.sendall(b"x")
+        assert conn.recv(1) == b"x"
+        conn.close()
+
+
 def test_a_missing_checkpoint_is_refused_like_everywhere_else(capsys, tmp_path):
     code = serve.main(["--checkpoint", str(tmp_path / "nope.pth"), "--port", "0"])
     err = capsys.readouterr().err
