@@ -203,6 +203,12 @@ def validate_hparams(hp: dict, defaults: dict) -> dict:
     for k in ("optimizer_args", "scheduler_args"):
         if not all(isinstance(a, str) for a in hp[k]):
             raise ConfigError(f"{k} keys must be argument names (strings); got {hp[k]!r}")
+    # torch takes these without a word, and a negative eta_min / base_lr / gamma makes the learning rate
+    # negative: the run would climb the loss. No scheduler argument here means anything below 0.
+    negative = {k: v for k, v in hp["scheduler_args"].items() if k != "last_epoch" and _has_negative(v)}
+    if negative:
+        raise ConfigError(f"scheduler_args {negative!r}: below 0, which would make the learning rate (or the "
+                          "schedule's length) negative; give values >= 0")
     try:  # combinations the model config refuses (a resampler on pooled features, ...)
         model_config_from_hparams(hp)
     except ValueError as e:
@@ -210,6 +216,13 @@ def validate_hparams(hp: dict, defaults: dict) -> dict:
     pick_device(hp["device"])
     check_optimizer_args(hp)
     return hp
+
+
+def _has_negative(value) -> bool:
+    """A number below 0, or a list holding one (CyclicLR's base_lr may be one value per parameter group)."""
+    if isinstance(value, (list, tuple)):
+        return any(map(_has_negative, value))
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0
 
 
 def check_optimizer_args(hp: dict) -> None:

@@ -903,3 +903,24 @@ def test_sampling_flags_that_would_crash_decoding_are_usage_errors(capsys, argv,
     with pytest.raises(SystemExit) as e:
         inference.main(["--checkpoint", "x.pth", "a.png", *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+# ================================================================================================
+# session 10: a negative learning rate by the back door, longer captions than the decoder has positions
+# for, and file names that would split an output line
+
+@pytest.mark.parametrize("flags", [
+    ["--lr_scheduler=CosineAnnealingLR", "--scheduler_args={'eta_min': -1e-4}"],
+    ["--lr_scheduler=StepLR", "--scheduler_args={'gamma': -0.5}"],
+    ["--lr_scheduler=CyclicLR", "--warmup_steps=0", "--scheduler_args={'base_lr': [-1e-4]}"],
+])
+def test_scheduler_args_that_would_make_the_learning_rate_negative_are_refused(capsys, tmp_path, flags):
+    # torch builds each of these schedulers without a word and then steps the learning rate below 0
+    code, err = outcome(capsys, train.main, [f"--output_dir={tmp_path}"] + flags)
+    assert code == 2 and "scheduler_args" in err and "below 0" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_zero_floor_for_the_learning_rate_is_still_accepted():
+    hp = train.resolve_hparams(["--lr_scheduler=CosineAnnealingLR", "--scheduler_args={'eta_min': 0}"])
+    assert hp["scheduler_args"] == {"eta_min": 0}
