@@ -494,6 +494,7 @@ def run(argv=None) -> int:
     data = load_splits(hp, skips, which=(args.split,))[args.split]
     gen = {"max_new_tokens": args.max_new_tokens or hp.get("max_new_tokens", Generation.max_new_tokens),
            "num_beams": args.num_beams or hp.get("num_beams", Generation.num_beams)}
+    model.generation(gen)  # a max_new_tokens the decoder has no positions for: said now, not after the features
     res = evaluate(model, data, batch_size=args.batch_size or hp.get("eval_batch_size", 32),
                    max_caption_length=hp.get("max_caption_length", 128), gen_kwargs=gen,
                    ablate_image=args.ablate_image, seed=hp.get("seed", 0), skips=skips,

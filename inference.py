@@ -91,6 +91,7 @@ def run(argv=None) -> int:
     paths = collect_images(args.inputs, skipped)
     gen = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    model.generation(gen)  # a max_new_tokens the decoder has no positions for: said before any image is read
     if args.seed is not None:
         torch.manual_seed(args.seed)
     results = []

@@ -442,6 +442,28 @@ class Captioner(nn.Module, ABC):
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         """Write the trainable weights + the config that rebuilds the rest (load_captioner reads it)."""
 
+    @abstractmethod
+    def caption_positions(self) -> int | None:
+        """How many tokens a caption can take: the decoder's positions less those its inputs use before the
+        caption (None: its config states no limit). Longer captions are truncated by tokenize()."""
+
+    def generation(self, generation: dict) -> Generation:
+        """generate()'s keyword arguments as a Generation; ConfigError for a max_new_tokens beyond
+        caption_positions() (GPT-2, GIT and BLIP would fail deep in generation, the others drift)."""
+        g, limit = Generation(**generation), self.caption_positions()
+        if limit is not None and g.max_new_tokens > limit:
+            raise ConfigError(f"max_new_tokens={g.max_new_tokens} is more than this model can generate: its decoder "
+                              f"has room for captions of at most {limit} tokens (max_position_embeddings, less the "
+                              f"positions before the caption). Use max_new_tokens={limit} or less")
+        return g
+
+
+def max_positions(config) -> int | None:
+    """The positions a transformers decoder was built for (GPT-2's n_positions, the others'
+    max_position_embeddings; a composite config's text side), or None when it names none."""
+    n = getattr(config.get_text_config(), "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
 
 # ----------------------------------------------------------------------------------------------
 # the main path: frozen CLIP -> trainable projector -> frozen decoder
@@ -480,6 +502,9 @@ class ClipCaptioner(Captioner):
             self.feature_shape = patch_token_shape(image_encoder, config.clip_model_name)
             config.clip_token_dim = self.feature_shape[-1]
         self.projector = build_projector(config)
+        if (room := self.caption_positions()) is not None and room < 2:  # not even one word and its EOS
+            raise ConfigError(f"proj_prefix_length={config.proj_prefix_length} leaves no room for a caption: the "
+                              f"decoder {config.lm_name!r} has {max_positions(lm.config)} positions")
 
     @classmethod
     def from_config(cls, config: CaptionerConfig, device: str | torch.device | None = None) -> "ClipCaptioner":
@@ -504,8 +529,13 @@ class ClipCaptioner(Captioner):
         return list(self.projector.parameters())
 
     def tokenize(self, captions, max_length: int) -> dict[str, torch.Tensor]:
-        """-> input_ids, attention_mask (B, T): caption tokens + EOS, right-padded (no BOS: the prefix leads)."""
-        return tokenize_captions(self.tokenizer, captions, max_length)
+        """-> input_ids, attention_mask (B, T): caption tokens + EOS, right-padded (no BOS: the prefix leads);
+        T <= max_length and what the decoder's positions hold after the prefix."""
+        return tokenize_captions(self.tokenizer, captions, min(max_length, self.caption_positions() or max_length))
+
+    def caption_positions(self) -> int | None:
+        n = max_positions(self.lm.config)
+        return None if n is None else n - self.config.proj_prefix_length  # the prefix takes the first P
 
     def loss_tokens(self, attention_mask: torch.Tensor) -> int:
         return int(attention_mask.sum())  # every caption token and its EOS is predicted (from the prefix on)
@@ -563,7 +593,7 @@ class ClipCaptioner(Captioner):
     def generate_ids(self, pixel_values=None, image_embeds=None, **generation) -> torch.Tensor:
         """Batched decoding with the decoder's KV cache; returns new token ids (B, <=max_new_tokens),
         padded with pad_token_id after EOS. generation: the fields of Generation."""
-        g = Generation(**generation)
+        g = self.generation(generation)
         prefix = self.prefix_embeds(self._image_embeds(pixel_values, image_embeds))   # (B, P, H)
         mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
         sampled = {"temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k} if g.do_sample else \
@@ -707,8 +737,8 @@ class HFCaptioner(Captioner):
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def tokenize(self, captions, max_length: int) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(list(captions), padding="longest", truncation=True, max_length=max_length,
-                             return_tensors="pt")
+        enc = self.tokenizer(list(captions), padding="longest", truncation=True, return_tensors="pt",
+                             max_length=min(max_length, self.caption_positions() or max_length))
         ids = enc["input_ids"]
         if self.config.model_type == "blip":
             ids[:, 0] = self.model.config.text_config.bos_token_id
@@ -716,6 +746,9 @@ class HFCaptioner(Captioner):
 
     def loss_tokens(self, attention_mask: torch.Tensor) -> int:
         return int(attention_mask[:, 1:].sum())  # the BOS is never predicted
+
+    def caption_positions(self) -> int | None:
+        return max_positions(self.model.config)  # [CLS] / BOS is the caption's first token; image tokens take none
 
     def _pixels(self, pixel_values, image_embeds):
         if image_embeds is not None or pixel_values is None:
@@ -739,7 +772,7 @@ class HFCaptioner(Captioner):
 
     @torch.no_grad()
     def generate(self, pixel_values=None, image_embeds=None, **generation) -> list[str]:
-        g = Generation(**generation)
+        g = self.generation(generation)
         kw = {"max_new_tokens": g.max_new_tokens, "num_beams": g.num_beams, "do_sample": g.do_sample}
         if g.do_sample:
             kw.update(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)

@@ -400,6 +400,10 @@ async def caption_request(request: Request, model, limits: Limits, batcher: Batc
     """POST /caption: read, refuse what can't be used, decode, caption through the batcher, answer in order."""
     started = time.perf_counter()
     uploads, options = await read_request(request, limits)
+    try:
+        model.generation(options)  # a max_new_tokens beyond the decoder's positions
+    except ConfigError as e:
+        raise BadRequest(422, str(e)) from None
     usable = sum(not isinstance(u, FileResult) for u in uploads)
     work = usable * options["num_beams"] * options["max_new_tokens"]
     if work > limits.max_request_tokens:

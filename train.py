@@ -114,7 +114,7 @@ hyperparameters = {
     "gradient_accumulation_steps": 1,  # micro-batches per optimizer step (effective batch = batch_size x this)
     "max_grad_norm": 1.0,            # gradient-norm clipping (None: off)
     "max_bad_steps": 10,             # NaN/inf losses or gradients in a row before the run stops (each such step is skipped)
-    "max_caption_length": 128,       # max tokens per caption, EOS included (longer ones are truncated)
+    "max_caption_length": 128,       # max tokens per caption, EOS included (longer ones are truncated; so are any past the decoder)
     "group_by_length": True,         # batches of similar caption length (less padding), random batch order
     "shuffle_captions": False,       # shuffle a caption's comma-separated parts (tag-style captions) ...
     "frozen_parts": 0,               # ... keeping this many leading parts in place
@@ -209,6 +209,7 @@ def train(hp: dict, resume_from=None) -> dict:
     run = start_run(hp, resume_from)                    # output folder, run id, seeds, accelerator, device
     splits, model = load_all(partial(load_splits, hp, run.skips),  # data first: a wrong path fails before a big
                              partial(build_model, model_config_from_hparams(hp), run.device))  # model loads
+    model.generation(decoding(hp))                      # a max_new_tokens the decoder can't hold: said now
     data = build_training_data(run, splits["train"], model)   # the pairs, cached CLIP features, the loader
     describe_run(run, splits, data, model)
     optim = build_step(run, model, data)                # optimizer, scheduler, DDP / torch.compile
@@ -374,8 +375,12 @@ def eval_settings(run: Run, data: TrainingData) -> dict:
     """evaluate()'s keyword arguments for every evaluation in the run (before, each epoch's validation, test)."""
     hp = run.hp
     return dict(batch_size=hp["eval_batch_size"], max_caption_length=hp["max_caption_length"],
-                gen_kwargs={"max_new_tokens": hp["max_new_tokens"], "num_beams": hp["num_beams"]},
-                num_workers=data.workers, cache_dir=data.cache_dir)
+                gen_kwargs=decoding(hp), num_workers=data.workers, cache_dir=data.cache_dir)
+
+
+def decoding(hp: dict) -> dict:
+    """How the run's evaluations decode captions (model.generate's keyword arguments)."""
+    return {"max_new_tokens": hp["max_new_tokens"], "num_beams": hp["num_beams"]}
 
 
 def evaluate_before(run: Run, model, test_split, data: TrainingData) -> dict:

@@ -104,3 +104,26 @@ def test_each_decoder_family_trains_generates_and_round_trips(decoder_dir, mappe
     model.save_checkpoint(path)
     loaded = load_captioner(path)
     assert torch.equal(model(gen, mask, pixel_values=px)[0], loaded(gen, mask, pixel_values=px)[0])
+
+
+def test_captions_never_outgrow_the_decoders_positions(decoder_dir):
+    """The tiny decoders have 64 positions and the prefix takes 3: 61 caption tokens. GPT-2's learned
+    positions fail with an IndexError past them, deep in training or generation; capkit truncates
+    training captions there and refuses a max_new_tokens beyond them, by name, before decoding."""
+    from errors import ConfigError
+    family, cdir, ldir = decoder_dir
+    model = build_model(CaptionerConfig(clip_model_name=str(cdir), clip_pretrained=None, lm_name=str(ldir),
+                                        proj_prefix_length=3, proj_hidden_dim=64, lm_dtype="float32")).eval()
+    assert model.caption_positions() == 61
+    enc = model.tokenize(["a red dog runs on grass " * 40], max_length=10_000)
+    assert enc["input_ids"].shape == (1, 61)  # truncated to what the positions hold, EOS last
+    px = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        logits, loss = model(enc["input_ids"], enc["attention_mask"], pixel_values=px)  # every position used
+    assert logits.shape[1] == 61 and torch.isfinite(loss)
+    with pytest.raises(ConfigError, match="max_new_tokens=62 .* at most 61 tokens"):
+        model.generate(pixel_values=px, max_new_tokens=62)
+    assert model.generate_ids(pixel_values=px, max_new_tokens=61).shape[1] <= 61
+    with pytest.raises(ConfigError, match="proj_prefix_length=64 leaves no room"):
+        build_model(CaptionerConfig(clip_model_name=str(cdir), clip_pretrained=None, lm_name=str(ldir),
+                                    proj_prefix_length=64, proj_hidden_dim=64, lm_dtype="float32"))

@@ -115,6 +115,23 @@ def test_only_adapters_train_and_base_stays_bit_identical(saved_bases, family, p
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_captions_never_outgrow_the_text_positions(saved_bases, family):
+    """GIT's and BLIP's text positions (64 here) hold the caption, [CLS] / BOS included; the image tokens take
+    none. Past them both fail with an IndexError deep in generation; capkit truncates training captions
+    there and refuses a larger max_new_tokens by name (through the PEFT wrapper too)."""
+    from errors import ConfigError
+    m = make(saved_bases, family).eval()
+    assert m.caption_positions() == m.model.get_base_model().config.get_text_config().max_position_embeddings == 64
+    enc = m.tokenize(["a dog runs on the grass " * 40], max_length=10_000)
+    assert enc["input_ids"].shape == (1, 64)
+    with torch.no_grad():
+        logits, loss = m(enc["input_ids"], enc["attention_mask"], pixel_values=pixels(1))  # every position used
+    assert logits.shape[1] == 63 and torch.isfinite(loss)
+    with pytest.raises(ConfigError, match="at most 64 tokens"):
+        m.generate(pixel_values=pixels(1), max_new_tokens=65)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generation_equals_teacher_forced_argmax(saved_bases, family):
     m = make(saved_bases, family).eval()
     px = pixels(3, seed=5)

@@ -924,3 +924,19 @@ def test_scheduler_args_that_would_make_the_learning_rate_negative_are_refused(c
 def test_a_zero_floor_for_the_learning_rate_is_still_accepted():
     hp = train.resolve_hparams(["--lr_scheduler=CosineAnnealingLR", "--scheduler_args={'eta_min': 0}"])
     assert hp["scheduler_args"] == {"eta_min": 0}
+
+
+def test_max_new_tokens_beyond_the_decoders_positions_is_refused_before_any_work(ckpt, tmp_path, capsys):
+    # demo/qwen3-tiny has 256 positions and the checkpoint's prefix takes 8: captions of 248 tokens at most
+    write_image(tmp_path / "a.png")
+    code, err = outcome(capsys, inference.main, ["--checkpoint", str(ckpt), "--max_new_tokens", "249",
+                                                 str(tmp_path / "a.png")])
+    assert code == 2 and "max_new_tokens=249" in err and "at most 248 tokens" in err and "captioned" not in err
+    code, err = outcome(capsys, eval_mod.main, ["--checkpoint", str(ckpt), "--max_new_tokens", "249"])
+    assert code == 2 and "at most 248 tokens" in err
+    assert outcome(capsys, inference.main, ["--checkpoint", str(ckpt), "--max_new_tokens", "248",
+                                            str(tmp_path / "a.png")])[0] == 0
+    out = tmp_path / "run"
+    code, err = outcome(capsys, train.main, DEMO_MODEL + ["--dataset=folder", f"--data_dir={ckpt.parent / 'data'}",
+                                                          "--max_new_tokens=1000", f"--output_dir={out}"])
+    assert code == 2 and "max_new_tokens=1000" in err and not list(out.glob("*.pth"))

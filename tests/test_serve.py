@@ -139,6 +139,8 @@ def _too_big():
     ("truncated", [("cut.png", png()[:60])], {}, 415, ["cut.png", "damaged or truncated"]),
     ("too much work", [("a.png", IMAGES["im0.png"])] * 2, {"num_beams": 8, "max_new_tokens": 10}, 422,
      ["160 generated tokens", "2 images x 8 beams", "--max_request_tokens"]),
+    ("past the decoder's positions", [("a.png", IMAGES["im0.png"])], {"max_new_tokens": 62}, 422,
+     ["max_new_tokens=62", "at most 61 tokens"]),  # the tiny Qwen3's 64 positions, less the 3-vector prefix
     ("a NaN", [("a.png", IMAGES["im0.png"])], {"temperature": "nan"}, 422, ["temperature", "finite"]),
     ("a bad option", [("a.png", IMAGES["im0.png"])], {"num_beams": 0}, 422, ["num_beams", "greater than or equal to 1"]),
     ("an unknown option", [("a.png", IMAGES["im0.png"])], {"beams": 2}, 422, ["beams", "options: max_new_tokens"]),
