@@ -252,3 +252,12 @@ def check_output_path(path) -> None:
 def write_output(path, text: str) -> None:
     check_output_path(path)
     Path(path).write_text(text, encoding="utf-8")
+
+
+_TSV_ESCAPES = str.maketrans({"\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def tsv_line(*fields: str) -> str:
+    """One `path<TAB>caption` output line: a tab or line break inside a field (a file may be named so; a
+    real LM may write one) is shown as \\t, \\n or \\r, so each image stays one line of two fields."""
+    return "\t".join(str(f).translate(_TSV_ESCAPES) for f in fields)

@@ -6,8 +6,9 @@ Caption images with a trained checkpoint.
     python inference.py --checkpoint ...pth photos/ --do_sample --temperature 0.7 --top_p 0.9
     python inference.py --checkpoint saved_models/adapter_<run>-<epoch> photos/   # git / blip, same options
 
-Prints one `path<TAB>caption` line per image (folders are searched recursively). Unreadable
-files are skipped and listed at the end. --output FILE.json or FILE.jsonl also writes them.
+Prints one `path<TAB>caption` line per image (folders are searched recursively); a tab or line
+break inside a name or caption is printed as \\t, \\n or \\r. Unreadable files are skipped and
+listed at the end. --output FILE.json or FILE.jsonl also writes them, exactly.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from common import check_output_path, int_at_least, pick_device, positive_int
+from common import check_output_path, int_at_least, pick_device, positive_int, tsv_line
 from dataset import Collate, ImageDataset, find_images
 from errors import NothingReadable, run_cli
 from load_model_example import load_model_from_checkpoint
@@ -112,7 +113,7 @@ def run(argv=None) -> int:
                     stream.flush()
                 if stdout_open:
                     try:
-                        print(f"{paths[i]}\t{caption}", flush=True)
+                        print(tsv_line(paths[i], caption), flush=True)
                     except BrokenPipeError:  # e.g. `| head`: keep captioning into --output, stop printing
                         stdout_open = False
                         sys.stdout = open(os.devnull, "w")

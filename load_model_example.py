@@ -26,7 +26,7 @@ import torch
 
 from checkpoints import checkpoint_globs, metadata_path_for
 from dataset import SkipLog, image_problem, load_rgb, load_splits
-from common import pick_device
+from common import pick_device, tsv_line
 from errors import MissingInputError, NothingReadable, RefusedFileError, run_cli
 from model import Generation, load_captioner
 from safeio import read_json
@@ -84,7 +84,7 @@ def run(argv) -> int:
         raise NothingReadable(f"none of the {len(images)} images could be read")
     captions = caption_images(model, readable, max_new_tokens=hp.get("max_new_tokens", Generation.max_new_tokens))
     for path, caption in zip(readable, captions):
-        print(f"{path}\t{caption}")
+        print(tsv_line(path, caption))
     return 0
 
 

@@ -940,3 +940,19 @@ def test_max_new_tokens_beyond_the_decoders_positions_is_refused_before_any_work
     code, err = outcome(capsys, train.main, DEMO_MODEL + ["--dataset=folder", f"--data_dir={ckpt.parent / 'data'}",
                                                           "--max_new_tokens=1000", f"--output_dir={out}"])
     assert code == 2 and "max_new_tokens=1000" in err and not list(out.glob("*.pth"))
+
+
+def test_tabs_and_line_breaks_in_file_names_keep_one_output_line_per_image(ckpt, tmp_path, capsys):
+    names = ["tab\there.png", "line\nbreak.png", "plain.png"]
+    for n in names:
+        write_image(tmp_path / n)
+    jsonl = tmp_path / "caps.jsonl"
+    code = inference.main(["--checkpoint", str(ckpt), "--max_new_tokens", "3", "--output", str(jsonl),
+                           *[str(tmp_path / n) for n in names]])
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = [line.split("\t") for line in out.splitlines()]
+    assert len(rows) == 3 and all(len(r) == 2 for r in rows)
+    assert sorted(r[0].rsplit("/", 1)[-1] for r in rows) == ["line\\nbreak.png", "plain.png", "tab\\there.png"]
+    exact = {json.loads(x)["image"] for x in jsonl.read_text().splitlines()}
+    assert exact == {str(tmp_path / n) for n in names}  # --output keeps the names exactly
