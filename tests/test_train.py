@@ -63,7 +63,9 @@ def test_offline_real_defaults_exit_fast_with_one_message(tmp_path):
     assert "Traceback" not in p.stderr and "ERROR" not in p.stderr
     assert "ViT-B-32" in p.stderr and "Qwen/Qwen3-0.6B-Base" in p.stderr and "lm_name" in p.stderr
     assert "Flickr30K" in p.stderr and "data_dir" in p.stderr  # every missing download named at once
-    assert took < 15, f"took {took:.1f}s"
+    # a hang on network retries takes minutes; the bound leaves the ~7 s of imports and start-up room on a busy
+    # 2-core machine (at 15 s it was within a few seconds of failing in the full suite)
+    assert took < 30, f"took {took:.1f}s"
 
 
 def test_compiled_training_step_gives_the_eager_losses(tmp_path):
