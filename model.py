@@ -457,6 +457,10 @@ class Captioner(nn.Module, ABC):
                               f"positions before the caption). Use max_new_tokens={limit} or less")
         return g
 
+    def caption_length(self, max_length: int) -> int:
+        """What tokenize() cuts a caption to: max_length, or fewer when the decoder's positions hold fewer."""
+        return min(max_length, self.caption_positions() or max_length)
+
 
 def max_positions(config) -> int | None:
     """The positions a transformers decoder was built for (GPT-2's n_positions, the others'
@@ -531,7 +535,7 @@ class ClipCaptioner(Captioner):
     def tokenize(self, captions, max_length: int) -> dict[str, torch.Tensor]:
         """-> input_ids, attention_mask (B, T): caption tokens + EOS, right-padded (no BOS: the prefix leads);
         T <= max_length and what the decoder's positions hold after the prefix."""
-        return tokenize_captions(self.tokenizer, captions, min(max_length, self.caption_positions() or max_length))
+        return tokenize_captions(self.tokenizer, captions, self.caption_length(max_length))
 
     def caption_positions(self) -> int | None:
         n = max_positions(self.lm.config)
@@ -738,7 +742,7 @@ class HFCaptioner(Captioner):
 
     def tokenize(self, captions, max_length: int) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(list(captions), padding="longest", truncation=True, return_tensors="pt",
-                             max_length=min(max_length, self.caption_positions() or max_length))
+                             max_length=self.caption_length(max_length))
         ids = enc["input_ids"]
         if self.config.model_type == "blip":
             ids[:, 0] = self.model.config.text_config.bos_token_id
