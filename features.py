@@ -7,7 +7,7 @@ embedding is extracted in batches (with a progress bar) and cached on disk.
 
 What is cached follows clip_features: the pooled embedding (E per image) or the ViT's patch tokens
 (N x W per image; announce_size says how much disk that takes before extracting).
-The cache key is the encoder's identity (model name + a hash of its weights + its preprocessing + clip_features)
+The cache key is the encoder's identity (kind + name + layer + a hash of its weights + its preprocessing + clip_features)
 and the content of every image (a hash of the file bytes): change any of them and the features
 are recomputed. Files are safetensors (fp16) written atomically; a file that is truncated, corrupt
 or doesn't match its key is detected and rebuilt, never trusted.
@@ -68,8 +68,9 @@ def encode_split(model, images, batch_size=32, num_workers=0, skips: SkipLog | N
 def encoder_fingerprint(model) -> str:
     """Name + weights + preprocessing of the frozen encoder (and the version of the decoding before it)."""
     h = hashlib.sha256()
-    h.update(f"{model.config.clip_model_name}|{model.config.clip_pretrained}|{model.config.clip_image_size}|"
-             f"decode {DECODE_VERSION}|{model.config.clip_features}".encode())
+    c = model.config
+    h.update(f"{c.encoder_type}|{c.clip_model_name}|{c.clip_pretrained}|{c.clip_image_size}|decode {DECODE_VERSION}|"
+             f"{c.clip_features}|layer {c.encoder_layer}".encode())
     for name, t in sorted(model.image_encoder.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())

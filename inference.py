@@ -75,6 +75,8 @@ def run(argv=None) -> int:
     ap.add_argument("--output", help="write results to FILE.json or FILE.jsonl")
     ap.add_argument("--batch_size", type=positive_int, default=16)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--datastore", metavar="DIR_OR_FILE", help="a model trained with retrieval_k: retrieve from these "
+                    "captioned images instead of its training set (a folder, or a saved datastore_*.safetensors)")
     g, lim = Generation(), GENERATION_LIMITS  # the defaults and ranges every script shares
     ap.add_argument("--max_new_tokens", type=int_at_least(*lim["max_new_tokens"]), default=g.max_new_tokens)
     ap.add_argument("--num_beams", type=int_at_least(*lim["num_beams"]), default=g.num_beams)
@@ -87,7 +89,7 @@ def run(argv=None) -> int:
     if args.output and not args.output.endswith((".json", ".jsonl")):
         ap.error("--output must end in .json or .jsonl")
     check_output_path(args.output)
-    model, _, _ = load_model_from_checkpoint(args.checkpoint, pick_device(args.device))
+    model, _, _ = load_model_from_checkpoint(args.checkpoint, pick_device(args.device), datastore=args.datastore)
     skipped = []
     paths = collect_images(args.inputs, skipped)
     gen = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,

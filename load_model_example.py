@@ -32,9 +32,11 @@ from model import Generation, load_captioner
 from safeio import read_json
 
 
-def load_model_from_checkpoint(path, device="cpu", **config_overrides) -> tuple[torch.nn.Module, dict, dict]:
-    """-> (model in eval mode on device, training metadata (or {} if its JSON is missing), hyperparameters)."""
-    model = load_captioner(path, device, **config_overrides)
+def load_model_from_checkpoint(path, device="cpu", datastore=None, **config_overrides) -> tuple[torch.nn.Module, dict, dict]:
+    """-> (model in eval mode on device, training metadata (or {} if its JSON is missing), hyperparameters).
+    datastore: for a model trained with retrieval, another folder of captioned images (or a saved datastore file)
+    to retrieve from instead of the one saved beside the checkpoint."""
+    model = load_captioner(path, device, datastore=datastore, **config_overrides)
     meta_path = metadata_path_for(path)
     metadata = read_json(meta_path, "training metadata", RefusedFileError) if meta_path.exists() else {}
     if not isinstance(metadata, dict) or not isinstance(metadata.get("hyperparameters", {}), dict):

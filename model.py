@@ -16,14 +16,12 @@ save_checkpoint; a third model type fills in the same methods):
 """
 from __future__ import annotations
 
-import logging
 import os
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
 
-import open_clip
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,19 +29,24 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, GenerationConfig
 
 from checkpoints import MERGED_METADATA, metadata_name, stem_of
-from common import atomic_folder, atomic_torch_save, atomic_write_json, hub_or_cache, load_all, resolve_local_path
-from errors import ConfigError, HubUnavailableError, RefusedFileError
-from safeio import check_model_folder, read_json, torch_load
+from common import atomic_folder, atomic_torch_save, atomic_write_json, load_all
+from encoders import ENCODER_TYPES, FEATURE_KINDS, ImageEncoder, ImageProcessorTransform, OpenClipEncoder, build_image_encoder
+from errors import ConfigError, HubUnavailableError, MissingInputError, RefusedFileError
+from pretrained import first_line, from_pretrained
+from retrieval import PROMPT_HEAD, PROMPT_SEP, PROMPT_TAIL, Datastore, open_datastore
+from safeio import check_model_folder, plain_name, read_json, torch_load
 
 CHECKPOINT_FORMAT = "capkit.clip_mlp.v1"
 HF_CHECKPOINT_FORMAT = "capkit.hf.v1"
 HF_CONFIG_FILE = "capkit_config.json"  # in an adapter or merged-model folder: what rebuilds it
 MODEL_TYPES = ("clip_mlp", "git", "blip")
-CLIP_FEATURES = ("pooled", "tokens")
+CLIP_FEATURES = FEATURE_KINDS
 # each mapping network (build_projector) and the image features it takes (clip_features)
 PROJECTOR_INPUTS = {"mlp": ("pooled",), "linear": ("pooled",), "transformer": ("pooled", "tokens"),
                     "resampler": ("tokens",)}
 PROJECTOR_TYPES = tuple(PROJECTOR_INPUTS)
+RETRIEVAL_K_MAX = 16            # retrieved captions in a prompt at most
+RETRIEVAL_CAPTION_TOKENS = 24   # each retrieved caption is cut to this many tokens in the prompt
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,14 +55,19 @@ PROJECTOR_TYPES = tuple(PROJECTOR_INPUTS)
 @dataclass
 class CaptionerConfig:
     model_type: str = "clip_mlp"
-    # image encoder (open_clip): a built-in name + pretrained tag or weights file, "hf-hub:org/repo",
-    # or "local-dir:/path" (a folder with open_clip_config.json + weights)
+    # image encoder (encoders.py): encoder_type "open_clip" (a built-in name + pretrained tag or weights file,
+    # "hf-hub:org/repo", or "local-dir:/path"), "timm" (a timm name + weights file, or a timm folder) or "hf"
+    # (a transformers vision model: hub id or save_pretrained folder)
+    encoder_type: str = "open_clip"
     clip_model_name: str = "ViT-B-32"
     clip_pretrained: str | None = "openai"
     clip_image_size: int | None = None      # None: the encoder's native input size
-    clip_normalize: bool = True             # L2-normalise the pooled image embedding before the projector
-    clip_features: str = "pooled"           # "pooled": one embedding (E) per image | "tokens": the ViT's patch
-                                            #   tokens (N x W), for the transformer / resampler mappers
+    clip_normalize: bool = True             # L2-normalise the pooled embedding (contrastive encoders only: CLIP, SigLIP)
+    clip_features: str = "pooled"           # "pooled": one embedding (E) per image | "tokens": a ViT's patch tokens
+                                            #   or a CNN's H*W feature map (N x W), for the transformer / resampler
+    encoder_layer: int = -1                 # tokens of this block (-1: the final features; -2: the one before)
+    retrieval_k: int = 0                    # > 0: the captions of the k nearest datastore images (retrieval.py) are
+                                            #   a text prompt before the image prefix (SmallCap's idea)
     # projector ("mapping network"): image features -> prefix_length x decoder hidden size (P x H)
     proj_type: str = "mlp"                  # PROJECTOR_TYPES: "mlp" | "linear" | "transformer" | "resampler"
     proj_prefix_length: int = 10
@@ -88,7 +96,8 @@ class CaptionerConfig:
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"unknown model_type {self.model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
-        for key, allowed in (("clip_features", CLIP_FEATURES), ("proj_type", PROJECTOR_TYPES)):
+        for key, allowed in (("clip_features", CLIP_FEATURES), ("proj_type", PROJECTOR_TYPES),
+                             ("encoder_type", ENCODER_TYPES)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"unknown {key} {getattr(self, key)!r}; expected one of {', '.join(allowed)}")
         if self.model_type == "clip_mlp" and self.clip_features not in PROJECTOR_INPUTS[self.proj_type]:
@@ -97,6 +106,7 @@ class CaptionerConfig:
                              "(the transformer mapper takes either; the resampler needs 'tokens')")
         # bounds that keep a hand-edited or hostile config from asking for terabytes of projector weights
         for key, lo, hi in (("proj_prefix_length", 1, 1024), ("proj_hidden_dim", 1, 65536), ("lora_r", 1, 4096),
+                            ("retrieval_k", 0, RETRIEVAL_K_MAX), ("encoder_layer", -64, -1),
                             ("proj_num_layers", 1, 64), ("proj_num_heads", 1, 256)):
             v = getattr(self, key)
             if isinstance(v, int) and not lo <= v <= hi:
@@ -229,93 +239,6 @@ class Resampler(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # loading backbones (common.hub_or_cache: one clear message when the hub can't be reached)
 
-def load_image_encoder(cfg: CaptionerConfig):
-    """open_clip model -> (visual tower, eval preprocess, embedding dim). Only the visual tower is
-    kept: the text tower is never used for captioning (eval.py loads it for CLIPScore)."""
-    model, preprocess, _ = load_clip(cfg)
-    visual = model.visual
-    embed_dim = getattr(visual, "output_dim", None)
-    if embed_dim is None:
-        with torch.no_grad():
-            size = preprocess.transforms[0].size if hasattr(preprocess, "transforms") else 224
-            size = size if isinstance(size, int) else size[0]
-            embed_dim = visual(torch.zeros(1, 3, size, size)).shape[-1]
-    return visual, preprocess, int(embed_dim)
-
-
-def load_clip(cfg: CaptionerConfig):
-    """The whole open_clip model named by cfg (both towers) -> (model, eval preprocess, the name to
-    give open_clip.get_tokenizer). Hub ids, local weights files and local open_clip folders."""
-    name, pretrained, local = _clip_source(cfg)
-    needs_hub = local is None and (name.startswith("hf-hub:") or bool(pretrained))
-
-    def create(offline: bool):
-        if offline:  # open_clip logs its own ERROR line before raising; hub_or_cache says it better
-            logging.disable(logging.ERROR)
-        try:
-            return open_clip.create_model_and_transforms(name, pretrained=pretrained,
-                                                         force_image_size=cfg.clip_image_size)
-        finally:
-            if offline:
-                logging.disable(logging.NOTSET)
-    try:
-        model, _, preprocess = hub_or_cache(
-            create, f"the CLIP image encoder {cfg.clip_model_name!r} (pretrained={cfg.clip_pretrained!r})",
-            "set `clip_pretrained` to a local weights file (e.g. --clip_pretrained=/path/ViT-B-32.pt), "
-            "or `clip_model_name` to 'local-dir:/path' (a folder with open_clip_config.json + weights).",
-        ) if needs_hub else create(False)
-    except HubUnavailableError:
-        raise
-    except Exception as e:  # open_clip wraps its failures in RuntimeError / FileNotFoundError / ValueError
-        if local is not None:
-            raise RefusedFileError(f"the CLIP encoder {local} can't be loaded by open_clip "
-                                   f"({type(e).__name__}: {_first_line(e)})") from None
-        raise ConfigError(f"clip_model_name={cfg.clip_model_name!r} / clip_pretrained={cfg.clip_pretrained!r}: "
-                          f"open_clip can't build it ({type(e).__name__}: {_first_line(e)})") from None
-    return model, preprocess, name
-
-
-def _clip_source(cfg: CaptionerConfig) -> tuple[str, str | None, Path | None]:
-    """-> (name, pretrained) to give open_clip, and the local folder or weights file they come from (None:
-    the hub or open_clip's built-in configs). Local weights that would run code are refused here, first."""
-    name, pretrained = cfg.clip_model_name, cfg.clip_pretrained
-    folder = resolve_local_path(name.removeprefix("local-dir:"))
-    if folder is not None and folder.is_dir():
-        check_model_folder(folder, "CLIP folder")  # its weights file is refused if it would run code
-        return f"local-dir:{folder}", None, folder
-    if name.startswith("local-dir:"):
-        raise ConfigError(f"clip_model_name {cfg.clip_model_name!r}: no such folder")
-    weights = resolve_local_path(pretrained) if pretrained else None
-    if weights is None:
-        return name, pretrained, None
-    if not weights.is_file():
-        raise ConfigError(f"clip_pretrained {cfg.clip_pretrained!r} is not a file (a weights file is expected)")
-    if weights.suffix != ".safetensors":
-        torch_load(weights, "CLIP weights file")  # refused here, in capkit's words, if it would run code
-    return name, str(weights), weights
-
-
-def vit_patch_tokens(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """An open_clip VisionTransformer's patch tokens (B, N, W) for pixels (B, 3, S, S)."""
-    visual.output_tokens = True  # its forward then returns (pooled, tokens)
-    try:
-        return visual(pixels)[1]
-    finally:
-        visual.output_tokens = False
-
-
-def patch_token_shape(visual: nn.Module, clip_name: str) -> tuple[int, int]:
-    """(N, W) of the encoder's patch tokens; ConfigError for encoders that have none (ResNets, timm models)."""
-    if not isinstance(visual, open_clip.transformer.VisionTransformer):
-        raise ConfigError(f"clip_features='tokens' needs a ViT image encoder (open_clip VisionTransformer); "
-                          f"{clip_name!r} is a {type(visual).__name__}, which has no patch tokens. Use "
-                          "clip_features='pooled' (with proj_type mlp, linear or transformer), or a ViT-* encoder.")
-    size = visual.image_size if isinstance(visual.image_size, tuple) else (visual.image_size,) * 2
-    p = next(visual.parameters())
-    with torch.no_grad():
-        return tuple(vit_patch_tokens(visual, torch.zeros(1, 3, *size, dtype=p.dtype, device=p.device)).shape[1:])
-
-
 def resolve_dtype(name: str, device: str | torch.device | None = None) -> torch.dtype:
     """lm_dtype -> torch dtype. "auto": bf16 where the decoder will run on a GPU that has it, else fp32 (a bf16
     step on a CPU without AMX takes minutes). device=None means "the GPU if there is one"."""
@@ -326,42 +249,6 @@ def resolve_dtype(name: str, device: str | torch.device | None = None) -> torch.
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
     except KeyError:
         raise ValueError(f"unknown lm_dtype {name!r}; expected auto, float32, bfloat16 or float16") from None
-
-
-def from_pretrained(cls, name: str, what: str, key: str, **kw):
-    """cls.from_pretrained(name): the one place capkit loads a transformers model, tokenizer or processor.
-    name is a local save_pretrained folder (as given, or relative to the repo) or a hub id. Never runs
-    code from it: trust_remote_code=False, and a local folder asking for custom code (auto_map) or
-    holding a code-running pickle is refused first. Offline and not cached: HubUnavailableError naming `key`."""
-    local = resolve_local_path(name)
-    if local is not None and not local.is_dir():
-        raise ConfigError(f"{key}={name!r} is a file; give a folder written by save_pretrained, or a hub id")
-    if local is not None:
-        check_model_folder(local, what)
-    try:
-        if local is not None:
-            return cls.from_pretrained(str(local), trust_remote_code=False, **kw)
-        return hub_or_cache(lambda offline: cls.from_pretrained(name, local_files_only=offline, trust_remote_code=False,
-                                                                **kw),
-                            f"the {what} {name!r}", f"set `{key}` to a local folder written by save_pretrained "
-                            f"(e.g. --{key}=/path/to/folder).", catch=OSError)
-    except OSError as e:
-        if local is not None:
-            raise RefusedFileError(f"{what} folder {local} can't be loaded: {_first_line(e)}") from None
-        raise ConfigError(f"{key}={name!r}: {_first_line(e)}") from None
-    except ValueError as e:
-        if "custom code" in str(e) or "trust_remote_code" in str(e):
-            raise RefusedFileError(
-                f"refused {what} {name!r}: it needs Python code shipped with the model (trust_remote_code), "
-                "which capkit never runs; use a model that transformers supports natively.") from None
-        if local is None and type(e).__name__ == "HFValidationError":
-            raise ConfigError(f"{key}={name!r}: no such folder, and not a Hugging Face Hub id") from None
-        raise
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def load_decoder(cfg: CaptionerConfig, device: str | torch.device | None = None):
@@ -469,6 +356,21 @@ def max_positions(config) -> int | None:
     return n if isinstance(n, int) and n > 0 else None
 
 
+def never_empty(tokenizer) -> dict:
+    """generate() settings that rule out an empty caption: at the first step, no end of text and no token that
+    decodes to whitespace alone (a frozen LM's likeliest start is often a line break, then <|im_end|>), and no
+    special token other than EOS anywhere (the decoded caption would drop it). Cached per tokenizer."""
+    key = "_capkit_never_empty"
+    if not hasattr(tokenizer, key):
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        blank = [i for i, t in enumerate(texts) if not t.strip()]
+        eos = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+        special = sorted(set(tokenizer.all_special_ids) - eos)
+        setattr(tokenizer, key, {"begin_suppress_tokens": sorted(set(blank) | eos | set(special)),
+                                 "suppress_tokens": special or None})
+    return getattr(tokenizer, key)
+
+
 # ----------------------------------------------------------------------------------------------
 # the main path: frozen CLIP -> trainable projector -> frozen decoder
 
@@ -490,31 +392,36 @@ class ClipCaptioner(Captioner):
     supports_feature_cache = True  # the image side is frozen: features can be computed once (features.py)
 
     def __init__(self, config: CaptionerConfig, image_encoder: nn.Module, lm: nn.Module, tokenizer,
-                 preprocess=None, clip_embed_dim: int | None = None):
+                 preprocess=None):
         super().__init__()
         self.config = config
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         # frozen towers: no gradients, always in eval mode (see train()), run under no_grad
-        self.image_encoder = image_encoder.requires_grad_(False).eval()
         self.lm = lm.requires_grad_(False).eval()
-        config.clip_embed_dim = int(clip_embed_dim or getattr(image_encoder, "output_dim"))
+        if not isinstance(image_encoder, ImageEncoder):  # a bare open_clip visual tower
+            image_encoder = OpenClipEncoder(image_encoder, config.clip_features, config.encoder_layer,
+                                            config.clip_model_name)
+        self.image_encoder = image_encoder.requires_grad_(False).eval()
+        # what encode_images gives per image (the feature cache's row): (E,) pooled or (N, W) tokens
+        config.clip_embed_dim, self.feature_shape = image_encoder.feature_dims()
         config.lm_hidden_size = int(lm.get_input_embeddings().embedding_dim)
-        # what encode_images gives per image (the feature cache's row): (E,) pooled or (N, W) patch tokens
-        self.feature_shape = (config.clip_embed_dim,)
         if config.clip_features == "tokens":
-            self.feature_shape = patch_token_shape(image_encoder, config.clip_model_name)
             config.clip_token_dim = self.feature_shape[-1]
         self.projector = build_projector(config)
+        self.datastore: Datastore | None = None   # retrieval_k > 0: attach_datastore() before training or decoding
+        self.datastore_file: str | None = None    # its file name beside the checkpoints (train.py saves it)
         if (room := self.caption_positions()) is not None and room < 2:  # not even one word and its EOS
-            raise ConfigError(f"proj_prefix_length={config.proj_prefix_length} leaves no room for a caption: the "
-                              f"decoder {config.lm_name!r} has {max_positions(lm.config)} positions")
+            raise ConfigError(f"proj_prefix_length={config.proj_prefix_length}" + (
+                f" and a retrieval prompt of up to {self.prompt_limit()} tokens (retrieval_k={config.retrieval_k})"
+                if config.retrieval_k else "") + f" leave no room for a caption: the decoder {config.lm_name!r} has "
+                f"{max_positions(lm.config)} positions")
 
     @classmethod
     def from_config(cls, config: CaptionerConfig, device: str | torch.device | None = None) -> "ClipCaptioner":
-        (encoder, preprocess, embed_dim), (lm, tok) = load_all(partial(load_image_encoder, config),
-                                                               partial(load_decoder, config, device))
-        return cls(config, encoder, lm, tok, preprocess, embed_dim)
+        (encoder, preprocess), (lm, tok) = load_all(partial(build_image_encoder, config),
+                                                    partial(load_decoder, config, device))
+        return cls(config, encoder, lm, tok, preprocess)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -538,8 +445,44 @@ class ClipCaptioner(Captioner):
         return tokenize_captions(self.tokenizer, captions, self.caption_length(max_length))
 
     def caption_positions(self) -> int | None:
-        n = max_positions(self.lm.config)
-        return None if n is None else n - self.config.proj_prefix_length  # the prefix takes the first P
+        n = max_positions(self.lm.config)  # the prompt (at most prompt_limit()) and the prefix take the first ones
+        return None if n is None else n - self.config.proj_prefix_length - self.prompt_limit()
+
+    def prompt_limit(self) -> int:
+        """The most tokens a retrieval prompt takes (0 without retrieval)."""
+        k = self.config.retrieval_k
+        if not k:
+            return 0
+        fixed = self.tokenizer(PROMPT_HEAD + PROMPT_SEP * (k - 1) + PROMPT_TAIL, add_special_tokens=False)["input_ids"]
+        return len(fixed) + k * RETRIEVAL_CAPTION_TOKENS
+
+    def attach_datastore(self, store: Datastore | None) -> None:
+        """The datastore the retrieval prompt is read from (retrieval_k > 0); its keys must come from this encoder."""
+        self.datastore = store
+
+    def retrieval_prompt(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """-> (ids, mask) (B, L) of each image's retrieval prompt, left-padded (mask 0) so that every image's
+        prefix and caption sit at the same positions; None without retrieval."""
+        k = self.config.retrieval_k
+        if not k:
+            return None
+        if self.datastore is None:
+            raise ConfigError(f"this model was trained with retrieval_k={k}: it reads the captions of similar images "
+                              "from a datastore, and none is attached (load_captioner finds the one saved beside the "
+                              "checkpoint; --datastore DIR builds one from a folder of captioned images)")
+        tok, rows = self.tokenizer, self.datastore.neighbours(feats, k).tolist()
+        head, sep, tail = (tok(t, add_special_tokens=False)["input_ids"] for t in (PROMPT_HEAD, PROMPT_SEP, PROMPT_TAIL))
+        caps = tok([self.datastore.captions[j][0] for row in rows for j in row], add_special_tokens=False)["input_ids"]
+        seqs = []
+        for b, row in enumerate(rows):
+            parts = [caps[b * len(row) + i][:RETRIEVAL_CAPTION_TOKENS] for i in range(len(row))]
+            seqs.append(head + [t for i, p in enumerate(parts) for t in (sep if i else []) + p] + tail)
+        L = max(map(len, seqs))
+        ids = torch.full((len(seqs), L), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), L), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, L - len(s):], mask[b, L - len(s):] = torch.tensor(s), 1
+        return ids.to(self.device), mask.to(self.device)
 
     def loss_tokens(self, attention_mask: torch.Tensor) -> int:
         return int(attention_mask.sum())  # every caption token and its EOS is predicted (from the prefix on)
@@ -548,21 +491,29 @@ class ClipCaptioner(Captioner):
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> float32 image features from the frozen encoder: the pooled embedding (B, E),
-        or with clip_features="tokens" the patch tokens (B, N, W) (after the ViT's final LayerNorm)."""
+        or with clip_features="tokens" its tokens (B, N, W) (encoders.py)."""
         dtype = next(self.image_encoder.parameters()).dtype
-        x = pixel_values.to(self.device, dtype)
-        if self.config.clip_features == "tokens":
-            return vit_patch_tokens(self.image_encoder, x).float()
-        return self.image_encoder(x).float()
+        return self.image_encoder(pixel_values.to(self.device, dtype)).float()
 
     def prefix_embeds(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """Image features ((B, E) pooled or (B, N, W) tokens) -> (B, P, H) prefix in the decoder's dtype."""
         x = image_embeds.to(self.device, torch.float32)
-        if self.config.clip_normalize and self.config.clip_features == "pooled":
+        if self.config.clip_normalize and self.config.clip_features == "pooled" and self.image_encoder.contrastive:
             x = F.normalize(x, dim=-1)
         prefix = self.projector(x)  # (B, P*H) for mlp / linear, (B, P, H) for the others
         prefix = prefix.reshape(x.shape[0], self.config.proj_prefix_length, self.config.lm_hidden_size)
         return prefix.to(self.lm.get_input_embeddings().weight.dtype)
+
+    def lead_embeds(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the decoder reads before the caption: [retrieval prompt] + image prefix -> embeds (B, L+P, H) and
+        their attention mask (B, L+P) (0 on the prompt's left padding)."""
+        prefix = self.prefix_embeds(feats)                                              # (B, P, H)
+        ones = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        prompt = self.retrieval_prompt(feats)
+        if prompt is None:
+            return prefix, ones
+        ids, mask = prompt                                                              # (B, L)
+        return torch.cat([self.lm.get_input_embeddings()(ids), prefix], 1), torch.cat([mask, ones], 1)
 
     def _image_embeds(self, pixel_values, image_embeds):
         if image_embeds is None:
@@ -579,17 +530,19 @@ class ClipCaptioner(Captioner):
         (the prefix positions produce no logits), loss = mean CE over real caption tokens + EOS.
         Equivalent to labels of -100 on the prefix and on padding."""
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        prefix = self.prefix_embeds(self._image_embeds(pixel_values, image_embeds))   # (B, P, H)
+        lead, lead_mask = self.lead_embeds(self._image_embeds(pixel_values, image_embeds))  # (B, P, H), or L+P
         tokens = self.lm.get_input_embeddings()(input_ids)                            # (B, T, H)
-        inputs_embeds = torch.cat([prefix, tokens], dim=1)                            # (B, P+T, H)
-        mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
-        P, T = prefix.shape[1], input_ids.shape[1]
+        inputs_embeds = torch.cat([lead, tokens], dim=1)                              # (B, P+T, H)
+        mask = torch.cat([lead_mask, attention_mask], dim=1)
+        P, T = lead.shape[1], input_ids.shape[1]
+        # a left-padded retrieval prompt: positions count the real tokens only, as generate() counts them
+        positions = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} if self.config.retrieval_k else {}
         # the last prefix position predicts the first caption token; the last position predicts nothing.
         # Positions as an index tensor, not a slice: the gathered hidden states are contiguous, so the
         # vocabulary projection is one (B*T, H) x (H, V) GEMM instead of a broadcast bmm (7x slower on an H100)
         keep = torch.arange(P - 1, P - 1 + T, device=inputs_embeds.device)
         logits = self.lm(inputs_embeds=inputs_embeds, attention_mask=mask, logits_to_keep=keep,
-                         use_cache=False).logits                                       # (B, T, V)
+                         use_cache=False, **positions).logits                          # (B, T, V)
         return logits, masked_cross_entropy(logits, input_ids, attention_mask)         # padding ignored
 
     # -- generation -----------------------------------------------------------------------------
@@ -598,16 +551,15 @@ class ClipCaptioner(Captioner):
         """Batched decoding with the decoder's KV cache; returns new token ids (B, <=max_new_tokens),
         padded with pad_token_id after EOS. generation: the fields of Generation."""
         g = self.generation(generation)
-        prefix = self.prefix_embeds(self._image_embeds(pixel_values, image_embeds))   # (B, P, H)
-        mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        lead, mask = self.lead_embeds(self._image_embeds(pixel_values, image_embeds))  # (B, [L+]P, H)
         sampled = {"temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k} if g.do_sample else \
             {"temperature": None, "top_p": None, "top_k": None}
         gen = GenerationConfig(max_new_tokens=g.max_new_tokens, num_beams=g.num_beams, do_sample=g.do_sample,
                                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                               bos_token_id=None, **sampled)
+                               bos_token_id=None, **never_empty(self.tokenizer), **sampled)
         if g.seed is not None:
             torch.manual_seed(g.seed)
-        return self.lm.generate(inputs_embeds=prefix, attention_mask=mask, generation_config=gen)
+        return self.lm.generate(inputs_embeds=lead, attention_mask=mask, generation_config=gen)
 
     def generate(self, pixel_values=None, image_embeds=None, **generation) -> list[str]:
         ids = self.generate_ids(pixel_values, image_embeds, **generation)
@@ -617,7 +569,8 @@ class ClipCaptioner(Captioner):
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         """Only the trainable tensors + the config that rebuilds everything else."""
         atomic_torch_save({"format": CHECKPOINT_FORMAT, "model_config": asdict(self.config),
-                           "state_dict": self.trainable_state_dict()}, path)
+                           "state_dict": self.trainable_state_dict(),
+                           **({"datastore": self.datastore_file} if self.datastore_file else {})}, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -632,16 +585,6 @@ HF_FAMILIES = {
     "blip": ("Salesforce/blip-image-captioning-base", "BlipForConditionalGeneration",
              ["query", "key", "value", "dense"], ["key", "value", "output.dense"], ["output.dense"]),
 }
-
-
-class ImageProcessorTransform:
-    """PIL image -> (3, S, S) pixel tensor with a transformers image processor (picklable, for DataLoader workers)."""
-
-    def __init__(self, image_processor):
-        self.image_processor = image_processor
-
-    def __call__(self, image) -> torch.Tensor:
-        return self.image_processor(image, return_tensors="pt")["pixel_values"][0]
 
 
 def quantization_kwargs(bits: int) -> dict:
@@ -782,7 +725,8 @@ class HFCaptioner(Captioner):
             kw.update(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
         if g.seed is not None:
             torch.manual_seed(g.seed)
-        ids = self.model.generate(pixel_values=self._pixels(pixel_values, image_embeds), **kw)
+        ids = self.model.generate(pixel_values=self._pixels(pixel_values, image_embeds), **kw,
+                                  **never_empty(self.tokenizer))
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
@@ -831,7 +775,7 @@ def load_hf_checkpoint(path, device="cpu", **config_overrides) -> HFCaptioner:
             model = PeftModel.from_pretrained(base, str(path), trust_remote_code=False)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise RefusedFileError(f"adapter folder {path} can't be loaded onto its base model "
-                                   f"({type(e).__name__}: {_first_line(e)})") from None
+                                   f"({type(e).__name__}: {first_line(e)})") from None
     else:
         model, _ = load_hf_model(cfg, source=str(path), device=device)
     processor = from_pretrained(AutoProcessor, str(path), "model folder", "checkpoint")
@@ -881,7 +825,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
-def load_captioner(path: str | os.PathLike, device: str | torch.device = "cpu", **config_overrides) -> nn.Module:
+def load_captioner(path: str | os.PathLike, device: str | torch.device = "cpu", datastore=None,
+                   **config_overrides) -> nn.Module:
     """Rebuild a captioner from a checkpoint: a model_state_dict_*.pth (clip_mlp), or an adapter_*
     / merged folder (git, blip). `config_overrides` point at other copies of the backbones
     (e.g. lm_name="/data/Qwen3-0.6B-Base"); the architecture keys must match."""
@@ -905,5 +850,21 @@ def load_captioner(path: str | os.PathLike, device: str | torch.device = "cpu", 
         model.projector.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise RefusedFileError(f"{path}: its weights don't fit the projector its config describes "
-                               f"({_first_line(e)})") from None
+                               f"({first_line(e)})") from None
+    if cfg.retrieval_k:  # the captions it retrieves: the datastore given, else the one saved beside it
+        model.datastore_file = ckpt.get("datastore")
+        model.attach_datastore(datastore if isinstance(datastore, Datastore) else
+                               open_datastore(model, datastore if datastore is not None else saved_datastore(path, ckpt)))
     return model.to(device).eval()
+
+
+def saved_datastore(path, ckpt: dict) -> Path:
+    """The datastore file a retrieval checkpoint names, in the checkpoint's own folder."""
+    name = ckpt.get("datastore")
+    if not isinstance(name, str):
+        raise RefusedFileError(f"{path}: trained with retrieval but names no datastore; pass one with --datastore DIR")
+    found = Path(path).parent / plain_name(name, "datastore file name")
+    if not found.is_file():
+        raise MissingInputError(f"{path} retrieves captions from {found.name}, which is not beside it; copy it there, "
+                                "or give a folder of captioned images with --datastore DIR")
+    return found

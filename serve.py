@@ -490,6 +490,8 @@ def parse_args(argv):
     ap.add_argument("--shutdown_grace_s", type=int_at_least(1, 3600), default=60,
                     help="on Ctrl-C / SIGTERM, how long requests in flight may take to finish")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--datastore", metavar="DIR_OR_FILE", help="a model trained with retrieval_k: retrieve from these "
+                    "captioned images instead of its training set (a folder, or a saved datastore_*.safetensors)")
     ap.add_argument("--threads", type=positive_int, default=None,
                     help="torch threads on a CPU (default: the cores less one, which the HTTP side uses)")
     return ap.parse_args(argv)
@@ -519,7 +521,7 @@ def run(argv=None) -> int:
     device = pick_device(args.device)
     if device.type == "cpu":  # generation's threads leave a core to the HTTP side (decoding uploads, answering)
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
-    model, metadata, _ = load_model_from_checkpoint(args.checkpoint, device)
+    model, metadata, _ = load_model_from_checkpoint(args.checkpoint, device, datastore=args.datastore)
     limits = Limits(args.max_batch, args.max_wait_ms, args.max_upload_mb, args.max_files, args.max_megapixels,
                     args.max_request_tokens)
     host, port = sock.getsockname()[:2]

@@ -49,16 +49,17 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import config
-from checkpoints import checkpoint_name, metadata_name, skip_list_name, state_name, step_log_name
+from checkpoints import checkpoint_name, datastore_name, metadata_name, skip_list_name, state_name, step_log_name
 from common import (COMPILE_PAD_MULTIPLE, atomic_torch_save, atomic_write, atomic_write_json, compile_step,
                     library_versions, load_all, pick_device)
 from dataset import (AugmentThenPreprocess, CaptionAugment, CaptionSet, Collate, LengthGroupedBatches, PairDataset,
                      SkipLog, load_splits)
 from errors import ConfigError, DataError, NonFiniteError, SaveError, run_cli
-from eval import CIDER_NOTE, ROUGE_L_NOTE, evaluate
-from features import image_features
+from eval import CIDER_NOTE, ROUGE_L_NOTE, evaluate, knn_line, spread_line
+from features import encoder_fingerprint, image_features
 from config import check_output_dir, make_optimizer, make_scheduler, model_config_from_hparams
 from model import Generation, build_model, merge_adapter
+from retrieval import Datastore
 from resume import (LoopState, StopSignals, prune_checkpoints, read_metadata, restore_rng, restore_training_state,
                     state_path_for, training_state)
 
@@ -75,8 +76,11 @@ hyperparameters = {
     "training_size_limit": 500,      # max (image, caption) training pairs; None = the full dataset
     # --- model (see model.CaptionerConfig) ---
     "model_type": "clip_mlp",        # "clip_mlp" (frozen CLIP -> MLP -> frozen Qwen3) | "git" | "blip" (adapter fine-tuning)
-    "clip_model_name": "ViT-B-32",   # open_clip name, "hf-hub:org/repo", or a local open_clip folder
-    "clip_pretrained": "openai",     # open_clip pretrained tag or local weights file (None for local folders)
+    "encoder_type": "open_clip",     # image encoder library: "open_clip" | "timm" | "hf" (transformers vision models)
+    "clip_model_name": "ViT-B-32",   # the encoder: open_clip name / "hf-hub:org/repo" / local folder; a timm name or
+                                     #   folder; a transformers hub id or folder (CLIPVisionModel, SiglipVisionModel, ...)
+    "clip_pretrained": "openai",     # open_clip pretrained tag or local weights file; timm: a weights file (None for folders)
+    "encoder_layer": -1,             # tokens from this block: -1 the final features, -2 the one before (as LLaVA)
     "image_size": None,              # CLIP input size; None = the encoder's own (224 for ViT-B-32; don't change)
     "lm_name": "Qwen/Qwen3-0.6B-Base",        # decoder: hub id or local save_pretrained folder
     "tokenizer_name": None,          # tokenizer: hub id or local folder (None = lm_name)
@@ -89,6 +93,8 @@ hyperparameters = {
     "proj_dropout": 0.0,             # dropout inside the mapping network
     "proj_num_layers": 8,            # transformer / resampler: blocks (ClipCap's mapper has 8)
     "proj_num_heads": 8,             # transformer / resampler: attention heads (divide the decoder's hidden size)
+    "retrieval_k": 0,                # > 0: the captions of the k nearest training images (by the frozen encoder's
+                                     #   features) are a text prompt before the image prefix (SmallCap's idea); 0: off
     # --- git / blip (model_type "git" | "blip"): the whole captioner fine-tuned through PEFT adapters ---
     "hf_model_name": None,           # None: microsoft/git-base | Salesforce/blip-image-captioning-base; or a local folder
     "quantization_bits": 4,          # 4 = QLoRA (nf4, double quantization, bf16 compute) | 8 | 16 (not quantized)
@@ -186,6 +192,19 @@ PRESETS["smollm2_demo"] = {**PRESETS["demo"], "lm_name": "demo/smollm2-135m", "t
                            "training_size_limit": 9600, "batch_size": 16, "num_epochs": 1, "learning_rate": 0.001,
                            "lr_scheduler": "CosineAnnealingLR", "warmup_steps": 30, "eval_batch_size": 100}
 
+# real photographs (README "Real photos"): ImageNet EfficientNet-Lite0 (python demo_assets.py --real-encoder) -> MLP ->
+# SmolLM2-135M (--real-decoder), both frozen. Give the photos: --train_dir=PHOTOS --test_dir=HELDOUT (settings chosen on
+# a validation split of the training photos, val_ratio)
+PRESETS["real_photos"] = {
+    "dataset": "folder", "training_size_limit": None, "val_ratio": 0.1,
+    "encoder_type": "timm", "clip_model_name": "demo/efficientnet-lite0", "clip_pretrained": None,
+    "lm_name": "demo/smollm2-135m", "tokenizer_name": "demo/smollm2-135m", "lm_dtype": "float32",
+    "proj_type": "mlp", "clip_features": "pooled", "proj_prefix_length": 10, "proj_hidden_dim": 2048,
+    "batch_size": 16, "num_epochs": 5, "learning_rate": 0.001, "weight_decay": 0.01, "lr_scheduler": "CosineAnnealingLR",
+    "warmup_steps": 50, "max_caption_length": 40, "max_new_tokens": 30, "eval_batch_size": 64,
+    "test_evaluation_enabled": True, "ablate_image": True,
+}
+
 DEMO_TARGETS = {"shapes": {"test_rouge_l_min": 0.9, "ablation_drop_min": 0.2},  # per demo dataset
                 "shapes_b": {"test_rouge_l_min": 0.8}}
 
@@ -211,6 +230,7 @@ def train(hp: dict, resume_from=None) -> dict:
                              partial(build_model, model_config_from_hparams(hp), run.device))  # model loads
     model.generation(decoding(hp))                      # a max_new_tokens the decoder can't hold: said now
     data = build_training_data(run, splits["train"], model)   # the pairs, cached CLIP features, the loader
+    store = build_datastore(run, model, data)           # the training captions retrieval reads and kNN copies
     describe_run(run, splits, data, model)
     optim = build_step(run, model, data)                # optimizer, scheduler, DDP / torch.compile
     before = evaluate_before(run, model, splits["test"], data) if hp["evaluate_before_training"] else None
@@ -225,7 +245,7 @@ def train(hp: dict, resume_from=None) -> dict:
                 return interrupted(run, loop)
             if saved:
                 announce_checkpoint(run, loop, val)
-    return finish(run, model, splits["test"], data, loop, before)
+    return finish(run, model, splits["test"], data, loop, before, store)
 
 
 @dataclass
@@ -340,6 +360,26 @@ def build_training_data(run: Run, train_set: CaptionSet, model) -> TrainingData:
     return TrainingData(train_set, pairs, feats, cache_dir, loader, order, worker_seeds, workers)
 
 
+def build_datastore(run: Run, model, data: TrainingData):
+    """The training images' retrieval keys and captions (retrieval.py), attached to the model (retrieval_k reads
+    it) and saved beside the checkpoints, which name it. None for models whose image side trains (git / blip)."""
+    if not model.supports_feature_cache:
+        return None
+    feats, images = data.feats, data.images
+    if feats is None:  # augment_images: the plain images' features, once
+        feats, ok = image_features(model, images.images, None, run.hp["eval_batch_size"], 0, SkipLog(), acc=run.acc)
+        images = images.subset(ok)
+    store = Datastore.build(feats, images.images, images.captions, encoder_fingerprint(model))
+    model.attach_datastore(store)
+    model.datastore_file = datastore_name(run.run_id)
+    if run.main:
+        try:
+            store.save(run.out_dir / model.datastore_file)
+        except OSError as e:
+            raise SaveError(f"could not save the datastore in {run.out_dir}: {e}") from e
+    return store
+
+
 def build_step(run: Run, model, data: TrainingData) -> Optimization:
     """Optimizer and LR scheduler over the trainable parameters; the model, optimizer and loader prepared
     by accelerate (DDP on several processes) and the step compiled if asked. data.loader is replaced."""
@@ -365,8 +405,11 @@ def describe_run(run: Run, splits: dict, data: TrainingData, model) -> None:
     run.log(f"data: {len(data.pairs)} training pairs from {data.images.num_images} images; "
             f"val {splits['val'].num_images} images; test {splits['test'].num_images} images; {run.skips.summary()}")
     c = model.config
-    run.log(f"model: {c.clip_model_name} ({c.clip_embed_dim}-d) -> MLP ({n_params:,} trainable) -> "
-            f"{c.proj_prefix_length} x {c.lm_hidden_size} prefix -> {c.lm_name}" if c.model_type == "clip_mlp" else
+    feats = f"{c.clip_embed_dim}-d pooled" if c.clip_features == "pooled" else \
+        f"{'x'.join(map(str, model.feature_shape))} tokens"
+    retrieval = f"retrieval prompt ({c.retrieval_k} captions of similar training images) + " if c.retrieval_k else ""
+    run.log(f"model: {c.encoder_type} {c.clip_model_name} ({feats}) -> {c.proj_type} mapper ({n_params:,} trainable) -> "
+            f"{retrieval}{c.proj_prefix_length} x {c.lm_hidden_size} prefix -> {c.lm_name}" if c.model_type == "clip_mlp" else
             f"model: {c.model_type} {c.hf_model_name or 'default'} ({c.quantization_bits}-bit) + {c.peft_module} "
             f"adapters ({n_params:,} trainable)")
 
@@ -581,6 +624,9 @@ def end_epoch(run: Run, model, val_split, data: TrainingData, optim: Optimizatio
             + (f", ROUGE-L {val['rouge_l']:.4f}, CIDEr {val['cider']:.4f}" if val.get("rouge_l") is not None else "")
             + f" ({summary['seconds']:.0f} s" + (f", peak GPU memory {summary['peak_gpu_memory_gib']} GiB)"
                                                  if "peak_gpu_memory_gib" in summary else ")"))
+    if val.get("distinct_captions") is not None:
+        summary["distinct_captions"] = val["distinct_captions"]
+        run.log("   " + spread_line(val))
     if run.main and save_now:  # the generators' state now = the next epoch's data order
         save_checkpoint(run, model, optim, loop, f"{run.run_id}-{epoch}", data.order_state(),
                         {"train_loss": train_loss, "val_loss": val["loss"], "rouge_l": val.get("rouge_l"),
@@ -626,14 +672,14 @@ def announce_checkpoint(run: Run, loop: LoopState, val: dict) -> None:
         print(f"🎯 ROUGE-L score: {val['rouge_l']:.4f}, CIDEr: {val['cider']:.4f}")
 
 
-def finish(run: Run, model, test_split, data: TrainingData, loop: LoopState, before: dict | None) -> dict:
+def finish(run: Run, model, test_split, data: TrainingData, loop: LoopState, before: dict | None, store) -> dict:
     """The held-out test split (with the image ablation and the demo's targets), recorded in the last
     checkpoint's metadata -> that metadata."""
     hp = run.hp
     test = None
     if hp["test_evaluation_enabled"] and test_split.num_images > 0:
         test = evaluate(model, test_split, skips=run.skips, ablate_image=hp["ablate_image"], seed=hp["seed"],
-                        acc=run.acc, **eval_settings(run, data))
+                        acc=run.acc, datastore=store, **eval_settings(run, data))
         test = test if test["num_images"] > 0 else None  # (none of its images could be read: evaluate said so)
     if hp["log_with"]:
         if test is not None:
@@ -649,6 +695,9 @@ def finish(run: Run, model, test_split, data: TrainingData, loop: LoopState, bef
             meta["test_before_training"] = {k: v for k, v in before.items() if k != "predictions"}
         print(f"🧪 Held-out test ({test['num_images']} images): ROUGE-L {test['rouge_l']:.4f}, "
               f"CIDEr {test['cider']:.4f}, loss {test['loss']:.4f}")
+        print("   " + spread_line(test))
+        if "knn_baseline" in test:
+            print("   " + knn_line(test))
         if "ablated" in test:
             print(f"🔀 Images shuffled across the set: ROUGE-L {test['ablated']['rouge_l']:.4f}, "
                   f"CIDEr {test['ablated']['cider']:.4f}, loss {test['ablated']['loss']:.4f} "

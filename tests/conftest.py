@@ -32,7 +32,7 @@ TINY_CLIP_CFG = {"embed_dim": 32,
                  "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}
 
 
-def make_backbones(seed=0):
+def make_backbones(seed=0, positions=64):
     import open_clip
     from transformers import Qwen3Config, Qwen3ForCausalLM
     torch.manual_seed(seed)
@@ -40,15 +40,15 @@ def make_backbones(seed=0):
     tok = make_tokenizer()
     lm = Qwen3ForCausalLM(Qwen3Config(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, max_position_embeddings=64, tie_word_embeddings=True, initializer_range=0.3,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=positions, tie_word_embeddings=True, initializer_range=0.3,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)).eval()
     preprocess = open_clip.image_transform(32, is_train=False)
     return clip, lm, tok, preprocess
 
 
-def make_model(seed=0, prefix_length=3, **cfg_kw):
+def make_model(seed=0, prefix_length=3, positions=64, **cfg_kw):
     from model import CaptionerConfig, ClipCaptioner
-    clip, lm, tok, preprocess = make_backbones(seed)
+    clip, lm, tok, preprocess = make_backbones(seed, positions)
     cfg = CaptionerConfig(clip_model_name="tiny", clip_pretrained=None, lm_name="tiny", proj_prefix_length=prefix_length,
                           proj_hidden_dim=64, lm_dtype="float32", **cfg_kw)
     return ClipCaptioner(cfg, clip.visual, lm, tok, preprocess)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import MAPPERS, make_model, save_backbones
-from model import tokenize_captions
+from model import never_empty, tokenize_captions
 from model import PROJECTOR_INPUTS, CaptionerConfig, ClipCaptioner, build_projector, load_captioner, read_checkpoint
 
 
@@ -169,8 +169,29 @@ def test_greedy_generation_equals_teacher_forced_argmax(tiny_model):
         if len(hit):
             mask[i, hit[0, 0] + 1:] = 0
     logits, _ = tiny_model(gen, mask, pixel_values=px)
+    rules = never_empty(tiny_model.tokenizer)  # what generation may never pick (the first step: no EOS, no blank)
+    logits[:, 0, rules["begin_suppress_tokens"]] = -torch.inf
+    if rules["suppress_tokens"]:
+        logits[:, :, rules["suppress_tokens"]] = -torch.inf
     argmax = logits.argmax(-1)
     assert torch.equal(argmax[mask.bool()], gen[mask.bool()])
+
+
+def test_a_decoder_that_would_end_at_once_still_writes_words(tiny_model):
+    """A frozen LM whose likeliest first tokens are EOS and a line break (as SmolLM2's were) gives no empty
+    caption: those are ruled out at the first step, greedy, beams and sampling alike."""
+    tok, lm = tiny_model.tokenizer, tiny_model.lm
+    newline = tok("\n", add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():  # rig the output layer: EOS first, then the line break, by a wide margin
+        head = lm.get_output_embeddings()
+        head.weight[tok.eos_token_id] = lm.model.norm.weight.sign() * 50
+        head.weight[newline] = lm.model.norm.weight.sign() * 40
+    px = torch.randn(4, 3, 32, 32)
+    ids = tiny_model.generate_ids(pixel_values=px, max_new_tokens=6)
+    assert (ids[:, 0] != tok.eos_token_id).all() and (ids[:, 0] != newline).all()
+    for kw in ({}, {"num_beams": 3}, {"do_sample": True, "seed": 1}):
+        caps = tiny_model.generate(pixel_values=px, max_new_tokens=6, **kw)
+        assert all(c.strip() for c in caps), (kw, caps)
 
 
 def test_sampling_and_beam_search_run(tiny_model):
