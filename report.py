@@ -152,8 +152,13 @@ def check_report_dir(out_dir) -> Path:
 def report_metrics(result: dict) -> dict:
     """An evaluation's result (eval.py's JSON or evaluate() + caption_metrics) -> the report's metric table."""
     extra = result.get("caption_metrics")
+    knn = result.get("knn_baseline") if isinstance(result.get("knn_baseline"), dict) else {}
     metrics = {"loss": result.get("loss"), "rouge_l (rouge_score)": result.get("rouge_l"),
+               "cider (capkit)": result.get("cider"), "kNN-consensus baseline cider": knn.get("consensus_cider"),
+               "distinct captions": result.get("distinct_captions"),
                **(extra if isinstance(extra, dict) else {})}
+    if result.get("clip_score_absent"):  # said, not left blank: the encoder has no text tower trained with it
+        metrics["clip_score"] = f"absent: {result['clip_score_absent']}"
     return {k: v for k, v in metrics.items() if v is not None}
 
 

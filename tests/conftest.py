@@ -146,3 +146,15 @@ def count_encoder_calls(monkeypatch) -> dict:
         return inner(self, px)
     monkeypatch.setattr(ClipCaptioner, "encode_images", encode)
     return calls
+
+
+def as_generation_sees(logits, tokenizer):
+    """Teacher-forced logits (B, T, V) with what generation may never pick masked out (model.never_empty: at the
+    first step EOS and blank tokens, everywhere special tokens other than EOS), so that their argmax is greedy's."""
+    from model import never_empty
+    rules = never_empty(tokenizer)
+    logits = logits.clone()
+    logits[:, 0, rules["begin_suppress_tokens"]] = -torch.inf
+    if rules["suppress_tokens"]:
+        logits[:, :, rules["suppress_tokens"]] = -torch.inf
+    return logits

@@ -6,7 +6,7 @@ by default; all three take inputs_embeds and logits_to_keep."""
 import pytest
 import torch
 
-from conftest import TINY_CLIP_CFG, make_tokenizer
+from conftest import TINY_CLIP_CFG, as_generation_sees, make_tokenizer
 from model import CaptionerConfig, build_model, load_captioner
 
 
@@ -96,7 +96,7 @@ def test_each_decoder_family_trains_generates_and_round_trips(decoder_dir, mappe
         if len(hit):
             mask[i, hit[0, 0] + 1:] = 0
     logits, _ = model(gen, mask, pixel_values=px)
-    assert torch.equal(logits.argmax(-1)[mask.bool()], gen[mask.bool()])
+    assert torch.equal(as_generation_sees(logits, tok).argmax(-1)[mask.bool()], gen[mask.bool()])
     assert all(isinstance(c, str) for c in model.generate(pixel_values=px, max_new_tokens=8))
 
     # checkpoint round trip: the same logits from the rebuilt model

@@ -63,9 +63,10 @@ def test_without_an_embedder_the_distance_is_skipped_with_a_reason(monkeypatch):
 
 
 def test_clip_score_prefers_matching_captions_on_the_demo_data():
-    from model import CaptionerConfig, load_image_encoder
+    from encoders import build_image_encoder
+    from model import CaptionerConfig
     cfg = CaptionerConfig(clip_model_name="demo/clip-tiny", clip_pretrained=None)
-    visual, preprocess, _ = load_image_encoder(cfg)
+    visual, preprocess = build_image_encoder(cfg)
     rng = random.Random(3)
     attrs = [random_attrs(rng) for _ in range(48)]
     with torch.no_grad():

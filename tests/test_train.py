@@ -238,8 +238,9 @@ def test_augment_images_bypasses_the_cache(tmp_path, monkeypatch, capsys):
     train.train(hp)
     out = capsys.readouterr().out
     assert out.count("feature cache is bypassed") == 1
-    # the encoder runs inside every training step (2 epochs x 80 pairs / 8) + once for the (cached) val images
-    assert calls["n"] == 2 * 10 + 1
+    # the encoder runs inside every training step (2 epochs x 80 pairs / 8), once for the (cached) val images and
+    # once for the datastore's plain training images (the kNN baseline and retrieval read those)
+    assert calls["n"] == 2 * 10 + 1 + 1
 
 
 def test_wandb_without_the_package_is_a_clear_error(tmp_path, capsys):
