@@ -356,19 +356,19 @@ def max_positions(config) -> int | None:
     return n if isinstance(n, int) and n > 0 else None
 
 
-def never_empty(tokenizer) -> dict:
+def never_empty(tokenizer, ends=()) -> dict:
     """generate() settings that rule out an empty caption: at the first step, no end of text and no token that
     decodes to whitespace alone (a frozen LM's likeliest start is often a line break, then <|im_end|>), and no
-    special token other than EOS anywhere (the decoded caption would drop it). Cached per tokenizer."""
-    key = "_capkit_never_empty"
-    if not hasattr(tokenizer, key):
+    special token that does not end a caption anywhere (the decoded caption would drop it). `ends`: the ids that
+    end a caption besides the tokenizer's EOS and pad (GIT and BLIP end on [SEP]). Cached per tokenizer."""
+    ends = frozenset({tokenizer.eos_token_id, tokenizer.pad_token_id, *ends} - {None})
+    cache = tokenizer.__dict__.setdefault("_capkit_never_empty", {})
+    if ends not in cache:
         texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
         blank = [i for i, t in enumerate(texts) if not t.strip()]
-        eos = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
-        special = sorted(set(tokenizer.all_special_ids) - eos)
-        setattr(tokenizer, key, {"begin_suppress_tokens": sorted(set(blank) | eos | set(special)),
-                                 "suppress_tokens": special or None})
-    return getattr(tokenizer, key)
+        special = sorted(set(tokenizer.all_special_ids) - ends)
+        cache[ends] = {"begin_suppress_tokens": sorted(set(blank) | ends | set(special)), "suppress_tokens": special or None}
+    return cache[ends]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -725,8 +725,10 @@ class HFCaptioner(Captioner):
             kw.update(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
         if g.seed is not None:
             torch.manual_seed(g.seed)
+        ends = self.model.generation_config.eos_token_id
+        ends = [ends] if isinstance(ends, int) else list(ends or [])
         ids = self.model.generate(pixel_values=self._pixels(pixel_values, image_embeds), **kw,
-                                  **never_empty(self.tokenizer))
+                                  **never_empty(self.tokenizer, ends + [self.tokenizer.sep_token_id]))
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
