@@ -21,7 +21,8 @@ import torch
 
 from common import pick_device
 from errors import ConfigError
-from model import CLIP_FEATURES, ENCODER_TYPES, GENERATION_LIMITS, PROJECTOR_TYPES, CaptionerConfig
+from model import (CLIP_FEATURES, ENCODER_TYPES, GENERATION_LIMITS, PROJECTOR_TYPES, RETRIEVAL_K_MAX,
+                   CaptionerConfig)
 from resume import load_state, merge_resume_hparams, read_metadata, resume_target, state_path_for
 from safeio import plain_name, read_text
 from shapes import STYLE_OF
@@ -52,7 +53,8 @@ RANGES = {
     "learning_rate_decay_step": "[1, inf)", "warmup_steps": "[0, inf)", "gradient_accumulation_steps": "[1, inf)",
     "max_grad_norm": "(0, inf)", "max_bad_steps": "[1, inf)", "training_size_limit": "[1, inf)",
     "frozen_parts": "[0, inf)", "save_every_n_epochs": "[1, inf)", "save_every_n_steps": "[1, inf)",
-    "keep_last_n": "[1, inf)", "num_workers": "[0, 256]", "encoder_layer": "[-64, -1]", "retrieval_k": "[0, 16]", "seed": "[0, 4294967295]", "split_ratio": "(0, 1]",
+    "keep_last_n": "[1, inf)", "num_workers": "[0, 256]", "encoder_layer": "[-64, -1]",
+    "retrieval_k": "[0, {}]".format(RETRIEVAL_K_MAX), "seed": "[0, 4294967295]", "split_ratio": "(0, 1]",
     "val_ratio": "[0, 1)", "proj_dropout": "[0, 1)", "lora_dropout": "[0, 1)", "caption_dropout": "[0, 1)",
 }
 

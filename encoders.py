@@ -293,7 +293,8 @@ class HFVisionEncoder(ImageEncoder):
 def build_hf_vision(cfg):
     conf = from_pretrained(transformers.AutoConfig, cfg.clip_model_name, "vision model config", "clip_model_name")
     kind = conf.model_type.removesuffix("_vision_model")
-    cls = {"clip": transformers.CLIPVisionModel, "siglip": transformers.SiglipVisionModel}.get(kind, transformers.AutoModel)
+    cls = {"clip": transformers.CLIPVisionModel, "siglip": transformers.SiglipVisionModel}.get(
+        kind, transformers.AutoModel)  # (a whole CLIP / SigLIP checkpoint: its vision tower alone)
     model = from_pretrained(cls, cfg.clip_model_name, "vision model", "clip_model_name")
     if not hasattr(model.config, "image_size") or not hasattr(model.config, "patch_size"):
         raise ConfigError(f"clip_model_name={cfg.clip_model_name!r} (encoder_type 'hf') is a {type(model).__name__}, "

@@ -32,7 +32,8 @@ from model import Generation, load_captioner
 from safeio import read_json
 
 
-def load_model_from_checkpoint(path, device="cpu", datastore=None, **config_overrides) -> tuple[torch.nn.Module, dict, dict]:
+def load_model_from_checkpoint(path, device="cpu", datastore=None,
+                               **config_overrides) -> tuple[torch.nn.Module, dict, dict]:
     """-> (model in eval mode on device, training metadata (or {} if its JSON is missing), hyperparameters).
     datastore: for a model trained with retrieval, another folder of captioned images (or a saved datastore file)
     to retrieve from instead of the one saved beside the checkpoint."""

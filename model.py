@@ -30,7 +30,8 @@ from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, Gen
 
 from checkpoints import MERGED_METADATA, metadata_name, stem_of
 from common import atomic_folder, atomic_torch_save, atomic_write_json, load_all
-from encoders import ENCODER_TYPES, FEATURE_KINDS, ImageEncoder, ImageProcessorTransform, OpenClipEncoder, build_image_encoder
+from encoders import (ENCODER_TYPES, FEATURE_KINDS, ImageEncoder, ImageProcessorTransform, OpenClipEncoder,
+                      build_image_encoder)
 from errors import ConfigError, HubUnavailableError, MissingInputError, RefusedFileError
 from pretrained import first_line, from_pretrained
 from retrieval import PROMPT_HEAD, PROMPT_SEP, PROMPT_TAIL, Datastore, open_datastore
@@ -367,7 +368,8 @@ def never_empty(tokenizer, ends=()) -> dict:
         texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
         blank = [i for i, t in enumerate(texts) if not t.strip()]
         special = sorted(set(tokenizer.all_special_ids) - ends)
-        cache[ends] = {"begin_suppress_tokens": sorted(set(blank) | ends | set(special)), "suppress_tokens": special or None}
+        cache[ends] = {"begin_suppress_tokens": sorted(set(blank) | ends | set(special)),
+                       "suppress_tokens": special or None}
     return cache[ends]
 
 
@@ -855,8 +857,8 @@ def load_captioner(path: str | os.PathLike, device: str | torch.device = "cpu", 
                                f"({first_line(e)})") from None
     if cfg.retrieval_k:  # the captions it retrieves: the datastore given, else the one saved beside it
         model.datastore_file = ckpt.get("datastore")
-        model.attach_datastore(datastore if isinstance(datastore, Datastore) else
-                               open_datastore(model, datastore if datastore is not None else saved_datastore(path, ckpt)))
+        source = datastore if datastore is not None else saved_datastore(path, ckpt)
+        model.attach_datastore(source if isinstance(source, Datastore) else open_datastore(model, source))
     return model.to(device).eval()
 
 
