@@ -855,8 +855,8 @@ def load_captioner(path: str | os.PathLike, device: str | torch.device = "cpu", 
     except RuntimeError as e:
         raise RefusedFileError(f"{path}: its weights don't fit the projector its config describes "
                                f"({first_line(e)})") from None
+    model.datastore_file = ckpt.get("datastore")  # (what eval.py's kNN baseline copies from, with or without retrieval)
     if cfg.retrieval_k:  # the captions it retrieves: the datastore given, else the one saved beside it
-        model.datastore_file = ckpt.get("datastore")
         source = datastore if datastore is not None else saved_datastore(path, ckpt)
         model.attach_datastore(source if isinstance(source, Datastore) else open_datastore(model, source))
     return model.to(device).eval()

@@ -195,14 +195,15 @@ PRESETS["smollm2_demo"] = {**PRESETS["demo"], "lm_name": "demo/smollm2-135m", "t
 # real photographs (README "Real photographs, offline"): ImageNet EfficientNet-Lite0 (python demo_assets.py
 # --real-encoder) -> MLP -> SmolLM2-135M (--real-decoder), both frozen: --train_dir=PHOTOS --test_dir=HELDOUT.
 # 3 epochs, chosen on the validation split (val_ratio of the 612 Flickr8k training photos): the validation loss is
-# lowest after epoch 2 of 3 and rises after; 6 epochs with proj_dropout 0.2 and weight_decay 0.05 never got it lower
+# lowest after epoch 2 of 3 and rises after; 6 epochs with proj_dropout 0.2 and weight_decay 0.05 never got it lower.
+# num_beams 3: validation CIDEr-D 0.407 against greedy's 0.368 (61 photos)
 PRESETS["real_photos"] = {
     "dataset": "folder", "training_size_limit": None, "val_ratio": 0.1,
     "encoder_type": "timm", "clip_model_name": "demo/efficientnet-lite0", "clip_pretrained": None,
     "lm_name": "demo/smollm2-135m", "tokenizer_name": "demo/smollm2-135m", "lm_dtype": "float32",
     "proj_type": "mlp", "clip_features": "pooled", "proj_prefix_length": 10, "proj_hidden_dim": 2048,
     "batch_size": 16, "num_epochs": 3, "learning_rate": 0.001, "weight_decay": 0.01, "lr_scheduler": "CosineAnnealingLR",
-    "warmup_steps": 50, "max_caption_length": 40, "max_new_tokens": 30, "eval_batch_size": 64,
+    "warmup_steps": 50, "max_caption_length": 40, "max_new_tokens": 30, "eval_batch_size": 64, "num_beams": 3,
     "test_evaluation_enabled": True, "ablate_image": True,
 }
 
