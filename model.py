@@ -855,19 +855,19 @@ def load_captioner(path: str | os.PathLike, device: str | torch.device = "cpu", 
     except RuntimeError as e:
         raise RefusedFileError(f"{path}: its weights don't fit the projector its config describes "
                                f"({first_line(e)})") from None
-    model.datastore_file = ckpt.get("datastore")  # (what eval.py's kNN baseline copies from, with or without retrieval)
+    name = ckpt.get("datastore")  # (what eval.py's kNN baseline copies from, with or without retrieval)
+    model.datastore_file = None if name is None else plain_name(name, f"{path}: its datastore file name")
     if cfg.retrieval_k:  # the captions it retrieves: the datastore given, else the one saved beside it
-        source = datastore if datastore is not None else saved_datastore(path, ckpt)
+        source = datastore if datastore is not None else saved_datastore(path, model.datastore_file)
         model.attach_datastore(source if isinstance(source, Datastore) else open_datastore(model, source))
     return model.to(device).eval()
 
 
-def saved_datastore(path, ckpt: dict) -> Path:
-    """The datastore file a retrieval checkpoint names, in the checkpoint's own folder."""
-    name = ckpt.get("datastore")
-    if not isinstance(name, str):
+def saved_datastore(path, name: str | None) -> Path:
+    """The datastore file a retrieval checkpoint names (a plain name, checked on reading), in its own folder."""
+    if name is None:
         raise RefusedFileError(f"{path}: trained with retrieval but names no datastore; pass one with --datastore DIR")
-    found = Path(path).parent / plain_name(name, "datastore file name")
+    found = Path(path).parent / name
     if not found.is_file():
         raise MissingInputError(f"{path} retrieves captions from {found.name}, which is not beside it; copy it there, "
                                 "or give a folder of captioned images with --datastore DIR")

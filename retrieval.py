@@ -63,11 +63,6 @@ class Datastore:
         sims = sims.masked_fill(sims > SELF_MATCH, -2.0)
         return sims.topk(min(k, len(self)), dim=-1).indices
 
-    def prompts(self, feats: torch.Tensor, k: int) -> list[str]:
-        """One text prompt per image: the first caption of each of its k nearest datastore images."""
-        return [PROMPT_HEAD + PROMPT_SEP.join(self.captions[j][0] for j in row) + PROMPT_TAIL
-                for row in self.neighbours(feats, k).tolist()]
-
     def save(self, path) -> None:
         meta = {"format": DATASTORE_FORMAT, "fingerprint": self.fingerprint,
                 "captions": json.dumps(self.captions), "images": json.dumps(self.images)}

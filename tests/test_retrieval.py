@@ -116,6 +116,16 @@ def test_training_saves_the_datastore_and_the_checkpoint_loads_with_it(retrieval
         store_file.with_suffix(".moved").rename(store_file)
 
 
+def test_a_datastore_name_that_leaves_the_checkpoint_folder_is_refused(retrieval_run, tmp_path):
+    """The checkpoint names its datastore; a hostile name ('../x', '/etc/passwd', a list) is never opened."""
+    tmp, meta = retrieval_run
+    ckpt = torch.load(tmp / "out" / meta["checkpoint"], weights_only=True)
+    for name in ("../datastore.safetensors", "/etc/passwd", ["a"]):
+        torch.save({**ckpt, "datastore": name}, tmp_path / "hostile.pth")
+        with pytest.raises(RefusedFileError, match="datastore file name"):
+            load_captioner(tmp_path / "hostile.pth", datastore=str(tmp / "data" / "other"))
+
+
 def test_datastore_swap_retrieves_from_another_folder(retrieval_run):
     """--datastore DIR: training-free transfer; the prompts now quote the new folder's captions."""
     tmp, meta = retrieval_run
