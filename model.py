@@ -416,8 +416,8 @@ class ClipCaptioner(Captioner):
         if (room := self.caption_positions()) is not None and room < 2:  # not even one word and its EOS
             raise ConfigError(f"proj_prefix_length={config.proj_prefix_length}" + (
                 f" and a retrieval prompt of up to {self.prompt_limit()} tokens (retrieval_k={config.retrieval_k})"
-                if config.retrieval_k else "") + f" leave no room for a caption: the decoder {config.lm_name!r} has "
-                f"{max_positions(lm.config)} positions")
+                if config.retrieval_k else "") + (" leave" if config.retrieval_k else " leaves") +
+                f" no room for a caption: the decoder {config.lm_name!r} has {max_positions(lm.config)} positions")
 
     @classmethod
     def from_config(cls, config: CaptionerConfig, device: str | torch.device | None = None) -> "ClipCaptioner":
