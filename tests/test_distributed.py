@@ -2,6 +2,7 @@
 batches and loss curve as one process, one checkpoint per save, and sharded evaluation that gives
 the one-process predictions."""
 import json
+import socket
 import subprocess
 import sys
 
@@ -12,6 +13,13 @@ from conftest import REPO
 pytestmark = pytest.mark.slow
 
 
+def free_port() -> int:
+    """A port no one listens on now (a fixed one collides with another run on the same machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_process_run_matches_one_process(tmp_path):
     from shapes import write_split
     for split, n, seed in (("train", 32, 1), ("val", 4, 2), ("test", 4, 3)):
@@ -20,7 +28,7 @@ def test_two_process_run_matches_one_process(tmp_path):
             f"--val_dir={tmp_path / 'data/val'}", f"--test_dir={tmp_path / 'data/test'}", "--num_epochs=2",
             "--batch_size=16", "--ablate_image=False", "--device=cpu", "--save_every_n_steps=7"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--main_process_port", "29517"]  # accelerate's torchrun-based launcher; on CPU the processes use gloo
+              "--main_process_port", str(free_port())]  # accelerate's torchrun-based launcher; on CPU: gloo
     runs = {"one": [sys.executable, "train.py"], "two": [*launch, "train.py"]}
     logs, metas = {}, {}
     for name, cmd in runs.items():

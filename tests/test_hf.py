@@ -313,10 +313,12 @@ def test_beam_search_and_sampling_options(saved_bases, family):
     m = make(saved_bases, family).eval()
     px = pixels(3, seed=2)
     beams = m.generate(pixel_values=px, max_new_tokens=5, num_beams=3)
-    a = m.generate(pixel_values=px, max_new_tokens=5, do_sample=True, temperature=0.7, top_p=0.9, seed=3)
-    b = m.generate(pixel_values=px, max_new_tokens=5, do_sample=True, temperature=0.7, top_p=0.9, seed=3)
     assert len(beams) == 3 and all(isinstance(c, str) for c in beams)
-    assert a == b  # seeded sampling is reproducible
+    greedy = m.generate(pixel_values=px, max_new_tokens=5)
+    a, b, a2 = (m.generate(pixel_values=px, max_new_tokens=5, do_sample=True, temperature=5.0, top_p=0.99, seed=s)
+                for s in (3, 4, 3))
+    assert a == a2                       # seeded sampling is reproducible
+    assert a != b and greedy not in (a, b)  # and really samples: dropping do_sample or the seed would fail here
     with pytest.raises(ValueError, match="pixel_values"):
         m.generate(image_embeds=torch.zeros(1, 8))
 

