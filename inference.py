@@ -21,12 +21,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from common import check_output_path, int_at_least, pick_device, positive_int, tsv_line
-from dataset import Collate, ImageDataset, find_images
-from errors import NothingReadable, run_cli
-from load_model_example import load_model_from_checkpoint
-from model import GENERATION_LIMITS, Generation
-from safeio import file_kind
+from capkit.batching import Collate
+from capkit.captioner import GENERATION_LIMITS, Generation
+from capkit.common import check_output_path, int_at_least, pick_device, positive_int, tsv_line
+from capkit.errors import NothingReadable, run_cli
+from capkit.folders import find_images
+from capkit.images import ImageDataset
+from capkit.safeio import file_kind
+from model import load_checkpoint
 
 
 def collect_images(inputs, skipped: list) -> list[Path]:
@@ -89,7 +91,7 @@ def run(argv=None) -> int:
     if args.output and not args.output.endswith((".json", ".jsonl")):
         ap.error("--output must end in .json or .jsonl")
     check_output_path(args.output)
-    model, _, _ = load_model_from_checkpoint(args.checkpoint, pick_device(args.device), datastore=args.datastore)
+    model, _, _ = load_checkpoint(args.checkpoint, pick_device(args.device), datastore=args.datastore)
     skipped = []
     paths = collect_images(args.inputs, skipped)
     gen = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,

@@ -1,65 +1,37 @@
 """
-Load a trained captioner from a checkpoint and caption an image.
+Load a trained captioner from a checkpoint and caption some images: the example to copy into your own code.
 
     python load_model_example.py saved_models/model_state_dict_20261122_120000-3.pth photo.jpg
     python load_model_example.py saved_models/adapter_20261122_120000-3 photo.jpg     # git / blip adapter
-    python load_model_example.py                 # newest checkpoint in saved_models/, its first test image
+    python load_model_example.py                 # the newest checkpoint in saved_models/, its first test images
 
-In your own code or a notebook:
-
-    from load_model_example import load_model_from_checkpoint
-    model, metadata, hyperparams = load_model_from_checkpoint("saved_models/model_state_dict_....pth", "cuda")
-    captions = model.generate(pixel_values)      # or caption_images(model, ["a.jpg", "b.jpg"])
-
-The .pth holds only the trained MLP and the model config; the frozen backbones are rebuilt from
-their hub ids / local folders named in that config. Loading uses torch.load(weights_only=True):
-a checkpoint can't run code on your machine. An adapter folder (git / blip) holds the PEFT adapter
-(safetensors) + processor + capkit_config.json; its base model is rebuilt the same way. A merged
-folder (train.py --merge_weights) is a standalone model.
+The .pth holds only the trained mapping network and the model config; the frozen backbones are rebuilt from
+the hub ids / local folders that config names. Loading uses torch.load(weights_only=True): a checkpoint can't
+run code on your machine. An adapter folder (git / blip) holds the PEFT adapter + processor + capkit_config.json.
 """
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
-from checkpoints import checkpoint_globs, metadata_path_for
-from dataset import SkipLog, image_problem, load_rgb, load_splits
-from common import pick_device, tsv_line
-from errors import MissingInputError, NothingReadable, RefusedFileError, run_cli
-from model import Generation, load_captioner
-from safeio import read_json
-
-
-def load_model_from_checkpoint(path, device="cpu", datastore=None,
-                               **config_overrides) -> tuple[torch.nn.Module, dict, dict]:
-    """-> (model in eval mode on device, training metadata (or {} if its JSON is missing), hyperparameters).
-    datastore: for a model trained with retrieval, another folder of captioned images (or a saved datastore file)
-    to retrieve from instead of the one saved beside the checkpoint."""
-    model = load_captioner(path, device, datastore=datastore, **config_overrides)
-    meta_path = metadata_path_for(path)
-    metadata = read_json(meta_path, "training metadata", RefusedFileError) if meta_path.exists() else {}
-    if not isinstance(metadata, dict) or not isinstance(metadata.get("hyperparameters", {}), dict):
-        raise RefusedFileError(f"{meta_path}: not a capkit training metadata file (a JSON object with "
-                               "'hyperparameters' expected); move it away to load the checkpoint without it")
-    return model, metadata, metadata.get("hyperparameters", {})
+from capkit.captioner import Generation
+from capkit.checkpoints import newest_checkpoint
+from capkit.common import pick_device, tsv_line
+from capkit.errors import MissingInputError, NothingReadable, run_cli
+from capkit.images import SkipLog, image_problem, load_rgb
+from dataset import load_splits
+from model import load_checkpoint
 
 
 @torch.no_grad()
 def caption_images(model, paths, batch_size: int = 16, **gen_kwargs) -> list[str]:
+    """Image files -> one caption each (gen_kwargs: num_beams, max_new_tokens, do_sample, temperature, ...)."""
     out = []
     for s in range(0, len(paths), batch_size):
-        pixels = torch.stack([model.preprocess(load_rgb(p)) for p in paths[s:s + batch_size]])
+        pixels = torch.stack([model.preprocess(load_rgb(p)) for p in paths[s:s + batch_size]])  # (B, 3, S, S)
         out += model.generate(pixel_values=pixels, **gen_kwargs)
     return out
-
-
-def newest_checkpoint(folder="saved_models") -> Path | None:
-    """The newest checkpoint (.pth or adapter folder) whose metadata JSON exists (= it was completely written)."""
-    ckpts = [p for pattern in checkpoint_globs() for p in Path(folder).glob(pattern)
-             if not p.name.startswith(".") and metadata_path_for(p).exists()]
-    return max(ckpts, key=lambda p: p.stat().st_mtime) if ckpts else None
 
 
 def run(argv) -> int:
@@ -69,30 +41,29 @@ def run(argv) -> int:
     ckpt = argv[0] if argv else newest_checkpoint()
     if ckpt is None:
         raise MissingInputError("no checkpoint given and none in saved_models/ (run: python train.py --preset demo)")
-    model, metadata, hp = load_model_from_checkpoint(ckpt, pick_device("auto"))
-    print(f"loaded {ckpt}: epoch {metadata.get('epoch')}, val loss {metadata.get('val_loss')}, "
-          f"ROUGE-L {metadata.get('rouge_l')}")
-    if len(argv) > 1:
-        images = argv[1:]
-    else:
-        images = load_splits(hp, SkipLog(), which=("test",))["test"].images[:3]
-    readable = []
-    for p in images:  # a missing or unreadable image is named, the others are still captioned
-        try:
-            load_rgb(p)
-            readable.append(str(p))
-        except Exception as e:  # whatever decoding a stranger's file raises: that image is skipped
-            print(f"skipped {p}: {image_problem(e)}", file=sys.stderr)
+    model, metadata, hp = load_checkpoint(ckpt, pick_device("auto"))  # (model in eval mode, run metadata, hparams)
+    print(f"loaded {ckpt}: epoch {metadata.get('epoch')}, val loss {metadata.get('val_loss')}")
+    images = argv[1:] or load_splits(hp, SkipLog(), which=("test",))["test"].images[:3]
+    readable = [p for p in images if readable_image(p)]  # a bad file is named on stderr; the others are captioned
     if not readable:
         raise NothingReadable(f"none of the {len(images)} images could be read")
     captions = caption_images(model, readable, max_new_tokens=hp.get("max_new_tokens", Generation.max_new_tokens))
     for path, caption in zip(readable, captions):
-        print(tsv_line(path, caption))
+        print(tsv_line(str(path), caption))
     return 0
 
 
+def readable_image(path) -> bool:
+    try:
+        load_rgb(path)
+        return True
+    except Exception as e:  # whatever decoding a stranger's file raises: that image is skipped, by name
+        print(f"skipped {path}: {image_problem(e)}", file=sys.stderr)
+        return False
+
+
 def main(argv=None) -> int:
-    """The command line: expected failures end in one paragraph and their exit code (errors.py)."""
+    """The command line: an expected failure ends in one paragraph and its exit code (capkit/errors.py)."""
     return run_cli(run, sys.argv[1:] if argv is None else argv)
 
 

@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import io
 import os
-import re
 import signal
 import socket
 import sys
@@ -55,16 +54,15 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from common import int_at_least, pick_device, positive_int
-from dataset import image_problem, load_rgb
-from errors import ConfigError, run_cli
-from load_model_example import load_model_from_checkpoint
-from model import GENERATION_LIMITS, Generation
+from capkit.captioner import GENERATION_LIMITS, Generation
+from capkit.common import int_at_least, pick_device, positive_int
+from capkit.errors import ConfigError, run_cli
+from capkit.images import image_problem, load_rgb
+from model import load_checkpoint
 
 PAGE = Path(__file__).with_name("serve.html")  # the web page at /: plain HTML + JS, nothing fetched from elsewhere
 FILES_FIELD = "files"                           # the multipart field the images come in
 MAX_FIELD_BYTES = 1024                          # an option's value is a number: anything longer is refused
-READY = re.compile(r"^serving .* at (http://\S+/)$")  # the line printed once it serves (loadtest.py waits for it)
 _LIM, _DEF = GENERATION_LIMITS, Generation()
 
 
@@ -464,7 +462,7 @@ async def read_request(request: Request, limits: Limits) -> tuple[list, dict]:
 
 def model_names(cfg) -> str:
     """What the checkpoint is built on, for /health and the page."""
-    if cfg.model_type == "clip_mlp":
+    if cfg.model_type == "prefix":
         return f"{cfg.clip_model_name} -> {cfg.proj_type} -> {cfg.lm_name}"
     return f"{cfg.hf_model_name} ({cfg.model_type}, {cfg.peft_module or 'merged'})"
 
@@ -521,7 +519,7 @@ def run(argv=None) -> int:
     device = pick_device(args.device)
     if device.type == "cpu":  # generation's threads leave a core to the HTTP side (decoding uploads, answering)
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
-    model, metadata, _ = load_model_from_checkpoint(args.checkpoint, device, datastore=args.datastore)
+    model, metadata, _ = load_checkpoint(args.checkpoint, device, datastore=args.datastore)
     limits = Limits(args.max_batch, args.max_wait_ms, args.max_upload_mb, args.max_files, args.max_megapixels,
                     args.max_request_tokens)
     host, port = sock.getsockname()[:2]

@@ -9,8 +9,8 @@ Train capkit's captioner: only the MLP projector learns; CLIP and the decoder st
     python train.py --model_type=git --quantization_bits=4 --dataset=folder --data_dir=my_photos/   # QLoRA GIT
     python train.py --preset git_demo                # offline: 4-bit QLoRA on a tiny GIT, CPU, minutes
     python train.py --preset scenes_resampler        # offline: two-shape scenes, patch tokens + a resampler (also
-                                                     #   scenes_transformer, scenes_mlp: README "Which mapping network")
-    python train.py --preset smollm2_demo            # a real frozen decoder (after: python demo_assets.py --real-decoder)
+                                                     #   scenes_transformer, scenes_mlp: docs/models.md "Which mapping network")
+    python train.py --preset smollm2_demo            # a real frozen decoder (after: python -m tools.demo_assets --real-decoder)
     python train.py --config my_run.toml             # the same keys in a TOML file ([optimizer_args] etc. as tables)
     python train.py --resume                         # continue the newest resumable checkpoint exactly (or --resume PATH)
     python train.py --merge_weights --checkpoint saved_models/adapter_<run>-<epoch> [--merged_dir DIR] [--wise_alpha 0.5]
@@ -48,20 +48,41 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import config
-from checkpoints import checkpoint_name, datastore_name, metadata_name, skip_list_name, state_name, step_log_name
-from common import (COMPILE_PAD_MULTIPLE, atomic_torch_save, atomic_write, atomic_write_json, compile_step,
-                    library_versions, load_all, pick_device)
-from dataset import (AugmentThenPreprocess, CaptionAugment, CaptionSet, Collate, LengthGroupedBatches, PairDataset,
-                     SkipLog, load_splits)
-from errors import ConfigError, DataError, NonFiniteError, SaveError, run_cli
-from eval import CIDER_NOTE, ROUGE_L_NOTE, evaluate, knn_line, spread_line
-from features import encoder_fingerprint, image_features
-from config import check_output_dir, make_optimizer, make_scheduler, model_config_from_hparams
-from model import Generation, build_model, merge_adapter
-from retrieval import Datastore
-from resume import (LoopState, StopSignals, prune_checkpoints, read_metadata, restore_rng, restore_training_state,
-                    state_path_for, training_state)
+from capkit import config
+from capkit.batching import Collate, LengthGroupedBatches
+from capkit.captioner import Generation
+from capkit.checkpoints import checkpoint_name, datastore_name, metadata_name, skip_list_name, state_name, step_log_name
+from capkit.common import (
+    COMPILE_PAD_MULTIPLE,
+    atomic_torch_save,
+    atomic_write,
+    atomic_write_json,
+    compile_step,
+    library_versions,
+    load_all,
+    pick_device,
+)
+from capkit.config import check_output_dir, make_optimizer, make_scheduler, model_config_from_hparams
+from capkit.errors import ConfigError, DataError, NonFiniteError, SaveError, run_cli
+from capkit.evaluation import evaluate, knn_line, spread_line
+from capkit.features import encoder_fingerprint, image_features
+from capkit.folders import CaptionSet
+from capkit.hf_captioner import merge_adapter
+from capkit.images import SkipLog
+from capkit.metrics import CIDER_NOTE, ROUGE_L_NOTE
+from capkit.resume import (
+    LoopState,
+    StopSignals,
+    prune_checkpoints,
+    read_metadata,
+    restore_rng,
+    restore_training_state,
+    state_path_for,
+    training_state,
+)
+from capkit.retrieval import Datastore
+from dataset import AugmentThenPreprocess, CaptionAugment, PairDataset, load_splits
+from model import build_model
 
 hyperparameters = {
     # --- data ---
@@ -75,7 +96,7 @@ hyperparameters = {
     "val_ratio": 0.05,               # folder datasets without val_dir: fraction of training images for validation
     "training_size_limit": 500,      # max (image, caption) training pairs; None = the full dataset
     # --- model (see model.CaptionerConfig) ---
-    "model_type": "clip_mlp",        # "clip_mlp" (frozen CLIP -> MLP -> frozen Qwen3) | "git" | "blip" (adapter fine-tuning)
+    "model_type": "prefix",          # "prefix" (frozen encoder -> mapper -> prefix of a frozen LM) | "git" | "blip" (adapters)
     "encoder_type": "open_clip",     # image encoder library: "open_clip" | "timm" | "hf" (transformers vision models)
     "clip_model_name": "ViT-B-32",   # the encoder: open_clip name / "hf-hub:org/repo" / local folder; a timm name or
                                      #   folder; a transformers hub id or folder (CLIPVisionModel, SiglipVisionModel, ...)
@@ -87,7 +108,7 @@ hyperparameters = {
     "lm_dtype": "auto",              # decoder weights: auto (bf16 on a bf16 GPU device, else fp32) | float32 | bfloat16 | float16
     "clip_features": "pooled",       # "pooled" (one CLIP embedding per image) | "tokens" (the ViT's patch tokens)
     "proj_type": "mlp",              # mapping network: "mlp" | "linear" (pooled) | "transformer" (either) | "resampler"
-                                     #   (tokens); README: "Which mapping network"
+                                     #   (tokens); docs/models.md: "Which mapping network"
     "proj_prefix_length": 10,        # prefix tokens the image becomes (each of the decoder's hidden size)
     "proj_hidden_dim": 2048,         # mlp: hidden width; transformer / resampler: feed-forward width
     "proj_dropout": 0.0,             # dropout inside the mapping network
@@ -174,7 +195,7 @@ PRESETS = {
 }
 PRESETS["blip_demo"] = {**PRESETS["git_demo"], "model_type": "blip", "hf_model_name": "demo/blip-tiny"}
 # the harder demo: two shapes and a relation (shapes.py "scenes"), one preset per mapping network, all with the
-# same budget (README "Which mapping network": the measured table; targets.py measures it)
+# same budget (docs/models.md "Which mapping network": the measured table; tools/targets.py measures it)
 # num_beams 3: greedy decoding commits to a phrasing at its first word ("a little ..." names the right-hand object
 # first) and then keeps the relation of the other order; measured, the relation was right in 31% of greedy captions
 # and 88% of 3-beam ones (mlp), +0.03 to +0.06 ROUGE-L for every mapper
@@ -186,13 +207,13 @@ PRESETS["scenes_mlp"] = {**_SCENES, "proj_type": "mlp", "clip_features": "pooled
 PRESETS["scenes_transformer"] = {**_SCENES, "proj_type": "transformer", "clip_features": "tokens",
                                  "proj_num_layers": 4, "proj_num_heads": 4, "proj_hidden_dim": 512}
 PRESETS["scenes_resampler"] = {**PRESETS["scenes_transformer"], "proj_type": "resampler"}
-# a real pretrained decoder, frozen: SmolLM2-135M (python demo_assets.py --real-decoder) on the one-shape demo.
-# What it needs over `--preset demo --lm_name=...` (README "A real decoder"): many more, smaller steps
+# a real pretrained decoder, frozen: SmolLM2-135M (python -m tools.demo_assets --real-decoder) on the one-shape demo.
+# What it needs over `--preset demo --lm_name=...` (docs/log.md, 2026-11-24): many more, smaller steps
 PRESETS["smollm2_demo"] = {**PRESETS["demo"], "lm_name": "demo/smollm2-135m", "tokenizer_name": "demo/smollm2-135m",
                            "training_size_limit": 9600, "batch_size": 16, "num_epochs": 1, "learning_rate": 0.001,
                            "lr_scheduler": "CosineAnnealingLR", "warmup_steps": 30, "eval_batch_size": 100}
 
-# real photographs (README "Real photographs, offline"): ImageNet EfficientNet-Lite0 (python demo_assets.py
+# real photographs (README "Results"): ImageNet EfficientNet-Lite0 (python -m tools.demo_assets
 # --real-encoder) -> MLP -> SmolLM2-135M (--real-decoder), both frozen: --train_dir=PHOTOS --test_dir=HELDOUT.
 # 3 epochs, chosen on the validation split (val_ratio of the 612 Flickr8k training photos): the validation loss is
 # lowest after epoch 2 of 3 and rises after; 6 epochs with proj_dropout 0.2 and weight_decay 0.05 never got it lower.
@@ -412,7 +433,7 @@ def describe_run(run: Run, splits: dict, data: TrainingData, model) -> None:
         f"{'x'.join(map(str, model.feature_shape))} tokens"
     retrieval = f"retrieval prompt ({c.retrieval_k} captions of similar training images) + " if c.retrieval_k else ""
     run.log(f"model: {c.encoder_type} {c.clip_model_name} ({feats}) -> {c.proj_type} mapper ({n_params:,} trainable) -> "
-            f"{retrieval}{c.proj_prefix_length} x {c.lm_hidden_size} prefix -> {c.lm_name}" if c.model_type == "clip_mlp" else
+            f"{retrieval}{c.proj_prefix_length} x {c.lm_hidden_size} prefix -> {c.lm_name}" if c.model_type == "prefix" else
             f"model: {c.model_type} {c.hf_model_name or 'default'} ({c.quantization_bits}-bit) + {c.peft_module} "
             f"adapters ({n_params:,} trainable)")
 

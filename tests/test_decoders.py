@@ -5,9 +5,10 @@ GPT-2 has learned positions, no pad token and untied-by-config heads; Llama has 
 by default; all three take inputs_embeds and logits_to_keep."""
 import pytest
 import torch
-
 from conftest import TINY_CLIP_CFG, as_generation_sees, make_tokenizer
-from model import CaptionerConfig, build_model, load_captioner
+
+from capkit.captioner import CaptionerConfig
+from model import build_model, load_captioner
 
 
 def tiny_lm(family: str, tok):
@@ -110,7 +111,7 @@ def test_captions_never_outgrow_the_decoders_positions(decoder_dir):
     """The tiny decoders have 64 positions and the prefix takes 3: 61 caption tokens. GPT-2's learned
     positions fail with an IndexError past them, deep in training or generation; capkit truncates
     training captions there and refuses a max_new_tokens beyond them, by name, before decoding."""
-    from errors import ConfigError
+    from capkit.errors import ConfigError
     family, cdir, ldir = decoder_dir
     model = build_model(CaptionerConfig(clip_model_name=str(cdir), clip_pretrained=None, lm_name=str(ldir),
                                         proj_prefix_length=3, proj_hidden_dim=64, lm_dtype="float32")).eval()

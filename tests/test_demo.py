@@ -5,8 +5,8 @@ import json
 import sys
 
 import pytest
-
-from conftest import REPO, run_script as run
+from conftest import REPO
+from conftest import run_script as run
 
 pytestmark = pytest.mark.slow
 
@@ -29,9 +29,10 @@ def test_demo_learns(demo_run):
 def test_untrained_projector_is_much_worse(demo_run):
     """Training is what raises ROUGE-L and lowers the loss: the same backbones with a fresh MLP."""
     sys.path.insert(0, str(REPO))
-    import config
-    from dataset import SkipLog, load_splits
-    from eval import evaluate
+    from capkit import config
+    from capkit.evaluation import evaluate
+    from capkit.images import SkipLog
+    from dataset import load_splits
     from model import ClipCaptioner
     tmp, _, metas = demo_run
     meta = json.loads(metas[-1].read_text())

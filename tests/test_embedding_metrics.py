@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-import eval as eval_mod
-from shapes import captions_for, random_attrs, render
+from capkit import evaluation, metrics
+from capkit.shapes import captions_for, random_attrs, render
 
 
 def test_frechet_distance_matches_the_fid_formula():
@@ -16,8 +16,8 @@ def test_frechet_distance_matches_the_fid_formula():
     a, b = rng.normal(size=(200, 6)), rng.normal(0.3, 1.5, size=(150, 6)) @ rng.normal(size=(6, 6))
     mu_a, mu_b, s_a, s_b = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     fid = ((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * scipy_linalg.sqrtm(s_a @ s_b).real)
-    assert eval_mod.frechet_distance(a, b) == pytest.approx(fid, rel=1e-6)
-    assert eval_mod.frechet_distance(a, a) < 1e-9
+    assert metrics.frechet_distance(a, b) == pytest.approx(fid, rel=1e-6)
+    assert metrics.frechet_distance(a, a) < 1e-9
 
 
 def topic_sets(n=40, seed=0):
@@ -32,7 +32,7 @@ def topic_sets(n=40, seed=0):
 
 @pytest.fixture(scope="module")
 def embedder():
-    return eval_mod.sentence_embedder()
+    return metrics.sentence_embedder()
 
 
 def test_frechet_is_zero_for_identical_sets_and_grows_as_topics_mix(embedder):
@@ -42,29 +42,29 @@ def test_frechet_is_zero_for_identical_sets_and_grows_as_topics_mix(embedder):
     circles = {str(i): caps for i, caps in enumerate(groups["circle"])}
     preds = {i: caps[0] for i, caps in circles.items()}
     refs = {i: caps[1:] for i, caps in circles.items()}
-    same = eval_mod.frechet_caption_distance({i: [c] for i, c in preds.items()}, preds, embedder)
+    same = metrics.frechet_caption_distance({i: [c] for i, c in preds.items()}, preds, embedder)
     assert abs(same["frechet_distance"]) < 1e-6 and same["frechet_embedder"] == label
     dists = []
     for k in (0, 10, 20, 40):  # the first k predictions replaced by captions of star images
         mixed = {i: (groups["star"][int(i)][0] if int(i) < k else c) for i, c in preds.items()}
-        dists.append(eval_mod.frechet_caption_distance(refs, mixed, embedder)["frechet_distance"])
+        dists.append(metrics.frechet_caption_distance(refs, mixed, embedder)["frechet_distance"])
     assert all(x < y for x, y in zip(dists, dists[1:])), dists
     # fewer captions than embedding dimensions (3 << 384): finite, no NaN
-    small = eval_mod.frechet_caption_distance({"0": refs["0"]}, {"0": preds["0"]}, embedder)
+    small = metrics.frechet_caption_distance({"0": refs["0"]}, {"0": preds["0"]}, embedder)
     assert math.isfinite(small["frechet_distance"]) and small["frechet_sizes"] == [1, 4]
 
 
 def test_without_an_embedder_the_distance_is_skipped_with_a_reason(monkeypatch):
-    monkeypatch.setattr(eval_mod, "OFFLINE_EMBEDDER", "no-such-package-xyz")
-    monkeypatch.setattr(eval_mod, "GTE_MODEL", "/nonexistent/gte")
+    monkeypatch.setattr(metrics, "OFFLINE_EMBEDDER", "no-such-package-xyz")
+    monkeypatch.setattr(metrics, "GTE_MODEL", "/nonexistent/gte")
     lines = []
-    got = eval_mod.embedding_metrics({"0": ["a cat"]}, {"0": "a cat"}, log=lines.append)
+    got = metrics.embedding_metrics({"0": ["a cat"]}, {"0": "a cat"}, log=lines.append)
     assert got["frechet_distance"] is None and len(lines) == 1 and "pip install no-such-package-xyz" in lines[0]
 
 
 def test_clip_score_prefers_matching_captions_on_the_demo_data():
-    from encoders import build_image_encoder
-    from model import CaptionerConfig
+    from capkit.captioner import CaptionerConfig
+    from capkit.encoders import build_image_encoder
     cfg = CaptionerConfig(clip_model_name="demo/clip-tiny", clip_pretrained=None)
     visual, preprocess = build_image_encoder(cfg)
     rng = random.Random(3)
@@ -72,9 +72,9 @@ def test_clip_score_prefers_matching_captions_on_the_demo_data():
     with torch.no_grad():
         feats = visual(torch.stack([preprocess(render(a, rng)) for a in attrs]))      # (N, E)
     refs = [captions_for(a) for a in attrs]
-    match = eval_mod.clip_scores(cfg, feats, [r[0] for r in refs], [r[1:] for r in refs])
-    perm = eval_mod.derangement(len(refs), seed=0).tolist()
-    wrong = eval_mod.clip_scores(cfg, feats, [refs[j][0] for j in perm], [r[1:] for r in refs])
+    match = metrics.clip_scores(cfg, feats, [r[0] for r in refs], [r[1:] for r in refs])
+    perm = evaluation.derangement(len(refs), seed=0).tolist()
+    wrong = metrics.clip_scores(cfg, feats, [refs[j][0] for j in perm], [r[1:] for r in refs])
     assert match["clip_score"] > wrong["clip_score"] + 0.1, (match["clip_score"], wrong["clip_score"])
     assert match["ref_clip_score"] > wrong["ref_clip_score"]
     assert len(match["clip_score_per_image"]) == 48 and all(0 <= s <= 2.5 for s in match["clip_score_per_image"])

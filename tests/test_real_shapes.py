@@ -3,10 +3,11 @@ weights, no download: the projector maps 512 -> prefix x 1024 (or 49 patch token
 and a bf16 training step runs on CPU, for every mapping network."""
 import pytest
 import torch
-
 from conftest import make_tokenizer
-from model import tokenize_captions
-from model import CaptionerConfig, ClipCaptioner
+
+from capkit.captioner import CaptionerConfig
+from capkit.decoders import tokenize_captions
+from model import ClipCaptioner
 
 pytestmark = pytest.mark.slow
 
@@ -15,7 +16,7 @@ def test_vit_b32_qwen3_06b_shapes_bf16_step():
     import open_clip
     from transformers import Qwen3ForCausalLM
 
-    from bench import real_shape_lm_config
+    from tools.bench import real_shape_lm_config
     torch.manual_seed(0)
     clip, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
     tok = make_tokenizer()

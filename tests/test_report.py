@@ -4,11 +4,12 @@ import subprocess
 
 import numpy as np
 import pytest
+from conftest import chromium_path
 from PIL import Image
 
-import report
-from conftest import chromium_path
-from shapes import write_split
+from capkit import report
+from capkit.shapes import write_split
+
 
 @pytest.fixture
 def preds(tmp_path):

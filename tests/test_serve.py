@@ -15,12 +15,13 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import torch
+from conftest import REPO, bomb_png, chromium_path, make_model, run_script
 from fastapi.testclient import TestClient
 from PIL import Image
 
 import serve
-from conftest import REPO, bomb_png, chromium_path, make_model, run_script
-from dataset import load_rgb
+from capkit.common import SERVING
+from capkit.images import load_rgb
 from serve import Batcher, Limits, create_app
 
 
@@ -63,7 +64,7 @@ def direct(model, names, **gen):
 
 def test_health_names_the_model_and_the_limits(client):
     h = client.get("/health").json()
-    assert h["model_loaded"] is True and h["checkpoint"] == "tiny.pth" and h["model_type"] == "clip_mlp"
+    assert h["model_loaded"] is True and h["checkpoint"] == "tiny.pth" and h["model_type"] == "prefix"
     assert h["device"] == "cpu" and h["max_batch"] == 4 and h["max_files"] == 4
     assert h["defaults"]["max_new_tokens"] == 40 and h["limits"]["num_beams"] == [1, 64]
 
@@ -209,9 +210,10 @@ def test_the_openapi_docs_are_served_offline(client):
 @pytest.mark.parametrize("kind", ["adapter", "merged"])
 def test_git_adapter_and_merged_folders_are_served_like_a_pth(tmp_path, kind):
     """Any checkpoint the other scripts take: the git path's adapter folder, and that folder merged."""
-    from demo_assets import HF_DIRS
-    from load_model_example import load_model_from_checkpoint
-    from model import CaptionerConfig, build_model, merge_adapter
+    from capkit.captioner import CaptionerConfig
+    from capkit.hf_captioner import merge_adapter
+    from model import build_model, load_checkpoint
+    from tools.demo_assets import HF_DIRS
     torch.manual_seed(0)
     m = build_model(CaptionerConfig(model_type="git", hf_model_name=HF_DIRS["git"], quantization_bits=16,
                                     lm_dtype="float32"))
@@ -222,7 +224,7 @@ def test_git_adapter_and_merged_folders_are_served_like_a_pth(tmp_path, kind):
     m.save_checkpoint(folder)
     if kind == "merged":
         folder = merge_adapter(folder, tmp_path / "merged_r-1")
-    loaded, _, _ = load_model_from_checkpoint(folder)
+    loaded, _, _ = load_checkpoint(folder)
     with TestClient(create_app(loaded, folder.name)) as c:
         assert c.get("/health").json()["model_type"] == "git"
         r = post(c, [(n, IMAGES[n]) for n in list(IMAGES)[:2]], max_new_tokens=6)
@@ -335,7 +337,7 @@ def start(ckpt, tmp_path, *flags):
     proc = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", str(ckpt), "--port", "0", *flags], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
-        if m := serve.READY.match(line.strip()):
+        if m := SERVING.match(line.strip()):
             return proc, m.group(1)
     pytest.fail(f"serve.py exited {proc.wait()}: {proc.stderr.read()[-2000:]}")
 
@@ -440,7 +442,7 @@ def test_sigterm_answers_the_requests_in_flight_and_cuts_off_a_stuck_upload_afte
 @pytest.mark.slow
 def test_the_load_test_runs_both_servers_and_stops_by_itself(demo):
     """(Its figures are a benchmark, in the README; here only that it works and says what it measured.)"""
-    out = run_script("loadtest.py", "--checkpoint", str(demo[0]), "--clients", "3", "--requests", "2")
+    out = run_script("-m", "tools.loadtest", "--checkpoint", str(demo[0]), "--clients", "3", "--requests", "2")
     assert re.search(r"batching \(--max_batch 32\) +\d+ +\d+ +[\d.]+ +0 ", out), out
     assert re.search(r"no batching \(--max_batch 1\) +\d+ +\d+ +[\d.]+ +0 +1\.0", out), out
     assert "captions equal between the two servers: 6/6" in out and "throughput_speedup_from_batching" in out
@@ -459,7 +461,7 @@ def test_the_page_in_headless_chromium_captions_two_images(demo, server, tmp_pat
         page = browser.new_page(viewport={"width": 1000, "height": 700})
         page.goto(url)
         # (locators, not wait_for_function: the page's CSP forbids the eval that one would need)
-        page.locator("#model", has_text="clip_mlp").wait_for()
+        page.locator("#model", has_text="prefix").wait_for()
         page.set_input_files("#files", [str(images[0]), str(odd)])
         page.locator("#results li[data-state=done]").nth(1).wait_for(timeout=60_000)
         captions = page.locator("#results .caption").all_text_contents()

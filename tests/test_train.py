@@ -7,10 +7,10 @@ import sys
 import time
 
 import pytest
-
-import config
-import train
 from conftest import REPO
+
+import train
+from capkit import config
 
 
 def test_defaults_have_the_design_keys():
@@ -70,7 +70,7 @@ def test_offline_real_defaults_exit_fast_with_one_message(tmp_path):
 
 def test_compiled_training_step_gives_the_eager_losses(tmp_path):
     """compile=True (static shapes: captions padded to a multiple of 8) trains the same as eager."""
-    from shapes import write_split
+    from capkit.shapes import write_split
     for split, n, seed in (("train", 32, 1), ("val", 4, 2)):
         write_split(tmp_path / "data" / split, n, seed)
     from torch._dynamo.utils import counters
@@ -157,6 +157,7 @@ def test_schedulers_follow_the_run_length():
 
 def test_caption_shuffle_and_dropout():
     import torch
+
     from dataset import CaptionAugment
     cap = "woodcut style, a fox, snow, trees, moon"
     torch.manual_seed(0)
@@ -173,7 +174,7 @@ def test_caption_shuffle_and_dropout():
 
 
 def _folder_data(tmp_path, n_train=32):
-    from shapes import write_split
+    from capkit.shapes import write_split
     for split, n, seed in (("train", n_train, 1), ("val", 4, 2)):
         write_split(tmp_path / "data" / split, n, seed)
     return ["--preset=demo", "--dataset=folder", f"--train_dir={tmp_path / 'data/train'}",
@@ -302,7 +303,7 @@ def nan_run(tmp_path, monkeypatch, poisoned, extra=()):
     """A small demo run whose training forwards number `poisoned` (1-based) return a NaN loss."""
     import torch
 
-    from shapes import write_split
+    from capkit.shapes import write_split
     from model import ClipCaptioner
     for split, n, seed in (("train", 32, 1), ("val", 4, 2)):
         write_split(tmp_path / "data" / split, n, seed)

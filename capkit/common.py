@@ -3,7 +3,7 @@ What every capkit script shares with the machine it runs on: choosing the device
 the library versions a run records, whether the Hugging Face Hub can be reached (and what to say
 when it can't), atomic writes, and the command-line value checks.
 
-    from common import pick_device, atomic_write_json, hub_or_cache
+    from capkit.common import pick_device, atomic_write_json, hub_or_cache
     device = pick_device("auto")                 # cuda > mps > cpu
 
 It imports nothing of capkit's except errors.py (the exception types), so any module can use it.
@@ -15,6 +15,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import tempfile
@@ -25,10 +26,15 @@ import huggingface_hub.constants as hfc
 import torch
 import torch._dynamo
 
-from errors import ConfigError, HubUnavailableError
+from capkit.errors import ConfigError, HubUnavailableError
 
-REPO_DIR = Path(__file__).resolve().parent
+REPO_DIR = Path(__file__).resolve().parents[1]  # the clone: relative paths in presets and metadata start here too
+DEMO_DIR = REPO_DIR / "demo"  # the demo backbones: tiny ones committed, real ones converted by tools/demo_assets.py
+DEMO_CLIP_DIR, DEMO_LM_DIR = DEMO_DIR / "clip-tiny", DEMO_DIR / "qwen3-tiny"
+REAL_DECODER_DIR = DEMO_DIR / "smollm2-135m"        # not committed: ~540 MB (see .gitignore)
+REAL_ENCODER_DIR = DEMO_DIR / "efficientnet-lite0"  # not committed: ~19 MB; lite1/2 go beside it
 
+SERVING = re.compile(r"^serving .* at (http://\S+/)$")  # the line serve.py prints once it serves (loadtest waits)
 
 # ----------------------------------------------------------------------------------------------
 # the device, and torch.compile
@@ -64,7 +70,7 @@ COMPILE_PAD_MULTIPLE = 8  # compile=True: caption lengths rounded up to a multip
 def compile_step(module, device):
     """torch.compile for the training step: static shapes (the collate pads captions to a multiple of
     COMPILE_PAD_MULTIPLE) and, on CUDA, CUDA graphs ("reduce-overhead"), since the frozen decoder's step
-    is launch-bound. Measured on an H100 with torch 2.11 (README, Performance): dynamic=True did not finish
+    is launch-bound. Measured on an H100 with torch 2.11 (docs/performance.md): dynamic=True did not finish
     compiling the 0.6B decoder's step in 170 s (and hit an inductor assertion in another run); static
     shapes compiled in 65-90 s per shape and ran a batch-64 step in 31 ms, 17 ms with CUDA graphs (eager: 112 ms).
     Each new (batch size, padded length) compiles once, so the recompile limit is raised above dynamo's 8."""

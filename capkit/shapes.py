@@ -3,9 +3,9 @@ The synthetic "shapes" captioning dataset: the offline demo's data. Coloured sha
 backgrounds, each image with five human-like phrasings of the same facts (like five Flickr annotators),
 written as a folder dataset (images + captions.csv) that dataset.py reads like any user's folder.
 
-    python shapes.py data/shapes          # write it (train.py --preset demo does this itself)
+    python -m capkit.shapes data/shapes          # write it (train.py --preset demo does this itself)
 
-    from shapes import write_split, render, random_attrs, captions_for
+    from capkit.shapes import write_split, render, random_attrs, captions_for
 
 It imports no model code: the demo backbones that were trained on it are built by demo_assets.py.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from errors import DataError
+from capkit.errors import DataError
 
 SHAPES_VERSION = 3  # 3: the scenes style (a written dataset with another version is rewritten)
 IMAGE_SIZE = 64
@@ -238,5 +238,5 @@ def ensure_shapes_dataset(data_dir, style: str = "all") -> Path:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
-        sys.exit(f"usage: python shapes.py DATA_DIR\n{__doc__}")
+        sys.exit(f"usage: python -m capkit.shapes DATA_DIR\n{__doc__}")
     ensure_shapes_dataset(sys.argv[1])

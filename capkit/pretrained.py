@@ -4,14 +4,14 @@ with name a local save_pretrained folder (as given, or relative to the repo) or 
 from what it loads (trust_remote_code=False; a folder asking for custom code, or holding a pickle that would
 run code, is refused first), and offline without a cached copy it ends in one paragraph naming the key to change.
 
-    from pretrained import from_pretrained
+    from capkit.pretrained import from_pretrained
     lm = from_pretrained(AutoModelForCausalLM, "Qwen/Qwen3-0.6B-Base", "decoder", "lm_name")
 """
 from __future__ import annotations
 
-from common import hub_or_cache, resolve_local_path
-from errors import ConfigError, RefusedFileError
-from safeio import check_model_folder
+from capkit.common import hub_or_cache, resolve_local_path
+from capkit.errors import ConfigError, RefusedFileError
+from capkit.safeio import check_model_folder
 
 
 def first_line(e: BaseException) -> str:

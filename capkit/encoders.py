@@ -31,10 +31,10 @@ import transformers
 from safetensors.torch import load_file
 from timm.data import create_transform, resolve_data_config
 
-from common import hub_or_cache, resolve_local_path
-from errors import ConfigError, HubUnavailableError, RefusedFileError
-from pretrained import first_line, from_pretrained
-from safeio import check_model_folder, read_json, torch_load
+from capkit.common import hub_or_cache, resolve_local_path
+from capkit.errors import ConfigError, HubUnavailableError, RefusedFileError
+from capkit.pretrained import first_line, from_pretrained
+from capkit.safeio import check_model_folder, read_json, torch_load
 
 ENCODER_TYPES = ("open_clip", "timm", "hf")
 FEATURE_KINDS = ("pooled", "tokens")
@@ -210,7 +210,7 @@ def build_timm(cfg):
         check_model_folder(folder, "timm encoder folder")
         if not (folder / TIMM_CONFIG).is_file():
             raise RefusedFileError(f"{folder} is not a timm model folder (no {TIMM_CONFIG}); write one with "
-                                   "timm.models.save_for_hf or python demo_assets.py --real-encoder")
+                                   "timm.models.save_for_hf or python -m tools.demo_assets --real-encoder")
         c = read_json(folder / TIMM_CONFIG, "timm config", RefusedFileError)
         if not isinstance(c, dict) or not isinstance(c.get("architecture"), str):
             raise RefusedFileError(f"{folder / TIMM_CONFIG}: no 'architecture' (a timm model name)")
@@ -226,7 +226,7 @@ def build_timm(cfg):
         else:  # timm's own pretrained weights, from the hub or its cache
             model = hub_or_cache(lambda offline: _timm_from_hub(name, offline), f"the timm encoder {name!r}",
                                  "set `clip_pretrained` to a local weights file, or `clip_model_name` to a folder "
-                                 "(python demo_assets.py --real-encoder writes one).")
+                                 "(python -m tools.demo_assets --real-encoder writes one).")
     except (HubUnavailableError, RefusedFileError):
         raise
     except Exception as e:  # an unknown name, bad model_args

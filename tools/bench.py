@@ -2,11 +2,11 @@
 Benchmark capkit's training and generation path against the seed-style loop: same model, same data,
 same machine, one run.
 
-    python bench.py --config demo                 # the shipped tiny demo backbones
-    python bench.py --config real-shape           # ViT-B-32 + Qwen3 with the 0.6B model's dimensions, random weights
-    python bench.py --config real-shape --steps 5 --captions 16 --batch_size 8
-    python bench.py --config real-shape --batch_size 64 --steps 50 --compile    # on a GPU: MFU + epoch time
-    python bench.py --mappers [--device cuda --batch_size 64 --steps 20]   # samples/s per mapping network, real shapes
+    python -m tools.bench --config demo                 # the shipped tiny demo backbones
+    python -m tools.bench --config real-shape           # ViT-B-32 + Qwen3 with the 0.6B model's dimensions, random weights
+    python -m tools.bench --config real-shape --steps 5 --captions 16 --batch_size 8
+    python -m tools.bench --config real-shape --batch_size 64 --steps 50 --compile    # on a GPU: MFU + epoch time
+    python -m tools.bench --mappers [--device cuda --batch_size 64 --steps 20]   # samples/s per mapping network, real shapes
 
 The seed-style loop (the main design document's loop) encodes every batch through CLIP, pads every
 caption to max_caption_length (128), computes logits on every position, trains in fp32 and
@@ -28,11 +28,12 @@ import open_clip
 import torch
 from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-from common import COMPILE_PAD_MULTIPLE, compile_step, pick_device
-from dataset import LengthGroupedBatches, pad_to_multiple
-from demo_assets import LM_DIR
-from model import CaptionerConfig, ClipCaptioner, resolve_dtype, tokenize_captions
-from shapes import captions_for, random_attrs, render
+from capkit.batching import LengthGroupedBatches, pad_to_multiple
+from capkit.captioner import CaptionerConfig
+from capkit.common import COMPILE_PAD_MULTIPLE, DEMO_LM_DIR, compile_step, pick_device
+from capkit.decoders import resolve_dtype, tokenize_captions
+from capkit.shapes import captions_for, random_attrs, render
+from model import ClipCaptioner
 
 CONFIGS = {
     "demo": {"batch_size": 64, "steps": 20, "captions": 64, "max_new_tokens": 24},
@@ -57,7 +58,7 @@ def build(config: str, device):
         return ClipCaptioner.from_config(cfg).to(device)
     torch.manual_seed(0)
     clip, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
-    tok = AutoTokenizer.from_pretrained(LM_DIR, trust_remote_code=False)  # any tokenizer: ids index the 151,936-row table
+    tok = AutoTokenizer.from_pretrained(DEMO_LM_DIR, trust_remote_code=False)  # any tokenizer: ids index the 151,936-row table
     dtype = resolve_dtype("auto", device)  # as train.py's lm_dtype=auto on this device
     lm = Qwen3ForCausalLM._from_config(real_shape_lm_config(tok), dtype=dtype)
     cfg = CaptionerConfig(clip_model_name="ViT-B-32", clip_pretrained=None, proj_prefix_length=10,
@@ -172,7 +173,7 @@ def bench_mappers(device, steps: int, B: int) -> None:
     network, from cached features (the one-off extraction excluded)."""
     torch.manual_seed(0)
     clip, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
-    tok = AutoTokenizer.from_pretrained(LM_DIR, trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(DEMO_LM_DIR, trust_remote_code=False)
     dtype = resolve_dtype("auto", device)  # as train.py's lm_dtype=auto on this device
     lm_dtype = str(dtype).removeprefix("torch.")  # bfloat16 or float32
     lm = Qwen3ForCausalLM._from_config(real_shape_lm_config(tok), dtype=dtype).to(device)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from errors import DataError, RefusedFileError
+from capkit.errors import DataError, RefusedFileError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # config files through which transformers / peft could be pointed at code in the folder

@@ -3,9 +3,9 @@ Load-test serve.py on this machine: concurrent clients, each sending one image p
 same checkpoint served twice in one run, with dynamic batching and with --max_batch 1. Prints p50 / p95
 latency, images/s and the failed requests of each, and whether the two gave the same captions.
 
-    python loadtest.py --checkpoint saved_models/model_state_dict_....pth              # 32 clients x 8 requests
-    python loadtest.py --checkpoint CKPT --clients 64 --requests 16 --device cuda --max_batch 64
-    python loadtest.py --real_shape --device cuda     # ViT-B-32 + Qwen3-0.6B-Base's shape, random weights (GPU)
+    python -m tools.loadtest --checkpoint saved_models/model_state_dict_....pth              # 32 clients x 8 requests
+    python -m tools.loadtest --checkpoint CKPT --clients 64 --requests 16 --device cuda --max_batch 64
+    python -m tools.loadtest --real_shape --device cuda     # ViT-B-32 + Qwen3-0.6B-Base's shape, random weights (GPU)
 
 Traffic goes to 127.0.0.1 only, to servers this script starts and stops; every client sends a fixed
 number of requests (each with a timeout), so a run ends by itself. The images are rendered shapes
@@ -36,12 +36,11 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, Qwen3ForCausalLM
 
-from bench import real_shape_lm_config
-from common import int_at_least, positive_int
-from demo_assets import LM_DIR
-from model import CaptionerConfig, ClipCaptioner
-from serve import READY
-from shapes import random_attrs, render
+from capkit.captioner import CaptionerConfig
+from capkit.common import DEMO_LM_DIR, REPO_DIR, SERVING, int_at_least, positive_int
+from capkit.shapes import random_attrs, render
+from model import ClipCaptioner
+from tools.bench import real_shape_lm_config
 
 REQUEST_TIMEOUT_S = 300   # one request; a server that answers none in this long counts as failed
 START_TIMEOUT_S = 600     # loading the model
@@ -67,7 +66,7 @@ def real_shape_checkpoint(folder: Path) -> str:
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, clip_dir / "open_clip_model.safetensors")
     (clip_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip.get_model_config("ViT-B-32"),
                                                                 "preprocess_cfg": {}}))
-    tok = AutoTokenizer.from_pretrained(LM_DIR, trust_remote_code=False)  # ids index the 151,936-row table
+    tok = AutoTokenizer.from_pretrained(DEMO_LM_DIR, trust_remote_code=False)  # ids index the 151,936-row table
     Qwen3ForCausalLM._from_config(real_shape_lm_config(tok), dtype=torch.bfloat16).save_pretrained(lm_dir)
     tok.save_pretrained(lm_dir)
     path = folder / "model_state_dict_realshape-1.pth"
@@ -78,12 +77,12 @@ def real_shape_checkpoint(folder: Path) -> str:
 
 def start_server(checkpoint: str, device: str, max_batch: int, max_wait_ms: int) -> tuple[subprocess.Popen, str]:
     """serve.py on a free port of 127.0.0.1 -> (process, its URL), once it answers /health."""
-    cmd = [sys.executable, str(Path(__file__).with_name("serve.py")), "--checkpoint", checkpoint, "--port", "0",
+    cmd = [sys.executable, str(REPO_DIR / "serve.py"), "--checkpoint", checkpoint, "--port", "0",
            "--device", device, "--max_batch", str(max_batch), "--max_wait_ms", str(max_wait_ms)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + START_TIMEOUT_S
     for line in proc.stdout:
-        if m := READY.match(line.strip()):
+        if m := SERVING.match(line.strip()):
             url = m.group(1)
             break
         if time.monotonic() > deadline:

