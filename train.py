@@ -197,8 +197,7 @@ PRESETS["blip_demo"] = {**PRESETS["git_demo"], "model_type": "blip", "hf_model_n
 # the harder demo: two shapes and a relation (shapes.py "scenes"), one preset per mapping network, all with the
 # same budget (docs/models.md "Which mapping network": the measured table; tools/targets.py measures it)
 # num_beams 3: greedy decoding commits to a phrasing at its first word ("a little ..." names the right-hand object
-# first) and then keeps the relation of the other order; measured, the relation was right in 31% of greedy captions
-# and 88% of 3-beam ones (mlp), +0.03 to +0.06 ROUGE-L for every mapper
+# first) and then keeps the relation of the other order; beams keep both orders open (docs/log.md)
 _SCENES = {**PRESETS["demo"], "dataset": "scenes", "data_dir": "data/scenes", "clip_model_name": "demo/clip-scenes",
            "lm_name": "demo/qwen3-scenes", "tokenizer_name": "demo/qwen3-scenes", "proj_prefix_length": 8,
            "batch_size": 64, "num_epochs": 3, "learning_rate": 0.001, "lr_scheduler": "CosineAnnealingLR",

@@ -14,6 +14,7 @@ import ast
 import difflib
 import math
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 
 import tomllib
@@ -284,18 +285,14 @@ def check_output_dir(path) -> Path:
     return out
 
 
+# the model-config fields whose hyperparameter has another name; every other field is filled from the hyperparameter
+# of its own name (the fields the loaded backbones fill in, clip_embed_dim etc., have none)
+HPARAM_OF_FIELD = {"clip_image_size": "image_size", "lm_tokenizer_name": "tokenizer_name"}
+
+
 def model_config_from_hparams(hp: dict) -> CaptionerConfig:
-    return CaptionerConfig(
-        model_type=hp["model_type"], encoder_type=hp["encoder_type"], encoder_layer=hp["encoder_layer"],
-        retrieval_k=hp["retrieval_k"],
-        clip_model_name=hp["clip_model_name"], clip_pretrained=hp["clip_pretrained"], clip_image_size=hp["image_size"],
-        clip_features=hp["clip_features"], proj_type=hp["proj_type"], proj_prefix_length=hp["proj_prefix_length"],
-        proj_hidden_dim=hp["proj_hidden_dim"], proj_dropout=hp["proj_dropout"], proj_num_layers=hp["proj_num_layers"],
-        proj_num_heads=hp["proj_num_heads"], lm_name=hp["lm_name"], lm_tokenizer_name=hp["tokenizer_name"],
-        lm_dtype=hp["lm_dtype"], hf_model_name=hp["hf_model_name"], quantization_bits=hp["quantization_bits"],
-        peft_module=hp["peft_module"], lora_r=hp["lora_r"], lora_alpha=hp["lora_alpha"],
-        lora_dropout=hp["lora_dropout"], target_modules=hp["target_modules"],
-        gradient_checkpointing=hp["gradient_checkpointing"])
+    keys = {f.name: HPARAM_OF_FIELD.get(f.name, f.name) for f in fields(CaptionerConfig)}
+    return CaptionerConfig(**{name: hp[key] for name, key in keys.items() if key in hp})
 
 
 def make_optimizer(params, hp: dict):
@@ -310,7 +307,7 @@ def make_optimizer(params, hp: dict):
 
 def make_scheduler(opt, hp: dict, steps_per_epoch: int):
     """Stepped once per optimizer step. Defaults follow the run's length; scheduler_args override
-    them. StepLR keeps the seed's meaning: x learning_rate_decay every learning_rate_decay_step epochs."""
+    them. StepLR: x learning_rate_decay every learning_rate_decay_step epochs."""
     S = torch.optim.lr_scheduler
     if not hp["learning_rate_scheduler_enabled"] or hp["lr_scheduler"] is None:
         main = None

@@ -28,7 +28,7 @@ from capkit.safeio import check_model_folder, read_json
 HF_FAMILIES = {
     # model_type: (default hub id, transformers class, LoRA targets, IA3 targets, IA3 feed-forward targets).
     # Targets are the text side's linear layers (BERT-style names in both families); the image side
-    # keeps its pretrained features, as in the seed trainers.
+    # keeps its pretrained features.
     "git": ("microsoft/git-base", "GitForCausalLM", ["query", "key", "value", "dense"],
             ["key", "value", "output.dense"], ["output.dense"]),
     "blip": ("Salesforce/blip-image-captioning-base", "BlipForConditionalGeneration",

@@ -111,10 +111,9 @@ def draw_shape(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: floa
 RELATIONS = {"to the left of": (-1, 0), "to the right of": (1, 0), "above": (0, -1), "below": (0, 1)}
 _INVERSE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
 SCENE_SIZES = {"small": 0.11, "large": 0.19}
-# the object named first (a) is always the left or the upper one, so an image's five captions follow from the image.
-# (Drawn either way, "a red circle to the left of a blue square" and "a blue square to the right of a red circle"
-# describe the same picture; its references would hold one family, and a perfect caption in the other scores
-# ROUGE-L 0.74: measured, it capped every mapper at ~0.74.) Phrasings 2 and 5 still name b first, inverted.
+# the object named first (a) is always the left or the upper one, so an image's five captions follow from the image:
+# drawn either way, a perfect caption of the other order would score against references of one order only.
+# Phrasings 2 and 5 still name b first, with the relation inverted.
 NAMED_FIRST = ("to the left of", "above")
 
 

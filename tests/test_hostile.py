@@ -1,4 +1,4 @@
-"""Hostile and tired-user input, family by family (issue: never a traceback, never a hang, never code run,
+"""Hostile and tired-user input, family by family (the rule: never a traceback, never a hang, never code run,
 never a file lost outside the run). Every case asserts the exact outcome: the exit code, the sentence
 naming the file or key, the counted skip, the marker file that must not appear, the victim file that
 must still be there, the escaped HTML."""

@@ -64,7 +64,7 @@ def test_offline_real_defaults_exit_fast_with_one_message(tmp_path):
     assert "ViT-B-32" in p.stderr and "Qwen/Qwen3-0.6B-Base" in p.stderr and "lm_name" in p.stderr
     assert "Flickr30K" in p.stderr and "data_dir" in p.stderr  # every missing download named at once
     # a hang on network retries takes minutes; the bound leaves the ~7 s of imports and start-up room on a busy
-    # 2-core machine (at 15 s it was within a few seconds of failing in the full suite)
+    # 2-core machine
     assert took < 30, f"took {took:.1f}s"
 
 
@@ -138,7 +138,7 @@ def _lrs(hp, steps_per_epoch, n):
 
 def test_schedulers_follow_the_run_length():
     base = train.resolve_hparams(["--learning_rate=0.1", "--num_epochs=4"])
-    # StepLR keeps the seed's meaning: x0.9 every 2 epochs (here 5 steps per epoch)
+    # StepLR's default meaning: x0.9 every 2 epochs (here 5 steps per epoch)
     lrs = _lrs(base, 5, 20)
     assert lrs[:10] == [0.1] * 10 and lrs[10] == pytest.approx(0.09) and lrs[19] == pytest.approx(0.09)
     warm = _lrs({**base, "lr_scheduler": "CosineAnnealingLR", "warmup_steps": 4}, 5, 20)

@@ -1,5 +1,5 @@
 """
-Benchmark capkit's training and generation path against the seed-style loop: same model, same data,
+Benchmark capkit's training and generation path against a naive reference loop: same model, same data,
 same machine, one run.
 
     python -m tools.bench --config demo                 # the shipped tiny demo backbones
@@ -8,7 +8,7 @@ same machine, one run.
     python -m tools.bench --config real-shape --batch_size 64 --steps 50 --compile    # on a GPU: MFU + epoch time
     python -m tools.bench --mappers [--device cuda --batch_size 64 --steps 20]   # samples/s per mapping network, real shapes
 
-The seed-style loop (the main design document's loop) encodes every batch through CLIP, pads every
+The naive loop (how a first captioning script is usually written) encodes every batch through CLIP, pads every
 caption to max_caption_length (128), computes logits on every position, trains in fp32 and
 generates one image at a time, re-running the whole sequence for every token.
 The real path uses features extracted once (timed separately: it is paid once per dataset, not per
@@ -37,7 +37,7 @@ from model import ClipCaptioner
 
 CONFIGS = {
     "demo": {"batch_size": 64, "steps": 20, "captions": 64, "max_new_tokens": 24},
-    "real-shape": {"batch_size": 8, "steps": 2, "captions": 8, "max_new_tokens": 20},  # 8: the seed default batch
+    "real-shape": {"batch_size": 8, "steps": 2, "captions": 8, "max_new_tokens": 20},  # 8: a first script's usual batch
 }
 SEED_MAX_CAPTION_LENGTH = 128
 FLICKR30K_PAIRS = 145_000  # Karpathy train split: ~29k images x 5 captions
@@ -83,8 +83,8 @@ def peak_mem(device) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process RSS)"
 
 
-# ---------------------------------------------------------------------------------------------- seed-style
-def seed_train(model, lm32, images, captions, steps, B, device):
+# ---------------------------------------------------------------------------------------------- naive reference loop
+def naive_train(model, lm32, images, captions, steps, B, device):
     """Every batch: preprocess + CLIP, captions padded to 128, full logits, fp32."""
     opt = torch.optim.AdamW(model.projector.parameters(), lr=1e-4)
     tok, emb = model.tokenizer, lm32.get_input_embeddings()
@@ -114,7 +114,7 @@ def seed_train(model, lm32, images, captions, steps, B, device):
 
 
 @torch.no_grad()
-def seed_generate(model, lm32, images, max_new_tokens, device):
+def naive_generate(model, lm32, images, max_new_tokens, device):
     """One image at a time, no KV cache: the whole sequence is re-run for each new token."""
     emb, eos, out = lm32.get_input_embeddings(), model.tokenizer.eos_token_id, []
     for im in images:
@@ -211,7 +211,7 @@ def main():
         return bench_mappers(device, args.steps or 1, args.batch_size or 8)
     torch.manual_seed(0)
     model = build(args.config, device).train()
-    # the seed loop trains in fp32: on a bf16 GPU model it gets an fp32 copy of the same weights
+    # the naive loop trains in fp32: on a bf16 GPU model it gets an fp32 copy of the same weights
     lm32 = model.lm if next(model.lm.parameters()).dtype == torch.float32 else copy.deepcopy(model.lm).float()
     n_img = max(c["steps"] + 1, 1) * c["batch_size"]
     images, captions = make_data(max(n_img, c["captions"]))
@@ -221,17 +221,17 @@ def main():
           f"{torch.get_num_threads()} threads): batch {B}, {steps} timed steps, {M} captions, decoder {n_params / 1e6:.0f}M params")
 
     start = copy.deepcopy(model.projector.state_dict())  # every phase starts from the same MLP weights
-    seed_s, seed_tok = seed_train(model, lm32, images, captions, steps, B, device)
-    seed_mem = peak_mem(device)
+    naive_s, naive_tok = naive_train(model, lm32, images, captions, steps, B, device)
+    naive_mem = peak_mem(device)
     model.projector.load_state_dict(start)
     sync(device)
     t = time.time()
-    seed_caps = seed_generate(model.eval(), lm32, images[:M], T, device)
+    naive_caps = naive_generate(model.eval(), lm32, images[:M], T, device)
     sync(device)
-    seed_gen_s = time.time() - t
+    naive_gen_s = time.time() - t
 
     if lm32 is not model.lm:
-        del lm32  # the fp32 copy is the seed loop's; it must not count in the real path's peak memory
+        del lm32  # the fp32 copy is the naive loop's; it must not count in the real path's peak memory
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -252,9 +252,9 @@ def main():
         real_caps = model.generate(image_embeds=f, max_new_tokens=T)
     sync(device)
     real_gen_s = time.time() - t
-    same = sum(a.strip() == b.strip() for a, b in zip(seed_caps, real_caps))
+    same = sum(a.strip() == b.strip() for a, b in zip(naive_caps, real_caps))
 
-    rows = [("seed-style loop", seed_s, seed_tok, seed_gen_s, seed_mem), ("capkit", real_s, real_tok, real_gen_s, real_mem)]
+    rows = [("naive loop", naive_s, naive_tok, naive_gen_s, naive_mem), ("capkit", real_s, real_tok, real_gen_s, real_mem)]
     print(f"\n{'path':<16} {'train samples/s':>16} {'caption tok/s':>14} {'captions/s':>11}  peak memory")
     for name, s, tok, g, mem in rows:
         print(f"{name:<16} {steps * B / s:>16.2f} {tok / s:>14.1f} {M / g:>11.2f}  {mem}")
@@ -267,8 +267,8 @@ def main():
         flops = 4 * n_params * (real_tok + steps * B * model.config.proj_prefix_length) / real_s
         print("model FLOP utilisation (MLP-only training ~ 4 x decoder params x tokens): "
               + (f"{100 * flops / (peak * 1e12):.1f}% of {peak:.0f} TFLOP/s bf16" if peak else f"{flops / 1e12:.1f} TFLOP/s"))
-    print(f"train_speedup_vs_seed_loop: {seed_s / real_s:.2f}")
-    print(f"generate_speedup_vs_seed_loop: {seed_gen_s / real_gen_s:.2f}")
+    print(f"train_speedup_vs_naive_loop: {naive_s / real_s:.2f}")
+    print(f"generate_speedup_vs_naive_loop: {naive_gen_s / real_gen_s:.2f}")
 
 
 @torch.no_grad()

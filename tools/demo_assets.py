@@ -269,9 +269,8 @@ def build_lm(seconds: float, seed: int = 0, kind: str = "shapes") -> None:
 @torch.no_grad()
 def copy_accuracy(model, tok, examples, captions_for) -> dict[str, float]:
     """What the prefix relies on: given one caption of an example as context, how often the LM ranks each
-    attribute word of another phrasing (the first) above that attribute's other values. Measured: the scenes LM
-    after 644 steps copied colours and shapes (1.00) but sizes at chance (0.50), and every mapper then named
-    sizes at chance too; after 2,596 steps, 1.00."""
+    attribute word of another phrasing (the first) above that attribute's other values. An attribute the LM can't
+    copy from text, no mapper can teach it through a prefix either (docs/log.md, 2026-11-24)."""
     model.eval()
     groups = {"size": tuple(SIZES), "color": tuple(COLORS), "shape": SHAPES}  # scenes use the same size words
     ids = {k: [tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in v] for k, v in groups.items()}

@@ -11,7 +11,7 @@ user would start it, scored on its held-out test split with the image ablation.
     python -m tools.targets --only real_photos   # real photos: Flickr8k train -> test, each mapper and retrieval (hours on CPU)
     python -m tools.targets --only real_photos --variants mlp    # the recipe alone (+ its greedy decoding)
 
-The targets (issue 14): on scenes, the better of transformer / resampler reaches held-out ROUGE-L >= 0.90,
+The targets: on scenes, the better of transformer / resampler reaches held-out ROUGE-L >= 0.90,
 beats mlp by >= 0.10 and drops >= 0.25 when images are shuffled; SmolLM2 reaches >= 0.90 with a drop
 >= 0.20 within 30 minutes. With --reduced the only claim is transformer or resampler > mlp, after two
 epochs at batch 16 (2,500 steps).
@@ -39,7 +39,7 @@ SMOLLM2 = "smollm2_demo"
 # one place: README, "Which mapping network" ("The token mappers start slower").
 REDUCED = ["--num_epochs=2", "--batch_size=16"]
 SCENES_TARGETS = {"rouge_l_min": 0.90, "margin_over_mlp_min": 0.10, "ablation_drop_min": 0.25}
-# real photographs (issue 29): trained on the 612 Flickr8k train photos, scored on the 238 test/dev photos beside them.
+# real photographs: trained on the 612 Flickr8k train photos, scored on the 238 test/dev photos beside them.
 # Each variant is `train.py --preset real_photos` (3 beams) plus these flags; the first one's checkpoint is also decoded
 # greedily (eval.py --num_beams 1)
 REAL_PHOTOS = {"mlp": [],  # pooled features
