@@ -43,7 +43,7 @@ NONE_DEFAULT_TYPES = {"data_dir": str, "train_dir": str, "val_dir": str, "test_d
                       "target_modules": list, "training_name": str, "log_with": str, "lr_scheduler": str,
                       "save_every_n_steps": int, "keep_last_n": int}
 SCHEDULERS = ("StepLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR", "OneCycleLR")
-CHOICES = {"model_type": MODEL_TYPES + tuple(MODEL_TYPE_ALIASES), "proj_type": PROJECTOR_TYPES, "clip_features": CLIP_FEATURES,
+CHOICES = {"model_type": MODEL_TYPES, "proj_type": PROJECTOR_TYPES, "clip_features": CLIP_FEATURES,
            "encoder_type": ENCODER_TYPES,
            "quantization_bits": (4, 8, 16),
            "peft_module": ("LoRA", "IA3"), "optimizer": ("AdamW", "Prodigy"), "lr_scheduler": SCHEDULERS + (None,),

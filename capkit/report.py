@@ -164,7 +164,8 @@ def report_metrics(result: dict) -> dict:
 
 def run(argv) -> int:
     if len(argv) != 2:
-        print(__doc__.strip().splitlines()[0] + "\nusage: python -m capkit.report PREDICTIONS.json OUT_DIR", file=sys.stderr)
+        print(__doc__.strip().splitlines()[0] + "\nusage: python -m capkit.report PREDICTIONS.json OUT_DIR",
+              file=sys.stderr)
         return 2
     data = read_json(argv[0], "predictions file")
     if not isinstance(data, dict) or "predictions" not in data:

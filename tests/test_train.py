@@ -123,6 +123,19 @@ def test_bad_option_values_are_refused(argv, message):
         train.resolve_hparams(argv)
 
 
+def test_the_old_model_type_name_still_reads_and_only_it():
+    """model_type "clip_mlp" (the main path's name until 2026-12) reads as "prefix", in hyperparameters and in a
+    model config; a near miss is still refused, and the message offers today's names only."""
+    assert train.resolve_hparams(["--model_type=clip_mlp"])["model_type"] == "prefix"
+    assert config.model_config_from_hparams(train.resolve_hparams(["--model_type=clip_mlp"])).model_type == "prefix"
+    with pytest.raises(train.ConfigError, match="'prefix', 'git', 'blip'; got 'clip'"):
+        train.resolve_hparams(["--model_type=clip"])
+    from capkit.captioner import CaptionerConfig
+    assert CaptionerConfig.from_dict({"model_type": "clip_mlp"}).model_type == "prefix"
+    with pytest.raises(ValueError, match="unknown model_type 'clip_mlp2'"):
+        CaptionerConfig.from_dict({"model_type": "clip_mlp2"})
+
+
 def _lrs(hp, steps_per_epoch, n):
     import torch
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=hp["learning_rate"])

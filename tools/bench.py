@@ -3,10 +3,10 @@ Benchmark capkit's training and generation path against a naive reference loop: 
 same machine, one run.
 
     python -m tools.bench --config demo                 # the shipped tiny demo backbones
-    python -m tools.bench --config real-shape           # ViT-B-32 + Qwen3 with the 0.6B model's dimensions, random weights
+    python -m tools.bench --config real-shape        # ViT-B-32 + Qwen3 with the 0.6B model's dimensions, random weights
     python -m tools.bench --config real-shape --steps 5 --captions 16 --batch_size 8
     python -m tools.bench --config real-shape --batch_size 64 --steps 50 --compile    # on a GPU: MFU + epoch time
-    python -m tools.bench --mappers [--device cuda --batch_size 64 --steps 20]   # samples/s per mapping network, real shapes
+    python -m tools.bench --mappers [--device cuda --batch_size 64 --steps 20]   # samples/s per mapper, real shapes
 
 The naive loop (how a first captioning script is usually written) encodes every batch through CLIP, pads every
 caption to max_caption_length (128), computes logits on every position, trains in fp32 and
@@ -39,7 +39,7 @@ CONFIGS = {
     "demo": {"batch_size": 64, "steps": 20, "captions": 64, "max_new_tokens": 24},
     "real-shape": {"batch_size": 8, "steps": 2, "captions": 8, "max_new_tokens": 20},  # 8: a first script's usual batch
 }
-SEED_MAX_CAPTION_LENGTH = 128
+NAIVE_MAX_CAPTION_LENGTH = 128
 FLICKR30K_PAIRS = 145_000  # Karpathy train split: ~29k images x 5 captions
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}
 
@@ -58,7 +58,8 @@ def build(config: str, device):
         return ClipCaptioner.from_config(cfg).to(device)
     torch.manual_seed(0)
     clip, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
-    tok = AutoTokenizer.from_pretrained(DEMO_LM_DIR, trust_remote_code=False)  # any tokenizer: ids index the 151,936-row table
+    # any tokenizer will do: its ids index the 151,936-row table
+    tok = AutoTokenizer.from_pretrained(DEMO_LM_DIR, trust_remote_code=False)
     dtype = resolve_dtype("auto", device)  # as train.py's lm_dtype=auto on this device
     lm = Qwen3ForCausalLM._from_config(real_shape_lm_config(tok), dtype=dtype)
     cfg = CaptionerConfig(clip_model_name="ViT-B-32", clip_pretrained=None, proj_prefix_length=10,
@@ -98,7 +99,7 @@ def naive_train(model, lm32, images, captions, steps, B, device):
         feats = model.encode_images(pixels)
         prefix = model.prefix_embeds(feats).float()                                   # (B, P, H)
         enc = tok([captions[i] + tok.eos_token for i in idx], padding="max_length", truncation=True,
-                  max_length=SEED_MAX_CAPTION_LENGTH, return_tensors="pt", add_special_tokens=False)
+                  max_length=NAIVE_MAX_CAPTION_LENGTH, return_tensors="pt", add_special_tokens=False)
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         labels = torch.cat([torch.full((B, prefix.shape[1]), -100, device=device), ids.masked_fill(mask == 0, -100)], 1)
         out = lm32(inputs_embeds=torch.cat([prefix, emb(ids)], 1),
@@ -254,7 +255,8 @@ def main():
     real_gen_s = time.time() - t
     same = sum(a.strip() == b.strip() for a, b in zip(naive_caps, real_caps))
 
-    rows = [("naive loop", naive_s, naive_tok, naive_gen_s, naive_mem), ("capkit", real_s, real_tok, real_gen_s, real_mem)]
+    rows = [("naive loop", naive_s, naive_tok, naive_gen_s, naive_mem),
+            ("capkit", real_s, real_tok, real_gen_s, real_mem)]
     print(f"\n{'path':<16} {'train samples/s':>16} {'caption tok/s':>14} {'captions/s':>11}  peak memory")
     for name, s, tok, g, mem in rows:
         print(f"{name:<16} {steps * B / s:>16.2f} {tok / s:>14.1f} {M / g:>11.2f}  {mem}")

