@@ -17,7 +17,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import random
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +32,7 @@ from capkit.folders import CaptionSet, build_caption_set, load_folder, split_by_
 from capkit.images import SkipLog, load_item
 from capkit.safeio import read_text
 from capkit.shapes import STYLE_OF, ensure_shapes_dataset
+from capkit.shards import hf_shards, materialize, open_hf, tar_shards
 
 FLICKR30K_REPO = "nlphuji/flickr30k"
 FLICKR30K_FILES = ("flickr_annotations_30k.csv", "flickr30k-images.zip")
@@ -102,7 +105,7 @@ def load_flickr30k(split: str, skips: SkipLog, data_dir=None) -> CaptionSet:
 # ----------------------------------------------------------------------------------------------
 # one entry point for train.py / eval.py
 
-PATH_KEYS = ("data_dir", "train_dir", "val_dir", "test_dir", "captions_file")  # the data's paths in hyperparameters
+PATH_KEYS = ("data_dir", "train_dir", "val_dir", "test_dir", "captions_file", "hf_dataset")  # the data's paths
 
 
 def from_here_or_clone(path: str) -> str:
@@ -117,18 +120,21 @@ def from_here_or_clone(path: str) -> str:
 def load_splits(hp: dict, skips: SkipLog, which=("train", "val", "test")) -> dict[str, CaptionSet]:
     """Build the requested splits from hyperparameters (dataset, data_dir, train_dir, val_dir,
     test_dir, captions_file, split_ratio, val_ratio, seed)."""
-    hp = {**hp, **{k: from_here_or_clone(hp[k]) for k in PATH_KEYS if hp.get(k)}}
+    hp = {**hp, **{k: from_here_or_clone(hp[k]) for k in PATH_KEYS if isinstance(hp.get(k), str)}}
     kind = hp.get("dataset")
     if kind is None:  # a checkpoint whose training metadata is gone doesn't say which data it was trained on
         raise DataError("no dataset named (a checkpoint without its training metadata doesn't say which data it "
                         "was trained on): pass --dataset and --data_dir (or --test_dir)")
     if kind == "flickr30k":
         return {s: load_flickr30k(s, skips, hp.get("data_dir")) for s in which}
+    if kind in ("hf", "webdataset"):
+        return load_shard_splits(hp, skips, which)
     if kind in STYLE_OF:  # the demo datasets (shapes_b: one style-B caption per image; scenes: two shapes)
         root = ensure_shapes_dataset(hp["data_dir"], STYLE_OF[kind])
         return {s: load_folder(root / s, skips) for s in which}
     if kind != "folder":
-        raise DataError(f"unknown dataset {kind!r}; expected one of {', '.join(('flickr30k', 'folder', *STYLE_OF))}")
+        raise DataError(f"unknown dataset {kind!r}; expected one of "
+                        f"{', '.join(('flickr30k', 'folder', 'hf', 'webdataset', *STYLE_OF))}")
     seed = hp.get("seed", 0)
     if hp.get("train_dir"):
         train = load_folder(hp["train_dir"], skips, hp.get("captions_file"))
@@ -152,6 +158,80 @@ def load_splits(hp: dict, skips: SkipLog, which=("train", "val", "test")) -> dic
         if out[name].num_images == 0 and (name == "train" or len(which) == 1):
             raise DataError(f"the {name} split has no usable images ({skips.summary()})")
     return {s: out[s] for s in which}
+
+
+# ----------------------------------------------------------------------------------------------
+# data in shards (hf, webdataset): training streamed, evaluation splits written out once as image files
+
+@dataclass
+class ShardSource:
+    """A training split kept in shards and read as a stream (capkit/streams.py): TarShard or HFShard."""
+    shards: list
+    name: str
+
+    num_images = None  # not known before the shards are read
+
+
+def _shard_parts(hp: dict) -> dict:
+    """hp -> {"train" / "val" / "test": the split's shards, or a reason it is absent}."""
+    seed = hp.get("seed", 0)
+    if hp["dataset"] == "webdataset":
+        if hp.get("train_dir"):
+            parts = {"train": tar_shards(hp["train_dir"])}
+            parts.update({s: tar_shards(hp[f"{s}_dir"]) for s in ("val", "test") if hp.get(f"{s}_dir")})
+        elif hp.get("data_dir"):  # one set of shards: split by shard (a shard's samples stay together)
+            parts = _split_list(tar_shards(hp["data_dir"]), "test", 1 - hp.get("split_ratio", 0.9), seed)
+        else:
+            raise DataError("dataset='webdataset' needs data_dir (tar shards, split by split_ratio) or "
+                            "train_dir / val_dir / test_dir: patterns like shards/{00000..00099}.tar")
+        if "val" not in parts:
+            parts = {**parts, **_split_list(parts["train"], "val", hp.get("val_ratio", 0.05), seed)}
+        return parts
+    return _hf_parts(hp, seed)
+
+
+def _split_list(shards: list, name: str, fraction: float, seed: int) -> dict:
+    """Hold out round(fraction x len) shards (at least one when fraction > 0 and two are left) as `name`."""
+    order = list(range(len(shards)))
+    random.Random(seed).shuffle(order)
+    n = min(len(shards) - 1, max(1 if fraction > 0 else 0, round(fraction * len(shards))))
+    held = set(order[:n])
+    return {"train": [s for i, s in enumerate(shards) if i not in held], name: [s for i, s in enumerate(shards) if i in held]}
+
+
+def _hf_parts(hp: dict, seed: int) -> dict:
+    if not hp.get("hf_dataset"):
+        raise DataError("dataset='hf' needs hf_dataset: a hub id, or a local folder of parquet files, a "
+                        "save_to_disk folder or an imagefolder")
+    src, names = hp["hf_dataset"], {"train": "train", "val": "validation", "test": "test", **(hp.get("hf_splits") or {})}
+    unknown = set(names) - {"train", "val", "test"}
+    if unknown:
+        raise DataError(f"hf_splits: unknown key {sorted(unknown)[0]!r}; it maps train / val / test to split names")
+    d = open_hf(src, hp.get("streaming", False))
+    if names["train"] not in d:
+        raise DataError(f"{src} has no split {names['train']!r} (its splits: {', '.join(d)}): set hf_splits")
+    splits = {s: d[n] for s, n in names.items() if n in d}
+    for s, ratio in (("test", 1 - hp.get("split_ratio", 0.9)), ("val", hp.get("val_ratio", 0.05))):
+        if s not in splits and hasattr(splits["train"], "train_test_split") and ratio > 0 and splits["train"].num_rows > 1:
+            cut = splits["train"].train_test_split(test_size=ratio, seed=seed)  # rows: an image's captions stay together
+            splits["train"], splits[s] = cut["train"], cut["test"]
+    return {s: hf_shards(v, src, names.get(s, s), hp.get("image_column"), hp.get("caption_column"))
+            for s, v in splits.items()}
+
+
+def load_shard_splits(hp: dict, skips: SkipLog, which) -> dict:
+    """train: a ShardSource, streamed; val / test: CaptionSets of their images, written once under data_cache_dir."""
+    parts, out = _shard_parts(hp), {}
+    for name in which:
+        if name == "train":
+            out[name] = ShardSource(parts["train"], f"{hp['dataset']} train ({len(parts['train'])} shards)")
+            continue
+        shards = parts.get(name) or (parts.get("val") if name == "test" else None) or []
+        out[name] = materialize(shards, Path(hp.get("data_cache_dir") or "cache/data") / "eval_splits", skips,
+                                f"{hp['dataset']} {name} split") if shards else CaptionSet([], [])
+    if len(which) == 1 and which[0] != "train" and out[which[0]].num_images == 0:
+        raise DataError(f"the {which[0]} split has no usable images ({skips.summary()})")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

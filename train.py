@@ -81,12 +81,15 @@ from capkit.resume import (
     training_state,
 )
 from capkit.retrieval import Datastore
-from dataset import AugmentThenPreprocess, CaptionAugment, PairDataset, load_splits
+from capkit.shard_features import count_pairs, extract_shard_features
+from capkit.streams import ShardStream, decode_pair, embeds_pair
+from dataset import AugmentThenPreprocess, CaptionAugment, PairDataset, ShardSource, load_splits
 from model import build_model
 
 hyperparameters = {
     # --- data ---
-    "dataset": "flickr30k",          # "flickr30k" (Karpathy split) | "folder" (your images) | "shapes" | "scenes" (demos)
+    "dataset": "flickr30k",          # "flickr30k" (Karpathy split) | "folder" (your images) | "hf" (🤗 datasets) |
+                                     #   "webdataset" (tar shards) | "shapes" | "scenes" (demos)
     "data_dir": None,                # flickr30k: folder with the csv + images (None: download); folder: all your data
     "train_dir": None,               # folder datasets: separate train / val / test folders instead of data_dir
     "val_dir": None,                 #   None: val_ratio of the training images are held out for validation
@@ -95,6 +98,16 @@ hyperparameters = {
     "split_ratio": 0.9,              # folder datasets: fraction of images for training (rest: test)
     "val_ratio": 0.05,               # folder datasets without val_dir: fraction of training images for validation
     "training_size_limit": 500,      # max (image, caption) training pairs; None = the full dataset
+    # hf / webdataset: data kept in shards, streamed (README "Your own data"; webdataset: data_dir / train_dir / ...
+    #   take tar shard patterns, "shards/{00000..00099}.tar", several joined by "::")
+    "hf_dataset": None,              # dataset="hf": a hub id or a local folder (parquet files, save_to_disk, imagefolder)
+    "hf_splits": {"train": "train", "val": "validation", "test": "test"},  # dataset="hf": the split names; a missing
+                                     #   val / test split is carved out of train (val_ratio / split_ratio; not streamed)
+    "image_column": None,            # dataset="hf": the image column (None: the first of image, jpg, png, file_name, ...)
+    "caption_column": None,          # dataset="hf": the caption column, or a list of them (None: caption, text, ...)
+    "streaming": False,              # dataset="hf": read the training split as it downloads (no full copy first)
+    "shuffle_buffer": 1000,          # hf / webdataset: (image, caption) pairs each reader shuffles among
+    "data_cache_dir": "cache/data",  # hf / webdataset: the evaluation splits, written once as image files
     # --- model (see model.CaptionerConfig) ---
     "model_type": "prefix",          # "prefix" (frozen encoder -> mapper -> prefix of a frozen LM) | "git" | "blip" (adapters)
     "encoder_type": "open_clip",     # image encoder library: "open_clip" | "timm" | "hf" (transformers vision models)
@@ -300,14 +313,16 @@ class Run:
 @dataclass
 class TrainingData:
     """The training pairs and how they are batched."""
-    images: CaptionSet               # the training images that are used (and readable)
-    pairs: list                      # (image index, caption)
-    feats: torch.Tensor | None       # (N, E) frozen-CLIP features on the device, or None: pixels per batch
+    images: CaptionSet | None        # the training images that are used (and readable); None: streamed
+    pairs: list | None               # (image index, caption); None: streamed
+    feats: torch.Tensor | None       # (N, E) frozen-CLIP features on the device, or None: per batch
     cache_dir: str | None            # where CLIP features are cached (None: no cache)
     loader: DataLoader
     order: torch.Generator           # the data order: saved, so a resume replays the same batches
     worker_seeds: torch.Generator    # DataLoader worker seeds
     workers: int
+    stream: ShardStream | None = None  # hf / webdataset: the shards' stream (its position is the loop's)
+    num_pairs: int = 0
 
     def order_state(self) -> torch.Tensor:
         return torch.stack([self.order.get_state(), self.worker_seeds.get_state()])
@@ -347,6 +362,8 @@ def build_training_data(run: Run, train_set: CaptionSet, model) -> TrainingData:
     """The (image, caption) pairs to train on, their CLIP features (computed once, cached) when the image
     side is frozen, and a DataLoader over them in a seeded, resumable order."""
     hp = run.hp
+    if isinstance(train_set, ShardSource):
+        return build_stream_data(run, train_set, model)
     pairs = train_set.pairs()
     if hp["training_size_limit"] is not None and len(pairs) > hp["training_size_limit"]:
         pairs = random.Random(hp["seed"]).sample(pairs, hp["training_size_limit"])
@@ -379,13 +396,50 @@ def build_training_data(run: Run, train_set: CaptionSet, model) -> TrainingData:
                       pad_to_multiple_of=COMPILE_PAD_MULTIPLE if hp["compile"] else None)
     loader = DataLoader(PairDataset(train_set, transform, pairs, cap_aug), **batching, num_workers=workers,
                         pin_memory=run.device.type == "cuda", collate_fn=collate)
-    return TrainingData(train_set, pairs, feats, cache_dir, loader, order, worker_seeds, workers)
+    return TrainingData(train_set, pairs, feats, cache_dir, loader, order, worker_seeds, workers, num_pairs=len(pairs))
+
+
+def build_stream_data(run: Run, source: ShardSource, model) -> TrainingData:
+    """Shards, streamed: their features extracted once into feature shards when the image side is frozen (else
+    images decoded per step), read by a ShardStream per process in a seeded order that a resume replays."""
+    hp, acc = run.hp, run.acc
+    if hp["retrieval_k"]:
+        raise ConfigError("retrieval_k needs every training image's features in memory, which streamed data "
+                          "(dataset hf / webdataset) never holds: set retrieval_k=0")
+    workers = hp["num_workers"] if hp["num_workers"] is not None else (4 if run.device.type == "cuda" else 0)
+    cache_dir = hp["feature_cache_dir"] if model.supports_feature_cache else None
+    if cache_dir is not None and not hp["augment_images"]:
+        shards = extract_shard_features(model, source.shards, cache_dir, run.skips, hp["eval_batch_size"], workers, acc)
+        counts, make = [s.pairs for s in shards], embeds_pair                     # items: (E,) / (N, W) features
+    else:
+        shards, counts = source.shards, count_pairs(source.shards, run.skips, acc)
+        make = decode_pair(AugmentThenPreprocess(model.preprocess) if hp["augment_images"] else model.preprocess)
+    if not sum(counts):
+        raise DataError(f"none of the training samples could be used ({run.skips.summary()})")
+    limit = hp["training_size_limit"]
+    stream = ShardStream(shards, counts, rank=acc.process_index, processes=acc.num_processes, workers=workers,
+                         local_batch=hp["batch_size"] // acc.num_processes, seed=hp["seed"], make_item=make,
+                         buffer=hp["shuffle_buffer"], epochs=hp["num_epochs"],
+                         max_batches=None if limit is None else max(1, limit // hp["batch_size"]))
+    if len(stream) == 0:
+        raise DataError(f"{sum(counts)} pairs in {len(shards)} shards fill no batch of {stream.local_batch} on each "
+                        f"of the {stream.slots} readers (processes x workers): lower batch_size or num_workers")
+    worker_seeds = torch.Generator().manual_seed(hp["seed"] + 1)
+    collate = Collate(model.tokenize, hp["max_caption_length"], pad_id=model.tokenizer.pad_token_id,
+                      pad_to_multiple_of=COMPILE_PAD_MULTIPLE if hp["compile"] else None)
+    loader = DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=collate, generator=worker_seeds,
+                        pin_memory=run.device.type == "cuda")
+    return TrainingData(None, None, None, cache_dir, loader, torch.Generator().manual_seed(hp["seed"]), worker_seeds,
+                        workers, stream, sum(counts))
 
 
 def build_datastore(run: Run, model, data: TrainingData):
     """The training images' retrieval keys and captions (retrieval.py), attached to the model (retrieval_k reads
     it) and saved beside the checkpoints, which name it. None for models whose image side trains (git / blip)."""
     if not model.supports_feature_cache:
+        return None
+    if data.stream is not None:  # (build_stream_data refuses retrieval_k for streams)
+        run.log("note: no kNN baseline or retrieval datastore for streamed data (they need every training feature)")
         return None
     feats, images = data.feats, data.images
     if feats is None:  # augment_images: the plain images' features, once (cached: the same as without augmenting)
@@ -409,7 +463,10 @@ def build_step(run: Run, model, data: TrainingData) -> Optimization:
     hp, accum, trainable = run.hp, run.hp["gradient_accumulation_steps"], model.trainable_parameters()
     opt = make_optimizer(trainable, hp)
     sched = make_scheduler(opt, hp, steps_per_epoch=-(-len(data.loader) // accum))
-    step_model, opt, data.loader = run.acc.prepare(model, opt, data.loader)  # DDP-wrapped on several processes
+    if data.stream is None:
+        step_model, opt, data.loader = run.acc.prepare(model, opt, data.loader)  # DDP-wrapped on several processes
+    else:  # the stream splits its shards among processes itself: accelerate must not re-split its batches
+        step_model, opt = run.acc.prepare(model, opt)
     if hp["compile"]:  # here, not through accelerate's dynamo plugin: that one is process-wide state and
         # would stick to the first run in a notebook
         step_model = compile_step(step_model, run.device)
@@ -425,7 +482,10 @@ def describe_run(run: Run, splits: dict, data: TrainingData, model) -> None:
             run.log(f"note: the {name} split has no images (too few images to hold any out): {why} is skipped; "
                     f"add images, or give {name}_dir")
     n_params = sum(p.numel() for p in model.trainable_parameters())
-    run.log(f"data: {len(data.pairs)} training pairs from {data.images.num_images} images; "
+    train = f"{data.num_pairs} training pairs from {data.images.num_images} images" if data.stream is None else \
+        (f"{data.num_pairs} training pairs in {len(data.stream.shards)} shards, streamed: {len(data.stream)} batches "
+         f"per epoch on each of {run.acc.num_processes} process(es)")
+    run.log(f"data: {train}; "
             f"val {splits['val'].num_images} images; test {splits['test'].num_images} images; {run.skips.summary()}")
     c = model.config
     feats = f"{c.clip_embed_dim}-d pooled" if c.clip_features == "pooled" else \
@@ -492,7 +552,11 @@ def train_epoch(run: Run, model, data: TrainingData, optim: Optimization, loop: 
     n_batches = len(data.loader)
     order = data.order_state()  # this epoch's data order, drawn from when the loader is iterated
     first = loop.start_epoch(epoch, n_batches)  # only the epoch a resume lands in starts part-way
-    it = iter(run.acc.skip_first_batches(data.loader, first) if first else data.loader)
+    if data.stream is not None:  # the stream replays its records up to `first` without decoding them
+        data.stream.set_position(epoch, first)
+        it = iter(data.loader)
+    else:
+        it = iter(run.acc.skip_first_batches(data.loader, first) if first else data.loader)
     loop.start_clock()  # (after iter(): the seconds don't include starting the loader's workers)
     if loop.rng_at_epoch_start is not None:  # a mid-epoch resume: the RNGs as they were at that step
         restore_rng(loop.rng_at_epoch_start)
@@ -539,7 +603,9 @@ def micro_step(run: Run, data: TrainingData, optim: Optimization, batch: dict, g
         usable = bool(acc.gather(torch.tensor([usable], device=run.device)).all())
     if not usable:
         return None
-    if data.feats is not None:
+    if "image_embeds" in batch:  # streamed feature shards
+        image_inputs = {"image_embeds": batch["image_embeds"].to(run.device, non_blocking=True)}  # (B, E)
+    elif data.feats is not None:
         image_inputs = {"image_embeds": data.feats[batch["image_idx"]]}                    # (B, E)
     else:
         image_inputs = {"pixel_values": batch["pixel_values"].to(run.device, non_blocking=True)}  # (B, 3, S, S)

@@ -55,11 +55,14 @@ class Collate:
     def __call__(self, items):
         skipped = [it["error"] for it in items if "error" in it]
         items = [it for it in items if "error" not in it]
-        batch = {"skipped": skipped, "image_idx": torch.tensor([it["image_idx"] for it in items], dtype=torch.long)}
+        batch = {"skipped": skipped}
         if not items:
             return batch
-        if "pixel_values" in items[0]:
-            batch["pixel_values"] = torch.stack([it["pixel_values"] for it in items])
+        if "image_idx" in items[0]:
+            batch["image_idx"] = torch.tensor([it["image_idx"] for it in items], dtype=torch.long)
+        for key in ("pixel_values", "image_embeds"):  # (B, 3, S, S) images | (B, E) / (B, N, W) cached features
+            if key in items[0]:
+                batch[key] = torch.stack([it[key] for it in items])
         if self.tokenize is not None and "caption" in items[0]:
             enc = self.tokenize([it["caption"] for it in items], self.max_length)
             batch.update(pad_to_multiple(enc, self.pad_to_multiple_of, self.pad_id) if self.pad_to_multiple_of else enc)

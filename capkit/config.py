@@ -41,13 +41,14 @@ NONE_DEFAULT_TYPES = {"data_dir": str, "train_dir": str, "val_dir": str, "test_d
                       "training_size_limit": int, "clip_pretrained": str, "image_size": int, "tokenizer_name": str,
                       "num_workers": int, "max_grad_norm": float, "feature_cache_dir": str, "hf_model_name": str,
                       "target_modules": list, "training_name": str, "log_with": str, "lr_scheduler": str,
-                      "save_every_n_steps": int, "keep_last_n": int}
+                      "save_every_n_steps": int, "keep_last_n": int, "hf_dataset": str, "image_column": str,
+                      "caption_column": (str, list)}
 SCHEDULERS = ("StepLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR", "OneCycleLR")
 CHOICES = {"model_type": MODEL_TYPES, "proj_type": PROJECTOR_TYPES, "clip_features": CLIP_FEATURES,
            "encoder_type": ENCODER_TYPES,
            "quantization_bits": (4, 8, 16),
            "peft_module": ("LoRA", "IA3"), "optimizer": ("AdamW", "Prodigy"), "lr_scheduler": SCHEDULERS + (None,),
-           "log_with": ("tensorboard", "wandb", None), "dataset": ("flickr30k", "folder", *STYLE_OF),
+           "log_with": ("tensorboard", "wandb", None), "dataset": ("flickr30k", "folder", "hf", "webdataset", *STYLE_OF),
            "lm_dtype": ("auto", "float32", "bfloat16", "float16")}
 # the values each number may take, checked before anything loads ("[" includes the bound, "(" excludes it;
 # None values are checked only where None is not allowed)
@@ -61,7 +62,7 @@ RANGES = {
     "max_grad_norm": "(0, inf)", "max_bad_steps": "[1, inf)", "training_size_limit": "[1, inf)",
     "frozen_parts": "[0, inf)", "save_every_n_epochs": "[1, inf)", "save_every_n_steps": "[1, inf)",
     "keep_last_n": "[1, inf)", "num_workers": "[0, 256]", "seed": "[0, 4294967295]", "split_ratio": "(0, 1]",
-    "val_ratio": "[0, 1)", "proj_dropout": "[0, 1)", "lora_dropout": "[0, 1)", "caption_dropout": "[0, 1)",
+    "val_ratio": "[0, 1)", "shuffle_buffer": "[1, 10000000]", "proj_dropout": "[0, 1)", "lora_dropout": "[0, 1)", "caption_dropout": "[0, 1)",
     **{key: f"[{lo}, {hi}]" for key, (lo, hi) in CONFIG_BOUNDS.items()},  # the model config's own bounds
 }
 
@@ -88,7 +89,8 @@ def _check_type(key, value, defaults: dict):
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if want is not None and (not isinstance(value, want) or (want is int and isinstance(value, bool))):
-        raise ConfigError(f"hyperparameter {key!r} must be {want.__name__}, got {value!r} ({type(value).__name__})")
+        name = " or ".join(t.__name__ for t in want) if isinstance(want, tuple) else want.__name__
+        raise ConfigError(f"hyperparameter {key!r} must be {name}, got {value!r} ({type(value).__name__})")
     return value
 
 

@@ -62,19 +62,26 @@ def build_caption_set(entries, root: Path, skips: SkipLog) -> CaptionSet:
         if caption is not None and not isinstance(caption, str):
             skips.add(path, f"caption is not text: {type(caption).__name__}")
             continue
-        caption = _clean(caption or "")
-        if not _encodable(caption):  # a lone surrogate from a broken JSON escape: no tokenizer takes it
-            skips.add(path, "caption is not valid text")
-        elif len(caption) > MAX_CAPTION_CHARS:
-            skips.add(path, f"caption too long: {len(caption):,} characters (limit {MAX_CAPTION_CHARS:,})")
-        elif caption:
-            grouped[path].append(caption)
+        caption, problem = clean_caption(caption)
+        if problem:
+            skips.add(path, problem)
         else:
-            skips.add(path, "empty caption")
+            grouped[path].append(caption)
     for path in [p for p, caps in grouped.items() if not caps]:
         skips.add(path, "image without captions")
         del grouped[path]
     return CaptionSet(list(grouped), list(grouped.values()))
+
+
+def clean_caption(caption) -> tuple[str, str | None]:
+    """(the caption with its whitespace collapsed, why it can't be used or None). The one set of caption rules
+    for every source: folders, Flickr30K, 🤗 datasets and WebDataset shards."""
+    caption = _clean(caption or "")
+    if not _encodable(caption):  # a lone surrogate from a broken JSON escape: no tokenizer takes it
+        return caption, "caption is not valid text"
+    if len(caption) > MAX_CAPTION_CHARS:
+        return caption, f"caption too long: {len(caption):,} characters (limit {MAX_CAPTION_CHARS:,})"
+    return caption, None if caption else "empty caption"
 
 
 def _encodable(text: str) -> bool:

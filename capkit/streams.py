@@ -1,0 +1,131 @@
+"""
+Training on shards as a stream, in a seeded order that a resume can replay exactly.
+
+Each epoch the shards are dealt to "slots", one per (process, DataLoader worker): a seeded permutation, each
+shard to the slot holding the fewest pairs so far, so every shard is read once per epoch by exactly one worker
+of one process (one machine or many). A slot reads its shards in turn, one pair per (image, caption), through a
+shuffle buffer seeded by (seed, epoch, slot), and cuts batches. Every slot stops after the same number of
+batches (the fewest any slot can fill in any epoch), so all processes take the same number of steps.
+
+The whole order is a function of (seed, epoch, slot): the position in the stream is the training loop's
+(epoch, batches done), and a resume replays the records up to it without decoding one image.
+
+    stream = ShardStream(shards, counts, rank=0, processes=1, workers=2, local_batch=32, seed=42,
+                         make_item=decode_pair, buffer=1000, max_batches=None)
+    stream.set_position(epoch=1, batches_done=0)
+    loader = DataLoader(stream, batch_size=None, num_workers=2, collate_fn=Collate(...))
+"""
+from __future__ import annotations
+
+import heapq
+import io
+import random
+
+import torch
+
+from capkit.images import load_item
+
+
+def deal_shards(counts: list[int], slots: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shard indices per slot for one epoch: a seeded permutation, each shard to the least-loaded slot."""
+    order = list(range(len(counts)))
+    random.Random(f"{seed}/{epoch}").shuffle(order)
+    heap = [(0, s) for s in range(slots)]  # (pairs so far, slot)
+    out: list[list[int]] = [[] for _ in range(slots)]
+    for i in order:
+        load, s = heapq.heappop(heap)
+        out[s].append(i)
+        heapq.heappush(heap, (load + counts[i], s))
+    return out
+
+
+def batches_per_slot(counts: list[int], slots: int, seed: int, epochs: int, local_batch: int) -> int:
+    """The batches every slot can fill in every epoch (the same count for all: equal steps on every process)."""
+    fewest = min(sum(counts[i] for i in ids) for e in range(1, epochs + 1) for ids in
+                 deal_shards(counts, slots, seed, e))
+    return fewest // local_batch
+
+
+def shuffled(items, size: int, rng: random.Random):
+    """A shuffle buffer of `size` items: each new item goes in, a random one comes out; the rest at the end."""
+    buf = []
+    for x in items:
+        buf.append(x)
+        if len(buf) >= size:
+            j = rng.randrange(len(buf))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+def decode_pair(transform):
+    """make_item for image records: decoded (load_rgb, as every image) and transformed in the worker."""
+    def make(rec: dict) -> dict:
+        item = load_item(io.BytesIO(rec["image"]), transform, caption=rec["caption"])
+        if "error" in item:  # named by its shard and key, not by a buffer
+            item["error"] = (rec["key"], item["error"][1])
+        return item
+    return make
+
+
+def embeds_pair(rec: dict) -> dict:
+    """make_item for feature-shard records: the cached features, no image at all."""
+    return {"image_embeds": rec["embeds"], "caption": rec["caption"]}
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Batches (lists of items for the DataLoader's collate_fn) of this process's slots; len() = the batches
+    this process takes per epoch, the same on every process."""
+
+    def __init__(self, shards, counts, *, rank: int, processes: int, workers: int, local_batch: int, seed: int,
+                 make_item, buffer: int, epochs: int, max_batches: int | None = None):
+        self.shards, self.counts, self.make_item, self.buffer = shards, list(counts), make_item, buffer
+        self.rank, self.workers, self.local_batch, self.seed = rank, max(workers, 1), local_batch, seed
+        self.slots = processes * self.workers
+        n = batches_per_slot(self.counts, self.slots, seed, epochs, local_batch)
+        self.per_slot = n if max_batches is None else min(n, max(1, max_batches // self.workers))
+        self.epoch, self.start = 1, 0
+
+    def __len__(self):
+        return self.per_slot * self.workers
+
+    def set_position(self, epoch: int, batches_done: int = 0) -> None:
+        """Where the next iteration starts (read by the workers when the DataLoader starts them)."""
+        self.epoch, self.start = epoch, batches_done
+
+    def slot_shards(self, epoch: int, rank: int, worker: int) -> list[int]:
+        return deal_shards(self.counts, self.slots, self.seed, epoch)[rank * self.workers + worker]
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w = info.id if info is not None else 0
+        # the DataLoader takes batches from its workers in turn, starting at worker 0: after a resume at batch k,
+        # worker 0 plays the slot whose batch is k-th, so the batches come in the uninterrupted run's order
+        role = (w + self.start) % self.workers
+        skip = len(range(role, self.start, self.workers))  # this slot's batches already trained
+        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank * self.workers + role}")
+        pairs = shuffled(self._pairs(self.slot_shards(self.epoch, self.rank, role)), self.buffer, rng)
+        batch, errors, made = [], [], 0
+        for p in pairs:
+            if "error" in p:
+                errors.append({"error": (p["key"], p["error"])})
+                continue
+            batch.append(p)
+            if len(batch) < self.local_batch:
+                continue
+            if made >= skip:  # (skipped batches are replayed records, never decoded images)
+                yield errors + [self.make_item(x) for x in batch]
+                errors = []
+            batch, made = [], made + 1
+            if made == self.per_slot:
+                return
+
+    def _pairs(self, shard_ids):
+        for i in shard_ids:
+            for rec in self.shards[i].records():
+                if "error" in rec:  # a skip goes through the buffer too, but takes no place in a batch
+                    yield rec
+                    continue
+                for c in rec["captions"]:
+                    yield {**rec, "caption": c}
