@@ -424,6 +424,10 @@ def build_stream_data(run: Run, source: ShardSource, model) -> TrainingData:
     if len(stream) == 0:
         raise DataError(f"{sum(counts)} pairs in {len(shards)} shards fill no batch of {stream.local_batch} on each "
                         f"of the {stream.slots} readers (processes x workers): lower batch_size or num_workers")
+    if acc.num_processes > 1:  # what each process reads (on any machine): its own shards, no other's
+        ids = sorted(i for w in range(stream.workers) for i in stream.slot_shards(1, acc.process_index, w))
+        print(f"process {acc.process_index} of {acc.num_processes}: {len(stream)} batches per epoch; epoch 1 reads "
+              f"{len(ids)} shards" + (f" {ids}" if len(ids) <= 64 else ""), flush=True)
     worker_seeds = torch.Generator().manual_seed(hp["seed"] + 1)
     collate = Collate(model.tokenize, hp["max_caption_length"], pad_id=model.tokenizer.pad_token_id,
                       pad_to_multiple_of=COMPILE_PAD_MULTIPLE if hp["compile"] else None)

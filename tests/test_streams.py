@@ -1,0 +1,219 @@
+"""Data in shards: 🤗 datasets (parquet, save_to_disk, imagefolder) and WebDataset tar shards read as the folder
+loader reads the same folder; bad members counted; shards split across processes and workers, each read once;
+training streamed, with an exact resume after SIGKILL; an unreachable hub dataset is one paragraph, exit 5."""
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO
+
+import train
+from capkit.folders import load_folder
+from capkit.images import SkipLog
+from capkit.shapes import write_split
+from capkit.shards import open_hf, tar_shards
+from capkit.streams import ShardStream, deal_shards
+from dataset import load_splits
+from tools.convert import write_parquet, write_webdataset
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("streams")
+    for split, n, seed in (("train", 24, 1), ("test", 6, 3)):
+        write_split(root / split, n, seed)
+    return root
+
+
+def expected(root) -> dict:
+    """What the folder loader gives: image bytes -> sorted captions."""
+    data = load_folder(root, SkipLog())
+    return {digest(p.read_bytes()): sorted(c) for p, c in zip(data.images, data.captions)}
+
+
+def read_all(shards, skips=None) -> dict:
+    got = {}
+    for s in shards:
+        for rec in s.records():
+            if "error" in rec:
+                skips.add(rec["key"], rec["error"])
+            else:
+                got[digest(rec["image"])] = sorted(rec["captions"])
+    return got
+
+
+def hf_train_shards(path, **hp):
+    from dataset import _shard_parts
+    return _shard_parts({"dataset": "hf", "hf_dataset": str(path), "seed": 0, **hp})["train"]
+
+
+@pytest.fixture(scope="module")
+def formats(folder, tmp_path_factory):
+    """The train folder as tar shards, parquet files, a save_to_disk folder and an imagefolder."""
+    import datasets
+    out = tmp_path_factory.mktemp("formats")
+    data = load_folder(folder / "train", SkipLog())
+    write_webdataset(data.images, data.captions, str(out / "wds" / "train"), per_shard=6)   # 4 shards
+    write_parquet(data.images, data.captions, str(out / "parquet"), "train", per_shard=10)  # 3 files
+    datasets.load_dataset(str(out / "parquet")).save_to_disk(str(out / "saved"))
+    imf = out / "imagefolder"
+    imf.mkdir()
+    with open(imf / "metadata.jsonl", "w") as f:
+        for p, caps in zip(data.images, data.captions):
+            (imf / p.name).write_bytes(p.read_bytes())
+            f.write(json.dumps({"file_name": p.name, "captions": caps}) + "\n")
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["wds", "parquet", "saved", "imagefolder"])
+def test_every_format_gives_what_the_folder_loader_gives(folder, formats, fmt):
+    shards = tar_shards(str(formats / "wds" / "train-{00000..00003}.tar")) if fmt == "wds" else \
+        hf_train_shards(formats / fmt, caption_column="captions", split_ratio=1.0, val_ratio=0)  # all of train
+    skips = SkipLog()
+    assert read_all(shards, skips) == expected(folder / "train") and not skips.items
+    assert len(shards) == (4 if fmt == "wds" else 24)  # a small local 🤗 dataset: one shard per row (<= 64)
+
+
+def test_streaming_parquet_and_split_names(formats):
+    d = open_hf(str(formats / "parquet"), streaming=True)
+    assert list(d) == ["train"] and d["train"].num_shards == 3
+    shards = hf_train_shards(formats / "parquet", streaming=True)  # caption column found by name; nothing carved
+    assert len(shards) == 3 and sum(1 for s in shards for _ in s.records()) == 24
+    with pytest.raises(train.DataError, match="no split 'training'"):
+        hf_train_shards(formats / "parquet", hf_splits={"train": "training"})
+    with pytest.raises(train.DataError, match="no column 'text'"):
+        hf_train_shards(formats / "parquet", caption_column="text")
+
+
+def test_truncated_shard_corrupt_member_and_missing_caption_are_counted(folder, tmp_path):
+    import webdataset as wds
+    data = load_folder(folder / "train", SkipLog())
+    write_webdataset(data.images[:6], data.captions[:6], str(tmp_path / "good"), per_shard=6)
+    with wds.TarWriter(str(tmp_path / "bad-00000.tar")) as sink:
+        sink.write({"__key__": "a", "png": data.images[0].read_bytes(), "txt": "a fine one"})
+        sink.write({"__key__": "b", "png": b"not an image at all", "txt": "a corrupt image"})
+        sink.write({"__key__": "c", "png": data.images[1].read_bytes()})             # no caption
+        sink.write({"__key__": "d", "txt": "no image"})
+        sink.write({"__key__": "e", "png": data.images[2].read_bytes(), "txt": "   "})  # an empty caption
+    whole = (tmp_path / "good-00000.tar").read_bytes()
+    (tmp_path / "good-00000.tar").write_bytes(whole[:len(whole) // 2])                 # truncated mid-member
+    skips = SkipLog()
+    got = read_all(tar_shards([str(tmp_path / "good-00000.tar"), str(tmp_path / "bad-00000.tar")]), skips)
+    assert 1 <= len(got) - 2 < 6            # the samples before the cut, plus a and b (b fails when decoded)
+    reasons = sorted(r.split(":")[0] for _, r in skips.items)
+    assert reasons == ["empty caption", "no caption", "no image in the sample (.jpg / .png / .webp)",
+                       "truncated or corrupt tar shard"], reasons
+    with pytest.raises(train.DataError, match="not found"):
+        tar_shards(str(tmp_path / "good-{00000..00002}.tar"))
+
+
+@pytest.mark.parametrize("processes,workers", [(2, 1), (2, 2), (3, 2)])
+def test_shards_are_dealt_once_per_epoch_and_every_reader_takes_the_same_batches(processes, workers):
+    counts = [7, 3, 12, 5, 5, 9, 1, 8, 6, 10]
+    for epoch in (1, 2):
+        slots = deal_shards(counts, processes * workers, seed=3, epoch=epoch)
+        dealt = sorted(i for ids in slots for i in ids)
+        assert dealt == list(range(len(counts)))                                 # everything, once
+    assert deal_shards(counts, 4, 3, 1) != deal_shards(counts, 4, 3, 2)          # a new deal each epoch
+
+    class Fake:
+        def __init__(self, i, n):
+            self.i, self.n = i, n
+
+        def records(self):
+            return ({"key": f"{self.i}/{j}", "image": b"", "captions": ["c"]} for j in range(self.n))
+    shards = [Fake(i, n) for i, n in enumerate(counts)]
+    seen, lengths = [], set()
+    for rank in range(processes):
+        s = ShardStream(shards, counts, rank=rank, processes=processes, workers=workers, local_batch=2, seed=3,
+                        make_item=lambda r: r["key"], buffer=4, epochs=2)
+        lengths.add(len(s))
+        for w in range(workers):  # what worker w of this process reads
+            keys = [k for b in _worker_batches(s, w) for k in b]
+            assert len(keys) == s.per_slot * 2
+            seen += keys
+    assert len(lengths) == 1                                                      # equal steps on every process
+    assert len(seen) == len(set(seen))                                            # no pair read twice
+
+
+def _worker_batches(stream, w):
+    """Iterate a ShardStream as DataLoader worker w would."""
+    import torch.utils.data as tud
+    real = tud.get_worker_info
+    tud.get_worker_info = lambda: type("I", (), {"id": w, "num_workers": stream.workers})()
+    try:
+        return list(stream)
+    finally:
+        tud.get_worker_info = real
+
+
+def final_weights(out):
+    metas = [json.loads(m.read_text()) for m in out.glob("training_metadata_*.json")]
+    last = max(metas, key=lambda m: m["step"])
+    return torch.load(out / last["checkpoint"], weights_only=True)["state_dict"], last
+
+
+def steps(out):
+    logs = list(out.glob("train_log_*.jsonl"))
+    return [json.loads(x) for x in logs[0].read_text().splitlines()] if logs else []
+
+
+@pytest.mark.parametrize("features", ["cached", "images"])
+def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(formats, folder, tmp_path, features):
+    """2 DataLoader workers (each its own shards), killed mid-epoch: the resumed run replays the stream to the
+    same batch and ends with the uninterrupted run's weights, bit for bit."""
+    tar = tmp_path / "tar"
+    tar.mkdir()
+    for p in (formats / "wds").glob("*.tar"):
+        (tar / p.name).write_bytes(p.read_bytes())
+    extra = ["--num_workers=2", "--save_every_n_steps=3", "--val_ratio=0"] + \
+        (["--feature_cache_dir=None"] if features == "images" else [])
+    args = ["--preset=demo", "--dataset=webdataset", f"--train_dir={tar}", "--num_epochs=2", "--batch_size=8",
+            "--shuffle_buffer=16", "--evaluation_enabled=False", "--test_evaluation_enabled=False", "--log_with=None",
+            f"--feature_cache_dir={tmp_path / 'cache'}", f"--data_cache_dir={tmp_path / 'data'}", *extra]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    subprocess.run([sys.executable, "train.py", *args, f"--output_dir={ref}"], cwd=REPO, check=True,
+                   capture_output=True, timeout=600)
+    p = subprocess.Popen([sys.executable, "train.py", *args, f"--output_dir={out}"], cwd=REPO,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t = time.time()
+    while len(steps(out)) < 5 and p.poll() is None and time.time() - t < 300:  # past the step-3 checkpoint
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL and 5 <= len(steps(out)) < len(steps(ref))
+    assert train.main(["--resume", f"--output_dir={out}"]) == 0
+    (w_ref, m_ref), (w_run, m_run) = final_weights(ref), final_weights(out)
+    assert [s["loss"] for s in steps(out)] == [s["loss"] for s in steps(ref)]
+    assert all(torch.equal(w_ref[k], w_run[k]) for k in w_ref) and m_run["step"] == m_ref["step"] == 28  # 2 x 14 batches
+
+
+def test_streamed_training_learns_and_evaluates_like_folders(formats, folder, tmp_path):
+    out = tmp_path / "run"
+    meta = train.train(train.resolve_hparams([
+        "--preset=demo", "--dataset=hf", f"--hf_dataset={formats / 'parquet'}", "--num_epochs=2", "--batch_size=8",
+        f"--output_dir={out}", f"--feature_cache_dir={tmp_path / 'cache'}", f"--data_cache_dir={tmp_path / 'data'}",
+        "--log_with=None", "--ablate_image=False", "--split_ratio=0.75"]))
+    losses = [s["loss"] for s in steps(out)]
+    assert losses[-1] < losses[0] * 0.7
+    assert meta["test"]["num_images"] == 6 and meta["history"][-1]["val_loss"] is not None  # carved from train
+    skips = SkipLog()
+    test = load_splits({**meta["hyperparameters"], "data_cache_dir": str(tmp_path / "data")}, skips, ("test",))["test"]
+    assert test.num_images == 6 and all(p.is_file() for p in test.images)  # eval.py reads the same 6 images
+
+
+def test_an_unreachable_hub_dataset_is_one_paragraph_exit_5(tmp_path, capsys):
+    t = time.time()
+    code = train.main(["--preset=demo", "--dataset=hf", "--hf_dataset=someone/captions-3m",
+                       f"--output_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 5 and "hf_dataset" in err and "Traceback" not in err and time.time() - t < 30, err
