@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from capkit.batching import run_sharded
 from capkit.common import atomic_write
+from capkit.errors import DataError
 from capkit.features import announce_size, encoder_fingerprint
 from capkit.images import SkipLog, load_item
 
@@ -124,6 +125,8 @@ def extract_shard_features(model, shards, cache_dir, skips: SkipLog, batch_size:
     main = acc is None or acc.is_main_process
     folder = Path(cache_dir) / encoder_fingerprint(model) / "shards"
     paths = [folder / f"{hashlib.sha256(s.ident().encode()).hexdigest()[:24]}.safetensors" for s in shards]
+    if acc is not None and acc.num_processes > 1:
+        acc.wait_for_everyone()  # every process lists the missing shards before any writes one: the same list
     todo = [i for i, p in enumerate(paths) if _usable(p) is None]
     if todo:
         if main:
@@ -140,7 +143,8 @@ def extract_shard_features(model, shards, cache_dir, skips: SkipLog, batch_size:
     for p in paths:
         meta = _usable(p)
         if meta is None:
-            raise OSError(f"feature shard {p} missing after extraction (a full disk?)")
+            raise DataError(f"feature shard {p} is missing after extraction: on several machines, feature_cache_dir "
+                            "must be a folder every machine sees (a shared file system); else the disk is full")
         for key, reason in json.loads(meta["skipped"]):
             skips.add(key, reason)
         out.append(FeatureShard(str(p), sum(len(c) for c in json.loads(meta["captions"]))))

@@ -217,3 +217,27 @@ def test_an_unreachable_hub_dataset_is_one_paragraph_exit_5(tmp_path, capsys):
                        f"--output_dir={tmp_path}"])
     err = capsys.readouterr().err
     assert code == 5 and "hf_dataset" in err and "Traceback" not in err and time.time() - t < 30, err
+
+
+def test_two_machines_on_loopback_read_disjoint_shards_that_cover_all(formats, tmp_path):
+    """`accelerate launch --num_machines 2 --machine_rank 0|1` (one process each, gloo on 127.0.0.1): both
+    finish, each reads its own shards, together every shard once, with the same number of steps."""
+    from test_distributed import free_port
+    port, procs = str(free_port()), []
+    for rank in (0, 1):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+               "--machine_rank", str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+               "--main_process_port", port, "train.py", "--preset=demo", "--dataset=webdataset",
+               f"--train_dir={formats / 'wds'}", "--val_ratio=0", "--num_epochs=1", "--batch_size=8",
+               "--evaluation_enabled=False", "--test_evaluation_enabled=False", "--log_with=None", "--device=cpu",
+               f"--output_dir={tmp_path / f'out{rank}'}", f"--feature_cache_dir={tmp_path / 'cache'}"]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-6000:] + "\n=====\n" + logs[1][-6000:]
+    read = []
+    for rank, log in enumerate(logs):
+        (line,) = [x for x in log.splitlines() if x.startswith(f"process {rank} of 2:")]
+        read.append(json.loads(line.split("shards ")[-1]))
+        assert "15 batches per epoch" in line   # 120 pairs / 2 processes / 4 each (a global batch of 8)
+    assert not set(read[0]) & set(read[1]) and sorted(read[0] + read[1]) == [0, 1, 2, 3]
+    assert len(steps(tmp_path / "out0")) == 15 and not list((tmp_path / "out1").glob("*.pth"))  # the main one saves
