@@ -292,6 +292,7 @@ class Run:
     acc: Accelerator        # one process, or one of several under `accelerate launch`
     device: torch.device
     skips: SkipLog          # every input skipped in this run, and why (saved with each checkpoint)
+    stream_readers: int | None = None  # hf / webdataset: processes x workers, which the stream's order depends on
 
     @property
     def main(self) -> bool:  # only the main process saves and prints
@@ -419,8 +420,8 @@ def build_stream_data(run: Run, source: ShardSource, model) -> TrainingData:
     limit = hp["training_size_limit"]
     stream = ShardStream(shards, counts, rank=acc.process_index, processes=acc.num_processes, workers=workers,
                          local_batch=hp["batch_size"] // acc.num_processes, seed=hp["seed"], make_item=make,
-                         buffer=hp["shuffle_buffer"], epochs=hp["num_epochs"],
-                         max_batches=None if limit is None else max(1, limit // hp["batch_size"]))
+                         buffer=hp["shuffle_buffer"], max_batches=None if limit is None else max(1, limit // hp["batch_size"]))
+    run.stream_readers = stream.slots
     if len(stream) == 0:
         raise DataError(f"{sum(counts)} pairs in {len(shards)} shards fill no batch of {stream.local_batch} on each "
                         f"of the {stream.slots} readers (processes x workers): lower batch_size or num_workers")
@@ -528,6 +529,11 @@ def resume_loop(run: Run, resume_from, data: TrainingData, optim: Optimization) 
     loop = restore_training_state(state_path_for(meta_path), optim.opt, optim.sched, optim.trainable,
                                   (data.order, data.worker_seeds))
     loop.meta_path, loop.meta = meta_path, read_metadata(meta_path)
+    readers = loop.meta.get("stream_readers")
+    if data.stream is not None and readers is not None and readers != data.stream.slots:
+        raise ConfigError(f"this run read its shards with {readers} readers (processes x DataLoader workers), now "
+                          f"{data.stream.slots}: the stream's order depends on them, so resume with the same "
+                          "num_workers and number of processes")
     if loop.batches_done >= n_batches:  # saved at an epoch's end: the next epoch starts afresh, RNGs as they were
         restore_rng(loop.rng_at_epoch_start)
         loop.rng_at_epoch_start = None
@@ -739,6 +745,7 @@ def save_checkpoint(run: Run, model, optim: Optimization, loop: LoopState, stem:
         info = {"checkpoint": paths[0].name, "train_state": paths[1].name, "run_id": run.run_id,
                 "epoch": loop.epoch, "step": loop.step, "batches_done": loop.batches_done,
                 "batches_per_epoch": loop.batches_per_epoch, **fields,
+                **({"stream_readers": run.stream_readers} if run.stream_readers else {}),
                 "metric_notes": {"rouge_l": ROUGE_L_NOTE, "cider": CIDER_NOTE},
                 "nonfinite_steps_skipped": loop.bad_steps, "history": loop.history, "hyperparameters": run.hp,
                 "model_config": model.config.__dict__, "trainable_parameters": sum(p.numel() for p in optim.trainable),

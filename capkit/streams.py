@@ -1,17 +1,17 @@
 """
 Training on shards as a stream, in a seeded order that a resume can replay exactly.
 
-Each epoch the shards are dealt to "slots", one per (process, DataLoader worker): a seeded permutation, each
-shard to the slot holding the fewest pairs so far, so every shard is read once per epoch by exactly one worker
-of one process (one machine or many). A slot reads its shards in turn, one pair per (image, caption), through a
-shuffle buffer seeded by (seed, epoch, slot), and cuts batches. Every slot stops after the same number of
-batches (the fewest any slot can fill in any epoch), so all processes take the same number of steps.
+The shards are put in groups of near-equal size, one per "slot" = (process, DataLoader worker). Each epoch every
+slot takes one group (a new pairing and a new shard order each epoch), so every shard is read once per epoch by
+exactly one worker of one process (one machine or many). A slot reads its shards in turn, one pair per (image,
+caption), through a shuffle buffer seeded by (seed, epoch, slot), and cuts batches. Every slot stops after the
+same number of batches (as many as the lightest group fills), so all processes take the same number of steps.
 
 The whole order is a function of (seed, epoch, slot): the position in the stream is the training loop's
 (epoch, batches done), and a resume replays the records up to it without decoding one image.
 
     stream = ShardStream(shards, counts, rank=0, processes=1, workers=2, local_batch=32, seed=42,
-                         make_item=decode_pair, buffer=1000, max_batches=None)
+                         make_item=embeds_pair, buffer=1000)
     stream.set_position(epoch=1, batches_done=0)
     loader = DataLoader(stream, batch_size=None, num_workers=2, collate_fn=Collate(...))
 """
@@ -26,24 +26,31 @@ import torch
 from capkit.images import load_item
 
 
-def deal_shards(counts: list[int], slots: int, seed: int, epoch: int) -> list[list[int]]:
-    """Shard indices per slot for one epoch: a seeded permutation, each shard to the least-loaded slot."""
+def shard_groups(counts: list[int], slots: int, seed: int) -> list[list[int]]:
+    """The shards in `slots` groups of near-equal pairs (a seeded order, each shard to the lightest group)."""
     order = list(range(len(counts)))
-    random.Random(f"{seed}/{epoch}").shuffle(order)
-    heap = [(0, s) for s in range(slots)]  # (pairs so far, slot)
+    random.Random(f"{seed}/groups").shuffle(order)
+    heap = [(0, g) for g in range(slots)]  # (pairs so far, group)
     out: list[list[int]] = [[] for _ in range(slots)]
     for i in order:
-        load, s = heapq.heappop(heap)
-        out[s].append(i)
-        heapq.heappush(heap, (load + counts[i], s))
+        load, g = heapq.heappop(heap)
+        out[g].append(i)
+        heapq.heappush(heap, (load + counts[i], g))
     return out
 
 
-def batches_per_slot(counts: list[int], slots: int, seed: int, epochs: int, local_batch: int) -> int:
-    """The batches every slot can fill in every epoch (the same count for all: equal steps on every process)."""
-    fewest = min(sum(counts[i] for i in ids) for e in range(1, epochs + 1) for ids in
-                 deal_shards(counts, slots, seed, e))
-    return fewest // local_batch
+def deal_shards(groups: list[list[int]], seed: int, epoch: int) -> list[list[int]]:
+    """Shard indices per slot for one epoch: each slot gets a group (a new pairing every epoch), its shards in
+    a new order. The groups' loads never change, so neither does the number of batches each slot can fill."""
+    slots = len(groups)
+    perm = list(range(slots))
+    random.Random(f"{seed}/{epoch}").shuffle(perm)
+    out = []
+    for slot in range(slots):
+        ids = list(groups[perm[slot]])
+        random.Random(f"{seed}/{epoch}/{slot}").shuffle(ids)
+        out.append(ids)
+    return out
 
 
 def shuffled(items, size: int, rng: random.Random):
@@ -79,11 +86,12 @@ class ShardStream(torch.utils.data.IterableDataset):
     this process takes per epoch, the same on every process."""
 
     def __init__(self, shards, counts, *, rank: int, processes: int, workers: int, local_batch: int, seed: int,
-                 make_item, buffer: int, epochs: int, max_batches: int | None = None):
+                 make_item, buffer: int, max_batches: int | None = None):
         self.shards, self.counts, self.make_item, self.buffer = shards, list(counts), make_item, buffer
         self.rank, self.workers, self.local_batch, self.seed = rank, max(workers, 1), local_batch, seed
         self.slots = processes * self.workers
-        n = batches_per_slot(self.counts, self.slots, seed, epochs, local_batch)
+        self.groups = shard_groups(self.counts, self.slots, seed)
+        n = min(sum(self.counts[i] for i in g) for g in self.groups) // local_batch  # the lightest group's batches
         self.per_slot = n if max_batches is None else min(n, max(1, max_batches // self.workers))
         self.epoch, self.start = 1, 0
 
@@ -95,7 +103,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.epoch, self.start = epoch, batches_done
 
     def slot_shards(self, epoch: int, rank: int, worker: int) -> list[int]:
-        return deal_shards(self.counts, self.slots, self.seed, epoch)[rank * self.workers + worker]
+        return deal_shards(self.groups, self.seed, epoch)[rank * self.workers + worker]
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()

@@ -17,7 +17,7 @@ from capkit.folders import load_folder
 from capkit.images import SkipLog
 from capkit.shapes import write_split
 from capkit.shards import open_hf, tar_shards
-from capkit.streams import ShardStream, deal_shards
+from capkit.streams import ShardStream, deal_shards, shard_groups
 from dataset import load_splits
 from tools.convert import write_parquet, write_webdataset
 
@@ -119,11 +119,13 @@ def test_truncated_shard_corrupt_member_and_missing_caption_are_counted(folder, 
 @pytest.mark.parametrize("processes,workers", [(2, 1), (2, 2), (3, 2)])
 def test_shards_are_dealt_once_per_epoch_and_every_reader_takes_the_same_batches(processes, workers):
     counts = [7, 3, 12, 5, 5, 9, 1, 8, 6, 10]
+    groups = shard_groups(counts, processes * workers, seed=3)
+    loads = [sum(counts[i] for i in g) for g in groups]
+    assert max(loads) - min(loads) <= max(counts)                                # near-equal groups
     for epoch in (1, 2):
-        slots = deal_shards(counts, processes * workers, seed=3, epoch=epoch)
-        dealt = sorted(i for ids in slots for i in ids)
+        dealt = sorted(i for ids in deal_shards(groups, 3, epoch) for i in ids)
         assert dealt == list(range(len(counts)))                                 # everything, once
-    assert deal_shards(counts, 4, 3, 1) != deal_shards(counts, 4, 3, 2)          # a new deal each epoch
+    assert deal_shards(groups, 3, 1) != deal_shards(groups, 3, 2)                # a new deal each epoch
 
     class Fake:
         def __init__(self, i, n):
@@ -135,7 +137,7 @@ def test_shards_are_dealt_once_per_epoch_and_every_reader_takes_the_same_batches
     seen, lengths = [], set()
     for rank in range(processes):
         s = ShardStream(shards, counts, rank=rank, processes=processes, workers=workers, local_batch=2, seed=3,
-                        make_item=lambda r: r["key"], buffer=4, epochs=2)
+                        make_item=lambda r: r["key"], buffer=4)
         lengths.add(len(s))
         for w in range(workers):  # what worker w of this process reads
             keys = [k for b in _worker_batches(s, w) for k in b]
@@ -168,7 +170,7 @@ def steps(out):
 
 
 @pytest.mark.parametrize("features", ["cached", "images"])
-def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(formats, folder, tmp_path, features):
+def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(formats, folder, tmp_path, features, capsys):
     """2 DataLoader workers (each its own shards), killed mid-epoch: the resumed run replays the stream to the
     same batch and ends with the uninterrupted run's weights, bit for bit."""
     tar = tmp_path / "tar"
@@ -191,6 +193,8 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(formats, folder, t
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert p.returncode == -signal.SIGKILL and 5 <= len(steps(out)) < len(steps(ref))
+    assert train.main(["--resume", f"--output_dir={out}", "--num_workers=1"]) == 2  # another order: refused
+    assert "read its shards with 2 readers" in capsys.readouterr().err
     assert train.main(["--resume", f"--output_dir={out}"]) == 0
     (w_ref, m_ref), (w_run, m_run) = final_weights(ref), final_weights(out)
     assert [s["loss"] for s in steps(out)] == [s["loss"] for s in steps(ref)]
