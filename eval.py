@@ -47,7 +47,7 @@ def score_files(args) -> int:
     return 0
 
 
-DATA_KEYS = ("dataset", *PATH_KEYS)  # --KEY overrides the run's
+DATA_KEYS = ("dataset", *PATH_KEYS, "image_column", "caption_column", "data_cache_dir")  # --KEY overrides the run's
 CAPTION_METRICS_NOTE = ("pycocoevalcap: PTB tokens, corpus BLEU, METEOR 1.5, ROUGE_L with beta 1.2 (no stemming), "
                         "CIDEr-D; plus caption diversity, the Fréchet distance between sentence embeddings of the "
                         "generated captions and of all references, and CLIPScore / RefCLIPScore (Hessel et al. 2021, "

@@ -36,7 +36,8 @@ SHARD_FORMAT = "capkit.feature_shard.v1"
 @dataclass(frozen=True)
 class FeatureShard:
     path: str
-    pairs: int      # (image, caption) pairs in it
+    images: int     # images with features in it
+    pairs: int      # (image, caption) pairs
 
     def ident(self) -> str:
         return f"features|{self.path}"
@@ -147,7 +148,8 @@ def extract_shard_features(model, shards, cache_dir, skips: SkipLog, batch_size:
                             "must be a folder every machine sees (a shared file system); else the disk is full")
         for key, reason in json.loads(meta["skipped"]):
             skips.add(key, reason)
-        out.append(FeatureShard(str(p), sum(len(c) for c in json.loads(meta["captions"]))))
+        captions = json.loads(meta["captions"])
+        out.append(FeatureShard(str(p), len(captions), sum(map(len, captions))))
     return out
 
 

@@ -116,6 +116,33 @@ def test_truncated_shard_corrupt_member_and_missing_caption_are_counted(folder, 
         tar_shards(str(tmp_path / "good-{00000..00002}.tar"))
 
 
+@pytest.mark.parametrize("features", ["pooled", "tokens"])
+def test_feature_shards_hold_every_readable_image_once_and_count_the_rest(folder, tmp_path, features, capsys):
+    """One feature shard per data shard, pooled or token features; a corrupt image is counted when decoded;
+    a second call finds them all and extracts nothing."""
+    import webdataset as wds
+    from conftest import make_model
+    from capkit.shard_features import extract_shard_features
+    data = load_folder(folder / "train", SkipLog())
+    write_webdataset(data.images[:5], data.captions[:5], str(tmp_path / "s"), per_shard=3)          # 2 shards
+    with wds.TarWriter(str(tmp_path / "s-00002.tar")) as sink:
+        sink.write({"__key__": "bad", "png": b"\x89PNG but not really", "txt": "a corrupt image"})
+    model = make_model(clip_features=features, **({"proj_type": "transformer", "proj_num_layers": 1,
+                                                  "proj_num_heads": 2} if features == "tokens" else {}))
+    skips = SkipLog()
+    shards = extract_shard_features(model, tar_shards(str(tmp_path / "s-{00000..00002}.tar")), tmp_path / "c", skips)
+    assert "feature cache: 6 images x" in capsys.readouterr().out   # the size, said before extracting
+    assert [s.images for s in shards] == [3, 2, 0] and [s.pairs for s in shards] == [15, 10, 0]
+    assert [r for _, r in skips.items] == ["unreadable image: not in any image format Pillow reads"]
+    recs = list(shards[0].records())
+    want = model.encode_images(torch.stack([model.preprocess(__import__("PIL.Image").Image.open(p).convert("RGB"))
+                                            for p in data.images[:3]]))
+    assert torch.allclose(torch.stack([r["embeds"] for r in recs]).float(), want, atol=2e-3)
+    assert tuple(recs[0]["embeds"].shape) == tuple(model.feature_shape)
+    again = extract_shard_features(model, tar_shards(str(tmp_path / "s-{00000..00002}.tar")), tmp_path / "c", SkipLog())
+    assert again == shards and "extracting" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("processes,workers", [(2, 1), (2, 2), (3, 2)])
 def test_shards_are_dealt_once_per_epoch_and_every_reader_takes_the_same_batches(processes, workers):
     counts = [7, 3, 12, 5, 5, 9, 1, 8, 6, 10]
@@ -213,6 +240,11 @@ def test_streamed_training_learns_and_evaluates_like_folders(formats, folder, tm
     skips = SkipLog()
     test = load_splits({**meta["hyperparameters"], "data_cache_dir": str(tmp_path / "data")}, skips, ("test",))["test"]
     assert test.num_images == 6 and all(p.is_file() for p in test.images)  # eval.py reads the same 6 images
+    streamed = train.train(train.resolve_hparams([  # streaming: the parquet files are the shards
+        "--preset=demo", "--dataset=hf", f"--hf_dataset={formats / 'parquet'}", "--streaming=True", "--num_epochs=1",
+        "--batch_size=8", f"--output_dir={tmp_path / 'streamed'}", f"--feature_cache_dir={tmp_path / 'cache'}",
+        "--log_with=None", "--test_evaluation_enabled=False"]))
+    assert streamed["step"] == 15  # 3 files, 120 pairs, 8 a step
 
 
 def test_an_unreachable_hub_dataset_is_one_paragraph_exit_5(tmp_path, capsys):
