@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch.utils.data import DataLoader
@@ -130,15 +131,16 @@ def extract_shard_features(model, shards, cache_dir, skips: SkipLog, batch_size:
         acc.wait_for_everyone()  # every process lists the missing shards before any writes one: the same list
     todo = [i for i, p in enumerate(paths) if _usable(p) is None]
     if todo:
-        if main:
-            counts = [shards[i].count_images() for i in todo]
-            known = sum(c for c in counts if c is not None)
-            announce_size(model, known, folder / "*.safetensors")
-            print(f"extracting features of {len(todo)} of {len(shards)} shards"
-                  + (f" on {acc.num_processes} processes" if acc is not None and acc.num_processes > 1 else ""))
         rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
-        _extract(model, shards, todo[rank::world], paths, batch_size, workers, progress=main)
-        if acc is not None and acc.num_processes > 1:
+        mine = todo[rank::world]
+        images = sum(c for c in (shards[i].count_images() for i in mine) if c is not None)  # (from tar headers)
+        if world > 1:
+            images = sum(gather_object([images]))
+        if main:
+            announce_size(model, images, folder / "*.safetensors")
+            print(f"extracting features of {len(todo)} of {len(shards)} shards" + (f" on {world} processes" * (world > 1)))
+        _extract(model, shards, mine, paths, batch_size, workers, progress=main)
+        if world > 1:
             acc.wait_for_everyone()  # nobody reads a feature shard another process is still writing
     out = []
     for p in paths:
