@@ -18,9 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import webdataset as wds
 
 from capkit.common import atomic_write, atomic_write_json, hub_or_cache
@@ -65,7 +67,6 @@ class TarShard:
 
     def count_images(self) -> int:
         """Image members, from the tar's headers (no member is read): for the feature cache's size estimate."""
-        import tarfile
         n = 0
         try:
             with open_regular(self.path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
@@ -189,7 +190,6 @@ def _is_saved_to_disk(path: Path) -> bool:
 def open_hf(source: str, streaming: bool):
     """A DatasetDict (or IterableDatasetDict): a local path with no network, a hub id through the Hub (offline:
     the local cache only, else one paragraph naming hf_dataset)."""
-    import datasets
     path = Path(source)
     if _is_saved_to_disk(path):
         d = datasets.load_from_disk(str(path))
@@ -222,7 +222,6 @@ def _pick(columns, wanted, options, what: str, source: str) -> str:
 
 def hf_shards(split, source: str, split_name: str, image_column, caption_column) -> list[HFShard]:
     """One split of a 🤗 dataset -> its shards: row ranges of a Dataset, the files of an IterableDataset."""
-    import datasets
     columns = list(split.features or split.column_names or [])
     img = _pick(columns, image_column, ("image", "jpg", "png", *IMAGE_COLUMNS), "image_column", source)
     wanted = caption_column if isinstance(caption_column, (list, tuple)) else None

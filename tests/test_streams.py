@@ -122,6 +122,7 @@ def test_feature_shards_hold_every_readable_image_once_and_count_the_rest(folder
     a second call finds them all and extracts nothing."""
     import webdataset as wds
     from conftest import make_model
+
     from capkit.shard_features import extract_shard_features
     data = load_folder(folder / "train", SkipLog())
     write_webdataset(data.images[:5], data.captions[:5], str(tmp_path / "s"), per_shard=3)          # 2 shards

@@ -17,13 +17,15 @@ import argparse
 import sys
 from pathlib import Path
 
+import datasets
+import webdataset as wds
+
 from capkit.errors import run_cli
 from capkit.folders import load_folder
 from capkit.images import SkipLog
 
 
 def write_webdataset(images, captions, prefix: str, per_shard: int) -> list[str]:
-    import webdataset as wds
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     out = []
     for start in range(0, len(images), per_shard):
@@ -37,7 +39,7 @@ def write_webdataset(images, captions, prefix: str, per_shard: int) -> list[str]
 
 
 def write_parquet(images, captions, out_dir: str, split: str, per_shard: int) -> list[str]:
-    import datasets
+    datasets.disable_progress_bars()
     features = datasets.Features({"image": datasets.Image(), "captions": datasets.Sequence(datasets.Value("string"))})
     n = -(-len(images) // per_shard)
     Path(out_dir).mkdir(parents=True, exist_ok=True)

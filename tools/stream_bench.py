@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -23,7 +24,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+import webdataset as wds
+from PIL import Image
+
 from capkit.common import REPO_DIR
+from capkit.folders import load_folder
+from capkit.images import SkipLog
+from capkit.shapes import ensure_shapes_dataset, write_split
+from tools.convert import write_parquet, write_webdataset
 
 SHARED_PHOTOS = REPO_DIR.parent / "shared" / "flickr8k_train"
 WORDS = "a the red blue green small big dog cat ball runs sits on in near grass snow water street".split()
@@ -32,8 +41,6 @@ QUIET = ["--log_with=None", "--evaluation_enabled=False", "--test_evaluation_ena
 
 def synthetic_shards(out: Path, pairs: int, per_shard: int = 1000, captions: int = 5) -> None:
     """pairs / captions tiny PNG images (a coloured block on a background) with `captions` random captions each."""
-    import webdataset as wds
-    from PIL import Image
     rng = random.Random(0)
     out.mkdir(parents=True, exist_ok=True)
     n_images = pairs // captions
@@ -50,7 +57,6 @@ def synthetic_shards(out: Path, pairs: int, per_shard: int = 1000, captions: int
 
 def peak_rss_mb(cmd: list[str], log: Path) -> tuple[float, float, int]:
     """Run cmd; -> (peak RSS of it and its children in MB, wall seconds, exit code)."""
-    import psutil
     t0, peak = time.time(), 0
     with open(log, "w") as f:
         p = subprocess.Popen(cmd, cwd=REPO_DIR, stdout=f, stderr=subprocess.STDOUT)
@@ -110,13 +116,9 @@ if acc.is_main_process:
 
 
 def extract(args, tmp: Path) -> None:
-    from capkit.folders import load_folder
-    from capkit.images import SkipLog
-    from tools.convert import write_webdataset
     folder = Path(args.images) if args.images else SHARED_PHOTOS
     if not folder.is_dir():
         folder = tmp / "shapes"
-        from capkit.shapes import write_split
         write_split(folder, 600, 1)
     data = load_folder(folder, SkipLog())
     # 12 equal shards: 1, 2, 3 or 4 processes get equal shares, as the folder loader's contiguous split gives them
@@ -134,7 +136,7 @@ def extract(args, tmp: Path) -> None:
             for r in range(args.repeats):
                 cache = tmp / f"cache_{source}_{procs}_{r}"  # a cold cache each time
                 p = subprocess.run([*launch, str(script), source, where, str(cache)], cwd=REPO_DIR, capture_output=True,
-                                   text=True, env={**__import__("os").environ, "PYTHONPATH": str(REPO_DIR)})
+                                   text=True, env={**os.environ, "PYTHONPATH": str(REPO_DIR)})
                 line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")]
                 if p.returncode or not line:
                     sys.exit(p.stdout[-2000:] + p.stderr[-2000:])
@@ -146,10 +148,6 @@ def extract(args, tmp: Path) -> None:
 
 
 def demo(args, tmp: Path) -> None:
-    from capkit.folders import load_folder
-    from capkit.images import SkipLog
-    from capkit.shapes import ensure_shapes_dataset
-    from tools.convert import write_parquet, write_webdataset
     root = ensure_shapes_dataset(REPO_DIR / "data" / "shapes", "all")
     for split in ("train", "val", "test"):
         d = load_folder(root / split, SkipLog())
