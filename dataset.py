@@ -129,6 +129,10 @@ def load_splits(hp: dict, skips: SkipLog, which=("train", "val", "test")) -> dic
         return {s: load_flickr30k(s, skips, hp.get("data_dir")) for s in which}
     if kind in ("hf", "webdataset"):
         return load_shard_splits(hp, skips, which)
+    listed = [k for k in PATH_KEYS if isinstance(hp.get(k), list)]
+    if listed:
+        raise DataError(f"{listed[0]}: a list of paths is for dataset='webdataset' (tar shard patterns); "
+                        f"dataset={kind!r} takes one folder")
     if kind in STYLE_OF:  # the demo datasets (shapes_b: one style-B caption per image; scenes: two shapes)
         root = ensure_shapes_dataset(hp["data_dir"], STYLE_OF[kind])
         return {s: load_folder(root / s, skips) for s in which}

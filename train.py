@@ -82,7 +82,7 @@ from capkit.resume import (
 )
 from capkit.retrieval import Datastore
 from capkit.shard_features import count_pairs, extract_shard_features
-from capkit.streams import ShardStream, decode_pair, embeds_pair
+from capkit.streams import DecodePair, ShardStream, embeds_pair
 from dataset import AugmentThenPreprocess, CaptionAugment, PairDataset, ShardSource, load_splits
 from model import build_model
 
@@ -414,7 +414,7 @@ def build_stream_data(run: Run, source: ShardSource, model) -> TrainingData:
         counts, make = [s.pairs for s in shards], embeds_pair                     # items: (E,) / (N, W) features
     else:
         shards, counts = source.shards, count_pairs(source.shards, run.skips, acc)
-        make = decode_pair(AugmentThenPreprocess(model.preprocess) if hp["augment_images"] else model.preprocess)
+        make = DecodePair(AugmentThenPreprocess(model.preprocess) if hp["augment_images"] else model.preprocess)
     if not sum(counts):
         raise DataError(f"none of the training samples could be used ({run.skips.summary()})")
     limit = hp["training_size_limit"]

@@ -37,7 +37,8 @@ from capkit.safeio import plain_name, read_text
 from capkit.shapes import STYLE_OF
 
 # keys that may be None: the type a value must have when it is not None
-NONE_DEFAULT_TYPES = {"data_dir": str, "train_dir": str, "val_dir": str, "test_dir": str, "captions_file": str,
+NONE_DEFAULT_TYPES = {"data_dir": (str, list), "train_dir": (str, list), "val_dir": (str, list),  # lists: webdataset
+                      "test_dir": (str, list), "captions_file": str,
                       "training_size_limit": int, "clip_pretrained": str, "image_size": int, "tokenizer_name": str,
                       "num_workers": int, "max_grad_norm": float, "feature_cache_dir": str, "hf_model_name": str,
                       "target_modules": list, "training_name": str, "log_with": str, "lr_scheduler": str,

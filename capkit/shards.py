@@ -26,7 +26,7 @@ import datasets
 import webdataset as wds
 
 from capkit.common import atomic_write, atomic_write_json, hub_or_cache
-from capkit.errors import DataError, MissingInputError
+from capkit.errors import CapkitError, DataError, MissingInputError
 from capkit.folders import CAPTION_COLUMNS, IMAGE_COLUMNS, CaptionSet, build_caption_set, clean_caption
 from capkit.images import SkipLog
 from capkit.safeio import open_regular
@@ -192,11 +192,11 @@ def open_hf(source: str, streaming: bool):
     the local cache only, else one paragraph naming hf_dataset)."""
     path = Path(source)
     if _is_saved_to_disk(path):
-        d = datasets.load_from_disk(str(path))
+        d = _loaded(lambda: datasets.load_from_disk(str(path)), source)
         d = d if isinstance(d, datasets.DatasetDict) else datasets.DatasetDict({"train": d})
         return datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in d.items()}) if streaming else d
     if path.exists():  # parquet files, an imagefolder, csv / json lines: datasets picks the builder
-        return datasets.load_dataset(str(path), streaming=streaming)
+        return _loaded(lambda: datasets.load_dataset(str(path), streaming=streaming), source)
 
     def load(offline: bool):
         saved, datasets.config.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE, offline or datasets.config.HF_HUB_OFFLINE
@@ -204,14 +204,27 @@ def open_hf(source: str, streaming: bool):
             return datasets.load_dataset(source, streaming=streaming)
         finally:
             datasets.config.HF_HUB_OFFLINE = saved
-    return hub_or_cache(load, f"the dataset {source!r} (hf_dataset)",
+    return _loaded(lambda: hub_or_cache(load, f"the dataset {source!r} (hf_dataset)",
                         "set hf_dataset to a local folder: parquet files, a save_to_disk folder or an imagefolder "
-                        "(README \"Your own data\").", catch=(ConnectionError, OSError, FileNotFoundError))
+                        "(README \"Your own data\").", catch=(ConnectionError, OSError, FileNotFoundError)), source)
+
+
+def _loaded(load, source: str):
+    """load() -> its dataset; whatever datasets raises on a folder it can't read (a damaged parquet file, a
+    folder of something else, a hub id that does not exist) -> one paragraph naming hf_dataset."""
+    try:
+        return load()
+    except CapkitError:
+        raise
+    except Exception as e:  # datasets' own errors have no common base class
+        detail = " ".join(str(e).split())[:300]
+        raise DataError(f"hf_dataset {source!r}: datasets can't load it ({type(e).__name__}: {detail}). Expected a "
+                        "hub id, a folder of parquet files, a save_to_disk folder or an imagefolder") from None
 
 
 def _pick(columns, wanted, options, what: str, source: str) -> str:
     if wanted is not None:
-        if wanted not in columns:
+        if columns and wanted not in columns:  # (a streamed dataset may not announce its columns)
             raise DataError(f"{source}: no column {wanted!r} ({what}); its columns: {list(columns)}")
         return wanted
     found = next((c for c in options if c in columns), None)

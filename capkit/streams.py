@@ -66,14 +66,18 @@ def shuffled(items, size: int, rng: random.Random):
     yield from buf
 
 
-def decode_pair(transform):
-    """make_item for image records: decoded (load_rgb, as every image) and transformed in the worker."""
-    def make(rec: dict) -> dict:
-        item = load_item(io.BytesIO(rec["image"]), transform, caption=rec["caption"])
+class DecodePair:
+    """make_item for image records: decoded (load_rgb, as every image) and transformed in the worker.
+    A class, not a closure: DataLoader workers started by spawn (macOS, Windows) receive it pickled."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, rec: dict) -> dict:
+        item = load_item(io.BytesIO(rec["image"]), self.transform, caption=rec["caption"])
         if "error" in item:  # named by its shard and key, not by a buffer
             item["error"] = (rec["key"], item["error"][1])
         return item
-    return make
 
 
 def embeds_pair(rec: dict) -> dict:

