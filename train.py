@@ -418,9 +418,12 @@ def build_stream_data(run: Run, source: ShardSource, model) -> TrainingData:
     if not sum(counts):
         raise DataError(f"none of the training samples could be used ({run.skips.summary()})")
     limit = hp["training_size_limit"]
+    cap_aug = (CaptionAugment(hp["shuffle_captions"], hp["frozen_parts"], hp["caption_dropout"])
+               if hp["shuffle_captions"] or hp["caption_dropout"] else None)
     stream = ShardStream(shards, counts, rank=acc.process_index, processes=acc.num_processes, workers=workers,
                          local_batch=hp["batch_size"] // acc.num_processes, seed=hp["seed"], make_item=make,
-                         buffer=hp["shuffle_buffer"], max_batches=None if limit is None else max(1, limit // hp["batch_size"]))
+                         buffer=hp["shuffle_buffer"], caption_transform=cap_aug,
+                         max_batches=None if limit is None else max(1, limit // hp["batch_size"]))
     run.stream_readers = stream.slots
     if len(stream) == 0:
         raise DataError(f"{sum(counts)} pairs in {len(shards)} shards fill no batch of {stream.local_batch} on each "

@@ -90,8 +90,9 @@ class ShardStream(torch.utils.data.IterableDataset):
     this process takes per epoch, the same on every process."""
 
     def __init__(self, shards, counts, *, rank: int, processes: int, workers: int, local_batch: int, seed: int,
-                 make_item, buffer: int, max_batches: int | None = None):
+                 make_item, buffer: int, max_batches: int | None = None, caption_transform=None):
         self.shards, self.counts, self.make_item, self.buffer = shards, list(counts), make_item, buffer
+        self.caption_transform = caption_transform  # CaptionAugment or None
         self.rank, self.workers, self.local_batch, self.seed = rank, max(workers, 1), local_batch, seed
         self.slots = processes * self.workers
         self.groups = shard_groups(self.counts, self.slots, seed)
@@ -127,11 +128,20 @@ class ShardStream(torch.utils.data.IterableDataset):
             if len(batch) < self.local_batch:
                 continue
             if made >= skip:  # (skipped batches are replayed records, never decoded images)
-                yield errors + [self.make_item(x) for x in batch]
+                yield errors + self._items(batch, f"{self.seed}/{self.epoch}/{self.rank * self.workers + role}/{made}")
                 errors = []
             batch, made = [], made + 1
             if made == self.per_slot:
                 return
+
+    def _items(self, batch: list, name: str) -> list:
+        """The batch's items, with any caption or image augmentation drawn from torch's RNG seeded by the batch's
+        place in the stream (and put back after): the same draws when a resume skips to it."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(random.Random(name).getrandbits(63))
+            if self.caption_transform is not None:
+                batch = [{**x, "caption": self.caption_transform(x["caption"])} for x in batch]
+            return [self.make_item(x) for x in batch]
 
     def _pairs(self, shard_ids):
         for i in shard_ids:

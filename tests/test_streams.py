@@ -200,13 +200,15 @@ def steps(out):
 @pytest.mark.parametrize("features", ["cached", "images"])
 def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(formats, folder, tmp_path, features, capsys):
     """2 DataLoader workers (each its own shards), killed mid-epoch: the resumed run replays the stream to the
-    same batch and ends with the uninterrupted run's weights, bit for bit."""
+    same batch and ends with the uninterrupted run's weights, bit for bit (images: with image and caption
+    augmentation)."""
     tar = tmp_path / "tar"
     tar.mkdir()
     for p in (formats / "wds").glob("*.tar"):
         (tar / p.name).write_bytes(p.read_bytes())
     extra = ["--num_workers=2", "--save_every_n_steps=3", "--val_ratio=0"] + \
-        (["--feature_cache_dir=None"] if features == "images" else [])
+        (["--feature_cache_dir=None", "--augment_images=True", "--shuffle_captions=True", "--caption_dropout=0.3"]
+         if features == "images" else [])  # augmentation: drawn per batch, so a resume draws the same
     args = ["--preset=demo", "--dataset=webdataset", f"--train_dir={tar}", "--num_epochs=2", "--batch_size=8",
             "--shuffle_buffer=16", "--evaluation_enabled=False", "--test_evaluation_enabled=False", "--log_with=None",
             f"--feature_cache_dir={tmp_path / 'cache'}", f"--data_cache_dir={tmp_path / 'data'}", *extra]
