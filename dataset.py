@@ -200,14 +200,16 @@ def _split_list(shards: list, name: str, fraction: float, seed: int) -> dict:
     random.Random(seed).shuffle(order)
     n = min(len(shards) - 1, max(1 if fraction > 0 else 0, round(fraction * len(shards))))
     held = set(order[:n])
-    return {"train": [s for i, s in enumerate(shards) if i not in held], name: [s for i, s in enumerate(shards) if i in held]}
+    return {"train": [s for i, s in enumerate(shards) if i not in held],
+            name: [s for i, s in enumerate(shards) if i in held]}
 
 
 def _hf_parts(hp: dict, seed: int) -> dict:
     if not hp.get("hf_dataset"):
         raise DataError("dataset='hf' needs hf_dataset: a hub id, or a local folder of parquet files, a "
                         "save_to_disk folder or an imagefolder")
-    src, names = hp["hf_dataset"], {"train": "train", "val": "validation", "test": "test", **(hp.get("hf_splits") or {})}
+    src = hp["hf_dataset"]
+    names = {"train": "train", "val": "validation", "test": "test", **(hp.get("hf_splits") or {})}
     unknown = set(names) - {"train", "val", "test"}
     if unknown:
         raise DataError(f"hf_splits: unknown key {sorted(unknown)[0]!r}; it maps train / val / test to split names")
@@ -216,8 +218,9 @@ def _hf_parts(hp: dict, seed: int) -> dict:
         raise DataError(f"{src} has no split {names['train']!r} (its splits: {', '.join(d)}): set hf_splits")
     splits = {s: d[n] for s, n in names.items() if n in d}
     for s, ratio in (("test", 1 - hp.get("split_ratio", 0.9)), ("val", hp.get("val_ratio", 0.05))):
-        if s not in splits and hasattr(splits["train"], "train_test_split") and ratio > 0 and splits["train"].num_rows > 1:
-            cut = splits["train"].train_test_split(test_size=ratio, seed=seed)  # rows: an image's captions stay together
+        can_cut = hasattr(splits["train"], "train_test_split") and splits["train"].num_rows > 1  # (not streamed)
+        if s not in splits and can_cut and ratio > 0:
+            cut = splits["train"].train_test_split(test_size=ratio, seed=seed)  # by row: an image's captions together
             splits["train"], splits[s] = cut["train"], cut["test"]
     return {s: hf_shards(v, src, names.get(s, s), hp.get("image_column"), hp.get("caption_column"))
             for s, v in splits.items()}

@@ -138,7 +138,8 @@ def extract_shard_features(model, shards, cache_dir, skips: SkipLog, batch_size:
             images = sum(gather_object([images]))
         if main:
             announce_size(model, images, folder / "*.safetensors")
-            print(f"extracting features of {len(todo)} of {len(shards)} shards" + (f" on {world} processes" * (world > 1)))
+            print(f"extracting features of {len(todo)} of {len(shards)} shards"
+                  + (f" on {world} processes" if world > 1 else ""))
         _extract(model, shards, mine, paths, batch_size, workers, progress=main)
         if world > 1:
             acc.wait_for_everyone()  # nobody reads a feature shard another process is still writing

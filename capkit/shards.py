@@ -199,7 +199,8 @@ def open_hf(source: str, streaming: bool):
         return _loaded(lambda: datasets.load_dataset(str(path), streaming=streaming), source)
 
     def load(offline: bool):
-        saved, datasets.config.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE, offline or datasets.config.HF_HUB_OFFLINE
+        saved = datasets.config.HF_HUB_OFFLINE
+        datasets.config.HF_HUB_OFFLINE = offline or saved
         try:
             return datasets.load_dataset(source, streaming=streaming)
         finally:

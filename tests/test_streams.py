@@ -227,7 +227,8 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(formats, folder, t
     assert train.main(["--resume", f"--output_dir={out}"]) == 0
     (w_ref, m_ref), (w_run, m_run) = final_weights(ref), final_weights(out)
     assert [s["loss"] for s in steps(out)] == [s["loss"] for s in steps(ref)]
-    assert all(torch.equal(w_ref[k], w_run[k]) for k in w_ref) and m_run["step"] == m_ref["step"] == 28  # 2 x 14 batches
+    assert all(torch.equal(w_ref[k], w_run[k]) for k in w_ref)
+    assert m_run["step"] == m_ref["step"] == 28  # 2 epochs x 14 batches
 
 
 def test_streamed_training_learns_and_evaluates_like_folders(formats, folder, tmp_path):

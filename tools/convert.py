@@ -3,7 +3,7 @@ A folder of captioned images (any layout the folder loader reads) -> WebDataset 
 the two formats dataset="webdataset" and dataset="hf" stream from.
 
     python -m tools.convert my_photos/ shards/train --to webdataset --per_shard 1000   # shards/train-00000.tar ...
-    python -m tools.convert my_photos/ parquet/ --to parquet --split train            # parquet/train-00000-of-00003.parquet
+    python -m tools.convert my_photos/ parquet/ --to parquet --split train     # parquet/train-00000-of-00003.parquet
     python train.py --dataset=webdataset --train_dir='shards/train-{00000..00002}.tar' --test_dir=...
     python train.py --dataset=hf --hf_dataset=parquet/
 

@@ -83,7 +83,8 @@ def memory(args, tmp: Path) -> None:
         if code:
             sys.exit(f"train.py failed on {pairs} pairs: see {tmp / f'memory_{pairs}.log'}")
         rows.append((pairs, mb, secs))
-        print(f"  {pairs:>7,} pairs ({pairs // 5:,} images): peak RSS {mb:,.0f} MB, {secs:.0f} s (extraction + 1 epoch)")
+        print(f"  {pairs:>7,} pairs ({pairs // 5:,} images): peak RSS {mb:,.0f} MB, {secs:.0f} s "
+              "(extraction + 1 epoch)")
     growth = rows[1][1] / rows[0][1] - 1
     print(f"memory: {args.large:,} vs {args.small:,} pairs: peak RSS {growth:+.1%} (target: at most +10%)")
 
@@ -161,7 +162,8 @@ def demo(args, tmp: Path) -> None:
     print("demo: --preset demo (3 epochs), the same images and captions read three ways; held-out test split")
     for name, extra in runs.items():
         out = tmp / ("out_" + name.split()[0])
-        p = subprocess.run([sys.executable, "train.py", "--preset=demo", *extra, f"--output_dir={out}", "--log_with=None",
+        p = subprocess.run([sys.executable, "train.py", "--preset=demo", *extra, f"--output_dir={out}",
+                            "--log_with=None",
                             f"--feature_cache_dir={tmp / 'cache'}", f"--data_cache_dir={tmp / 'data'}"],
                            cwd=REPO_DIR, capture_output=True, text=True)
         if p.returncode:
