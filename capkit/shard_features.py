@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from capkit.batching import run_sharded
 from capkit.common import atomic_write
-from capkit.errors import DataError
+from capkit.errors import DataError, RunStopped
 from capkit.features import announce_size, encoder_fingerprint
 from capkit.images import SkipLog, load_item
 
@@ -96,7 +96,12 @@ def _write(path: Path, source: str, embeds: list, keys: list, captions: list, sk
     feats = torch.cat(embeds).half().contiguous() if embeds else torch.empty(0, dtype=torch.float16)
     blob = save({"features": feats}, metadata={"format": SHARD_FORMAT, "source": source, "keys": json.dumps(keys),
                                                "captions": json.dumps(captions), "skipped": json.dumps(skipped)})
-    atomic_write(path, lambda f: f.write(blob))
+    try:
+        atomic_write(path, lambda f: f.write(blob))
+    except OSError as e:  # unlike the folder cache, these shards are the training data: no shard, no run
+        raise RunStopped(f"could not write the feature shard {path} ({e.strerror or e}): free space there or set "
+                         "feature_cache_dir to a folder with room (the size was announced above); the shards "
+                         "already written are kept and not extracted again") from None
 
 
 @torch.no_grad()

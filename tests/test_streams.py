@@ -13,6 +13,7 @@ import torch
 from conftest import REPO
 
 import train
+from capkit.errors import RunStopped
 from capkit.folders import load_folder
 from capkit.images import SkipLog
 from capkit.shapes import write_split
@@ -114,6 +115,55 @@ def test_truncated_shard_corrupt_member_and_missing_caption_are_counted(folder, 
                        "truncated or corrupt tar shard"], reasons
     with pytest.raises(train.DataError, match="not found"):
         tar_shards(str(tmp_path / "good-{00000..00002}.tar"))
+
+
+def test_image_cells_naming_paths_read_only_regular_files(folder, tmp_path):
+    """A 🤗 row whose image cell is a path: a regular image file is read; a FIFO or a device is refused without
+    blocking, a text file is an unreadable image, a missing one is counted: each a skip, no traceback, no hang."""
+    import io
+    import os
+
+    import datasets
+    os.mkfifo(tmp_path / "fifo")
+    good = load_folder(folder / "train", SkipLog()).images[0]
+    cells = [str(good), str(tmp_path / "fifo"), "/dev/zero", "/etc/passwd", str(tmp_path / "gone.png")]
+    datasets.Dataset.from_dict({"image": cells, "caption": [f"row {i}" for i in range(5)]}).to_parquet(
+        str(tmp_path / "pq" / "train-00000-of-00001.parquet"))
+    skips = SkipLog()
+    got = read_all(hf_train_shards(tmp_path / "pq", image_column="image", split_ratio=1, val_ratio=0), skips)
+    passwd = open("/etc/passwd", "rb").read()
+    assert sorted(got) == sorted([digest(good.read_bytes()), digest(passwd)])
+    reasons = [r.split(":")[0] for _, r in skips.items]
+    assert reasons == ["unreadable image", "unreadable image", "missing file"], skips.items
+    from capkit.images import load_item
+    assert "error" in load_item(io.BytesIO(passwd), None)              # read, then refused by the decoder
+
+
+def test_a_full_disk_while_writing_feature_shards_stops_in_one_paragraph(folder, tmp_path, monkeypatch):
+    import errno
+
+    from conftest import make_model
+
+    import capkit.shard_features as sf
+    data = load_folder(folder / "train", SkipLog())
+    write_webdataset(data.images[:4], data.captions[:4], str(tmp_path / "s"), per_shard=2)          # 2 shards
+    real, calls = sf.atomic_write, []
+
+    def full_after_one(path, fn):
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, fn)
+    monkeypatch.setattr(sf, "atomic_write", full_after_one)
+    model = make_model()
+    with pytest.raises(RunStopped, match="No space left on device.*feature_cache_dir") as e:
+        sf.extract_shard_features(model, tar_shards(str(tmp_path / "s-{00000..00001}.tar")), tmp_path / "c", SkipLog())
+    assert e.value.exit_code == 3 and "\n" not in str(e.value)
+    monkeypatch.setattr(sf, "atomic_write", real)                     # space again: only the missing shard is made
+    calls.clear()
+    shards = sf.extract_shard_features(model, tar_shards(str(tmp_path / "s-{00000..00001}.tar")), tmp_path / "c",
+                                       SkipLog())
+    assert [s.images for s in shards] == [2, 2]
 
 
 @pytest.mark.parametrize("features", ["pooled", "tokens"])
