@@ -156,7 +156,7 @@ def _clip_source(cfg) -> tuple[str, str | None, Path | None]:
     if not weights.is_file():
         raise ConfigError(f"clip_pretrained {cfg.clip_pretrained!r} is not a file (a weights file is expected)")
     if weights.suffix != ".safetensors":
-        torch_load(weights, "CLIP weights file")  # refused here, in capkit's words, if it would run code
+        torch_load(weights, "clip_pretrained: the CLIP weights file")  # refused in capkit's words if it would run code
     return name, str(weights), weights
 
 
@@ -194,7 +194,7 @@ def _timm_weights(path: Path) -> dict:
             return load_file(str(path))
         except Exception as e:
             raise RefusedFileError(f"{path} is not a readable safetensors file ({first_line(e)})") from None
-    sd = torch_load(path, "encoder weights file")
+    sd = torch_load(path, "clip_pretrained: the encoder weights file")
     sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise RefusedFileError(f"{path} is not a state dict (a mapping of names to tensors)")

@@ -37,7 +37,8 @@ def from_pretrained(cls, name: str, what: str, key: str, **kw):
                             f"(e.g. --{key}=/path/to/folder).", catch=OSError)
     except OSError as e:
         if local is not None:
-            raise RefusedFileError(f"{what} folder {local} can't be loaded: {first_line(e)}") from None
+            raise RefusedFileError(f"{key}={name!r}: the {what} folder {local} can't be loaded: {first_line(e)}") \
+                from None
         raise ConfigError(f"{key}={name!r}: {first_line(e)}") from None
     except ValueError as e:
         if "custom code" in str(e) or "trust_remote_code" in str(e):
@@ -46,4 +47,7 @@ def from_pretrained(cls, name: str, what: str, key: str, **kw):
                 "which capkit never runs; use a model that transformers supports natively.") from None
         if local is None and type(e).__name__ == "HFValidationError":
             raise ConfigError(f"{key}={name!r}: no such folder, and not a Hugging Face Hub id") from None
+        if local is not None:  # e.g. a folder with no config.json ("Unrecognized model"): not a model folder
+            raise RefusedFileError(f"{key}={name!r}: {local} is not a {what} folder transformers can load "
+                                   f"({first_line(e)}); give a folder written by save_pretrained") from None
         raise

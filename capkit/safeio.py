@@ -138,7 +138,7 @@ def torch_load(path, what: str = "checkpoint"):
             f"{_blocked_global(str(e))}, so torch.load(weights_only=True) refused it. capkit loads checkpoints as "
             "data only; use a file that capkit "
             "(or torch.save of plain tensors) wrote, or convert the weights to safetensors.") from None
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
+    except Exception as e:  # unpickling a stranger's bytes raises anything (IndexError for a text file): refused
         raise RefusedFileError(f"{what} {path} is damaged or not a PyTorch file ({type(e).__name__}); it may "
                                "be truncated by a crash or an incomplete copy: use an earlier checkpoint") from None
 

@@ -423,6 +423,27 @@ def test_damaged_checkpoints_name_the_file(ckpt, tmp_path, capsys, damage):
             "wrong_shapes": "don't fit", "huge_prefix": "proj_prefix_length", "not_capkit": "not a capkit"}[damage] in err
 
 
+@pytest.mark.parametrize("key, value, words", [("lm_name", "/etc", "not a decoder folder"),
+                                               ("clip_pretrained", "/etc/passwd", "not a PyTorch file")])
+@pytest.mark.parametrize("script", ["eval", "inference", "load_model_example", "serve"])
+def test_a_checkpoint_config_naming_a_system_path_is_refused_by_every_script(ckpt, tmp_path, capsys, key, value,
+                                                                              words, script):
+    """A .pth whose config points a backbone at /etc or /etc/passwd: exit 4, one paragraph naming the key and
+    the path, in every script that loads a checkpoint and in serve.py's start-up."""
+    import serve
+    good = torch.load(ckpt, weights_only=True)
+    extra = {"clip_model_name": "ViT-B-32"} if key == "clip_pretrained" else {}  # (an open_clip name + weights)
+    path = tmp_path / "model_state_dict_s-1.pth"
+    torch.save({**good, "model_config": {**good["model_config"], key: value, **extra}}, path)
+    main, argv = {"eval": (eval_mod.main, ["--checkpoint", str(path)]),
+                  "inference": (inference.main, ["--checkpoint", str(path), str(tmp_path)]),
+                  "load_model_example": (load_model_example.main, [str(path)]),
+                  "serve": (serve.main, ["--checkpoint", str(path), "--port", "0"])}[script]
+    code, err = outcome(capsys, main, argv)
+    assert code == 4 and key in err and value in err and words in err, err
+    assert len(err.strip().splitlines()) <= 2, err      # one paragraph (and perhaps the "exit" line)
+
+
 @pytest.mark.parametrize("content", [b'{"run_id": "h", "hyperpa', b"\xff\xfe garbage", b"[1, 2, 3]"])
 def test_a_damaged_metadata_json_beside_a_checkpoint_is_named(ckpt, tmp_path, capsys, content):
     shutil.copy(ckpt, tmp_path / ckpt.name)
