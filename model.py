@@ -34,7 +34,7 @@ from capkit.captioner import (
 )
 from capkit.checkpoints import metadata_path_for
 from capkit.common import atomic_torch_save, load_all
-from capkit.decoders import load_decoder, max_positions, never_empty, tokenize_captions
+from capkit.decoders import load_decoder, max_positions, never_empty, stop_when, tokenize_captions
 from capkit.encoders import ImageEncoder, OpenClipEncoder, build_image_encoder
 from capkit.errors import ConfigError, MissingInputError, RefusedFileError
 from capkit.hf_captioner import HFCaptioner, load_hf_checkpoint
@@ -211,9 +211,10 @@ class ClipCaptioner(Captioner):
 
     # -- generation -----------------------------------------------------------------------------
     @torch.no_grad()
-    def generate_ids(self, pixel_values=None, image_embeds=None, **generation) -> torch.Tensor:
+    def generate_ids(self, pixel_values=None, image_embeds=None, stop=None, **generation) -> torch.Tensor:
         """Batched decoding with the decoder's KV cache; returns new token ids (B, <=max_new_tokens),
-        padded with pad_token_id after EOS. generation: the fields of Generation."""
+        padded with pad_token_id after EOS. generation: the fields of Generation; stop: a callable that,
+        once True, ends decoding after the current step."""
         g = self.generation(generation)
         lead, mask = self.lead_embeds(self._image_embeds(pixel_values, image_embeds))  # (B, [L+]P, H)
         sampled = {"temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k} if g.do_sample else \
@@ -223,10 +224,10 @@ class ClipCaptioner(Captioner):
                                bos_token_id=None, **never_empty(self.tokenizer), **sampled)
         if g.seed is not None:
             torch.manual_seed(g.seed)
-        return self.lm.generate(inputs_embeds=lead, attention_mask=mask, generation_config=gen)
+        return self.lm.generate(inputs_embeds=lead, attention_mask=mask, generation_config=gen, **stop_when(stop))
 
-    def generate(self, pixel_values=None, image_embeds=None, **generation) -> list[str]:
-        ids = self.generate_ids(pixel_values, image_embeds, **generation)
+    def generate(self, pixel_values=None, image_embeds=None, stop=None, **generation) -> list[str]:
+        ids = self.generate_ids(pixel_values, image_embeds, stop, **generation)
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     # -- checkpoints ----------------------------------------------------------------------------

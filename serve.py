@@ -11,6 +11,7 @@ Serve a trained captioner over HTTP: a JSON API with dynamic batching, and a web
                     decoding options (num_beams, max_new_tokens, do_sample, temperature, top_p, top_k, seed)
                     as query or form fields
     GET  /health    model loaded, device, checkpoint name, model type, limits
+    GET  /metrics   Prometheus text format: requests by status, images, batch sizes, latency, queue, bytes in flight
     GET  /docs      the OpenAPI docs (served from a local copy: they work offline)
 
 Concurrent requests are gathered into one batched model.generate call (the KV-cache path inference.py
@@ -22,6 +23,11 @@ network you trust (there is no authentication).
 
 One request can't hold the model for long: it may ask for at most --max_request_tokens (images x
 num_beams x max_new_tokens), and images over --max_megapixels are refused before they are decoded.
+Under load it stays up and answers: request bodies in flight are held to --max_inflight_mb (a request that
+would pass it gets 503 + Retry-After before its body is read; uploads are spooled to disk and decoded one file
+at a time), queued work to --max_queue_tokens and --max_queue_s (503 + Retry-After), a body must arrive
+within --body_timeout_s (408) and a connection must begin a request within --idle_timeout_s (closed). A
+client that leaves has its queued images dropped; a batch whose clients have all left stops at once.
 
 Exit codes (errors.py): 0 after Ctrl-C or SIGTERM once every request in flight is answered; 130 if
 some were cut off (a second Ctrl-C, or still running --shutdown_grace_s seconds later); 2 for a bad
@@ -40,24 +46,27 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 import uvicorn
 from fastapi import Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from capkit.admission import Admission, Budget, idle_guarded_h11, retry_after_s
 from capkit.captioner import GENERATION_LIMITS, Generation
 from capkit.common import int_at_least, pick_device, positive_int
 from capkit.errors import ConfigError, run_cli
 from capkit.images import image_problem, load_rgb
+from capkit.serve_batcher import Batcher, Busy, work_of
+from capkit.server_metrics import ServerMetrics
 from model import load_checkpoint
 
 PAGE = Path(__file__).with_name("serve.html")  # the web page at /: plain HTML + JS, nothing fetched from elsewhere
@@ -92,13 +101,19 @@ CAPTION_OPENAPI = {"requestBody": {"required": True, "content": {"multipart/form
 
 class BadRequest(Exception):
     """A request refused as a whole: status + one sentence (+ the per-file errors, when files were the cause)."""
-    def __init__(self, status: int, detail: str, errors: list | None = None):
+    def __init__(self, status: int, detail: str, errors: list | None = None, headers: dict | None = None):
         super().__init__(detail)
-        self.status, self.detail, self.errors = status, detail, errors or []
+        self.status, self.detail, self.errors, self.headers = status, detail, errors or [], headers
 
     def response(self) -> JSONResponse:
         body = {"detail": self.detail} | ({"errors": self.errors} if self.errors else {})
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+class ClientGone(BadRequest):
+    """The client disconnected before its answer: nobody reads this (499, nginx's code for it, in /metrics)."""
+    def __init__(self):
+        super().__init__(499, "the client left before its answer")
 
 
 async def bad_request(request: Request, e: BadRequest) -> JSONResponse:
@@ -158,11 +173,14 @@ def check_upload(name: str, size: int, max_bytes: int) -> FileResult | None:
     return None
 
 
-def decode_image(name: str, data: bytes, preprocess, max_pixels: int) -> FileResult:
-    """(In a worker thread.) Bytes -> the model's input tensor, or the reason the file is refused
-    (more pixels than --max_megapixels: 413, not an image: 415)."""
+def decode_image(name: str, data, preprocess, max_pixels: int) -> FileResult:
+    """(In a worker thread.) An upload (bytes, or its spooled file, read from the start) -> the model's input
+    tensor, or the reason the file is refused (more pixels than --max_megapixels: 413, not an image: 415)."""
     try:
-        pixels = preprocess(load_rgb(io.BytesIO(data), max_pixels))
+        if isinstance(data, bytes):
+            data = io.BytesIO(data)
+        data.seek(0)
+        pixels = preprocess(load_rgb(data, max_pixels))
     except Exception as e:  # whatever decoding a stranger's bytes raises: this file is refused, the others go on
         reason = image_problem(e)  # (which failures mean "too large" is dataset's to say)
         if reason.startswith("image too large"):
@@ -172,141 +190,7 @@ def decode_image(name: str, data: bytes, preprocess, max_pixels: int) -> FileRes
 
 
 # ----------------------------------------------------------------------------------------------
-# dynamic batching: concurrent requests share one generate call
-
-@dataclass(eq=False)  # jobs are compared by identity (their tensors have no single truth value)
-class Job:
-    pixels: torch.Tensor                 # (n, 3, S, S): one request's images (or a max_batch slice of them)
-    options: dict                        # Generation keyword arguments
-    key: tuple                           # jobs with equal keys may share a generate call
-    future: asyncio.Future
-    arrived: float = field(default_factory=time.monotonic)
-
-
-class Batcher:
-    """One worker thread runs generate(pixels, options) -> captions on batches gathered from the queue: up
-    to max_batch images with equal options, waiting at most max_wait_ms after the oldest job arrived."""
-
-    def __init__(self, generate, max_batch: int, max_wait_ms: float):
-        self.generate, self.max_batch, self.max_wait = generate, max_batch, max_wait_ms / 1000
-        self.queue: asyncio.Queue[Job] = asyncio.Queue()
-        self.waiting: list[Job] = []     # taken from the queue, not yet batched (other options, or no room)
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="capkit-generate")
-        self.stats = {"requests": 0, "images": 0, "batches": 0, "largest_batch": 0}
-
-    async def caption(self, pixels: torch.Tensor, options: dict) -> list[str]:
-        """pixels (n, 3, S, S) -> n captions, decoded in whichever batches they land in."""
-        loop, options_key = asyncio.get_running_loop(), tuple(sorted(options.items()))
-        # a seeded request is decoded alone, in one call: what its seed gives can't depend on the traffic
-        parts = [pixels] if options["seed"] is not None else list(pixels.split(self.max_batch))
-        futures = []
-        for part in parts:
-            future = loop.create_future()
-            key = (options_key, id(future)) if options["seed"] is not None else options_key
-            self.queue.put_nowait(Job(part, options, key, future))
-            futures.append(future)
-        self.stats["requests"] += 1
-        return [c for captions in await asyncio.gather(*futures) for c in captions]
-
-    async def run(self) -> None:
-        """The batching loop (a task for the server's life)."""
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = []
-            try:
-                batch = await self.next_batch()
-                captions = await loop.run_in_executor(self.worker, self.generate_batch, batch)
-            except Exception as e:  # the model failed (out of memory, a bug): this batch's requests fail, not the loop
-                for job in batch or self.waiting:
-                    if not job.future.done():
-                        job.future.set_exception(e)
-                continue
-            for job in batch:
-                mine, captions = captions[:len(job.pixels)], captions[len(job.pixels):]
-                if not job.future.done():  # (its client may have gone)
-                    job.future.set_result(mine)
-
-    async def next_batch(self) -> list[Job]:
-        """The oldest waiting job and those that may join it, once there are max_batch images or its wait is over."""
-        self.waiting = [job for job in self.waiting if not job.future.done()]  # (their clients have gone)
-        if not self.waiting:
-            self.waiting.append(await self.queue.get())
-        first = self.waiting[0]
-        deadline = first.arrived + self.max_wait
-        while True:
-            while not self.queue.empty():  # everything that arrived meanwhile (e.g. during the last batch)
-                self.waiting.append(self.queue.get_nowait())
-            left = deadline - time.monotonic()
-            if self.images_like(first.key) >= self.max_batch or left <= 0:
-                break
-            try:
-                self.waiting.append(await asyncio.wait_for(self.queue.get(), left))
-            except TimeoutError:
-                break
-        batch, room = [], self.max_batch
-        for job in list(self.waiting):
-            if job.key == first.key and (not batch or len(job.pixels) <= room):
-                batch.append(job)
-                room -= len(job.pixels)
-                self.waiting.remove(job)
-        return batch
-
-    def images_like(self, key: tuple) -> int:
-        return sum(len(job.pixels) for job in self.waiting if job.key == key)
-
-    def generate_batch(self, batch: list[Job]) -> list[str]:
-        """(In the worker thread.) One generate call for the whole batch."""
-        pixels = torch.cat([job.pixels for job in batch])  # (B, 3, S, S)
-        self.stats["batches"] += 1
-        self.stats["images"] += len(pixels)
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(pixels))
-        return self.generate(pixels, batch[0].options)
-
-    def close(self) -> None:
-        for job in self.waiting:
-            job.future.cancel()
-        self.worker.shutdown(wait=True)
-
-
-# ----------------------------------------------------------------------------------------------
 # the app
-
-class BodyTooLarge(Exception):
-    pass
-
-
-class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes is refused with a 413 before (Content-Length)
-    or while (chunked) it is read, so an endless upload never fills memory or disk."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
-        if declared.isdigit() and int(declared) > self.limit:
-            return await self.refuse(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise BodyTooLarge
-            return message
-        try:
-            await self.app(scope, counted, send)
-        except BodyTooLarge:
-            await self.refuse(scope, receive, send)
-
-    async def refuse(self, scope, receive, send):
-        mb = self.limit / 2**20
-        await BadRequest(413, f"request body over {mb:.0f} MB (--max_files x --max_upload_mb)").response()(
-            scope, receive, send)
-
 
 @dataclass
 class Limits:
@@ -317,25 +201,59 @@ class Limits:
     max_files: int = 32                 # per request
     max_megapixels: float = 50.0        # per image, read from the header before decoding (a 50 MP photo decodes in ~1 s)
     max_request_tokens: int = 16384     # per request: images x num_beams x max_new_tokens, the worst-case decoding work
+    max_inflight_mb: float | None = None  # request bodies held at once (None: default_inflight_mb(), from the RAM)
+    max_queue_tokens: int = 65536       # work queued across requests (4 requests of the largest size)
+    max_queue_s: float = 120.0          # a request not in a batch this long after joining the queue gets a 503
+    body_timeout_s: float = 30.0        # a body must arrive within this (+ 1 s per MB received: slow links finish)
+    idle_timeout_s: float = 10.0        # a connection that begins no request this long after opening is closed
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 2**20)
 
     @property
+    def body_limit(self) -> int:
+        """The largest request body: max_files full-size files + 1 MB for the multipart framing and options."""
+        return self.max_files * self.max_upload_bytes + 2**20
+
+    @property
+    def inflight_bytes(self) -> int:
+        return int((self.max_inflight_mb or default_inflight_mb()) * 2**20)
+
+    def checked(self) -> Limits:
+        if self.inflight_bytes < self.body_limit:
+            raise ConfigError(f"--max_inflight_mb {self.inflight_bytes / 2**20:g} is less than one full request "
+                              f"({self.body_limit / 2**20:g} MB = --max_files x --max_upload_mb + 1): raise it, or "
+                              "lower --max_files / --max_upload_mb")
+        return self
+
+    @property
     def max_pixels(self) -> int:
         return int(self.max_megapixels * 1_000_000)
+
+
+def default_inflight_mb() -> int:
+    """A quarter of this machine's memory, at most 4 GB: several full-size requests at once, room for the rest."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # (not on Linux / macOS)
+        ram = 8 * 2**30
+    return int(min(ram / 4, 4 * 2**30) // 2**20)
 
 
 def create_app(model, checkpoint: str, limits: Limits | None = None, metadata: dict | None = None,
                announce: str | None = None):
     """The FastAPI app serving `model` (a loaded Captioner in eval mode); `announce` is printed once it serves.
     app.state.dropped counts the requests cut off by a shutdown (after uvicorn's grace period)."""
-    limits = limits or Limits()
+    limits = (limits or Limits()).checked()
     # uploads are decoded on as many threads as there are cores: more only fight over the GIL (and, on a
     # CPU, with generation) and made the CPU load test ~15% slower than with these
     decoder = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="capkit-decode")
-    batcher = Batcher(partial(generate, model), limits.max_batch, limits.max_wait_ms)
+    metrics, budget = ServerMetrics(), Budget(limits.inflight_bytes)
+    batcher = Batcher(partial(generate, model), limits.max_batch, limits.max_wait_ms, limits.max_queue_tokens,
+                      limits.max_queue_s, metrics)
+    metrics.watch(queue_images=lambda: batcher.queued_images, queue_tokens=lambda: batcher.queued_tokens,
+                  inflight_bytes=lambda: budget.used)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -350,8 +268,9 @@ def create_app(model, checkpoint: str, limits: Limits | None = None, metadata: d
 
     app = FastAPIOffline(title="capkit captioner", lifespan=lifespan, redoc_url=None,
                          description=f"Captions images with `{checkpoint}`. The web page is at `/`.")
-    app.state.dropped = 0
-    app.add_middleware(BodyLimit, limit=limits.max_files * limits.max_upload_bytes + 2**20)
+    app.state.dropped, app.state.metrics = 0, metrics
+    app.add_middleware(Admission, budget=budget, body_limit=limits.body_limit, body_timeout_s=limits.body_timeout_s,
+                       metrics=metrics)
     app.add_exception_handler(BadRequest, bad_request)
     app.add_exception_handler(Exception, server_error)
     health = {"status": "ok", "model_loaded": True, "checkpoint": checkpoint, "model_type": model.config.model_type,
@@ -370,13 +289,19 @@ def create_app(model, checkpoint: str, limits: Limits | None = None, metadata: d
         """Whether the model is loaded, what it is, where it runs, the server's limits and counters."""
         return health | {"served": dict(batcher.stats)}
 
+    @app.get("/metrics", include_in_schema=False)
+    async def get_metrics() -> Response:
+        """The counters, histograms and gauges of ServerMetrics, in the Prometheus text format."""
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
     @app.post("/caption", openapi_extra=CAPTION_OPENAPI)
     async def caption(request: Request) -> list[dict]:
         """Caption the images of multipart field `files`, in order. A file that is not a usable image gets
         {"filename", "error", "status"} in its place; if none is usable, the request fails with the first
         file's 4xx."""
         try:
-            return await caption_request(request, model, limits, batcher, decoder)
+            return await caption_request(request, model, limits, batcher, decoder, metrics)
         except asyncio.CancelledError:  # a shutdown's grace period ran out (or the server was killed)
             app.state.dropped += 1
             raise
@@ -384,69 +309,121 @@ def create_app(model, checkpoint: str, limits: Limits | None = None, metadata: d
     return app
 
 
-def generate(model, pixels: torch.Tensor, options: dict) -> list[str]:
-    """(In the batcher's thread.) model.generate; a seed is the request's own: the random numbers of later
-    unseeded sampling are drawn afresh, not from the sequence that seed started."""
+def generate(model, pixels: torch.Tensor, options: dict, stop=None) -> list[str]:
+    """(In the batcher's thread.) model.generate, ending after the current step once stop() is True; a seed is
+    the request's own: the random numbers of later unseeded sampling are drawn afresh, not from the sequence
+    that seed started."""
     try:
-        return model.generate(pixel_values=pixels, **options)
+        return model.generate(pixel_values=pixels, stop=stop, **options)
     finally:
         if options["seed"] is not None:
             torch.seed()
 
 
-async def caption_request(request: Request, model, limits: Limits, batcher: Batcher, decoder) -> list[dict]:
-    """POST /caption: read, refuse what can't be used, decode, caption through the batcher, answer in order."""
-    started = time.perf_counter()
-    uploads, options = await read_request(request, limits)
+async def caption_request(request: Request, model, limits: Limits, batcher: Batcher, decoder, metrics) -> list[dict]:
+    """POST /caption: read, refuse what can't be used, decode one file at a time, caption through the batcher,
+    answer in order. From the moment the body is in, a client that disconnects has its work dropped."""
+    started, gone = time.perf_counter(), None
     try:
-        model.generation(options)  # a max_new_tokens beyond the decoder's positions
+        async with open_request(request, limits) as (uploads, options):
+            check_work(model, uploads, options, limits)
+            gone = asyncio.ensure_future(client_gone(request.receive))
+            results = await decode_all(uploads, model.preprocess, limits.max_pixels, decoder, gone)
+        good = [r for r in results if r.error is None]
+        if not good:
+            raise BadRequest(results[0].status, "; ".join(f"{r.filename}: {r.error}" for r in results),
+                             [r.entry(None, 0) for r in results])
+        captions = iter(await caption_unless_gone(batcher, torch.stack([r.pixels for r in good]), options, gone))
+    except ClientGone:
+        metrics.vanished.inc()
+        raise
+    except Busy as e:
+        metrics.refused(e.reason)
+        raise BadRequest(503, e.detail, headers={"Retry-After": str(retry_after_s(e.wait_s))}) from None
+    except torch.OutOfMemoryError:
+        raise BadRequest(503, f"out of {model.device.type} memory for this batch: try fewer images, fewer "
+                              "beams, or restart the server with a smaller --max_batch") from None
+    finally:
+        if gone is not None:
+            gone.cancel()
+    ms = (time.perf_counter() - started) * 1000
+    return [r.entry(None if r.error else next(captions), ms) for r in results]
+
+
+def check_work(model, uploads: list, options: dict, limits: Limits) -> None:
+    """422 for a max_new_tokens beyond the decoder's positions, or more work than --max_request_tokens."""
+    try:
+        model.generation(options)
     except ConfigError as e:
         raise BadRequest(422, str(e)) from None
     usable = sum(not isinstance(u, FileResult) for u in uploads)
-    work = usable * options["num_beams"] * options["max_new_tokens"]
+    work = work_of(usable, options)
     if work > limits.max_request_tokens:
         raise BadRequest(422, f"this request asks for up to {work:,} generated tokens ({usable} images x "
                               f"{options['num_beams']} beams x max_new_tokens {options['max_new_tokens']}); this "
                               f"server allows {limits.max_request_tokens:,} a request (serve.py --max_request_tokens)."
                               " Send fewer images, beams or tokens")
-    loop = asyncio.get_running_loop()
-    results = [upload if isinstance(upload, FileResult) else
-               await loop.run_in_executor(decoder, decode_image, *upload, model.preprocess, limits.max_pixels)
-               for upload in uploads]
-    good = [r for r in results if r.error is None]
-    if not good:
-        raise BadRequest(results[0].status, "; ".join(f"{r.filename}: {r.error}" for r in results),
-                         [r.entry(None, 0) for r in results])
-    try:
-        captions = iter(await batcher.caption(torch.stack([r.pixels for r in good]), options))
-    except torch.OutOfMemoryError:
-        raise BadRequest(503, f"out of {model.device.type} memory for this batch: try fewer images, fewer "
-                              "beams, or restart the server with a smaller --max_batch") from None
-    ms = (time.perf_counter() - started) * 1000
-    return [r.entry(None if r.error else next(captions), ms) for r in results]
 
 
-async def read_request(request: Request, limits: Limits) -> tuple[list, dict]:
-    """-> (for each file of field `files`: (filename, bytes), or the FileResult refusing it unread; the
-    decoding options). A request that can't be read is a BadRequest. Uploads are read into memory and
-    the form is closed here (Starlette spools big parts to anonymous temp files, which vanish when closed)."""
+async def client_gone(receive) -> None:
+    """Returns when the client disconnects (the body is already in: the next ASGI message is the disconnect)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def decode_all(uploads: list, preprocess, max_pixels: int, decoder, gone) -> list[FileResult]:
+    """Each upload decoded in turn on the decoder threads (one file of this request at a time: a big request
+    neither holds its files in memory at once nor makes the others wait behind all of its files)."""
+    loop, results = asyncio.get_running_loop(), []
+    for upload in uploads:
+        if gone.done():
+            raise ClientGone
+        results.append(upload if isinstance(upload, FileResult) else
+                       await loop.run_in_executor(decoder, decode_image, *upload, preprocess, max_pixels))
+    return results
+
+
+async def caption_unless_gone(batcher: Batcher, pixels: torch.Tensor, options: dict, gone) -> list[str]:
+    """The batcher's captions; if the client leaves first, its request is cancelled (its queued images are
+    dropped; a batch of only such requests stops) and ClientGone raised."""
+    task = asyncio.ensure_future(batcher.caption(pixels, options))
+    await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientGone
+    return task.result()
+
+
+@asynccontextmanager
+async def open_request(request: Request, limits: Limits):
+    """-> (for each file of field `files`: (filename, its spooled file), or the FileResult refusing it unread;
+    the decoding options), while the form is open. A request that can't be read is a BadRequest. Starlette
+    spools each file past 1 MB to an anonymous temp file, which vanishes when the form is closed here."""
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
         raise BadRequest(415, f"send the images as multipart/form-data in field {FILES_FIELD!r} "
                               f"(curl -F {FILES_FIELD}=@photo.jpg ...)")
     try:
-        async with request.form(max_files=limits.max_files, max_fields=64, max_part_size=MAX_FIELD_BYTES) as form:
-            items = form.multi_items()
-            uploads = []
-            for i, f in enumerate(v for k, v in items if k == FILES_FIELD and isinstance(v, UploadFile)):
-                name = f.filename or f"file {i + 1}"
-                uploads.append(check_upload(name, f.size or 0, limits.max_upload_bytes) or (name, await f.read()))
+        form = await request.form(max_files=limits.max_files, max_fields=64, max_part_size=MAX_FIELD_BYTES)
     except HTTPException as e:  # malformed multipart, too many files, an overlong field: Starlette's sentence
         if "Too many files" in str(e.detail):
             raise BadRequest(413, f"{e.detail} (serve.py --max_files)") from None
         raise BadRequest(400, f"unreadable multipart body: {e.detail} (a text field may hold at most "
                               f"{MAX_FIELD_BYTES} bytes)") from None
     except ClientDisconnect:  # (nobody is left to read the answer; it keeps the log free of tracebacks)
-        raise BadRequest(400, "the client disconnected before its upload was complete") from None
+        raise ClientGone from None
+    try:
+        yield sort_form(form.multi_items(), request, limits)
+    finally:
+        await form.close()
+
+
+def sort_form(items: list, request: Request, limits: Limits) -> tuple[list, dict]:
+    """The form's items -> (uploads, options), or the 4xx for files in the wrong place or none."""
+    uploads = []
+    for i, f in enumerate(v for k, v in items if k == FILES_FIELD and isinstance(v, UploadFile)):
+        name = f.filename or f"file {i + 1}"
+        uploads.append(check_upload(name, f.size or 0, limits.max_upload_bytes) or (name, f.file))
     elsewhere = sorted({k for k, v in items if k != FILES_FIELD and isinstance(v, UploadFile)})
     if elsewhere:
         raise BadRequest(422, f"files in field(s) {', '.join(map(repr, elsewhere))}: send every image in "
@@ -485,6 +462,21 @@ def parse_args(argv):
     ap.add_argument("--max_request_tokens", type=positive_int, default=Limits.max_request_tokens,
                     help="images x num_beams x max_new_tokens a request may ask for (one request can't hold the "
                          "model for long)")
+    ap.add_argument("--max_inflight_mb", type=positive_int, default=None,
+                    help="request-body MB held at once; a request that would pass it gets 503 + Retry-After "
+                         "before its body is read (default: a quarter of the RAM, at most 4096; here "
+                         f"{default_inflight_mb()})")
+    ap.add_argument("--max_queue_tokens", type=positive_int, default=Limits.max_queue_tokens,
+                    help="work queued across requests (images x num_beams x max_new_tokens); past it, 503 + "
+                         "Retry-After")
+    ap.add_argument("--max_queue_s", type=int_at_least(1, 3600), default=Limits.max_queue_s,
+                    help="a request none of whose images is in a batch this long after it joined the queue gets "
+                         "503 + Retry-After")
+    ap.add_argument("--body_timeout_s", type=int_at_least(1, 3600), default=Limits.body_timeout_s,
+                    help="a request body must arrive within this (plus 1 s per MB received), else 408")
+    ap.add_argument("--idle_timeout_s", type=int_at_least(1, 3600), default=Limits.idle_timeout_s,
+                    help="a connection that begins no request this long after it opened (or after its last "
+                         "answer) is closed: slow headers (slowloris) included")
     ap.add_argument("--shutdown_grace_s", type=int_at_least(1, 3600), default=60,
                     help="on Ctrl-C / SIGTERM, how long requests in flight may take to finish")
     ap.add_argument("--device", default="auto")
@@ -513,15 +505,23 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def server_config(app, limits: Limits, shutdown_grace_s: int, log_level: str = "info") -> uvicorn.Config:
+    """uvicorn's settings: its h11 protocol with the idle-connection limit (counted in /metrics)."""
+    return uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=shutdown_grace_s,
+                          http=idle_guarded_h11(limits.idle_timeout_s, app.state.metrics.idle_cut.inc),
+                          timeout_keep_alive=min(5, limits.idle_timeout_s))
+
+
 def run(argv=None) -> int:
     args = parse_args(argv)
+    limits = Limits(args.max_batch, args.max_wait_ms, args.max_upload_mb, args.max_files, args.max_megapixels,
+                    args.max_request_tokens, args.max_inflight_mb, args.max_queue_tokens, args.max_queue_s,
+                    args.body_timeout_s, args.idle_timeout_s).checked()
     sock = listen(args.host, args.port)
     device = pick_device(args.device)
     if device.type == "cpu":  # generation's threads leave a core to the HTTP side (decoding uploads, answering)
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
     model, metadata, _ = load_checkpoint(args.checkpoint, device, datastore=args.datastore)
-    limits = Limits(args.max_batch, args.max_wait_ms, args.max_upload_mb, args.max_files, args.max_megapixels,
-                    args.max_request_tokens)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -533,7 +533,7 @@ def run(argv=None) -> int:
     stopped = []
     for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn re-raises the signal after its graceful shutdown
         signal.signal(sig, lambda s, frame: stopped.append(signal.Signals(s).name))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=args.shutdown_grace_s))
+    server = uvicorn.Server(server_config(app, limits, args.shutdown_grace_s))
     server.run(sockets=[sock])
     how = f" ({stopped[0]})" if stopped else ""
     if server.force_exit or app.state.dropped:  # a second Ctrl-C, or requests still running after the grace period

@@ -197,8 +197,9 @@ class Captioner(nn.Module, ABC):
         """-> (logits, loss): loss = masked_cross_entropy over the caption's tokens (padding excluded)."""
 
     @abstractmethod
-    def generate(self, pixel_values=None, image_embeds=None, **generation) -> list[str]:
-        """One caption per image; generation: the fields of Generation."""
+    def generate(self, pixel_values=None, image_embeds=None, stop=None, **generation) -> list[str]:
+        """One caption per image; generation: the fields of Generation. stop: a callable; once it returns
+        True, decoding ends after the current step (serve.py, when every client of the batch has gone)."""
 
     @abstractmethod
     def save_checkpoint(self, path: str | os.PathLike) -> None:

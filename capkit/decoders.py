@@ -5,7 +5,7 @@ positions it holds, captions as its tokens, and the generate() settings that rul
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
 from capkit.captioner import CaptionerConfig
 from capkit.pretrained import from_pretrained
@@ -57,6 +57,20 @@ def never_empty(tokenizer, ends=()) -> dict:
         cache[ends] = {"begin_suppress_tokens": sorted(set(blank) | ends | set(special)),
                        "suppress_tokens": special or None}
     return cache[ends]
+
+
+class _StopWhen(StoppingCriteria):
+    def __init__(self, stop):
+        self.stop = stop
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:  # -> (B,) bool: True ends that row
+        return torch.full((input_ids.shape[0],), bool(self.stop()), dtype=torch.bool, device=input_ids.device)
+
+
+def stop_when(stop) -> dict:
+    """generate() settings that end every row after the current step once stop() says True (serve.py: the
+    clients of a batch have all gone); {} for stop=None."""
+    return {} if stop is None else {"stopping_criteria": StoppingCriteriaList([_StopWhen(stop)])}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from transformers import AutoProcessor
 from capkit.captioner import HF_CHECKPOINT_FORMAT, HF_CONFIG_FILE, Captioner, CaptionerConfig, masked_cross_entropy
 from capkit.checkpoints import MERGED_METADATA, metadata_name, stem_of
 from capkit.common import atomic_folder, atomic_write_json
-from capkit.decoders import max_positions, never_empty, resolve_dtype
+from capkit.decoders import max_positions, never_empty, resolve_dtype, stop_when
 from capkit.encoders import ImageProcessorTransform
 from capkit.errors import ConfigError, HubUnavailableError, RefusedFileError
 from capkit.pretrained import first_line, from_pretrained
@@ -167,7 +167,7 @@ class HFCaptioner(Captioner):
         return logits, masked_cross_entropy(logits, input_ids[:, 1:], attention_mask[:, 1:])
 
     @torch.no_grad()
-    def generate(self, pixel_values=None, image_embeds=None, **generation) -> list[str]:
+    def generate(self, pixel_values=None, image_embeds=None, stop=None, **generation) -> list[str]:
         g = self.generation(generation)
         kw = {"max_new_tokens": g.max_new_tokens, "num_beams": g.num_beams, "do_sample": g.do_sample}
         if g.do_sample:
@@ -177,7 +177,8 @@ class HFCaptioner(Captioner):
         ends = self.model.generation_config.eos_token_id
         ends = [ends] if isinstance(ends, int) else list(ends or [])
         ids = self.model.generate(pixel_values=self._pixels(pixel_values, image_embeds), **kw,
-                                  **never_empty(self.tokenizer, ends + [self.tokenizer.sep_token_id]))
+                                  **never_empty(self.tokenizer, ends + [self.tokenizer.sep_token_id]),
+                                  **stop_when(stop))
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:

@@ -176,6 +176,25 @@ def test_greedy_generation_equals_teacher_forced_argmax(tiny_model):
     assert torch.equal(argmax[mask.bool()], gen[mask.bool()])
 
 
+@pytest.mark.parametrize("beams", [1, 3])
+def test_generation_stops_after_the_step_at_which_stop_turns_true(tiny_model, beams):
+    """serve.py's `stop` (every client of a batch gone): decoding ends after the step under way; a stop that
+    never fires changes nothing."""
+    for p in tiny_model.projector.parameters():  # a non-trivial prefix: no early EOS
+        p.data.normal_(0, 0.5)
+    px = torch.randn(2, 3, 32, 32)
+    full = tiny_model.generate_ids(pixel_values=px, max_new_tokens=12, num_beams=beams)
+    asked = []
+
+    def after_three():
+        asked.append(1)
+        return len(asked) >= 3
+    assert torch.equal(tiny_model.generate_ids(pixel_values=px, max_new_tokens=12, num_beams=beams,
+                                               stop=lambda: False), full)
+    cut = tiny_model.generate_ids(pixel_values=px, max_new_tokens=12, num_beams=beams, stop=after_three)
+    assert full.shape[1] == 12 and cut.shape[1] == 3 and len(asked) == 3
+
+
 def test_a_decoder_that_would_end_at_once_still_writes_words(tiny_model):
     """A frozen LM whose likeliest first tokens are EOS and a line break (as SmolLM2's were) gives no empty
     caption: those are ruled out at the first step, greedy, beams and sampling alike."""

@@ -237,7 +237,7 @@ def test_git_adapter_and_merged_folders_are_served_like_a_pth(tmp_path, kind):
 # the batcher on its own
 
 def fake_generate(calls, fail_on=None):
-    def generate(pixels, options):
+    def generate(pixels, options, stop=None):
         calls.append((len(pixels), options["num_beams"]))
         if fail_on is not None and pixels[:, 0, 0, 0].eq(fail_on).any():
             raise RuntimeError("model failed")
