@@ -275,7 +275,8 @@ def create_app(model, checkpoint: str, limits: Limits | None = None, metadata: d
     app.add_exception_handler(Exception, server_error)
     health = {"status": "ok", "model_loaded": True, "checkpoint": checkpoint, "model_type": model.config.model_type,
               "model": model_names(model.config), "device": str(model.device),
-              "epoch": (metadata or {}).get("epoch"), **asdict(limits), "defaults": asdict(_DEF),
+              "epoch": (metadata or {}).get("epoch"), **asdict(limits),
+              "max_inflight_mb": limits.inflight_bytes / 2**20, "defaults": asdict(_DEF),
               "limits": GENERATION_LIMITS}
 
     @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)

@@ -449,6 +449,19 @@ def test_the_load_test_runs_both_servers_and_stops_by_itself(demo):
 
 
 @pytest.mark.slow
+def test_the_pressure_scenarios_run_and_stop_by_themselves(demo):
+    """(A small flood and pressure run: that they work and say what they measured; the figures are the README's.)"""
+    out = run_script("-m", "tools.loadtest", "--checkpoint", str(demo[0]), "--scenario", "pressure", "--clients", "2",
+                     "--requests", "2", "--flood_clients", "3", "--flood_files", "2", "--flood_file_mb", "1",
+                     "--slow", "4", "--vanish", "3", "--body_timeout_s", "2", "--idle_timeout_s", "1")
+    assert re.search(r"server RSS: idle [\d,]+ MB, peak [\d,]+ MB", out) and "answers: 200: 3" in out, out
+    assert re.search(r"one-image requests during the flood: \d+, statuses \[200\]", out), out
+    assert re.search(r"p95 alone \d+ ms, beside them \d+ ms", out), out
+    assert "images generated beyond the normal clients': 0 (target 0)" in out, out
+    assert "slow clients cut off: 4/4" in out and "server exit code 0" in out, out
+
+
+@pytest.mark.slow
 def test_the_page_in_headless_chromium_captions_two_images(demo, server, tmp_path):
     browser_path = chromium_path()
     sync_api = pytest.importorskip("playwright.sync_api")

@@ -1,10 +1,15 @@
 """
-Load-test serve.py on this machine: concurrent clients, each sending one image per request, against the
-same checkpoint served twice in one run, with dynamic batching and with --max_batch 1. Prints p50 / p95
-latency, images/s and the failed requests of each, and whether the two gave the same captions.
+Load-test serve.py on this machine. --scenario throughput (the default): concurrent clients, each sending one
+image per request, against the same checkpoint served twice in one run, with dynamic batching and with
+--max_batch 1; prints p50 / p95 latency, images/s and the failed requests of each, and whether the two gave
+the same captions. --scenario pressure: the server under pressure (tools/loadtest_pressure.py): a flood of
+608 MB requests (peak RSS, answers, a small request's latency meanwhile; --scenario flood alone), and slow
+and vanishing clients beside the normal load (p95 ratio, images generated for nobody, slow clients cut off;
+--scenario clients alone). --scenario all: the three.
 
     python -m tools.loadtest --checkpoint saved_models/model_state_dict_....pth              # 32 clients x 8 requests
     python -m tools.loadtest --checkpoint CKPT --clients 64 --requests 16 --device cuda --max_batch 64
+    python -m tools.loadtest --checkpoint CKPT --scenario all       # throughput, flood, pressure: the README table
     python -m tools.loadtest --real_shape --device cuda     # ViT-B-32 + Qwen3-0.6B-Base's shape, random weights (GPU)
 
 Traffic goes to 127.0.0.1 only, to servers this script starts and stops; every client sends a fixed
@@ -40,6 +45,7 @@ from capkit.captioner import CaptionerConfig
 from capkit.common import DEMO_LM_DIR, REPO_DIR, SERVING, int_at_least, positive_int
 from capkit.shapes import random_attrs, render
 from model import ClipCaptioner
+from tools import loadtest_pressure as pressure
 from tools.bench import real_shape_lm_config
 
 REQUEST_TIMEOUT_S = 300   # one request; a server that answers none in this long counts as failed
@@ -75,10 +81,12 @@ def real_shape_checkpoint(folder: Path) -> str:
     return str(path)
 
 
-def start_server(checkpoint: str, device: str, max_batch: int, max_wait_ms: int) -> tuple[subprocess.Popen, str]:
-    """serve.py on a free port of 127.0.0.1 -> (process, its URL), once it answers /health."""
+def start_server(checkpoint: str, device: str, max_batch: int, max_wait_ms: int,
+                 *flags: str) -> tuple[subprocess.Popen, str]:
+    """serve.py (its default limits, but for flags) on a free port of 127.0.0.1 -> (process, its URL), once it
+    answers /health."""
     cmd = [sys.executable, str(REPO_DIR / "serve.py"), "--checkpoint", checkpoint, "--port", "0",
-           "--device", device, "--max_batch", str(max_batch), "--max_wait_ms", str(max_wait_ms)]
+           "--device", device, "--max_batch", str(max_batch), "--max_wait_ms", str(max_wait_ms), *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + START_TIMEOUT_S
     for line in proc.stdout:
@@ -180,12 +188,46 @@ def main(argv=None) -> int:
     ap.add_argument("--max_batch", type=positive_int, default=32, help="the batching server's --max_batch")
     ap.add_argument("--max_wait_ms", type=int_at_least(0, 10_000), default=10)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--scenario", choices=["throughput", "flood", "clients", "pressure", "all"], default="throughput",
+                    help="pressure: flood + clients; all: throughput + pressure")
+    ap.add_argument("--flood_clients", type=int_at_least(1, 1024), default=64)
+    ap.add_argument("--flood_files", type=int_at_least(1, 1000), default=32, help="files per flood request")
+    ap.add_argument("--flood_file_mb", type=float, default=19.0, help="MB per file (under serve.py's --max_upload_mb)")
+    ap.add_argument("--slow", type=int_at_least(0, 2000), default=200, help="slow clients (pressure)")
+    ap.add_argument("--vanish", type=int_at_least(0, 2000), default=50, help="clients that vanish (pressure)")
+    ap.add_argument("--body_timeout_s", type=int_at_least(1, 3600), help="serve.py's (default: its own)")
+    ap.add_argument("--idle_timeout_s", type=int_at_least(1, 3600), help="serve.py's (default: its own)")
     args = ap.parse_args(argv)
+    ok = True
     with tempfile.TemporaryDirectory(prefix="capkit-loadtest-") as tmp:
         if args.real_shape:
             args.checkpoint = real_shape_checkpoint(Path(tmp))
-        runs = run_both(args)
-    return report(runs, args.clients * args.requests)
+        if args.scenario in ("throughput", "all"):
+            ok = report(run_both(args), args.clients * args.requests) == 0
+        if args.scenario != "throughput":
+            ok = run_pressure(args) and ok
+    return 0 if ok else 1
+
+
+def run_pressure(args) -> bool:
+    """The flood and / or pressure scenarios on one server (the batching one, default limits) -> targets met."""
+    files = images(args.clients * args.requests + args.vanish + 1)
+    flags = [f"--{k}={getattr(args, k)}" for k in ("body_timeout_s", "idle_timeout_s") if getattr(args, k)]
+    proc, url = start_server(args.checkpoint, args.device, args.max_batch, args.max_wait_ms, *flags)
+    ok = True
+    try:
+        bodies = encode(files, url + "caption")
+        load(url, bodies, 1, 1)  # warm-up
+        if args.scenario in ("flood", "pressure", "all"):
+            ok = pressure.report_flood(pressure.flood(url, proc.pid, bodies[-1], args), args) and ok
+        if args.scenario in ("clients", "pressure", "all"):
+            n = args.clients * args.requests
+            result = pressure.pressure(url, load, bodies[:n], bodies[n:n + args.vanish], args)
+            ok = pressure.report_pressure(result, args, percentile) and ok
+    finally:
+        code = stop_server(proc)
+    print(f"server exit code {code}; targets {'met' if ok else 'NOT met'}")
+    return ok and code == 0
 
 
 def run_both(args) -> dict:
