@@ -387,6 +387,9 @@ async def decode_all(uploads: list, preprocess, max_pixels: int, decoder, gone) 
 async def caption_unless_gone(batcher: Batcher, pixels: torch.Tensor, options: dict, gone) -> list[str]:
     """The batcher's captions; if the client leaves first, its request is cancelled (its queued images are
     dropped; a batch of only such requests stops) and ClientGone raised."""
+    await asyncio.sleep(0)  # (a disconnect that came with the body is seen before the images join the queue)
+    if gone.done():
+        raise ClientGone
     task = asyncio.ensure_future(batcher.caption(pixels, options))
     await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     if not task.done():

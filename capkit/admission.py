@@ -13,6 +13,8 @@ import json
 import math
 import time
 
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
 BODY_GRACE_S_PER_MB = 1.0   # a body's deadline grows by this per MB received: a big upload on a slow link finishes
 
 
@@ -139,8 +141,6 @@ def idle_guarded_h11(idle_timeout_s: float, on_cut):
     """uvicorn's h11 protocol, closing a connection on which no request has begun within idle_timeout_s of its
     opening or of its last answer: a client trickling its headers (uvicorn's own keep-alive timer restarts with
     every byte) is cut off and on_cut() counts it. A connection whose request is under way is not touched."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
     class IdleGuardedH11(H11Protocol):
         _idle = None
 

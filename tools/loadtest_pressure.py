@@ -27,6 +27,7 @@ import httpx
 import numpy as np
 import psutil
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 REPLY_TIMEOUT_S = 300     # one flood request, from its first byte to the answer
 SLOW_LIMIT_S = 60         # slow clients give up (the server should have cut them off long before)
@@ -191,6 +192,8 @@ def vanishing_clients(url: str, bodies: list[tuple[bytes, str]], spread_s: float
     """Each body sent as a whole request at a random moment within spread_s, then the connection closed at once."""
     host, port = urlsplit(url).hostname, urlsplit(url).port
 
+    t0 = time.monotonic()
+
     def run():
         rng = random.Random(1)
         for delay, (data, ctype) in sorted((rng.uniform(0, spread_s), b) for b in bodies):
@@ -198,7 +201,6 @@ def vanishing_clients(url: str, bodies: list[tuple[bytes, str]], spread_s: float
             with socket.create_connection((host, port), timeout=5) as s:
                 s.sendall(f"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
                           f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
-    t0 = time.monotonic()
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
@@ -206,7 +208,6 @@ def vanishing_clients(url: str, bodies: list[tuple[bytes, str]], spread_s: float
 
 def metric(url: str, name: str) -> float:
     """One unlabelled sample of the server's /metrics (0 when absent)."""
-    from prometheus_client.parser import text_string_to_metric_families
     for family in text_string_to_metric_families(httpx.get(url + "metrics", timeout=30).text):
         for sample in family.samples:
             if sample.name == name and not sample.labels:
