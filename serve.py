@@ -17,9 +17,9 @@ Serve a trained captioner over HTTP: a JSON API with dynamic batching, and a web
 Concurrent requests are gathered into one batched model.generate call (the KV-cache path inference.py
 uses): up to --max_batch images, waiting at most --max_wait_ms after the first for more. Requests with
 other options wait for a batch of their own; a sampling request with a seed is decoded alone, in one
-call, so it is reproducible whatever else arrives. Images are decoded in memory (no temp files) before they join a
-batch, so a bad file fails only its own entry. It binds to 127.0.0.1: pass --host 0.0.0.0 only on a
-network you trust (there is no authentication).
+call, so it is reproducible whatever else arrives. Images are decoded (from Starlette's spooled uploads)
+before they join a batch, so a bad file fails only its own entry. It binds to 127.0.0.1: pass --host 0.0.0.0
+only on a network you trust (there is no authentication).
 
 One request can't hold the model for long: it may ask for at most --max_request_tokens (images x
 num_beams x max_new_tokens), and images over --max_megapixels are refused before they are decoded.
@@ -27,7 +27,8 @@ Under load it stays up and answers: request bodies in flight are held to --max_i
 would pass it gets 503 + Retry-After before its body is read; uploads are spooled to disk and decoded one file
 at a time), queued work to --max_queue_tokens and --max_queue_s (503 + Retry-After), a body must arrive
 within --body_timeout_s (408) and a connection must begin a request within --idle_timeout_s (closed). A
-client that leaves has its queued images dropped; a batch whose clients have all left stops at once.
+client that leaves has its queued images dropped; a batch whose clients have all left stops after the current
+decoding step.
 
 Exit codes (errors.py): 0 after Ctrl-C or SIGTERM once every request in flight is answered; 130 if
 some were cut off (a second Ctrl-C, or still running --shutdown_grace_s seconds later); 2 for a bad
@@ -45,7 +46,7 @@ import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -60,7 +61,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from capkit.admission import Admission, Budget, idle_guarded_h11, retry_after_s
+from capkit.admission import Admission, Budget, idle_guarded_h11, release_body, retry_after_s
 from capkit.captioner import GENERATION_LIMITS, Generation
 from capkit.common import int_at_least, pick_device, positive_int
 from capkit.errors import ConfigError, run_cli
@@ -148,7 +149,7 @@ def read_options(query: list[tuple[str, str]], form: list[tuple[str, str]]) -> d
 
 
 # ----------------------------------------------------------------------------------------------
-# reading uploads: in memory, one verdict per file
+# reading uploads: one verdict per file
 
 @dataclass
 class FileResult:
@@ -199,10 +200,10 @@ class Limits:
     max_wait_ms: float = 10.0           # how long a batch's first image waits for others
     max_upload_mb: float = 20.0         # per file
     max_files: int = 32                 # per request
-    max_megapixels: float = 50.0        # per image, read from the header before decoding (a 50 MP photo decodes in ~1 s)
+    max_megapixels: float = 50.0        # per image, read from the header before decoding (50 MP decodes in ~1 s)
     max_request_tokens: int = 16384     # per request: images x num_beams x max_new_tokens, the worst-case decoding work
-    max_inflight_mb: float | None = None  # request bodies held at once (None: default_inflight_mb(), from the RAM)
-    max_queue_tokens: int = 65536       # work queued across requests (4 requests of the largest size)
+    max_inflight_mb: float | None = None  # request bodies held at once (None: from the RAM, default_inflight_mb())
+    max_queue_tokens: int = 32768       # work queued across requests (2 requests of the largest size)
     max_queue_s: float = 120.0          # a request not in a batch this long after joining the queue gets a 503
     body_timeout_s: float = 30.0        # a body must arrive within this (+ 1 s per MB received: slow links finish)
     idle_timeout_s: float = 10.0        # a connection that begins no request this long after opening is closed
@@ -218,7 +219,9 @@ class Limits:
 
     @property
     def inflight_bytes(self) -> int:
-        return int((self.max_inflight_mb or default_inflight_mb()) * 2**20)
+        if self.max_inflight_mb is None:  # the default always holds one full request
+            return max(default_inflight_mb() * 2**20, self.body_limit)
+        return int(self.max_inflight_mb * 2**20)
 
     def checked(self) -> Limits:
         if self.inflight_bytes < self.body_limit:
@@ -233,11 +236,16 @@ class Limits:
 
 
 def default_inflight_mb() -> int:
-    """A quarter of this machine's memory, at most 4 GB: several full-size requests at once, room for the rest."""
+    """A quarter of this machine's memory (or of its container's limit), at most 4 GB: several full-size
+    requests at once, room for the rest (Limits raises it to one full request on a small machine)."""
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # (not on Linux / macOS)
         ram = 8 * 2**30
+    try:  # cgroup v2: a container's memory limit ("max" when there is none)
+        ram = min(ram, int(Path("/sys/fs/cgroup/memory.max").read_text().strip()))
+    except (OSError, ValueError):
+        pass
     return int(min(ram / 4, 4 * 2**30) // 2**20)
 
 
@@ -322,28 +330,33 @@ def generate(model, pixels: torch.Tensor, options: dict, stop=None) -> list[str]
 
 
 async def caption_request(request: Request, model, limits: Limits, batcher: Batcher, decoder, metrics) -> list[dict]:
-    """POST /caption: read, refuse what can't be used, decode one file at a time, caption through the batcher,
-    answer in order. From the moment the body is in, a client that disconnects has its work dropped."""
+    """POST /caption: read, refuse what can't be used, reserve the work in the queue (503 before any decoding),
+    decode one file at a time, caption through the batcher, answer in order. From the moment the body is in, a
+    client that disconnects has its work dropped."""
     started, gone = time.perf_counter(), None
     try:
-        async with open_request(request, limits) as (uploads, options):
-            check_work(model, uploads, options, limits)
-            gone = asyncio.ensure_future(client_gone(request.receive))
-            results = await decode_all(uploads, model.preprocess, limits.max_pixels, decoder, gone)
-        good = [r for r in results if r.error is None]
-        if not good:
-            raise BadRequest(results[0].status, "; ".join(f"{r.filename}: {r.error}" for r in results),
-                             [r.entry(None, 0) for r in results])
-        captions = iter(await caption_unless_gone(batcher, torch.stack([r.pixels for r in good]), options, gone))
+        with ExitStack() as held:
+            async with open_request(request, limits) as (uploads, options):
+                usable = check_work(model, uploads, options, limits)
+                held.enter_context(batcher.reserved(usable, options))
+                gone = asyncio.ensure_future(client_gone(request.receive))
+                results = await decode_all(uploads, model.preprocess, limits.max_pixels, decoder, gone)
+            release_body(request.scope)  # the spooled files are closed: the bytes leave the upload budget
+            good = [r for r in results if r.error is None]
+            if not good:
+                raise BadRequest(results[0].status, "; ".join(f"{r.filename}: {r.error}" for r in results),
+                                 [r.entry(None, 0) for r in results])
+            captions = iter(await caption_unless_gone(batcher, torch.stack([r.pixels for r in good]), options, gone))
     except ClientGone:
-        metrics.vanished.inc()
+        metrics.client_left()
         raise
     except Busy as e:
         metrics.refused(e.reason)
         raise BadRequest(503, e.detail, headers={"Retry-After": str(retry_after_s(e.wait_s))}) from None
     except torch.OutOfMemoryError:
-        raise BadRequest(503, f"out of {model.device.type} memory for this batch: try fewer images, fewer "
-                              "beams, or restart the server with a smaller --max_batch") from None
+        raise BadRequest(503, f"out of {model.device.type} memory for this batch: try fewer images, fewer beams, "
+                              "or restart the server with a smaller --max_batch",
+                         headers={"Retry-After": "5"}) from None
     finally:
         if gone is not None:
             gone.cancel()
@@ -351,8 +364,9 @@ async def caption_request(request: Request, model, limits: Limits, batcher: Batc
     return [r.entry(None if r.error else next(captions), ms) for r in results]
 
 
-def check_work(model, uploads: list, options: dict, limits: Limits) -> None:
-    """422 for a max_new_tokens beyond the decoder's positions, or more work than --max_request_tokens."""
+def check_work(model, uploads: list, options: dict, limits: Limits) -> int:
+    """-> the images to decode; 422 for a max_new_tokens beyond the decoder's positions, or more work than
+    --max_request_tokens."""
     try:
         model.generation(options)
     except ConfigError as e:
@@ -364,6 +378,7 @@ def check_work(model, uploads: list, options: dict, limits: Limits) -> None:
                               f"{options['num_beams']} beams x max_new_tokens {options['max_new_tokens']}); this "
                               f"server allows {limits.max_request_tokens:,} a request (serve.py --max_request_tokens)."
                               " Send fewer images, beams or tokens")
+    return usable
 
 
 async def client_gone(receive) -> None:
@@ -391,12 +406,15 @@ async def caption_unless_gone(batcher: Batcher, pixels: torch.Tensor, options: d
     if gone.done():
         raise ClientGone
     task = asyncio.ensure_future(batcher.caption(pixels, options))
-    await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    if not task.done():
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        raise ClientGone
-    return task.result()
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            raise ClientGone
+        return task.result()
+    finally:  # (the client left, or this handler was cancelled: a shutdown's grace ran out)
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 @asynccontextmanager
@@ -512,7 +530,7 @@ def listen(host: str, port: int) -> socket.socket:
 def server_config(app, limits: Limits, shutdown_grace_s: int, log_level: str = "info") -> uvicorn.Config:
     """uvicorn's settings: its h11 protocol with the idle-connection limit (counted in /metrics)."""
     return uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=shutdown_grace_s,
-                          http=idle_guarded_h11(limits.idle_timeout_s, app.state.metrics.idle_cut.inc),
+                          http=idle_guarded_h11(limits.idle_timeout_s, app.state.metrics.idle_connection_cut),
                           timeout_keep_alive=min(5, limits.idle_timeout_s))
 
 

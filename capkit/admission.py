@@ -16,6 +16,7 @@ import time
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 BODY_GRACE_S_PER_MB = 1.0   # a body's deadline grows by this per MB received: a big upload on a slow link finishes
+RELEASE = "capkit.release_body"  # scope key: the app calls it once the body's bytes are let go (spooled files closed)
 
 
 class Budget:
@@ -60,7 +61,8 @@ class Admission:
     `budget` from its first byte until the answer: a declared size (Content-Length) that doesn't fit -> 503 at
     once; a chunked body that grows past it -> 503 as soon as it does; over `body_limit` -> 413. A body still
     arriving body_timeout_s after the request began (plus BODY_GRACE_S_PER_MB per MB received) -> 408. Each of
-    these closes the connection without reading the rest."""
+    these closes the connection without reading the rest. The app gives the bytes back early through
+    scope[RELEASE] (release_body) once it has let them go."""
 
     def __init__(self, app, budget: Budget, body_limit: int, body_timeout_s: float, metrics):
         self.app, self.budget, self.body_limit, self.body_timeout_s = app, budget, body_limit, body_timeout_s
@@ -76,6 +78,7 @@ class Admission:
                 status.append(message["status"])
             await send(message)
         body = _GuardedBody(self, receive, started)
+        scope[RELEASE] = body.release
         try:
             body.held = self.admit(dict(scope["headers"]).get(b"content-length"))
             await self.app(scope, body.receive, counted_send)
@@ -83,8 +86,12 @@ class Admission:
             self.metrics.refused(e.reason)
             if not status:  # (the app can't have answered: refusals come while the body is read)
                 await e.answer(counted_send)
+        except Exception:  # answered 500 by Starlette's outermost middleware, after this one: counted as such
+            if not status:
+                status.append(500)
+            raise
         finally:
-            self.budget.give(body.held)
+            body.release()
             self.metrics.answered(scope["path"], status[0] if status else 499, time.monotonic() - started)
 
     def admit(self, declared: bytes | None) -> int:
@@ -116,6 +123,11 @@ class _GuardedBody:
         self.held = self.seen = 0
         self.done = False
 
+    def release(self) -> None:
+        """Give the held bytes back to the budget (once the body is in and its files are closed; again: no-op)."""
+        self.a.budget.give(self.held)
+        self.held = 0
+
     async def receive(self):
         if self.done:  # the body is in: what follows is the wait for a disconnect, which has no deadline
             return await self._receive()
@@ -137,10 +149,17 @@ class _GuardedBody:
         return message
 
 
+def release_body(scope) -> None:
+    """Tell Admission that this request's body bytes are let go (its spooled files closed): they stop counting
+    against the budget before the answer (captioning can take long; the images are then the queue's to bound)."""
+    scope.get(RELEASE, lambda: None)()
+
+
 def idle_guarded_h11(idle_timeout_s: float, on_cut):
     """uvicorn's h11 protocol, closing a connection on which no request has begun within idle_timeout_s of its
-    opening or of its last answer: a client trickling its headers (uvicorn's own keep-alive timer restarts with
-    every byte) is cut off and on_cut() counts it. A connection whose request is under way is not touched."""
+    opening or of its last answer: a client trickling its headers (uvicorn's keep-alive timer is cancelled by its
+    first byte, and armed again only after an answer) is cut off and on_cut() counts it. A connection whose
+    request is under way is not touched."""
     class IdleGuardedH11(H11Protocol):
         _idle = None
 

@@ -60,6 +60,8 @@ def never_empty(tokenizer, ends=()) -> dict:
 
 
 class _StopWhen(StoppingCriteria):
+    """transformers' per-step check: every row ends once stop() is True."""
+
     def __init__(self, stop):
         self.stop = stop
 

@@ -1,20 +1,23 @@
 """
 serve.py's dynamic batching: concurrent requests share one generate call, under a bound on the work queued.
 
-    batcher = Batcher(generate, max_batch=32, max_wait_ms=10, max_queue_tokens=65536, max_queue_s=120)
+    batcher = Batcher(generate, max_batch=32, max_wait_ms=10, max_queue_tokens=32768, max_queue_s=120)
     asyncio.create_task(batcher.run())                      # the loop, for the server's life
-    captions = await batcher.caption(pixels, options)       # (n, 3, S, S) -> n captions; or Busy
+    with batcher.reserved(n, options):                      # Busy at once when the queue is full
+        captions = await batcher.caption(pixels, options)   # (n, 3, S, S) -> n captions; or Busy
 
-A request's work is images x num_beams x max_new_tokens (the worst case of decoding it). Past max_queue_tokens
-of work queued, caption() raises Busy at once; a request none of whose images is in a batch max_queue_s after
-it joined raises Busy too, so nothing waits forever. A request cancelled while queued (its client left) is dropped before its batch; a batch
-whose requests have all been cancelled stops after the decoding step under way (generate's `stop`).
+A request's work is images x num_beams x max_new_tokens (the worst case of decoding it). It is reserved before
+its images are decoded; past max_queue_tokens of work reserved, reserved() raises Busy at once. A request none
+of whose images is in a batch max_queue_s after it joined the queue raises Busy too, so nothing waits forever.
+A request cancelled while queued (its client left) is dropped before its batch; a batch whose requests have
+all been cancelled stops after the decoding step under way (generate's `stop`).
 """
 from __future__ import annotations
 
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -55,22 +58,31 @@ class Batcher:
         self.waiting: list[Job] = []     # taken from the queue, not yet batched (other options, or no room)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="capkit-generate")
         self.stats = {"requests": 0, "images": 0, "batches": 0, "largest_batch": 0}
-        self.queued_tokens = self.queued_images = 0   # requests given to caption() and not yet answered
+        self.queued_tokens = self.queued_images = 0   # reserved: requests admitted and not yet answered
         self.tokens_per_s = None                      # measured on the batches so far (Busy's Retry-After)
 
     def wait_estimate_s(self, extra_tokens: int = 0) -> float:
         return (self.queued_tokens + extra_tokens) / self.tokens_per_s if self.tokens_per_s else 1.0
 
-    async def caption(self, pixels: torch.Tensor, options: dict) -> list[str]:
-        """pixels (n, 3, S, S) -> n captions, decoded in whichever batches they land in; Busy when the queue
-        is full or the wait runs past max_queue_s."""
-        work = work_of(len(pixels), options)
+    @contextmanager
+    def reserved(self, images: int, options: dict):
+        """Holds this request's work against max_queue_tokens until it is answered; Busy if it would pass it
+        (a request is always admitted to an empty queue: --max_request_tokens bounds it alone)."""
+        work = work_of(images, options)
         if self.max_queue_tokens is not None and self.queued_tokens and \
                 self.queued_tokens + work > self.max_queue_tokens:
             raise Busy(f"the queue holds {self.queued_tokens:,} tokens of work and this request's {work:,} would "
                        f"pass its bound of {self.max_queue_tokens:,} (serve.py --max_queue_tokens): retry after "
                        "the Retry-After seconds", "queue_full", self.wait_estimate_s())
-        self.queued_tokens, self.queued_images = self.queued_tokens + work, self.queued_images + len(pixels)
+        self.queued_tokens, self.queued_images = self.queued_tokens + work, self.queued_images + images
+        try:
+            yield
+        finally:
+            self.queued_tokens, self.queued_images = self.queued_tokens - work, self.queued_images - images
+
+    async def caption(self, pixels: torch.Tensor, options: dict) -> list[str]:
+        """pixels (n, 3, S, S) -> n captions, decoded in whichever batches they land in; Busy when none of them
+        is in a batch max_queue_s after joining the queue."""
         jobs = self.enqueue(pixels, options)
         gathered = asyncio.gather(*(job.future for job in jobs))
         try:  # (cancelled here, e.g. its client left: the finally cancels its jobs, which are then dropped)
@@ -81,8 +93,9 @@ class Batcher:
                            "queue_timeout", self.wait_estimate_s())
             parts = await gathered
         finally:
+            for job in jobs:  # (also when one part failed: the others are not generated for nobody)
+                job.future.cancel()
             gathered.cancel()
-            self.queued_tokens, self.queued_images = self.queued_tokens - work, self.queued_images - len(pixels)
         self.stats["requests"] += 1
         return [c for captions in parts for c in captions]
 
@@ -165,11 +178,15 @@ class Batcher:
         if self.metrics is not None:
             self.metrics.batch_done(len(pixels))
 
+        stopped = []
+
         def everyone_left() -> bool:  # (read from this thread: a future's state is one attribute)
-            return all(job.future.cancelled() for job in batch)
+            if all(job.future.cancelled() for job in batch):
+                stopped.append(True)
+            return bool(stopped)
         captions = self.generate(pixels, batch[0].options, everyone_left)
-        if everyone_left() and self.metrics is not None:
-            self.metrics.stopped.inc()
+        if stopped and self.metrics is not None:
+            self.metrics.batch_stopped()
         return captions
 
     def close(self) -> None:

@@ -24,8 +24,8 @@ class ServerMetrics:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("capkit_requests", "HTTP requests answered, by path and status (499: the client "
                                 "left first)", ["path", "status"], registry=r)
-        self.seconds = Histogram("capkit_caption_seconds", "POST /caption: first byte to answer", buckets=LATENCY_S,
-                                 registry=r)
+        self.seconds = Histogram("capkit_caption_seconds", "POST /caption answered 200: from its headers to its "
+                                 "answer", buckets=LATENCY_S, registry=r)
         self.images = Counter("capkit_images_captioned", "images through generate", registry=r)
         self.batch = Histogram("capkit_batch_images", "images per generate call", buckets=BATCH_SIZES, registry=r)
         self.refusals = Counter("capkit_refused", "requests refused under pressure, by reason (memory_budget, "
@@ -40,18 +40,17 @@ class ServerMetrics:
 
     def watch(self, **read) -> None:
         """Gauges read when scraped: queue_images, queue_tokens, inflight_bytes (each a callable)."""
-        helps = {"queue_images": "images waiting for a batch or in the running one",
-                 "queue_tokens": "work queued: images x beams x max_new_tokens",
+        helps = {"queue_images": "images of the requests admitted to the queue (decoding, waiting, captioned)",
+                 "queue_tokens": "their work: images x beams x max_new_tokens (serve.py --max_queue_tokens)",
                  "inflight_bytes": "request-body bytes held (serve.py --max_inflight_mb)"}
         for name, fn in read.items():
             Gauge(f"capkit_{name}", helps[name], registry=self.registry).set_function(fn)
 
     def answered(self, path: str, status: int, seconds: float) -> None:
         self.requests.labels(path if path in PATHS else "other", str(status)).inc()
-        if path == "/caption":
+        if path == "/caption" and status == 200:  # (refusals and vanished clients would skew both)
             self.seconds.observe(seconds)
-            if status == 200:
-                self._mean_s += MEAN_OF * (seconds - self._mean_s)
+            self._mean_s += MEAN_OF * (seconds - self._mean_s)
 
     def mean_request_s(self) -> float:
         """A running mean of successful /caption times: how long a refused client should wait."""
@@ -63,6 +62,15 @@ class ServerMetrics:
     def batch_done(self, images: int) -> None:
         self.images.inc(images)
         self.batch.observe(images)
+
+    def batch_stopped(self) -> None:
+        self.stopped.inc()
+
+    def client_left(self) -> None:
+        self.vanished.inc()
+
+    def idle_connection_cut(self) -> None:
+        self.idle_cut.inc()
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -152,8 +152,10 @@ def blocking_generate(calls, release, steps=None):
     return generate
 
 
-def test_the_queue_bound_and_the_wait_bound_answer_503_with_retry_after(model):
-    calls, release = [], threading.Event()
+def test_the_queue_bound_and_the_wait_bound_answer_503_with_retry_after(model, monkeypatch):
+    calls, release, decoded = [], threading.Event(), []
+    real_decode = serve.decode_image
+    monkeypatch.setattr(serve, "decode_image", lambda *a: decoded.append(1) or real_decode(*a))
     data, ctype = body()
     post = dict(content=data, headers={"content-type": ctype}, params={"max_new_tokens": 40}, timeout=30)
     with live(model, blocking_generate(calls, release), max_queue_tokens=80, max_queue_s=2) as (url, app):
@@ -161,12 +163,14 @@ def test_the_queue_bound_and_the_wait_bound_answer_503_with_retry_after(model):
             first = threading.Thread(target=http.post, args=(url + "caption",), kwargs=post)
             first.start()                                                   # 40 tokens, generating (held)
             assert until(lambda: calls == [1])
+            assert metric(url, "capkit_inflight_bytes") == 0               # its upload, decoded, is let go
             second = []
             t2 = threading.Thread(target=lambda: second.append(http.post(url + "caption", **post)))
             t2.start()                                                      # 80 of 80 queued
             assert until(lambda: metric(url, "capkit_queue_tokens") == 80)
             r = http.post(url + "caption", **post)                          # past the bound: at once
             assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1 and "--max_queue_tokens" in r.text
+            assert len(decoded) == 2                                        # (refused before its image was decoded)
             t2.join(10)
             assert second[0].status_code == 503 and "--max_queue_s" in second[0].text  # 2 s unstarted
             release.set()
@@ -220,13 +224,24 @@ def test_a_vanished_clients_images_are_not_generated_and_a_batch_of_vanished_cli
             assert until(lambda: metric(url, "capkit_vanished_requests_total") == 1)
             release.set()
             first.join(30)
-            assert calls == [1] and metric(url, "capkit_queue_images") == 0  # the vanished image: never generated
+            time.sleep(0.5)                                                 # (time for a wrong batch to start)
+            assert calls == [1]                                             # the vanished image: never generated
             running = raw(url, head(ctype, len(data)) + data)                # alone in its batch, then leaves
             assert until(lambda: calls == [1, 1])
             running.close()
             assert until(lambda: metric(url, "capkit_batches_stopped_total") == 1)
         assert generate.steps_done and generate.steps_done[-1] < 300       # stopped at a step, not run out
         assert metric(url, "capkit_requests_total", path="/caption", status="499") == 2
+
+
+def test_a_model_failure_is_counted_as_a_500(model):
+    def failing(model, pixels, options, stop=None):
+        raise RuntimeError("the model failed")
+    with live(model, failing) as (url, app):
+        data, ctype = body()
+        assert httpx.post(url + "caption", content=data, headers={"content-type": ctype}).status_code == 500
+        assert metric(url, "capkit_requests_total", path="/caption", status="500") == 1
+        assert metric(url, "capkit_requests_total", path="/caption", status="499") == 0
 
 
 def test_metrics_parse_and_move_with_the_traffic(model):
@@ -243,6 +258,6 @@ def test_metrics_parse_and_move_with_the_traffic(model):
                 "capkit_queue_images", "capkit_inflight_bytes", "capkit_refused"} <= names
         assert metric(url, "capkit_images_captioned_total") == before["capkit_images_captioned_total"] + 2
         assert metric(url, "capkit_batch_images_count") == before["capkit_batch_images_count"] + 1
-        assert metric(url, "capkit_caption_seconds_count") == before["capkit_caption_seconds_count"] + 2
+        assert metric(url, "capkit_caption_seconds_count") == before["capkit_caption_seconds_count"] + 1  # 200s only
         assert metric(url, "capkit_requests_total", path="/caption", status="200") == 1
         assert metric(url, "capkit_requests_total", path="/caption", status="415") == 1
