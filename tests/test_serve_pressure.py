@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import serve
 from serve import Limits, create_app
+from tools.loadtest_pressure import metric
 
 SMALL = dict(max_batch=4, max_wait_ms=5, max_upload_mb=1, max_files=2, max_megapixels=1, max_request_tokens=400)
 
@@ -89,14 +90,6 @@ def answer(s: socket.socket) -> bytes:
     except (TimeoutError, ConnectionResetError):
         pass
     return out
-
-
-def metric(url, name, **labels) -> float:
-    for family in text_string_to_metric_families(httpx.get(url + "metrics").text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
 
 
 def until(predicate, timeout=10.0) -> bool:

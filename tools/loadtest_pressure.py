@@ -206,11 +206,11 @@ def vanishing_clients(url: str, bodies: list[tuple[bytes, str]], spread_s: float
     return thread
 
 
-def metric(url: str, name: str) -> float:
-    """One unlabelled sample of the server's /metrics (0 when absent)."""
+def metric(url: str, name: str, **labels: str) -> float:
+    """The sample of the server's /metrics with this name and exactly these labels (0 when absent)."""
     for family in text_string_to_metric_families(httpx.get(url + "metrics", timeout=30).text):
         for sample in family.samples:
-            if sample.name == name and not sample.labels:
+            if sample.name == name and sample.labels == labels:
                 return sample.value
     return 0.0
 
