@@ -21,6 +21,12 @@ def run_sharded(acc, n: int, fn) -> list:
     return gather_object([part])
 
 
+def length_order(texts: list[str]) -> list[int]:
+    """Indices of texts, shortest first (stable): scoring in this order, a batch padded to its longest text holds
+    texts of about one length (random batches of Flickr8k captions were two-thirds padding)."""
+    return sorted(range(len(texts)), key=lambda i: len(texts[i]))
+
+
 class LengthGroupedBatches(torch.utils.data.Sampler):
     """Batches of similar caption length, in random order: shuffle all pairs, cut them into groups of
     `group` batches, sort each group by length, then shuffle the batches. Less padding per batch with

@@ -175,16 +175,26 @@ class TimmEncoder(ImageEncoder):
 
     def __init__(self, model: nn.Module, features: str = "pooled", layer: int = -1, image_size: int = 224):
         super().__init__(features, layer, image_size)
-        self.model = model
+        # a CNN runs in channels-last layout: EfficientNet-Lite0 on a 2-core CPU takes 1.4 s instead of 2.9 s
+        # for 64 images (depthwise convolutions), and GPU convolutions prefer it too; a ViT has one conv
+        self.memory_format = torch.channels_last if is_cnn(model) else torch.contiguous_format
+        self.model = model.to(memory_format=self.memory_format)
 
     def pooled(self, x):
+        x = x.contiguous(memory_format=self.memory_format)
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 
     def tokens(self, x):
+        x = x.contiguous(memory_format=self.memory_format)
         if self.layer == -1:
             h = self.model.forward_features(x)
             return flatten_map(h[:, getattr(self.model, "num_prefix_tokens", 0):] if h.ndim == 3 else h)
         return flatten_map(self.model.forward_intermediates(x, indices=[self.layer], intermediates_only=True)[0])
+
+
+def is_cnn(model: nn.Module) -> bool:
+    """More than one 2-d convolution (a ViT has only its patch embedding)."""
+    return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
 
 
 def _timm_weights(path: Path) -> dict:

@@ -11,7 +11,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from capkit.batching import run_sharded
+from capkit.batching import length_order, run_sharded
 from capkit.features import encode_split, image_features
 from capkit.images import SkipLog
 from capkit.metrics import cider, clip_scores, rouge_l, simple_tokenize
@@ -34,6 +34,9 @@ def caption_loss(model, inputs, captions, batch_size=64, max_caption_length=128,
     pairs = [(i, c) for i, caps in enumerate(captions) for c in caps]
 
     def score(idx):
+        # shortest captions first (less padding: Flickr8k's test loss took 80 s instead of 128 s on 2 CPU cores);
+        # the token-weighted mean doesn't depend on the order
+        idx = [idx[k] for k in length_order([pairs[j][1] for j in idx])]
         total, n_tok = 0.0, 0
         for s in range(0, len(idx), batch_size):
             chunk = [pairs[j] for j in idx[s:s + batch_size]]

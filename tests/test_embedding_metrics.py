@@ -35,6 +35,17 @@ def embedder():
     return metrics.sentence_embedder()
 
 
+def test_embeddings_come_back_in_the_order_of_the_texts(embedder):
+    """embed() scores texts shortest first (less padding) and must hand the rows back in the caller's order."""
+    _, embed = embedder
+    texts = ["a man in a red shirt rides a bicycle down a steep hill past a crowd", "a dog", "two girls play in a park",
+             "cat", "a black and white dog jumps over a log in the woods"]
+    together = embed(texts, batch_size=2)
+    alone = np.concatenate([embed([t]) for t in texts])
+    assert together.shape == (5, alone.shape[1]) and np.allclose(together, alone, atol=1e-5)
+    assert not np.allclose(together, alone[[1, 3, 2, 4, 0]], atol=1e-2)  # the sorted order would not pass
+
+
 def test_frechet_is_zero_for_identical_sets_and_grows_as_topics_mix(embedder):
     label, embed = embedder
     assert "all-MiniLM-L6-v2" in label or "gte" in label  # the output says which embedder ran

