@@ -23,7 +23,7 @@ from capkit.safeio import read_json
 THUMB = 192  # thumbnail side, pixels
 SCORE_KEYS = ("rouge_l", "clip_score", "ref_clip_score")  # per-image scores eval.py stores in predictions
 
-PAGE = """<!doctype html>
+PAGE = r"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 24px; color: #222; }}

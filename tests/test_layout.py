@@ -3,6 +3,7 @@ capkit/, tools in tools/; no import circles; no module imports an entry-point sc
 at the top (a lazy import hides a circle); no function longer than 80 lines; the shared helpers at the bottom of
 the import graph; and one default per setting."""
 import ast
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -124,6 +125,26 @@ def test_the_length_check_sees_a_long_function(tmp_path):
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_no_function_is_longer_than_80_lines(name):
     assert not long_functions(MODULES[name])
+
+
+def compile_warnings(path: Path) -> list[str]:
+    """What compiling the file warns about: an invalid escape such as "\\w" in a plain string is a
+    DeprecationWarning on Python 3.11, a SyntaxWarning on 3.12 (printed at every user's first import), later an
+    error."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compile(path.read_text(encoding="utf-8"), str(path), "exec")
+    return [str(w.message) for w in caught]
+
+
+def test_the_compile_check_sees_an_invalid_escape(tmp_path):
+    f = tmp_path / "x.py"
+    f.write_text('PATTERN = "(\\w+)"\n')
+    assert any("escape" in m for m in compile_warnings(f))
+
+
+def test_every_module_compiles_without_warnings():
+    assert {name: w for name, path in MODULES.items() if (w := compile_warnings(path))} == {}
 
 
 def test_train_py_defaults_agree_with_the_model_config_and_generation_defaults():
