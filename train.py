@@ -324,6 +324,7 @@ class TrainingData:
     workers: int
     stream: ShardStream | None = None  # hf / webdataset: the shards' stream (its position is the loop's)
     num_pairs: int = 0
+    available_pairs: int = 0         # before training_size_limit: what `None` would train on
 
     def order_state(self) -> torch.Tensor:
         return torch.stack([self.order.get_state(), self.worker_seeds.get_state()])
@@ -366,6 +367,7 @@ def build_training_data(run: Run, train_set: CaptionSet, model) -> TrainingData:
     if isinstance(train_set, ShardSource):
         return build_stream_data(run, train_set, model)
     pairs = train_set.pairs()
+    available = len(pairs)
     if hp["training_size_limit"] is not None and len(pairs) > hp["training_size_limit"]:
         pairs = random.Random(hp["seed"]).sample(pairs, hp["training_size_limit"])
         train_set, pairs = keep_images(train_set, pairs, sorted({i for i, _ in pairs}))  # only these need features
@@ -397,7 +399,8 @@ def build_training_data(run: Run, train_set: CaptionSet, model) -> TrainingData:
                       pad_to_multiple_of=COMPILE_PAD_MULTIPLE if hp["compile"] else None)
     loader = DataLoader(PairDataset(train_set, transform, pairs, cap_aug), **batching, num_workers=workers,
                         pin_memory=run.device.type == "cuda", collate_fn=collate)
-    return TrainingData(train_set, pairs, feats, cache_dir, loader, order, worker_seeds, workers, num_pairs=len(pairs))
+    return TrainingData(train_set, pairs, feats, cache_dir, loader, order, worker_seeds, workers, num_pairs=len(pairs),
+                        available_pairs=available)
 
 
 def build_stream_data(run: Run, source: ShardSource, model) -> TrainingData:
@@ -438,7 +441,7 @@ def build_stream_data(run: Run, source: ShardSource, model) -> TrainingData:
     loader = DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=collate, generator=worker_seeds,
                         pin_memory=run.device.type == "cuda")
     return TrainingData(None, None, None, cache_dir, loader, torch.Generator().manual_seed(hp["seed"]), worker_seeds,
-                        workers, stream, sum(counts))
+                        workers, stream, sum(counts), sum(counts))
 
 
 def build_datastore(run: Run, model, data: TrainingData):
@@ -495,6 +498,12 @@ def describe_run(run: Run, splits: dict, data: TrainingData, model) -> None:
          f"per epoch on each of {run.acc.num_processes} process(es)")
     run.log(f"data: {train}; "
             f"val {splits['val'].num_images} images; test {splits['test'].num_images} images; {run.skips.summary()}")
+    limit = run.hp["training_size_limit"]
+    if limit is not None and data.available_pairs > limit:  # (the default, 500, is a smoke run's size)
+        used = f"{len(data.stream) * run.hp['batch_size']:,} pairs per epoch" if data.stream is not None else \
+            f"{data.num_pairs:,} pairs"
+        run.log(f"note: training_size_limit={limit} trains on {used} of the {data.available_pairs:,} there are: "
+                "--training_size_limit=None for all of them")
     c = model.config
     feats = f"{c.clip_embed_dim}-d pooled" if c.clip_features == "pooled" else \
         f"{'x'.join(map(str, model.feature_shape))} tokens"

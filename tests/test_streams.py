@@ -300,6 +300,16 @@ def test_streamed_training_learns_and_evaluates_like_folders(formats, folder, tm
     assert streamed["step"] == 15  # 3 files, 120 pairs, 8 a step
 
 
+def test_a_training_size_limit_caps_a_streamed_epoch_and_says_so(formats, tmp_path, capsys):
+    meta = train.train(train.resolve_hparams([
+        "--preset=demo", "--dataset=webdataset", f"--train_dir={formats / 'wds'}", "--val_ratio=0",
+        "--training_size_limit=40", "--num_epochs=1", "--batch_size=8", "--evaluation_enabled=False",
+        "--test_evaluation_enabled=False", "--log_with=None", f"--output_dir={tmp_path / 'out'}",
+        f"--feature_cache_dir={tmp_path / 'cache'}"]))
+    assert meta["step"] == 5  # 40 of the 120 pairs, 8 a step
+    assert "training_size_limit=40 trains on 40 pairs per epoch of the 120 there are" in capsys.readouterr().out
+
+
 def test_an_unreachable_hub_dataset_is_one_paragraph_exit_5(tmp_path, capsys):
     t = time.time()
     code = train.main(["--preset=demo", "--dataset=hf", "--hf_dataset=someone/captions-3m",

@@ -257,6 +257,20 @@ def test_augment_images_bypasses_the_cache(tmp_path, monkeypatch, capsys):
     assert calls["n"] == 2 * 10 + 1 + 1
 
 
+def test_a_training_size_limit_below_the_data_says_how_much_it_leaves_out(tmp_path, capsys):
+    base = _folder_data(tmp_path) + ["--num_epochs=1", "--batch_size=16", f"--feature_cache_dir={tmp_path / 'c'}",
+                                     "--log_with=None"]
+    train.train(train.resolve_hparams(base + ["--training_size_limit=48", f"--output_dir={tmp_path / 'cut'}"]))
+    (note,) = [x for x in capsys.readouterr().out.splitlines() if "training_size_limit=48" in x]
+    assert "trains on 48 pairs of the" in note and "--training_size_limit=None" in note
+    there = int(note.split("of the ")[1].split()[0].replace(",", ""))
+    assert there > 48
+    (log,) = (tmp_path / "cut").glob("train_log_*.jsonl")
+    assert len(log.read_text().splitlines()) == 3  # 48 pairs / 16
+    train.train(train.resolve_hparams(base + [f"--training_size_limit={there}", f"--output_dir={tmp_path / 'all'}"]))
+    assert "training_size_limit=" not in capsys.readouterr().out  # nothing left out: no note
+
+
 def test_wandb_without_the_package_is_a_clear_error(tmp_path, capsys):
     import importlib.util
     if importlib.util.find_spec("wandb") is not None:
