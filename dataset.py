@@ -222,8 +222,12 @@ def _hf_parts(hp: dict, seed: int) -> dict:
         if s not in splits and can_cut and ratio > 0:
             cut = splits["train"].train_test_split(test_size=ratio, seed=seed)  # by row: an image's captions together
             splits["train"], splits[s] = cut["train"], cut["test"]
-    return {s: hf_shards(v, src, names.get(s, s), hp.get("image_column"), hp.get("caption_column"))
-            for s, v in splits.items()}
+    parts = {s: hf_shards(v, src, names.get(s, s), hp.get("image_column"), hp.get("caption_column"))
+             for s, v in splits.items()}
+    for s, ratio in (("test", 1 - hp.get("split_ratio", 0.9)), ("val", hp.get("val_ratio", 0.05))):
+        if s not in parts and ratio > 0:  # streamed: whole files are held out, as tar shards are
+            parts = {**parts, **_split_list(parts["train"], s, ratio, seed)}
+    return parts
 
 
 def load_shard_splits(hp: dict, skips: SkipLog, which) -> dict:

@@ -102,7 +102,7 @@ hyperparameters = {
     #   take tar shard patterns, "shards/{00000..00099}.tar", several joined by "::")
     "hf_dataset": None,              # dataset="hf": a hub id or a local folder (parquet files, save_to_disk, imagefolder)
     "hf_splits": {"train": "train", "val": "validation", "test": "test"},  # dataset="hf": the split names; a missing
-                                     #   val / test split is carved out of train (val_ratio / split_ratio; not streamed)
+                                     #   val / test split is carved out of train (val_ratio / split_ratio; streamed: whole files)
     "image_column": None,            # dataset="hf": the image column (None: the first of image, jpg, png, file_name, ...)
     "caption_column": None,          # dataset="hf": the caption column, or a list of them (None: caption, text, ...)
     "streaming": False,              # dataset="hf": read the training split as it downloads (no full copy first)
@@ -488,10 +488,12 @@ def build_step(run: Run, model, data: TrainingData) -> Optimization:
 
 
 def describe_run(run: Run, splits: dict, data: TrainingData, model) -> None:
-    for name, why in (("val", "validation"), ("test", "test evaluation")):
+    hf = " (dataset hf: a split named in hf_splits)" if run.hp["dataset"] == "hf" else ""
+    more = "images" if data.stream is None else "shards (a stream holds out whole shards)"
+    for name, why, also in (("val", "validation", f", or more {more} to hold out (val_ratio)"),
+                            ("test", "test evaluation", "")):
         if splits[name].num_images == 0:
-            run.log(f"note: the {name} split has no images (too few images to hold any out): {why} is skipped; "
-                    f"add images, or give {name}_dir")
+            run.log(f"note: the {name} split has no images: {why} is skipped; give {name}_dir{hf}{also}")
     n_params = sum(p.numel() for p in model.trainable_parameters())
     train = f"{data.num_pairs} training pairs from {data.images.num_images} images" if data.stream is None else \
         (f"{data.num_pairs} training pairs in {len(data.stream.shards)} shards, streamed: {len(data.stream)} batches "

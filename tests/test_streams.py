@@ -87,8 +87,14 @@ def test_every_format_gives_what_the_folder_loader_gives(folder, formats, fmt):
 def test_streaming_parquet_and_split_names(formats):
     d = open_hf(str(formats / "parquet"), streaming=True)
     assert list(d) == ["train"] and d["train"].num_shards == 3
-    shards = hf_train_shards(formats / "parquet", streaming=True)  # caption column found by name; nothing carved
-    assert len(shards) == 3 and sum(1 for s in shards for _ in s.records()) == 24
+    shards = hf_train_shards(formats / "parquet", streaming=True, split_ratio=1.0, val_ratio=0)  # nothing held out
+    assert len(shards) == 3 and sum(1 for s in shards for _ in s.records()) == 24  # caption column found by name
+    # no validation / test split: whole files held out (split_ratio, then val_ratio), as tar shards are
+    from dataset import _shard_parts
+    parts = _shard_parts({"dataset": "hf", "hf_dataset": str(formats / "parquet"), "seed": 0, "streaming": True})
+    assert sorted(len(v) for v in parts.values()) == [1, 1, 1]
+    ids = {k: {s.ident() for s in v} for k, v in parts.items()}
+    assert not (ids["train"] & ids["val"]) and not (ids["train"] & ids["test"]) and not (ids["val"] & ids["test"])
     with pytest.raises(train.DataError, match="no split 'training'"):
         hf_train_shards(formats / "parquet", hf_splits={"train": "training"})
     with pytest.raises(train.DataError, match="no column 'text'"):
@@ -297,7 +303,9 @@ def test_streamed_training_learns_and_evaluates_like_folders(formats, folder, tm
         "--preset=demo", "--dataset=hf", f"--hf_dataset={formats / 'parquet'}", "--streaming=True", "--num_epochs=1",
         "--batch_size=8", f"--output_dir={tmp_path / 'streamed'}", f"--feature_cache_dir={tmp_path / 'cache'}",
         "--log_with=None", "--test_evaluation_enabled=False"]))
-    assert streamed["step"] == 15  # 3 files, 120 pairs, 8 a step
+    # the stream is split by file, as tar shards are: of the 3 (10, 10 and 4 images) 1 for test (split_ratio), 1 for
+    # validation; training keeps a 10-image file: 50 pairs, 6 steps of 8
+    assert streamed["step"] == 6 and streamed["history"][-1]["val_loss"] is not None
 
 
 def test_a_training_size_limit_caps_a_streamed_epoch_and_says_so(formats, tmp_path, capsys):
