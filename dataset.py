@@ -217,14 +217,15 @@ def _hf_parts(hp: dict, seed: int) -> dict:
     if names["train"] not in d:
         raise DataError(f"{src} has no split {names['train']!r} (its splits: {', '.join(d)}): set hf_splits")
     splits = {s: d[n] for s, n in names.items() if n in d}
-    for s, ratio in (("test", 1 - hp.get("split_ratio", 0.9)), ("val", hp.get("val_ratio", 0.05))):
+    held_out = (("test", 1 - hp.get("split_ratio", 0.9)), ("val", hp.get("val_ratio", 0.05)))  # missing splits
+    for s, ratio in held_out:
         can_cut = hasattr(splits["train"], "train_test_split") and splits["train"].num_rows > 1  # (not streamed)
         if s not in splits and can_cut and ratio > 0:
             cut = splits["train"].train_test_split(test_size=ratio, seed=seed)  # by row: an image's captions together
             splits["train"], splits[s] = cut["train"], cut["test"]
     parts = {s: hf_shards(v, src, names.get(s, s), hp.get("image_column"), hp.get("caption_column"))
              for s, v in splits.items()}
-    for s, ratio in (("test", 1 - hp.get("split_ratio", 0.9)), ("val", hp.get("val_ratio", 0.05))):
+    for s, ratio in held_out:
         if s not in parts and ratio > 0:  # streamed: whole files are held out, as tar shards are
             parts = {**parts, **_split_list(parts["train"], s, ratio, seed)}
     return parts

@@ -52,9 +52,13 @@ def read_all(shards, skips=None) -> dict:
     return got
 
 
-def hf_train_shards(path, **hp):
+def hf_parts(path, **hp) -> dict:
     from dataset import _shard_parts
-    return _shard_parts({"dataset": "hf", "hf_dataset": str(path), "seed": 0, **hp})["train"]
+    return _shard_parts({"dataset": "hf", "hf_dataset": str(path), "seed": 0, **hp})
+
+
+def hf_train_shards(path, **hp):
+    return hf_parts(path, **hp)["train"]
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +94,7 @@ def test_streaming_parquet_and_split_names(formats):
     shards = hf_train_shards(formats / "parquet", streaming=True, split_ratio=1.0, val_ratio=0)  # nothing held out
     assert len(shards) == 3 and sum(1 for s in shards for _ in s.records()) == 24  # caption column found by name
     # no validation / test split: whole files held out (split_ratio, then val_ratio), as tar shards are
-    from dataset import _shard_parts
-    parts = _shard_parts({"dataset": "hf", "hf_dataset": str(formats / "parquet"), "seed": 0, "streaming": True})
+    parts = hf_parts(formats / "parquet", streaming=True)
     assert sorted(len(v) for v in parts.values()) == [1, 1, 1]
     ids = {k: {s.ident() for s in v} for k, v in parts.items()}
     assert not (ids["train"] & ids["val"]) and not (ids["train"] & ids["test"]) and not (ids["val"] & ids["test"])
