@@ -140,6 +140,12 @@ def load_splits(hp: dict, skips: SkipLog, which=("train", "val", "test")) -> dic
         raise DataError(f"unknown dataset {kind!r}; expected one of "
                         f"{', '.join(('flickr30k', 'folder', 'hf', 'webdataset', *STYLE_OF))}")
     seed = hp.get("seed", 0)
+    held_out = {"test": hp.get("test_dir"), "val": hp.get("val_dir")}
+    if len(which) == 1 and held_out.get(which[0]):  # eval.py --test_dir: that folder alone, whatever trained
+        only = load_folder(held_out[which[0]], skips, hp.get("captions_file"))
+        if only.num_images == 0:
+            raise DataError(f"the {which[0]} split has no usable images ({skips.summary()})")
+        return {which[0]: only}
     if hp.get("train_dir"):
         train = load_folder(hp["train_dir"], skips, hp.get("captions_file"))
         test = load_folder(hp["test_dir"], skips, hp.get("captions_file")) if hp.get("test_dir") else None

@@ -4,7 +4,8 @@ Train capkit's captioner: only the MLP projector learns; CLIP and the decoder st
     python train.py                                  # Flickr30K + ViT-B-32 + Qwen3-0.6B-Base (use a GPU)
     python train.py --preset demo                    # offline demo: synthetic shapes, tiny backbones, CPU
     python train.py --batch_size=16 --num_epochs=5   # any key of `hyperparameters` below
-    python train.py --dataset=folder --data_dir=my_photos/ --training_size_limit=None
+    python train.py --help                           # every key below with its default and comment
+    python train.py --train_dir=photos/ --test_dir=heldout/ --training_size_limit=None  # your folders (dataset="folder")
     accelerate launch --multi_gpu --num_processes 4 train.py --batch_size=64    # several GPUs (DDP)
     python train.py --model_type=git --quantization_bits=4 --dataset=folder --data_dir=my_photos/   # QLoRA GIT
     python train.py --preset git_demo                # offline: 4-bit QLoRA on a tiny GIT, CPU, minutes
@@ -16,7 +17,8 @@ Train capkit's captioner: only the MLP projector learns; CLIP and the decoder st
     python train.py --merge_weights --checkpoint saved_models/adapter_<run>-<epoch> [--merged_dir DIR] [--wise_alpha 0.5]
 
 Edit `hyperparameters` here, or override keys on the command line (--KEY=VALUE; values are Python
-literals, anything else is a string). Unknown keys and wrong types are refused. After each epoch:
+literals, anything else is a string; a boolean given bare is True, --no-KEY False; the seed projects'
+names such as --lr and --epochs are read as their keys, said once). Unknown keys and wrong types are refused. After each epoch:
 saved_models/model_state_dict_<run>-<epoch>.pth (the MLP + the model config) and
 saved_models/training_metadata_<run>-<epoch>.json (everything about the run).
 
@@ -83,6 +85,7 @@ from capkit.resume import (
 from capkit.retrieval import Datastore
 from capkit.shard_features import count_pairs, extract_shard_features
 from capkit.streams import DecodePair, ShardStream, embeds_pair
+from capkit.usage import help_text
 from dataset import AugmentThenPreprocess, CaptionAugment, PairDataset, ShardSource, load_splits
 from model import build_model
 
@@ -95,7 +98,7 @@ hyperparameters = {
     "val_dir": None,                 #   None: val_ratio of the training images are held out for validation
     "test_dir": None,                #   None: split_ratio splits data_dir into train and test
     "captions_file": None,           # a captions CSV elsewhere than <folder>/captions.csv
-    "split_ratio": 0.9,              # folder datasets: fraction of images for training (rest: test)
+    "split_ratio": 0.9,              # folder datasets: the share of images for TRAINING (rest: test); >= 0.5
     "val_ratio": 0.05,               # folder datasets without val_dir: fraction of training images for validation
     "training_size_limit": 500,      # max (image, caption) training pairs; None = the full dataset
     # hf / webdataset: data kept in shards, streamed (README "Your own data"; webdataset: data_dir / train_dir / ...
@@ -898,6 +901,9 @@ def merge_main(argv: list[str]) -> int:
 
 
 def run(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(help_text(__doc__, Path(__file__), hyperparameters, PRESETS))
+        return 0
     if "--merge_weights" in argv:
         return merge_main(argv)
     if any(a == "--resume" or a.startswith("--resume=") for a in argv):

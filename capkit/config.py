@@ -14,10 +14,10 @@ import ast
 import difflib
 import math
 import tempfile
+import tomllib
 from dataclasses import fields
 from pathlib import Path
 
-import tomllib
 import torch
 
 from capkit.captioner import (
@@ -32,9 +32,30 @@ from capkit.captioner import (
 )
 from capkit.common import pick_device
 from capkit.errors import ConfigError
+from capkit.implied import PATH_KEYS, Notes, read_as_meant
 from capkit.resume import load_state, merge_resume_hparams, read_metadata, resume_target, state_path_for
 from capkit.safeio import plain_name, read_text
 from capkit.shapes import STYLE_OF
+
+# the flag names of the projects capkit grew from (../shared/seeds: GIT-QLoRA, the GIT scripts, caption-train) ->
+# capkit's keys. On the command line or in a TOML file each is read as its key and said once ("--lr is learning_rate")
+KEY_ALIASES = {"lr": "learning_rate", "epochs": "num_epochs", "model_name": "hf_model_name",
+               "model_name_or_path": "hf_model_name", "model_id": "hf_model_name", "dataset_dir": "data_dir",
+               "block_size": "max_caption_length", "lora_bits": "quantization_bits", "rank": "lora_r",
+               "alpha": "lora_alpha", "gradient_accumulation": "gradient_accumulation_steps", "config_file": "config"}
+# their flags that capkit answers another way: what to do instead (docs/seeds.md)
+NOT_KEYS = {
+    "interactive": "--interactive (a hook that changes a run while it trains) is not in capkit: a run changed by a "
+                   "file not saved with it can't be resumed or reproduced. Stop it (Ctrl-C saves a resumable "
+                   "checkpoint) and continue with the safe changes: python train.py --resume --num_epochs=N ... "
+                   "(docs/seeds.md \"Changing a run while it trains\")",
+    "model_config": "--model_config has no capkit key: each model setting is a key of its own (dropout: "
+                    "proj_dropout or lora_dropout; placement: device); python train.py --help lists them",
+    "eval": "evaluation is its own script: python eval.py --checkpoint CKPT (with no arguments: the newest checkpoint)",
+    "inference": "captioning is its own script: python inference.py --checkpoint CKPT IMAGES_OR_FOLDERS",
+    "test_image": "captioning is its own script: python inference.py --checkpoint CKPT IMAGE",
+}
+MODE_FLAGS = ("train",)  # seed 001's `--train`: train.py always trains (said once)
 
 # keys that may be None: the type a value must have when it is not None
 NONE_DEFAULT_TYPES = {"data_dir": (str, list), "train_dir": (str, list), "val_dir": (str, list),  # lists: webdataset
@@ -97,26 +118,45 @@ def _check_type(key, value, defaults: dict):
 
 def check_keys(d: dict, where: str, defaults: dict):
     unknown = [k for k in d if k not in defaults]
+    for k in unknown:
+        if k in NOT_KEYS:
+            raise ConfigError(NOT_KEYS[k])
     if unknown:
-        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, defaults, 1)) else repr(k)
-                 for k in unknown]
+        hints = [f"{k!r} (did you mean {m!r}?)" if (m := suggest(k, defaults)) else repr(k) for k in unknown]
         raise ConfigError(f"unknown hyperparameter {', '.join(hints)} in {where}.\n"
                           f"Valid keys: {', '.join(sorted(defaults))}")
 
 
-def read_toml(path, defaults: dict) -> dict:
+def suggest(key: str, defaults: dict) -> str | None:
+    """The key a typo most likely meant: a near spelling only (--bach_size -> batch_size), never a key of another
+    meaning that merely looks alike (--block_size is not batch_size: it is an alias of max_caption_length)."""
+    m = difflib.get_close_matches(key, [*defaults, *KEY_ALIASES], 1, cutoff=0.8)
+    return KEY_ALIASES.get(m[0], m[0]) if m else None
+
+
+def canonical(key: str, say) -> str:
+    """A key as given -> capkit's name for it (an alias is said once)."""
+    if key in KEY_ALIASES:
+        say(f"--{key} is {KEY_ALIASES[key]}")
+        return KEY_ALIASES[key]
+    return key
+
+
+def read_toml(path, defaults: dict, say=print) -> dict:
     """A --config file: the same keys as `hyperparameters` (tables for optimizer_args / scheduler_args)."""
     text = read_text(path, "config file")  # a folder, a FIFO or non-UTF-8 bytes: one sentence naming the file
     try:
         cfg = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    cfg = {canonical(k, say): v for k, v in cfg.items()}
     check_keys(cfg, f"config file {path}", defaults)
     return cfg
 
 
-def parse_argv(argv: list[str], defaults: dict, presets: dict) -> tuple[str | None, str | None, dict]:
-    """--preset NAME, --config FILE.toml and --KEY=VALUE (or --KEY VALUE) -> (preset, config file, overrides)."""
+def parse_argv(argv: list[str], defaults: dict, presets: dict, say=print) -> tuple[str | None, str | None, dict]:
+    """--preset NAME, --config FILE.toml and --KEY=VALUE (or --KEY VALUE) -> (preset, config file, overrides).
+    A boolean key given bare means True (--augment_images), --no-KEY False; the seeds' names are aliases."""
     overrides, preset, config_file = {}, None, None
     args = list(argv)
     while args:
@@ -124,7 +164,16 @@ def parse_argv(argv: list[str], defaults: dict, presets: dict) -> tuple[str | No
         if not a.startswith("--"):
             raise ConfigError(f"unexpected argument {a!r}; use --KEY=VALUE, --preset NAME or --config FILE.toml")
         key, eq, val = a[2:].partition("=")
-        if not eq:
+        if key in MODE_FLAGS and not eq:
+            say(f"--{key}: train.py always trains (the flag is not needed)")
+            continue
+        negated = not eq and key[:3] in ("no-", "no_") and _is_bool(canonical(key[3:], say), defaults)
+        key = canonical(key[3:] if negated else key, say)
+        if negated:
+            val = "false"
+        elif not eq and _is_bool(key, defaults) and not (args and args[0].lower() in ("true", "false")):
+            val = "true"  # a bare switch
+        elif not eq:
             if not args:
                 raise ConfigError(f"--{key} needs a value (--{key}=VALUE)")
             val = args.pop(0)
@@ -140,18 +189,22 @@ def parse_argv(argv: list[str], defaults: dict, presets: dict) -> tuple[str | No
     return preset, config_file, overrides
 
 
-def resolve_hparams(argv: list[str], defaults: dict, presets: dict) -> dict:
-    """defaults <- --preset NAME <- --config FILE.toml <- --KEY=VALUE (in that order of precedence)."""
+def _is_bool(key: str, defaults: dict) -> bool:
+    return isinstance(defaults.get(key), bool)
+
+
+def resolve_hparams(argv: list[str], defaults: dict, presets: dict, say=None) -> dict:
+    """defaults <- --preset NAME <- --config FILE.toml <- --KEY=VALUE (in that order of precedence), read as
+    meant (implied.py: what a data path, an alias or a seed's TOML implies is said once through `say`)."""
+    say = say or Notes()
     for table in (NONE_DEFAULT_TYPES, CHOICES, RANGES):  # catches typos after editing a table here
         check_keys(table, "config.py's tables", defaults)
-    preset, config_file, overrides = parse_argv(argv, defaults, presets)
-    hp = dict(defaults)
-    if preset:
-        hp.update(presets[preset])
-    if config_file:
-        hp.update(read_toml(config_file, defaults))
-    hp.update(overrides)
-    return validate_hparams(hp, defaults)
+    preset, config_file, overrides = parse_argv(argv, defaults, presets, say)
+    chosen = presets[preset] if preset else {}
+    edited = {k: defaults[k] for k in PATH_KEYS if defaults.get(k) is not None and k not in chosen}  # dict edits
+    given = {**edited, **(read_toml(config_file, defaults, say) if config_file else {}), **overrides}  # the user's
+    hp = {**defaults, **chosen, **given}
+    return validate_hparams(hp, defaults, given, say)
 
 
 def resolve_resume(argv: list[str], defaults: dict, presets: dict) -> tuple[dict, Path]:
@@ -168,8 +221,10 @@ def resolve_resume(argv: list[str], defaults: dict, presets: dict) -> tuple[dict
             path = a.partition("=")[2]
         else:
             rest.append(a)
-    preset, config_file, flags = parse_argv(rest, defaults, presets)
-    given = {**(presets[preset] if preset else {}), **(read_toml(config_file, defaults) if config_file else {}), **flags}
+    say = Notes()
+    preset, config_file, flags = parse_argv(rest, defaults, presets, say)
+    given = {**(presets[preset] if preset else {}), **(read_toml(config_file, defaults, say) if config_file else {}),
+             **flags}
     given = {k: _check_type(k, v, defaults) for k, v in given.items()}
     meta_path = resume_target(path, given.get("output_dir", defaults["output_dir"]), given.get("training_name"))
     saved = read_metadata(meta_path)["hyperparameters"]
@@ -193,20 +248,29 @@ def _describe(interval: str) -> str:
     return f"{'>' if interval[0] == '(' else '>='} {lo}" if hi == "inf" else f"in {interval}"
 
 
-def validate_hparams(hp: dict, defaults: dict) -> dict:
-    """Types, choices and ranges of every hyperparameter, then what torch must accept (device, optimizer
-    and scheduler arguments): all before any data or model loads."""
+def validate_hparams(hp: dict, defaults: dict, given: dict | None = None, say=print) -> dict:
+    """Types, then what the user's keys (`given`) imply (implied.py), then choices and ranges of every
+    hyperparameter, then what torch must accept (device, optimizer and scheduler arguments): all before
+    any data or model loads."""
     hp = {k: _check_type(k, v, defaults) for k, v in hp.items()}
     hp["model_type"] = MODEL_TYPE_ALIASES.get(hp["model_type"], hp["model_type"])
+    if given is not None:
+        hp = read_as_meant(hp, given, say, SCHEDULERS)
     for k, allowed in CHOICES.items():
         if hp[k] not in allowed:
-            raise ConfigError(f"hyperparameter {k!r} must be one of {', '.join(map(repr, allowed))}; got {hp[k]!r}")
+            folder = " or an existing folder of your images" if k == "dataset" else ""
+            raise ConfigError(f"hyperparameter {k!r} must be one of {', '.join(map(repr, allowed))}{folder}; "
+                              f"got {hp[k]!r}")
     for k, interval in RANGES.items():
         v = hp[k]
         if v is not None and ((isinstance(v, float) and not math.isfinite(v)) or not _in_range(v, interval)
                               or abs(v) > 2**53):
             shown = repr(v) if len(repr(v)) < 40 else f"a {len(repr(v))}-digit number"
             raise ConfigError(f"hyperparameter {k!r} must be {_describe(interval)} (and below 2**53); got {shown}")
+    if hp["split_ratio"] < 0.5:  # the seeds' --split_ratio is the held-out share: 0.1 there is 0.9 here
+        raise ConfigError(f"split_ratio={hp['split_ratio']} would train on {hp['split_ratio']:.0%} of the images: "
+                          "it is the training share (0.9 = 90 % train, 10 % test). For a held-out share of "
+                          f"{hp['split_ratio']:g} give split_ratio={1 - hp['split_ratio']:g}")
     if hp["warmup_steps"] and hp["lr_scheduler"] in ("CyclicLR", "OneCycleLR") and hp["learning_rate_scheduler_enabled"]:
         raise ConfigError(f"{hp['lr_scheduler']} ramps the learning rate up by itself; set warmup_steps=0")
     if hp["target_modules"] is not None and (not hp["target_modules"] or

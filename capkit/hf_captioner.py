@@ -5,6 +5,7 @@ on a 4- or 8-bit quantized base (QLoRA); their adapter and merged folders, and W
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,10 +16,10 @@ from transformers import AutoProcessor
 
 from capkit.captioner import HF_CHECKPOINT_FORMAT, HF_CONFIG_FILE, Captioner, CaptionerConfig, masked_cross_entropy
 from capkit.checkpoints import MERGED_METADATA, metadata_name, stem_of
-from capkit.common import atomic_folder, atomic_write_json
+from capkit.common import atomic_folder, atomic_write_json, resolve_local_path
 from capkit.decoders import max_positions, never_empty, resolve_dtype, stop_when
 from capkit.encoders import ImageProcessorTransform
-from capkit.errors import ConfigError, HubUnavailableError, RefusedFileError
+from capkit.errors import CapkitError, ConfigError, HubUnavailableError, RefusedFileError
 from capkit.pretrained import first_line, from_pretrained
 from capkit.safeio import check_model_folder, read_json
 
@@ -36,6 +37,21 @@ HF_FAMILIES = {
 }
 
 
+def hf_family(name: str) -> str | None:
+    """"git" or "blip" for a GIT / BLIP local folder (its config.json's model_type) or hub id (its words:
+    microsoft/git-base, Salesforce/blip-image-captioning-base); None when it doesn't say (BLIP-2 is neither)."""
+    local = resolve_local_path(name)
+    if local is not None:  # a folder says what it is in its config.json; its path's words don't count
+        try:
+            kind = read_json(local / "config.json", "model config", RefusedFileError).get("model_type")
+        except (CapkitError, OSError, AttributeError):
+            kind = None
+        return kind if kind in HF_FAMILIES else None
+    words = re.split(r"[^a-z0-9]+", str(name).lower())
+    found = [f for f in HF_FAMILIES if f in words]
+    return found[0] if len(found) == 1 else None
+
+
 def quantization_kwargs(bits: int) -> dict:
     """from_pretrained kwargs for bitsandbytes 4-bit (QLoRA: nf4, double quantization, bf16 compute) or 8-bit."""
     if bits == 16:
@@ -49,25 +65,26 @@ def quantization_kwargs(bits: int) -> dict:
     return {"quantization_config": transformers.BitsAndBytesConfig(load_in_8bit=True)}
 
 
-def load_hf_model(cfg: CaptionerConfig, source: str | None = None, device: str | torch.device = "cpu"):
+def load_hf_model(cfg: CaptionerConfig, source: str | None = None, device: str | torch.device = "cpu",
+                  key: str = "hf_model_name"):
     """(transformers model, processor) for cfg.model_type from a hub id or local folder, quantized as
     cfg.quantization_bits says. Where this platform can't quantize, says so in one line and goes on
     unquantized (cfg.quantization_bits is set to 16 so the checkpoint tells the truth). The model
-    comes back on `device` (bitsandbytes models can't be moved after loading)."""
+    comes back on `device` (bitsandbytes models can't be moved after loading). `key`: the setting errors name."""
     default, cls_name = HF_FAMILIES[cfg.model_type][:2]
     name = source or cfg.hf_model_name or default
     what, cls = f"{cfg.model_type.upper()} model", getattr(transformers, cls_name)
-    processor = from_pretrained(transformers.AutoProcessor, name, what, "hf_model_name")
+    processor = from_pretrained(transformers.AutoProcessor, name, what, key)
     kw = {"device_map": {"": str(device)}, "dtype": resolve_dtype(cfg.lm_dtype, device)}
     try:
-        model = from_pretrained(cls, name, what, "hf_model_name", **kw, **quantization_kwargs(cfg.quantization_bits))
+        model = from_pretrained(cls, name, what, key, **kw, **quantization_kwargs(cfg.quantization_bits))
     except (ImportError, RuntimeError, ValueError) as e:
         if cfg.quantization_bits == 16 or isinstance(e, (RefusedFileError, ConfigError, HubUnavailableError)):
             raise
         print(f"note: {cfg.quantization_bits}-bit quantization is not available here "
               f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); continuing unquantized")
         cfg.quantization_bits = 16
-        model = from_pretrained(cls, name, what, "hf_model_name", **kw)
+        model = from_pretrained(cls, name, what, key, **kw)
     keep_4bit_layout(model)
     return model, processor
 
@@ -205,7 +222,9 @@ def read_hf_config(path: Path, **config_overrides) -> CaptionerConfig:
                                "is expected")
     check_model_folder(path, "model folder")
     if not (path / HF_CONFIG_FILE).is_file():
-        raise RefusedFileError(f"{path}: not a capkit model folder (no {HF_CONFIG_FILE})")
+        plain = " (a GIT / BLIP model as published: caption with it untrained through inference.py --model " \
+            f"{path})" if hf_family(str(path)) else ""
+        raise RefusedFileError(f"{path}: not a capkit model folder (no {HF_CONFIG_FILE}){plain}")
     saved = read_json(path / HF_CONFIG_FILE, "model folder config", RefusedFileError)
     if not isinstance(saved, dict) or saved.get("format") != HF_CHECKPOINT_FORMAT:
         raise RefusedFileError(f"{path}: not a capkit model folder (format {HF_CHECKPOINT_FORMAT} expected "
@@ -231,6 +250,19 @@ def load_hf_checkpoint(path, device="cpu", **config_overrides) -> HFCaptioner:
     else:
         model, _ = load_hf_model(cfg, source=str(path), device=device)
     processor = from_pretrained(AutoProcessor, str(path), "model folder", "checkpoint")
+    return HFCaptioner(cfg, model, processor).eval()
+
+
+def load_base_captioner(name: str, device="cpu", model_type: str | None = None) -> HFCaptioner:
+    """A GIT / BLIP captioning model as published, untrained by capkit (hub id or local folder): seed 000's
+    simple_inference, `inference.py --model microsoft/git-base`. model_type: "git" / "blip" where the name
+    doesn't tell (hf_family)."""
+    family = model_type or hf_family(name)
+    if family not in HF_FAMILIES:
+        raise ConfigError(f"--model {name!r}: can't tell whether it is a GIT or a BLIP model; add --model_type git "
+                          "or --model_type blip (a capkit checkpoint is given with --checkpoint)")
+    cfg = CaptionerConfig(model_type=family, hf_model_name=name, quantization_bits=16, peft_module=None)
+    model, processor = load_hf_model(cfg, device=device, key="model")
     return HFCaptioner(cfg, model, processor).eval()
 
 

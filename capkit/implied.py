@@ -1,0 +1,178 @@
+"""
+What a configuration means but doesn't say, read the way its user meant it (config.py calls this before the
+choices and ranges are checked). Each reading is said once as a note; where the user's own words contradict
+it, the configuration is refused with the fix instead. Never silent:
+
+- a data path (train_dir, test_dir, captions_file, ...) that the dataset in use doesn't read means your own
+  folder: dataset="folder" (the default "flickr30k" would otherwise train on Flickr30K and ignore the path);
+- dataset=PATH, an existing folder, means dataset="folder" with data_dir=PATH;
+- hf_model_name (the seeds' --model_name) names a GIT or BLIP model: model_type="git" / "blip";
+- weight_decay inside optimizer_args is the key of that name (seed 004's TOML): the table's value wins;
+- scheduler_args that only another scheduler takes (base_lr, max_lr: CyclicLR's) choose that scheduler;
+- a key that does nothing for the model type in use (LoRA keys on a prefix model, ...) is named.
+
+    from capkit.implied import Notes, read_as_meant
+    hp = read_as_meant(hp, given={"train_dir": "photos/"}, say=Notes())   # -> dataset "folder", said once
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+
+from capkit.errors import ConfigError
+from capkit.hf_captioner import hf_family
+from capkit.shapes import STYLE_OF
+
+# the path keys each dataset reads (every other path key given with it would be ignored)
+PATHS_READ = {"flickr30k": ("data_dir",), "folder": ("data_dir", "train_dir", "val_dir", "test_dir", "captions_file"),
+              "webdataset": ("data_dir", "train_dir", "val_dir", "test_dir"), "hf": ()}
+DEMO_PATHS_READ = ("data_dir",)  # shapes / shapes_b / scenes: where the demo data is written
+PATH_KEYS = PATHS_READ["folder"]  # every data path key (the folder dataset reads them all)
+FLICKR30K_CSV = "flickr_annotations_30k.csv"  # what makes data_dir a Flickr30K folder (dataset.py reads it)
+
+# keys that shape only some model types; given for another, they do nothing
+ADAPTER_KEYS = ("hf_model_name", "quantization_bits", "peft_module", "lora_r", "lora_alpha", "lora_dropout",
+                "target_modules", "gradient_checkpointing")
+PREFIX_KEYS = ("encoder_type", "clip_model_name", "clip_pretrained", "encoder_layer", "image_size", "lm_name",
+               "tokenizer_name", "clip_features", "proj_type", "proj_prefix_length", "proj_hidden_dim",
+               "proj_dropout", "proj_num_layers", "proj_num_heads", "retrieval_k")
+# optimizer arguments that are hyperparameters of the same name (lr, learning_rate's, stays refused: another name)
+OPTIMIZER_KEYS = {"weight_decay": "weight_decay"}
+
+
+class Notes:
+    """say(text): print "note: text" once (the same note from the TOML file and the command line is one note)."""
+
+    def __init__(self, out=print):
+        self.out, self.said = out, []
+
+    def __call__(self, text: str) -> None:
+        if text not in self.said:
+            self.said.append(text)
+            self.out(f"note: {text}")
+
+
+def read_as_meant(hp: dict, given: dict, say, schedulers=()) -> dict:
+    """hp (typed, not yet checked against choices) -> hp as its user meant it. given: the keys the user wrote
+    (TOML file and command line, and the data paths set in train.py's dict; not a preset's values)."""
+    hp = data_as_meant(hp, given, say)
+    model_type_from_name(hp, given, say)
+    optimizer_args_as_keys(hp, say)
+    scheduler_from_args(hp, given, say, schedulers)
+    keys_without_effect(hp, given, say)
+    return hp
+
+
+def data_as_meant(hp: dict, given: dict, say) -> dict:
+    """Only the data keys' readings: eval.py's --test_dir / --dataset over a checkpoint's run."""
+    hp = dict(hp)
+    dataset_from_path(hp, given, say)
+    folder_for_paths(hp, given, say)
+    return hp
+
+
+def dataset_from_path(hp: dict, given: dict, say) -> None:
+    """dataset=PATH (seed 002's --dataset /path/to/dataset), an existing folder -> dataset="folder", data_dir=PATH."""
+    d = hp.get("dataset")
+    if not isinstance(d, str) or d in PATHS_READ or d in _demo_datasets() or not Path(d).is_dir():
+        return
+    other = [k for k in PATH_KEYS if given.get(k) is not None and k != "captions_file"]
+    if other:
+        raise ConfigError(f"dataset={d!r} is a folder, and {other[0]} names another: give dataset='folder' with "
+                          f"data_dir (one folder) or train_dir / test_dir")
+    say(f"dataset={d!r} is a folder: dataset='folder', data_dir={d!r}")
+    hp["dataset"], hp["data_dir"] = "folder", d
+
+
+def folder_for_paths(hp: dict, given: dict, say) -> None:
+    """A data path the user gave that the dataset in use doesn't read: dataset="folder" when the dataset was not
+    the user's own choice (the default, or a preset's), refused when it was. (A preset's own paths are its own.)"""
+    d = hp.get("dataset")
+    reads = PATHS_READ.get(d, DEMO_PATHS_READ if d in _demo_datasets() else None)
+    if reads is None:
+        return  # an unknown dataset: the choices check names it
+    unread = [k for k in PATH_KEYS if given.get(k) is not None and (k not in reads or _not_flickr30k(hp, k))]
+    if not unread:
+        return
+    k = unread[0]
+    if "dataset" in given:
+        raise ConfigError(f"{k}={hp[k]!r} is not read by dataset={d!r}"
+                          + (f" (it reads {', '.join(reads)})" if reads else "")
+                          + ": for your own folder of images and captions give dataset='folder'")
+    source = "a preset's" if d != "flickr30k" else "the default"
+    say(f"{k}={hp[k]!r} names your own data: dataset='folder' (not {source} {d!r}, which would ignore it)")
+    hp["dataset"] = "folder"
+
+
+def _not_flickr30k(hp: dict, key: str) -> bool:
+    """data_dir with dataset="flickr30k" must hold Flickr30K's files; any other folder is the user's own."""
+    return key == "data_dir" and hp["dataset"] == "flickr30k" and not (Path(hp[key]) / FLICKR30K_CSV).is_file()
+
+
+def _demo_datasets() -> tuple:
+    return tuple(STYLE_OF)  # the demo data's names: shapes, shapes_b, scenes
+
+
+def model_type_from_name(hp: dict, given: dict, say) -> None:
+    """hf_model_name given with the default model type: the GIT / BLIP family it names (seeds 000-002's
+    --model_name microsoft/git-base); refused when the family can't be told."""
+    name = given.get("hf_model_name")
+    if name is None or hp["model_type"] != "prefix" or "model_type" in given:
+        return
+    family = hf_family(name)
+    if family is None:
+        raise ConfigError(f"hf_model_name={name!r} is for model_type 'git' or 'blip', and its name doesn't say "
+                          "which: add --model_type=git or --model_type=blip (the prefix model's decoder is lm_name)")
+    say(f"hf_model_name={name!r} is a {family.upper()} model: model_type={family!r}")
+    hp["model_type"] = family
+
+
+def optimizer_args_as_keys(hp: dict, say) -> None:
+    """optimizer_args' weight_decay (seed 004's [optimizer_args] table) -> the key weight_decay, which would
+    otherwise reach the optimizer twice. The table's value wins."""
+    args = hp.get("optimizer_args")
+    if not isinstance(args, dict):
+        return
+    for arg, key in OPTIMIZER_KEYS.items():
+        if arg in args:
+            value = args[arg]
+            hp["optimizer_args"] = args = {k: v for k, v in args.items() if k != arg}
+            if value != hp[key]:
+                say(f"optimizer_args {arg}={value!r} is the key {key}: {key}={value!r} (not {hp[key]!r})")
+            hp[key] = value
+
+
+def scheduler_from_args(hp: dict, given: dict, say, schedulers) -> None:
+    """scheduler_args that the scheduler in use doesn't take but exactly one other does (seed 004's base_lr /
+    max_lr: CyclicLR's) choose that one, unless the user chose lr_scheduler: then torch's refusal stands."""
+    args = hp.get("scheduler_args")
+    if not args or not isinstance(args, dict) or "lr_scheduler" in given or not hp["learning_rate_scheduler_enabled"]:
+        return
+    takes = [s for s in schedulers if _takes(s, args)]
+    if hp["lr_scheduler"] in takes or len(takes) != 1:
+        return
+    say(f"scheduler_args {', '.join(args)} are {takes[0]}'s arguments: lr_scheduler={takes[0]!r} "
+        f"(not {hp['lr_scheduler']!r})")
+    hp["lr_scheduler"] = takes[0]
+
+
+def _takes(scheduler: str, args: dict) -> bool:
+    params = inspect.signature(getattr(torch.optim.lr_scheduler, scheduler)).parameters
+    return all(a in params for a in args)
+
+
+def keys_without_effect(hp: dict, given: dict, say) -> None:
+    """Name each key the user gave that the model type in use never reads."""
+    adapters = hp["model_type"] in ("git", "blip")
+    idle = [k for k in (PREFIX_KEYS if adapters else ADAPTER_KEYS) if k in given and given[k] != _off(k)]
+    for k in idle:
+        what = "the prefix model's (the frozen encoder, the mapper, the decoder)" if adapters else \
+            "for the git / blip adapters (model_type='git' or 'blip'); the prefix model's decoder is frozen"
+        say(f"{k} has no effect on model_type={hp['model_type']!r}: it is {what}")
+
+
+def _off(key: str):
+    """The value of a key that asks for nothing (gradient_checkpointing=False on a prefix model is no request)."""
+    return False if key == "gradient_checkpointing" else object()
