@@ -1,6 +1,7 @@
 """
 Evaluate a checkpoint on held-out data: validation loss and ROUGE-L, with per-image predictions.
 
+    python eval.py                                # the newest checkpoint in saved_models/, on its own test split
     python eval.py --checkpoint saved_models/model_state_dict_20261122_120000-3.pth
     python eval.py --checkpoint saved_models/adapter_20261122_120000-3        # git / blip adapter (or merged folder)
     python eval.py --checkpoint ...pth --split val --output preds.json
@@ -25,21 +26,30 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from capkit.captioner import GENERATION_LIMITS, Generation
-from capkit.checkpoints import predictions_name
+from capkit.checkpoints import newest_checkpoint, predictions_name
 from capkit.common import check_output_path, int_at_least, pick_device, positive_int, write_output
-from capkit.errors import NothingReadable, run_cli
+from capkit.errors import MissingInputError, NothingReadable, run_cli
 from capkit.evaluation import evaluate, knn_line, spread_line
 from capkit.images import SkipLog
-from capkit.metrics import CIDER_NOTE, ROUGE_L_NOTE, print_metrics, read_predictions, read_references, score_captions
+from capkit.implied import Notes, data_as_meant
+from capkit.metrics import (
+    CIDER_NOTE,
+    ROUGE_L_NOTE,
+    print_metrics,
+    read_predictions,
+    read_references,
+    score_captions,
+    sentence_embedder,
+)
 from capkit.report import check_report_dir, report_metrics, write_report
 from capkit.retrieval import open_datastore
 from dataset import PATH_KEYS, load_splits
 from model import load_checkpoint
 
 
-def score_files(args) -> int:
+def score_files(args, embedder) -> int:
     preds = read_predictions(args.predictions)
-    m = score_captions(read_references(args.references), preds)
+    m = score_captions(read_references(args.references), preds, embedder=embedder)
     print_metrics(m)
     if args.output:
         write_output(args.output, json.dumps(m, indent=2))
@@ -56,7 +66,8 @@ CAPTION_METRICS_NOTE = ("pycocoevalcap: PTB tokens, corpus BLEU, METEOR 1.5, ROU
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", help="a model_state_dict_*.pth, adapter_* folder or merged folder")
+    ap.add_argument("--checkpoint", help="a model_state_dict_*.pth, adapter_* folder or merged folder (default: the "
+                    "newest checkpoint in saved_models/)")
     ap.add_argument("--references", help="score files, no model: {image_id: [refs]} JSON")
     ap.add_argument("--predictions", help="with --references: {image_id: caption} or COCO results JSON")
     ap.add_argument("--split", choices=["test", "val"], default="test")
@@ -65,6 +76,9 @@ def parse_args(argv):
     ap.add_argument("--datastore", metavar="DIR_OR_FILE", help="captioned images to retrieve from (retrieval models) "
                     "and to score the kNN baseline with; default: the datastore saved beside the checkpoint")
     ap.add_argument("--report", metavar="DIR", help="also write an HTML report (thumbnails, captions, sortable scores)")
+    ap.add_argument("--frechet_embedder", metavar="HUB_ID_OR_DIR", help="the sentence embedder of the Fréchet "
+                    "distance: a hub id or a local folder (e.g. thenlper/gte-base, saved); default: gte-base from the "
+                    "hub or its cache, else the offline all-MiniLM-L6-v2 package")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch_size", type=positive_int, default=None)
     ap.add_argument("--max_new_tokens", type=int_at_least(*GENERATION_LIMITS["max_new_tokens"]), default=None)
@@ -76,7 +90,11 @@ def parse_args(argv):
         if not (args.references and args.predictions) or args.checkpoint:
             ap.error("score files with --references and --predictions together (and no --checkpoint)")
     elif not args.checkpoint:
-        ap.error("give --checkpoint, or --references with --predictions")
+        args.checkpoint = newest_checkpoint()
+        if args.checkpoint is None:
+            raise MissingInputError("no --checkpoint given and none in saved_models/ (train one: python train.py "
+                                    "--preset demo), or score files with --references and --predictions")
+        print(f"checkpoint: {args.checkpoint} (the newest in saved_models/)")
     return args
 
 
@@ -98,8 +116,10 @@ def baseline_datastore(model, args, hp: dict):
 
 def run(argv=None) -> int:
     args = parse_args(argv)
+    # a named embedder is loaded now: a wrong folder is said before the evaluation, not after it
+    embedder = sentence_embedder(args.frechet_embedder) if args.frechet_embedder else None
     if args.references:
-        return score_files(args)
+        return score_files(args, embedder)
     check_output_path(args.output)
     if args.report:
         check_report_dir(args.report)  # said now, not after the whole evaluation
@@ -108,7 +128,8 @@ def run(argv=None) -> int:
     acc = Accelerator(cpu=args.device == "cpu")
     model, meta, hp = load_checkpoint(args.checkpoint, acc.device if acc.num_processes > 1 else device,
                                                  datastore=args.datastore)
-    hp = {**hp, **{k: v for k in DATA_KEYS if (v := getattr(args, k)) is not None}}
+    given = {k: v for k in DATA_KEYS if (v := getattr(args, k)) is not None}  # another copy of the data, or other data
+    hp = data_as_meant({**hp, **given}, given, Notes())  # --test_dir photos/ means a folder, whatever the run used
     skips = SkipLog()
     data = load_splits(hp, skips, which=(args.split,))[args.split]
     gen = {"max_new_tokens": args.max_new_tokens or hp.get("max_new_tokens", Generation.max_new_tokens),
@@ -125,7 +146,8 @@ def run(argv=None) -> int:
         raise NothingReadable(f"not one of the {data.num_images} {args.split} images could be read ({skips.summary()})")
     # the COCO toolkit's metrics on the same predictions (references grouped per image)
     res["caption_metrics"] = score_captions({p["image"]: p["references"] for p in res["predictions"]},
-                                            {p["image"]: p["caption"] for p in res["predictions"]}, res)
+                                            {p["image"]: p["caption"] for p in res["predictions"]}, res,
+                                            embedder=embedder)
     if "clip_score" not in res:
         print(f"CLIPScore skipped: {res.get('clip_score_absent') or 'no captions were generated'}")
     res["metric_notes"] = {"rouge_l": ROUGE_L_NOTE, "cider": CIDER_NOTE, "caption_metrics": CAPTION_METRICS_NOTE}

@@ -5,6 +5,11 @@ Load a trained captioner from a checkpoint and caption some images: the example 
     python load_model_example.py saved_models/adapter_20261122_120000-3 photo.jpg     # git / blip adapter
     python load_model_example.py                 # the newest checkpoint in saved_models/, its first test images
 
+In your own code or a notebook:
+
+    from load_model_example import load_model_from_checkpoint
+    model, metadata, hyperparams = load_model_from_checkpoint("saved_models/model_state_dict_<run>-<epoch>.pth", device)
+
 The .pth holds only the trained mapping network and the model config; the frozen backbones are rebuilt from
 the hub ids / local folders that config names. Loading uses torch.load(weights_only=True): a checkpoint can't
 run code on your machine. An adapter folder (git / blip) holds the PEFT adapter + processor + capkit_config.json.
@@ -24,6 +29,12 @@ from dataset import load_splits
 from model import load_checkpoint
 
 
+def load_model_from_checkpoint(path, device="cpu"):
+    """A checkpoint (.pth, adapter or merged folder) -> (the captioner in eval mode on `device`, its run's training
+    metadata, the run's hyperparameters)."""
+    return load_checkpoint(path, device)
+
+
 @torch.no_grad()
 def caption_images(model, paths, batch_size: int = 16, **gen_kwargs) -> list[str]:
     """Image files -> one caption each (gen_kwargs: num_beams, max_new_tokens, do_sample, temperature, ...)."""
@@ -41,7 +52,7 @@ def run(argv) -> int:
     ckpt = argv[0] if argv else newest_checkpoint()
     if ckpt is None:
         raise MissingInputError("no checkpoint given and none in saved_models/ (run: python train.py --preset demo)")
-    model, metadata, hp = load_checkpoint(ckpt, pick_device("auto"))  # (model in eval mode, run metadata, hparams)
+    model, metadata, hp = load_model_from_checkpoint(ckpt, pick_device("auto"))  # (eval mode, run metadata, hparams)
     print(f"loaded {ckpt}: epoch {metadata.get('epoch')}, val loss {metadata.get('val_loss')}")
     images = argv[1:] or load_splits(hp, SkipLog(), which=("test",))["test"].images[:3]
     readable = [p for p in images if readable_image(p)]  # a bad file is named on stderr; the others are captioned

