@@ -5,6 +5,8 @@ Caption images with a trained checkpoint.
     python inference.py --checkpoint ...pth photos/ --output captions.jsonl --num_beams 3
     python inference.py --checkpoint ...pth photos/ --do_sample --temperature 0.7 --top_p 0.9
     python inference.py --checkpoint saved_models/adapter_<run>-<epoch> photos/   # git / blip, same options
+    python inference.py --model microsoft/git-base photos/      # a GIT / BLIP model as published, untrained
+    python inference.py --model_path CKPT --input_path photos/ --output_path captions.jsonl   # the seeds' names
 
 Prints one `path<TAB>caption` line per image (folders are searched recursively); a tab or line
 break inside a name or caption is printed as \\t, \\n or \\r. Unreadable files are skipped and
@@ -26,6 +28,7 @@ from capkit.captioner import GENERATION_LIMITS, Generation
 from capkit.common import check_output_path, int_at_least, pick_device, positive_int, tsv_line
 from capkit.errors import NothingReadable, run_cli
 from capkit.folders import find_images
+from capkit.hf_captioner import load_base_captioner
 from capkit.images import ImageDataset
 from capkit.safeio import file_kind
 from model import load_checkpoint
@@ -70,11 +73,17 @@ def main(argv=None) -> int:
     return run_cli(run, argv)
 
 
-def run(argv=None) -> int:
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("inputs", nargs="+", help="image files and/or folders")
-    ap.add_argument("--output", help="write results to FILE.json or FILE.jsonl")
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", "--model_path", help="a capkit checkpoint: .pth, adapter_* or merged_* folder")
+    which.add_argument("--model", "--model_name", metavar="HUB_ID_OR_DIR",
+                       help="a GIT / BLIP captioning model as published (microsoft/git-base, a local folder), untrained")
+    ap.add_argument("--model_type", choices=("git", "blip"), help="with --model: when its name doesn't say")
+    ap.add_argument("inputs", nargs="*", help="image files and/or folders")
+    ap.add_argument("--image_path", "--input_path", "--test_dir", dest="more_inputs", action="append", default=[],
+                    metavar="PATH", help="an image file or folder (the seeds' spelling of the inputs; repeatable)")
+    ap.add_argument("--output", "--output_path", "--output_file", help="write results to FILE.json or FILE.jsonl")
     ap.add_argument("--batch_size", type=positive_int, default=16)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--datastore", metavar="DIR_OR_FILE", help="a model trained with retrieval_k: retrieve from these "
@@ -88,10 +97,21 @@ def run(argv=None) -> int:
     ap.add_argument("--top_k", type=int_at_least(*lim["top_k"]), default=g.top_k)
     ap.add_argument("--seed", type=int_at_least(*lim["seed"]), default=None, help="for reproducible sampling")
     args = ap.parse_args(argv)
+    args.inputs += args.more_inputs
+    if not args.inputs:
+        ap.error("give image files and/or folders to caption")
     if args.output and not args.output.endswith((".json", ".jsonl")):
         ap.error("--output must end in .json or .jsonl")
+    return args
+
+
+def run(argv=None) -> int:
+    args = parse_args(argv)
     check_output_path(args.output)
-    model, _, _ = load_checkpoint(args.checkpoint, pick_device(args.device), datastore=args.datastore)
+    if args.model:
+        model = load_base_captioner(args.model, pick_device(args.device), args.model_type)
+    else:
+        model, _, _ = load_checkpoint(args.checkpoint, pick_device(args.device), datastore=args.datastore)
     skipped = []
     paths = collect_images(args.inputs, skipped)
     gen = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
