@@ -1,6 +1,7 @@
 """
 A folder of captioned images -> CaptionSet. Layouts, detected in this order: captions.csv or Kaggle's
-captions.txt (image,caption; the images beside it or in images/ / Images/) | metadata.csv / metadata.jsonl
+captions.txt (image,caption, with a header, or without one when the first row names an existing image; the
+images beside it or in images/ / Images/) | metadata.csv / metadata.jsonl
 (HF imagefolder: file_name + text or caption) | a .txt next to each image (one caption per line) | captions
 made from file names ("brown_dog_running.jpg" -> "brown dog running"). Bad rows and files are counted skips.
 """
@@ -121,6 +122,8 @@ def from_captions_csv(csv_path, image_dir, skips: SkipLog) -> CaptionSet:
             raise DataError(f"{csv_path}: its header line is not valid CSV ({e})") from None
         if not header:
             raise DataError(f"{csv_path}: empty CSV (expected a header like 'image,caption')")
+        if _names_an_image(header, image_dir):  # seed 000's captions.csv: "image1.jpg,A sunset", no header
+            return build_caption_set(_headerless_rows(text, csv_path, image_dir, skips), image_dir, skips)
         icol = _pick_column(header, IMAGE_COLUMNS, "image", csv_path)
         ccol = _pick_column(header, CAPTION_COLUMNS, "caption", csv_path)
         entries = []
@@ -144,6 +147,32 @@ def from_captions_csv(csv_path, image_dir, skips: SkipLog) -> CaptionSet:
     finally:
         csv.field_size_limit(limit)
     return build_caption_set(entries, image_dir, skips)
+
+
+def _names_an_image(header: list, image_dir: Path) -> bool:
+    """Is a CSV's first row an (image, caption) row rather than a header: does it name an image file that exists?"""
+    first = (header[0] or "").strip()
+    return (len(header) >= 2 and Path(first).suffix.lower() in IMAGE_EXTS and not any(
+        h.strip().lower() in IMAGE_COLUMNS + CAPTION_COLUMNS for h in header if h) and _join(image_dir, first).is_file())
+
+
+def _headerless_rows(text: str, csv_path: Path, image_dir: Path, skips: SkipLog) -> list:
+    """(image path, caption) of each `image,caption` row; an unquoted comma inside the caption stays in it."""
+    entries, reader = [], csv.reader(io.StringIO(text, newline=""))
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return entries
+        except csv.Error as e:
+            skips.add(f"{csv_path}:{reader.line_num}", f"bad CSV row: {e}")
+            continue
+        if not any(c.strip() for c in row):
+            continue
+        if len(row) < 2 or not row[0].strip():
+            skips.add(f"{csv_path}:{reader.line_num}", "row without an image name and a caption")
+            continue
+        entries.append((_join(image_dir, row[0]), ",".join(row[1:])))
 
 
 # a line with a field of its own that names an image ("dog.jpg,..." or "...,dog.jpg"): inside a quoted caption, it
