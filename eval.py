@@ -129,7 +129,7 @@ def run(argv=None) -> int:
     model, meta, hp = load_checkpoint(args.checkpoint, acc.device if acc.num_processes > 1 else device,
                                                  datastore=args.datastore)
     given = {k: v for k in DATA_KEYS if (v := getattr(args, k)) is not None}  # another copy of the data, or other data
-    hp = data_as_meant({**hp, **given}, given, Notes())  # --test_dir photos/ means a folder, whatever the run used
+    hp = data_as_meant({**hp, **given}, given, Notes(), "the run's")  # --test_dir photos/: that folder
     skips = SkipLog()
     data = load_splits(hp, skips, which=(args.split,))[args.split]
     gen = {"max_new_tokens": args.max_new_tokens or hp.get("max_new_tokens", Generation.max_new_tokens),

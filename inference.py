@@ -102,6 +102,10 @@ def parse_args(argv):
         ap.error("give image files and/or folders to caption")
     if args.output and not args.output.endswith((".json", ".jsonl")):
         ap.error("--output must end in .json or .jsonl")
+    if args.model and args.datastore:
+        ap.error("--datastore is for a checkpoint trained with retrieval_k, not for --model")
+    if args.model_type and not args.model:
+        ap.error("--model_type goes with --model (a checkpoint knows its own type)")
     return args
 
 

@@ -32,7 +32,7 @@ from capkit.captioner import (
     CaptionerConfig,
     masked_cross_entropy,
 )
-from capkit.checkpoints import metadata_path_for
+from capkit.checkpoints import checkpoint_in, metadata_path_for
 from capkit.common import atomic_torch_save, load_all
 from capkit.decoders import load_decoder, max_positions, never_empty, stop_when, tokenize_captions
 from capkit.encoders import ImageEncoder, OpenClipEncoder, build_image_encoder
@@ -288,7 +288,12 @@ def load_captioner(path: str | os.PathLike, device: str | torch.device = "cpu", 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", datastore=None,
                     **config_overrides) -> tuple[nn.Module, dict, dict]:
     """-> (the captioner in eval mode on device, its run's training metadata ({} when the JSON beside it is
-    missing), the run's hyperparameters). datastore: see load_captioner."""
+    missing), the run's hyperparameters). path: a checkpoint, or a folder of them (its newest is loaded, said).
+    datastore: see load_captioner."""
+    found = checkpoint_in(path)
+    if found != Path(path):
+        print(f"note: {path} holds checkpoints: loading the newest, {found}")
+        path = found
     model = load_captioner(path, device, datastore=datastore, **config_overrides)
     meta_path = metadata_path_for(path)
     metadata = read_json(meta_path, "training metadata", RefusedFileError) if meta_path.exists() else {}

@@ -91,8 +91,8 @@ from model import build_model
 
 hyperparameters = {
     # --- data ---
-    "dataset": "flickr30k",          # "flickr30k" (Karpathy split) | "folder" (your images) | "hf" (🤗 datasets) |
-                                     #   "webdataset" (tar shards) | "shapes" | "scenes" (demos)
+    "dataset": "flickr30k",          # "flickr30k" (Karpathy split) | "folder" (your images; a folder's path works too) |
+                                     #   "hf" (🤗 datasets) | "webdataset" (tar shards) | "shapes" | "shapes_b" | "scenes" (demos)
     "data_dir": None,                # flickr30k: folder with the csv + images (None: download); folder: all your data
     "train_dir": None,               # folder datasets: separate train / val / test folders instead of data_dir
     "val_dir": None,                 #   None: val_ratio of the training images are held out for validation
@@ -901,11 +901,11 @@ def merge_main(argv: list[str]) -> int:
 
 
 def run(argv: list[str]) -> int:
+    if "--merge_weights" in argv:
+        return merge_main(argv)
     if "-h" in argv or "--help" in argv:
         print(help_text(__doc__, Path(__file__), hyperparameters, PRESETS))
         return 0
-    if "--merge_weights" in argv:
-        return merge_main(argv)
     if any(a == "--resume" or a.startswith("--resume=") for a in argv):
         hp, resume_from = resolve_resume(argv)
     else:

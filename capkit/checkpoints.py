@@ -110,3 +110,14 @@ def newest_checkpoint(folder="saved_models") -> Path | None:
     ckpts = [p for pattern in checkpoint_globs() for p in Path(folder).glob(pattern)
              if not p.name.startswith(".") and metadata_path_for(p).exists()]
     return max(ckpts, key=lambda p: p.stat().st_mtime) if ckpts else None
+
+
+def checkpoint_in(path) -> Path:
+    """A checkpoint as given, or for a folder of checkpoints (saved_models/, seed 002's --model_path ./checkpoints)
+    its newest one. A model folder (adapter, merged: it holds a *config.json) is a checkpoint itself."""
+    p = Path(path)
+    if p.is_dir() and not any(p.glob("*config.json")):
+        found = newest_checkpoint(p)
+        if found is not None:
+            return found
+    return p

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import json
 import math
 import tempfile
 import tomllib
@@ -134,10 +135,10 @@ def suggest(key: str, defaults: dict) -> str | None:
     return KEY_ALIASES.get(m[0], m[0]) if m else None
 
 
-def canonical(key: str, say) -> str:
-    """A key as given -> capkit's name for it (an alias is said once)."""
+def canonical(key: str, say, dash: str = "--") -> str:
+    """A key as given -> capkit's name for it (an alias is said once: "--lr is learning_rate")."""
     if key in KEY_ALIASES:
-        say(f"--{key} is {KEY_ALIASES[key]}")
+        say(f"{dash}{key} is {KEY_ALIASES[key]}")
         return KEY_ALIASES[key]
     return key
 
@@ -149,7 +150,7 @@ def read_toml(path, defaults: dict, say=print) -> dict:
         cfg = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-    cfg = {canonical(k, say): v for k, v in cfg.items()}
+    cfg = {canonical(k, say, dash=""): v for k, v in cfg.items()}
     check_keys(cfg, f"config file {path}", defaults)
     return cfg
 
@@ -167,8 +168,10 @@ def parse_argv(argv: list[str], defaults: dict, presets: dict, say=print) -> tup
         if key in MODE_FLAGS and not eq:
             say(f"--{key}: train.py always trains (the flag is not needed)")
             continue
-        negated = not eq and key[:3] in ("no-", "no_") and _is_bool(canonical(key[3:], say), defaults)
+        negated = not eq and key[:3] in ("no-", "no_") and _is_bool(KEY_ALIASES.get(key[3:], key[3:]), defaults)
         key = canonical(key[3:] if negated else key, say)
+        if key not in ("preset", "config"):
+            check_keys({key: None}, "the command line", defaults)  # (an unknown bare flag: unknown, not "needs a value")
         if negated:
             val = "false"
         elif not eq and _is_bool(key, defaults) and not (args and args[0].lower() in ("true", "false")):
@@ -184,7 +187,6 @@ def parse_argv(argv: list[str], defaults: dict, presets: dict, say=print) -> tup
         elif key == "config":
             config_file = val
         else:
-            check_keys({key: None}, "the command line", defaults)
             overrides[key] = _check_type(key, _parse_value(val), defaults)
     return preset, config_file, overrides
 
@@ -204,7 +206,7 @@ def resolve_hparams(argv: list[str], defaults: dict, presets: dict, say=None) ->
     edited = {k: defaults[k] for k in PATH_KEYS if defaults.get(k) is not None and k not in chosen}  # dict edits
     given = {**edited, **(read_toml(config_file, defaults, say) if config_file else {}), **overrides}  # the user's
     hp = {**defaults, **chosen, **given}
-    return validate_hparams(hp, defaults, given, say)
+    return validate_hparams(hp, defaults, given, say, set(overrides))
 
 
 def resolve_resume(argv: list[str], defaults: dict, presets: dict) -> tuple[dict, Path]:
@@ -223,9 +225,9 @@ def resolve_resume(argv: list[str], defaults: dict, presets: dict) -> tuple[dict
             rest.append(a)
     say = Notes()
     preset, config_file, flags = parse_argv(rest, defaults, presets, say)
-    given = {**(presets[preset] if preset else {}), **(read_toml(config_file, defaults, say) if config_file else {}),
-             **flags}
-    given = {k: _check_type(k, v, defaults) for k, v in given.items()}
+    toml = read_toml(config_file, defaults, say) if config_file else {}
+    given = as_meant({**(presets[preset] if preset else {}), **toml, **flags}, {**toml, **flags}, set(flags),
+                     defaults, say)
     meta_path = resume_target(path, given.get("output_dir", defaults["output_dir"]), given.get("training_name"))
     saved = read_metadata(meta_path)["hyperparameters"]
     load_state(state_path_for(meta_path))  # a damaged or code-carrying training state is refused before any loading
@@ -233,6 +235,14 @@ def resolve_resume(argv: list[str], defaults: dict, presets: dict) -> tuple[dict
     hp = merge_resume_hparams(saved, given, defaults)
     hp["output_dir"] = str(meta_path.parent)
     return validate_hparams(hp, defaults), meta_path
+
+
+def as_meant(given: dict, users: dict, flags: set, defaults: dict, say) -> dict:
+    """--resume's given keys (a preset's, the TOML's, the flags') read as a new run reads them (implied.py), so
+    that repeating the run's own command agrees with what it saved: the given keys, and every key a reading changed."""
+    base = {k: _check_type(k, v, defaults) for k, v in {**defaults, **given}.items()}
+    meant = read_as_meant(base, users, say, SCHEDULERS, flags)
+    return {k: v for k, v in meant.items() if k in given or json.dumps(v, default=str) != json.dumps(base[k], default=str)}
 
 
 def _in_range(value, interval: str) -> bool:
@@ -248,14 +258,14 @@ def _describe(interval: str) -> str:
     return f"{'>' if interval[0] == '(' else '>='} {lo}" if hi == "inf" else f"in {interval}"
 
 
-def validate_hparams(hp: dict, defaults: dict, given: dict | None = None, say=print) -> dict:
+def validate_hparams(hp: dict, defaults: dict, given: dict | None = None, say=print, flags=frozenset()) -> dict:
     """Types, then what the user's keys (`given`) imply (implied.py), then choices and ranges of every
     hyperparameter, then what torch must accept (device, optimizer and scheduler arguments): all before
-    any data or model loads."""
+    any data or model loads. flags: the keys given on the command line (they win over a TOML file's table)."""
     hp = {k: _check_type(k, v, defaults) for k, v in hp.items()}
     hp["model_type"] = MODEL_TYPE_ALIASES.get(hp["model_type"], hp["model_type"])
     if given is not None:
-        hp = read_as_meant(hp, given, say, SCHEDULERS)
+        hp = read_as_meant(hp, given, say, SCHEDULERS, flags)
     for k, allowed in CHOICES.items():
         if hp[k] not in allowed:
             folder = " or an existing folder of your images" if k == "dataset" else ""

@@ -1,6 +1,6 @@
 """
 A folder of captioned images -> CaptionSet. Layouts, detected in this order: captions.csv or Kaggle's
-captions.txt (image,caption, with a header, or without one when the first row names an existing image; the
+captions.txt (image,caption, with a header, or without one when the first row names an image file; the
 images beside it or in images/ / Images/) | metadata.csv / metadata.jsonl
 (HF imagefolder: file_name + text or caption) | a .txt next to each image (one caption per line) | captions
 made from file names ("brown_dog_running.jpg" -> "brown dog running"). Bad rows and files are counted skips.
@@ -122,7 +122,7 @@ def from_captions_csv(csv_path, image_dir, skips: SkipLog) -> CaptionSet:
             raise DataError(f"{csv_path}: its header line is not valid CSV ({e})") from None
         if not header:
             raise DataError(f"{csv_path}: empty CSV (expected a header like 'image,caption')")
-        if _names_an_image(header, image_dir):  # seed 000's captions.csv: "image1.jpg,A sunset", no header
+        if _names_an_image(header):  # seed 000's captions.csv: "image1.jpg,A sunset", no header
             return build_caption_set(_headerless_rows(text, csv_path, image_dir, skips), image_dir, skips)
         icol = _pick_column(header, IMAGE_COLUMNS, "image", csv_path)
         ccol = _pick_column(header, CAPTION_COLUMNS, "caption", csv_path)
@@ -149,11 +149,12 @@ def from_captions_csv(csv_path, image_dir, skips: SkipLog) -> CaptionSet:
     return build_caption_set(entries, image_dir, skips)
 
 
-def _names_an_image(header: list, image_dir: Path) -> bool:
-    """Is a CSV's first row an (image, caption) row rather than a header: does it name an image file that exists?"""
+def _names_an_image(header: list) -> bool:
+    """Is a CSV's first row an (image, caption) row rather than a header? It names an image file (by its
+    extension; a missing one is then a counted skip like any row's) and no column a header would."""
     first = (header[0] or "").strip()
-    return (len(header) >= 2 and Path(first).suffix.lower() in IMAGE_EXTS and not any(
-        h.strip().lower() in IMAGE_COLUMNS + CAPTION_COLUMNS for h in header if h) and _join(image_dir, first).is_file())
+    return len(header) >= 2 and Path(first).suffix.lower() in IMAGE_EXTS and not any(
+        h.strip().lower() in IMAGE_COLUMNS + CAPTION_COLUMNS for h in header if h)
 
 
 def _headerless_rows(text: str, csv_path: Path, image_dir: Path, skips: SkipLog) -> list:

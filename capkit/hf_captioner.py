@@ -257,7 +257,10 @@ def load_base_captioner(name: str, device="cpu", model_type: str | None = None) 
     """A GIT / BLIP captioning model as published, untrained by capkit (hub id or local folder): seed 000's
     simple_inference, `inference.py --model microsoft/git-base`. model_type: "git" / "blip" where the name
     doesn't tell (hf_family)."""
-    family = model_type or hf_family(name)
+    named = hf_family(name)
+    if model_type and named and model_type != named:
+        raise ConfigError(f"--model {name!r} is a {named.upper()} model, not {model_type!r}: drop --model_type")
+    family = model_type or named
     if family not in HF_FAMILIES:
         raise ConfigError(f"--model {name!r}: can't tell whether it is a GIT or a BLIP model; add --model_type git "
                           "or --model_type blip (a capkit checkpoint is given with --checkpoint)")

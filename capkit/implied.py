@@ -30,7 +30,8 @@ PATHS_READ = {"flickr30k": ("data_dir",), "folder": ("data_dir", "train_dir", "v
               "webdataset": ("data_dir", "train_dir", "val_dir", "test_dir"), "hf": ()}
 DEMO_PATHS_READ = ("data_dir",)  # shapes / shapes_b / scenes: where the demo data is written
 PATH_KEYS = PATHS_READ["folder"]  # every data path key (the folder dataset reads them all)
-FLICKR30K_CSV = "flickr_annotations_30k.csv"  # what makes data_dir a Flickr30K folder (dataset.py reads it)
+# what makes data_dir a Flickr30K folder (dataset.py reads the CSV and the images)
+FLICKR30K_MARKS = ("flickr_annotations_30k.csv", "flickr30k-images", "flickr30k-images.zip")
 
 # keys that shape only some model types; given for another, they do nothing
 ADAPTER_KEYS = ("hf_model_name", "quantization_bits", "peft_module", "lora_r", "lora_alpha", "lora_dropout",
@@ -54,22 +55,23 @@ class Notes:
             self.out(f"note: {text}")
 
 
-def read_as_meant(hp: dict, given: dict, say, schedulers=()) -> dict:
+def read_as_meant(hp: dict, given: dict, say, schedulers=(), flags=frozenset()) -> dict:
     """hp (typed, not yet checked against choices) -> hp as its user meant it. given: the keys the user wrote
-    (TOML file and command line, and the data paths set in train.py's dict; not a preset's values)."""
+    (TOML file and command line, and the data paths set in train.py's dict; not a preset's values); flags: those
+    of them given on the command line."""
     hp = data_as_meant(hp, given, say)
     model_type_from_name(hp, given, say)
-    optimizer_args_as_keys(hp, say)
+    optimizer_args_as_keys(hp, say, flags)
     scheduler_from_args(hp, given, say, schedulers)
     keys_without_effect(hp, given, say)
     return hp
 
 
-def data_as_meant(hp: dict, given: dict, say) -> dict:
-    """Only the data keys' readings: eval.py's --test_dir / --dataset over a checkpoint's run."""
+def data_as_meant(hp: dict, given: dict, say, whose: str | None = None) -> dict:
+    """Only the data keys' readings (eval.py's --test_dir / --dataset over a checkpoint's run: whose="the run's")."""
     hp = dict(hp)
     dataset_from_path(hp, given, say)
-    folder_for_paths(hp, given, say)
+    folder_for_paths(hp, given, say, whose)
     return hp
 
 
@@ -86,29 +88,34 @@ def dataset_from_path(hp: dict, given: dict, say) -> None:
     hp["dataset"], hp["data_dir"] = "folder", d
 
 
-def folder_for_paths(hp: dict, given: dict, say) -> None:
+def folder_for_paths(hp: dict, given: dict, say, whose: str | None = None) -> None:
     """A data path the user gave that the dataset in use doesn't read: dataset="folder" when the dataset was not
     the user's own choice (the default, or a preset's), refused when it was. (A preset's own paths are its own.)"""
     d = hp.get("dataset")
     reads = PATHS_READ.get(d, DEMO_PATHS_READ if d in _demo_datasets() else None)
     if reads is None:
         return  # an unknown dataset: the choices check names it
-    unread = [k for k in PATH_KEYS if given.get(k) is not None and (k not in reads or _not_flickr30k(hp, k))]
+    chosen = "dataset" in given
+    unread = [k for k in PATH_KEYS if given.get(k) is not None and
+              (k not in reads or (not chosen and _not_flickr30k(hp, k)))]
     if not unread:
         return
     k = unread[0]
-    if "dataset" in given:
+    if chosen:
         raise ConfigError(f"{k}={hp[k]!r} is not read by dataset={d!r}"
                           + (f" (it reads {', '.join(reads)})" if reads else "")
                           + ": for your own folder of images and captions give dataset='folder'")
-    source = "a preset's" if d != "flickr30k" else "the default"
-    say(f"{k}={hp[k]!r} names your own data: dataset='folder' (not {source} {d!r}, which would ignore it)")
+    whose = whose or ("a preset's" if d != "flickr30k" else "the default")
+    say(f"{k}={hp[k]!r} names your own data: dataset='folder' (not {whose} {d!r}, which would ignore it)")
     hp["dataset"] = "folder"
 
 
 def _not_flickr30k(hp: dict, key: str) -> bool:
-    """data_dir with dataset="flickr30k" must hold Flickr30K's files; any other folder is the user's own."""
-    return key == "data_dir" and hp["dataset"] == "flickr30k" and not (Path(hp[key]) / FLICKR30K_CSV).is_file()
+    """data_dir with dataset="flickr30k" must hold Flickr30K's files (its CSV, or its image folder / zip, whose
+    missing CSV the Flickr30K loader then names); any other folder is the user's own."""
+    folder = Path(hp[key])
+    return key == "data_dir" and hp["dataset"] == "flickr30k" and not any(
+        (folder / name).exists() for name in FLICKR30K_MARKS)
 
 
 def _demo_datasets() -> tuple:
@@ -116,32 +123,45 @@ def _demo_datasets() -> tuple:
 
 
 def model_type_from_name(hp: dict, given: dict, say) -> None:
-    """hf_model_name given with the default model type: the GIT / BLIP family it names (seeds 000-002's
-    --model_name microsoft/git-base); refused when the family can't be told."""
+    """hf_model_name given: the GIT / BLIP family it names is the model type (seeds 000-002's --model_name
+    microsoft/git-base) unless the user chose another model type, which is refused as a contradiction."""
     name = given.get("hf_model_name")
-    if name is None or hp["model_type"] != "prefix" or "model_type" in given:
+    if name is None:
         return
     family = hf_family(name)
-    if family is None:
-        raise ConfigError(f"hf_model_name={name!r} is for model_type 'git' or 'blip', and its name doesn't say "
-                          "which: add --model_type=git or --model_type=blip (the prefix model's decoder is lm_name)")
+    if family is None and hp["model_type"] == "prefix" and "model_type" not in given:
+        raise ConfigError(f"hf_model_name={name!r} names a GIT or BLIP captioning model (model_type 'git' or "
+                          "'blip'), and neither its name nor its config.json says which: add --model_type=git or "
+                          "--model_type=blip. For the prefix model's decoder, use lm_name")
+    if family is None or family == hp["model_type"]:
+        return
+    if "model_type" in given:
+        raise ConfigError(f"hf_model_name={name!r} is a {family.upper()} model, but model_type={hp['model_type']!r}: "
+                          f"give model_type={family!r}, or a {hp['model_type']} model")
     say(f"hf_model_name={name!r} is a {family.upper()} model: model_type={family!r}")
     hp["model_type"] = family
 
 
-def optimizer_args_as_keys(hp: dict, say) -> None:
+def optimizer_args_as_keys(hp: dict, say, flags=frozenset()) -> None:
     """optimizer_args' weight_decay (seed 004's [optimizer_args] table) -> the key weight_decay, which would
-    otherwise reach the optimizer twice. The table's value wins."""
+    otherwise reach the optimizer twice. The table's value wins, unless the key alone was given on the command
+    line (the command line beats a TOML file)."""
     args = hp.get("optimizer_args")
     if not isinstance(args, dict):
         return
     for arg, key in OPTIMIZER_KEYS.items():
-        if arg in args:
-            value = args[arg]
-            hp["optimizer_args"] = args = {k: v for k, v in args.items() if k != arg}
-            if value != hp[key]:
-                say(f"optimizer_args {arg}={value!r} is the key {key}: {key}={value!r} (not {hp[key]!r})")
-            hp[key] = value
+        if arg not in args:
+            continue
+        value = args[arg]
+        hp["optimizer_args"] = args = {k: v for k, v in args.items() if k != arg}
+        if key in flags and "optimizer_args" not in flags:
+            say(f"optimizer_args {arg}={value!r} (the config file's) gives way to --{key}={hp[key]!r}")
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"optimizer_args {arg}={value!r}: must be a number (it is the key {key})")
+        if value != hp[key]:
+            say(f"optimizer_args {arg}={value!r} is the key {key}: {key}={value!r} (not {hp[key]!r})")
+        hp[key] = float(value)
 
 
 def scheduler_from_args(hp: dict, given: dict, say, schedulers) -> None:
@@ -153,8 +173,13 @@ def scheduler_from_args(hp: dict, given: dict, say, schedulers) -> None:
     takes = [s for s in schedulers if _takes(s, args)]
     if hp["lr_scheduler"] in takes or len(takes) != 1:
         return
+    rates = {k: v for k, v in args.items() if k in ("base_lr", "max_lr")}
+    follows = (f"; the learning rate follows {', '.join(f'{k}={v!r}' for k, v in rates.items())}, not "
+               f"learning_rate={hp['learning_rate']!r}" if rates else "")
+    large = any(isinstance(v, (int, float)) and v >= 0.1 for v in rates.values()) and hp["optimizer"] == "AdamW"
     say(f"scheduler_args {', '.join(args)} are {takes[0]}'s arguments: lr_scheduler={takes[0]!r} "
-        f"(not {hp['lr_scheduler']!r})")
+        f"(not {hp['lr_scheduler']!r}){follows}" + (" (large for AdamW; rates near 1 suit --optimizer=Prodigy)"
+                                                    if large else ""))
     hp["lr_scheduler"] = takes[0]
 
 

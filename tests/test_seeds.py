@@ -133,6 +133,15 @@ def test_the_seeds_flag_names_are_read_as_capkits_keys_and_said_once(flag, key, 
     assert out.count(f"note: --{alias} is {key}") == 1
 
 
+def test_a_model_name_of_another_family_than_the_model_type(capsys):
+    hp, out = resolve(["--preset", "git_demo", "--model_name", "Salesforce/blip-image-captioning-base"], capsys)
+    assert hp["model_type"] == "blip" and "is a BLIP model: model_type='blip'" in out  # the preset's type gives way
+    with pytest.raises(ConfigError, match="is a BLIP model, but model_type='git'"):
+        resolve(["--model_type=git", "--model_name", "Salesforce/blip-image-captioning-base"])
+    with pytest.raises(ConfigError, match="neither its name nor its config.json says which"):
+        resolve(["--model_name", "demo/qwen3-tiny"])
+
+
 def test_seed001_full_pipeline_command_reads_as_meant(tmp_path, capsys):
     """--train --train_dir ./train --test_dir ./test --captions_file ./captions.csv --model_name microsoft/git-base
     --epochs 5 --learning_rate 5e-5 --lora_r 16 --lora_alpha 32 --quantization_bits 4 (--split_ratio: its own test)."""
@@ -167,6 +176,12 @@ def test_seed_flags_capkit_answers_another_way_say_what_to_use(capsys):
     assert "--resume" in err and "Ctrl-C" in err and "Traceback" not in err
     assert train.main(["--model_config", "{}"]) == 2
     assert "proj_dropout" in capsys.readouterr().err
+    assert train.main(["--interactive"]) == 2 and "--resume" in capsys.readouterr().err  # bare, at the end
+    assert train.main(["--augment-images"]) == 2  # an unknown bare flag is unknown, not "needs a value"
+    assert "unknown hyperparameter" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:  # the merge command's own help (argparse's exit 0)
+        train.main(["--merge_weights", "--help"])
+    assert done.value.code == 0 and "--wise_alpha" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------- no silent traps
@@ -184,6 +199,11 @@ def test_a_data_path_with_the_default_dataset_means_your_folder(tmp_path, capsys
         resolve(["--dataset=flickr30k", "--train_dir", "./train"])  # the user's own choice: refused, not changed
     with pytest.raises(ConfigError, match="captions_file.*not read by dataset='webdataset'"):
         resolve(["--dataset=webdataset", "--train_dir=a.tar", "--captions_file=c.csv"])
+    empty = tmp_path / "empty"
+    empty.mkdir()  # flickr30k chosen by the user: its loader names the files it misses, as before
+    assert resolve(["--dataset=flickr30k", "--data_dir", str(empty)])["dataset"] == "flickr30k"
+    (empty / "flickr30k-images").mkdir()  # Flickr30K's images without its CSV: still Flickr30K (the loader says)
+    assert resolve(["--data_dir", str(empty)])["dataset"] == "flickr30k"
 
 
 def test_dataset_given_as_a_path_means_that_folder(tmp_path, capsys):
@@ -240,7 +260,10 @@ def test_seed000_headerless_captions_csv_is_read(tmp_path):
     assert data.captions == [["A beautiful sunset over mountains"], ["A dog running in the park"],
                              ["a red ball, a blue cup and a cat"]]  # an unquoted comma stays in the caption
     assert not skips.items
-    (root / "train" / "captions.csv").write_text("image9.jpg,no such image\n")  # names no existing file
+    (root / "train" / "captions.csv").write_text("image9.jpg,no such image\nimage1.jpg,a sunset\n")
+    skips = SkipLog()  # a first row naming a missing image: still no header, and that row is a counted skip
+    assert load_folder(root / "train", skips).captions == [["a sunset"]] and skips.counts["missing file"] == 1
+    (root / "train" / "captions.csv").write_text("picture,words\nimage1.jpg,a sunset\n")  # a header, unknown columns
     with pytest.raises(Exception, match="no image column"):
         load_folder(root / "train", SkipLog())
 
@@ -272,8 +295,32 @@ def test_seed004_example_toml_loads(tmp_path, capsys):
     assert hp["lr_scheduler"] == "CyclicLR" and hp["scheduler_args"] == {"base_lr": 1.0, "max_lr": 1.1}
     assert out.count("optimizer_args weight_decay=0.1 is the key weight_decay") == 1
     assert "--config_file is config" in out and "CyclicLR's arguments" in out
+    assert "the learning rate follows base_lr=1.0, max_lr=1.1, not learning_rate=0.0001" in out  # what it trains at
     with pytest.raises(ConfigError, match="scheduler_args"):  # a scheduler the user chose keeps its own arguments
         resolve(["--config", str(cfg), "--lr_scheduler=StepLR"])
+    hp, out = resolve(["--config", str(cfg), "--weight_decay", "0.5"], capsys)  # the command line beats the file
+    assert hp["weight_decay"] == 0.5 and "gives way to --weight_decay=0.5" in out
+    for bad in ("'0.1'", "None", "[1]"):
+        with pytest.raises(ConfigError, match="optimizer_args weight_decay"):
+            resolve([f"--optimizer_args={{'weight_decay': {bad}}}"])
+
+
+def test_resume_with_the_runs_own_seed_style_command_agrees_with_what_it_saved(tmp_path, capsys):
+    """The readings apply to --resume too: repeating the interrupted command is not a change."""
+    from capkit.shapes import write_split
+    write_split(tmp_path / "photos", 24, seed=3)
+    toml = tmp_path / "c.toml"
+    toml.write_text('[optimizer_args]\nweight_decay = 0.1\n')
+    cmd = ["--preset", "demo", "--train_dir", str(tmp_path / "photos"), "--config_file", str(toml),
+           f"--output_dir={tmp_path / 'out'}", f"--feature_cache_dir={tmp_path / 'cache'}", "--num_epochs=2",
+           "--save_every_n_steps=2", "--test_evaluation_enabled=False", "--evaluation_enabled=False"]
+    hp = resolve(cmd)
+    assert hp["dataset"] == "folder" and hp["weight_decay"] == 0.1
+    train.train(hp)
+    again, meta = train.resolve_resume(cmd + ["--resume"])
+    assert again["dataset"] == "folder" and again["weight_decay"] == 0.1 and meta.name.endswith("-2.json")
+    with pytest.raises(ConfigError, match="can't change weight_decay"):
+        train.resolve_resume(cmd + ["--weight_decay=0.3", "--resume"])
 
 
 # ---------------------------------------------------------------------------------------------- seed paths
@@ -296,14 +343,17 @@ def test_untrained_git_from_the_hub_offline_is_one_message(tmp_path, capsys, mon
     assert len(err.strip().splitlines()) <= 2
     assert inference.main(["--model", str(tmp_path), str(img)]) == 2  # neither name nor config says git / blip
     assert "--model_type" in capsys.readouterr().err
+    assert inference.main(["--model", "demo/git-tiny", "--model_type", "blip", str(img)]) == 2  # a contradiction
+    assert "is a GIT model, not 'blip'" in capsys.readouterr().err
 
 
-def test_seed002_inference_command(demo_run, tmp_path):
+def test_seed002_inference_command(demo_run, tmp_path, capsys):
     ckpt = seed_checkpoint(demo_run, tmp_path / "checkpoints")
     img = write_image(tmp_path / "image.jpg")
     out = tmp_path / "captions.jsonl"
-    assert inference.main(["--model_path", str(ckpt), "--input_path", str(img), "--output_path", str(out),
-                           "--do_sample", "--temperature", "0.8", "--top_p", "0.9", "--seed", "1"]) == 0
+    assert inference.main(["--model_path", str(tmp_path / "checkpoints"), "--input_path", str(img), "--output_path",
+                           str(out), "--do_sample", "--temperature", "0.8", "--top_p", "0.9", "--seed", "1"]) == 0
+    assert f"loading the newest, {ckpt}" in capsys.readouterr().out  # a folder of checkpoints: its newest, said
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["image"] for r in rows] == [str(img)] and rows[0]["caption"]
 
