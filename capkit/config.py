@@ -187,7 +187,10 @@ def parse_argv(argv: list[str], defaults: dict, presets: dict, say=print) -> tup
         elif key == "config":
             config_file = val
         else:
-            overrides[key] = _check_type(key, _parse_value(val), defaults)
+            value = _check_type(key, _parse_value(val), defaults)
+            if key in overrides and overrides[key] != value:  # --lr 1e-3 ... --learning_rate 2e-3
+                say(f"{key} given twice ({overrides[key]!r}, then {value!r}): the last one, {value!r}, is used")
+            overrides[key] = value
     return preset, config_file, overrides
 
 

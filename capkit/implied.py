@@ -17,6 +17,7 @@ it, the configuration is refused with the fix instead. Never silent:
 from __future__ import annotations
 
 import inspect
+import os
 from pathlib import Path
 
 import torch
@@ -44,10 +45,11 @@ OPTIMIZER_KEYS = {"weight_decay": "weight_decay"}
 
 
 class Notes:
-    """say(text): print "note: text" once (the same note from the TOML file and the command line is one note)."""
+    """say(text): print "note: text" once (the same note from the TOML file and the command line is one note);
+    under `accelerate launch` only the first process (RANK 0) says it."""
 
     def __init__(self, out=print):
-        self.out, self.said = out, []
+        self.out, self.said = out if os.environ.get("RANK", "0") == "0" else (lambda _text: None), []
 
     def __call__(self, text: str) -> None:
         if text not in self.said:

@@ -133,6 +133,13 @@ def test_the_seeds_flag_names_are_read_as_capkits_keys_and_said_once(flag, key, 
     assert out.count(f"note: --{alias} is {key}") == 1
 
 
+def test_an_alias_and_its_key_both_given_say_which_wins(capsys, monkeypatch):
+    hp, out = resolve(["--lr", "1e-3", "--learning_rate", "2e-3"], capsys)
+    assert hp["learning_rate"] == 2e-3 and "learning_rate given twice (0.001, then 0.002): the last one" in out
+    monkeypatch.setenv("RANK", "1")  # another process of `accelerate launch`: the notes are the first one's
+    assert resolve(["--lr", "1e-3"], capsys)[1] == ""
+
+
 def test_a_model_name_of_another_family_than_the_model_type(capsys):
     hp, out = resolve(["--preset", "git_demo", "--model_name", "Salesforce/blip-image-captioning-base"], capsys)
     assert hp["model_type"] == "blip" and "is a BLIP model: model_type='blip'" in out  # the preset's type gives way
