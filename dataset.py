@@ -142,10 +142,7 @@ def load_splits(hp: dict, skips: SkipLog, which=("train", "val", "test")) -> dic
     seed = hp.get("seed", 0)
     held_out = {"test": hp.get("test_dir"), "val": hp.get("val_dir")}
     if len(which) == 1 and held_out.get(which[0]):  # eval.py --test_dir: that folder alone, whatever trained
-        only = load_folder(held_out[which[0]], skips, hp.get("captions_file"))
-        if only.num_images == 0:
-            raise DataError(f"the {which[0]} split has no usable images ({skips.summary()})")
-        return {which[0]: only}
+        return usable({which[0]: load_folder(held_out[which[0]], skips, hp.get("captions_file"))}, which, skips)
     if hp.get("train_dir"):
         train = load_folder(hp["train_dir"], skips, hp.get("captions_file"))
         test = load_folder(hp["test_dir"], skips, hp.get("captions_file")) if hp.get("test_dir") else None
@@ -163,11 +160,16 @@ def load_splits(hp: dict, skips: SkipLog, which=("train", "val", "test")) -> dic
         train, val = parts["train"], parts["val"]
     if test is None:
         test = val
-    out = {"train": train, "val": val, "test": test}
-    for name in which:  # an empty val / test split is allowed in training (a small folder): train.py says so
-        if out[name].num_images == 0 and (name == "train" or len(which) == 1):
+    return usable({"train": train, "val": val, "test": test}, which, skips)
+
+
+def usable(splits: dict, which, skips: SkipLog) -> dict:
+    """The splits asked for, refused when one that must have images has none: train always, and the one split an
+    evaluation asks for (an empty val / test split is allowed in training, a small folder: train.py says so)."""
+    for name in which:
+        if splits[name].num_images == 0 and (name == "train" or len(which) == 1):
             raise DataError(f"the {name} split has no usable images ({skips.summary()})")
-    return {s: out[s] for s in which}
+    return {s: splits[s] for s in which}
 
 
 # ----------------------------------------------------------------------------------------------

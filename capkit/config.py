@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import difflib
-import json
 import math
 import tempfile
 import tomllib
@@ -34,7 +33,7 @@ from capkit.captioner import (
 from capkit.common import pick_device
 from capkit.errors import ConfigError
 from capkit.implied import PATH_KEYS, Notes, read_as_meant
-from capkit.resume import load_state, merge_resume_hparams, read_metadata, resume_target, state_path_for
+from capkit.resume import load_state, merge_resume_hparams, read_metadata, resume_target, same, state_path_for
 from capkit.safeio import plain_name, read_text
 from capkit.shapes import STYLE_OF
 
@@ -245,8 +244,7 @@ def as_meant(given: dict, users: dict, flags: set, defaults: dict, say) -> dict:
     that repeating the run's own command agrees with what it saved: the given keys, and every key a reading changed."""
     base = {k: _check_type(k, v, defaults) for k, v in {**defaults, **given}.items()}
     meant = read_as_meant(base, users, say, SCHEDULERS, flags)
-    changed = {k for k, v in meant.items() if json.dumps(v, default=str) != json.dumps(base[k], default=str)}
-    return {k: v for k, v in meant.items() if k in given or k in changed}
+    return {k: v for k, v in meant.items() if k in given or not same(v, base[k])}
 
 
 def _in_range(value, interval: str) -> bool:

@@ -26,10 +26,11 @@ from capkit.errors import ConfigError
 from capkit.hf_captioner import hf_family
 from capkit.shapes import STYLE_OF
 
-# the path keys each dataset reads (every other path key given with it would be ignored)
+# the path keys each dataset reads (every other path key given with it would be ignored); the demo datasets
+# (shapes, shapes_b, scenes) read data_dir: where the demo data is written
 PATHS_READ = {"flickr30k": ("data_dir",), "folder": ("data_dir", "train_dir", "val_dir", "test_dir", "captions_file"),
-              "webdataset": ("data_dir", "train_dir", "val_dir", "test_dir"), "hf": ()}
-DEMO_PATHS_READ = ("data_dir",)  # shapes / shapes_b / scenes: where the demo data is written
+              "webdataset": ("data_dir", "train_dir", "val_dir", "test_dir"), "hf": (),
+              **{demo: ("data_dir",) for demo in STYLE_OF}}
 PATH_KEYS = PATHS_READ["folder"]  # every data path key (the folder dataset reads them all)
 # what makes data_dir a Flickr30K folder (dataset.py reads the CSV and the images)
 FLICKR30K_MARKS = ("flickr_annotations_30k.csv", "flickr30k-images", "flickr30k-images.zip")
@@ -80,7 +81,7 @@ def data_as_meant(hp: dict, given: dict, say, whose: str | None = None) -> dict:
 def dataset_from_path(hp: dict, given: dict, say) -> None:
     """dataset=PATH (seed 002's --dataset /path/to/dataset), an existing folder -> dataset="folder", data_dir=PATH."""
     d = hp.get("dataset")
-    if not isinstance(d, str) or d in PATHS_READ or d in _demo_datasets() or not Path(d).is_dir():
+    if not isinstance(d, str) or d in PATHS_READ or not Path(d).is_dir():
         return
     other = [k for k in PATH_KEYS if given.get(k) is not None and k != "captions_file"]
     if other:
@@ -94,7 +95,7 @@ def folder_for_paths(hp: dict, given: dict, say, whose: str | None = None) -> No
     """A data path the user gave that the dataset in use doesn't read: dataset="folder" when the dataset was not
     the user's own choice (the default, or a preset's), refused when it was. (A preset's own paths are its own.)"""
     d = hp.get("dataset")
-    reads = PATHS_READ.get(d, DEMO_PATHS_READ if d in _demo_datasets() else None)
+    reads = PATHS_READ.get(d)
     if reads is None:
         return  # an unknown dataset: the choices check names it
     chosen = "dataset" in given
@@ -118,10 +119,6 @@ def _not_flickr30k(hp: dict, key: str) -> bool:
     folder = Path(hp[key])
     return key == "data_dir" and hp["dataset"] == "flickr30k" and not any(
         (folder / name).exists() for name in FLICKR30K_MARKS)
-
-
-def _demo_datasets() -> tuple:
-    return tuple(STYLE_OF)  # the demo data's names: shapes, shapes_b, scenes
 
 
 def model_type_from_name(hp: dict, given: dict, say) -> None:

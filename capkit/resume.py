@@ -245,7 +245,7 @@ def resume_target(path, output_dir, training_name=None) -> Path:
     return meta
 
 
-def _same(a, b) -> bool:
+def same(a, b) -> bool:
     """Equal as saved: a tuple given now equals the list the metadata JSON holds."""
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
@@ -257,13 +257,13 @@ def merge_resume_hparams(saved: dict, given: dict, defaults: dict, log=print) ->
     if gone:  # keys this version of capkit no longer has
         log(f"resume: ignoring hyperparameters this capkit doesn't know: {', '.join(gone)}")
     hp = {**defaults, **{k: v for k, v in saved.items() if k in defaults}}  # new keys get their defaults
-    refused = {k: (hp.get(k), v) for k, v in given.items() if k not in RESUME_SAFE and not _same(hp.get(k), v)}
+    refused = {k: (hp.get(k), v) for k, v in given.items() if k not in RESUME_SAFE and not same(hp.get(k), v)}
     if refused:
         raise ConfigError("--resume can't change " + ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in refused.items())
                           + ": these alter the model or the data order. Start a new run instead; only "
                           + ", ".join(sorted(RESUME_SAFE)) + " may change.")
     for k, v in given.items():
-        if not _same(hp.get(k), v):
+        if not same(hp.get(k), v):
             log(f"resume: {k} changed from {hp.get(k)!r} to {v!r}")
             hp[k] = v
     return hp
