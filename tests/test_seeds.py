@@ -275,6 +275,26 @@ def test_seed000_headerless_captions_csv_is_read(tmp_path):
         load_folder(root / "train", SkipLog())
 
 
+def test_a_hostile_headerless_csv_gives_counted_skips(tmp_path):
+    root = seed000_folders(tmp_path)
+    (root / "train" / "captions.csv").write_bytes(b'image1.jpg,a sunset\n\nimage2.jpg\n,no image\n'
+                                                  b'../../etc/passwd.jpg,escape\nimage3.jpg,"a quote, never closed\n')
+    skips = SkipLog()
+    data = load_folder(root / "train", skips)
+    assert data.captions == [["a sunset"], ["a quote, never closed"]]  # a quote open to the end: one caption
+    reasons = [r for _, r in skips.items]
+    assert reasons == ["row without an image name and a caption"] * 2 + ["outside dataset folder"]
+
+
+def test_a_model_folder_with_a_damaged_config_is_one_message(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_bytes(b"\xff{not json")
+    img = write_image(tmp_path / "image.jpg")
+    assert inference.main(["--model", str(tmp_path / "m"), str(img)]) == 2
+    err = capsys.readouterr().err
+    assert "--model_type" in err and "Traceback" not in err
+
+
 def test_seed000_command_trains_on_your_folder_not_flickr30k(tmp_path):
     root = seed000_folders(tmp_path)
     hp = resolve(["--train_dir", str(root / "train"), "--test_dir", str(root / "test"),
