@@ -348,3 +348,28 @@ def test_a_checkpoint_written_before_the_package_move_loads_with_identical_logit
         logits, loss = model(enc["input_ids"], enc["attention_mask"], pixel_values=px)
     torch.testing.assert_close(logits, load_file(data / "expected_logits.safetensors")["logits"], rtol=1e-5, atol=1e-5)
     assert loss.item() == pytest.approx(expected["loss"], rel=1e-6)
+
+
+def test_a_checkpoint_written_before_the_grouping_loads_with_identical_logits_and_captions(tmp_path):
+    """tests/data/run_before_the_grouping (see test_resume): its step-7 checkpoint, written by capkit as of 406ec5b
+    with the old key names (clip_*, proj_*) and a transformer mapper, with the logits and greedy captions that code
+    gave for the four validation images (write_split(val, 4, seed 2)). Today's code must give the same."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from capkit.images import load_rgb
+    from capkit.shapes import write_split
+    from model import load_checkpoint
+    data = REPO / "tests" / "data" / "run_before_the_grouping"
+    write_split(tmp_path / "val", 4, 2)
+    (pth,) = data.glob("model_state_dict_*.pth")
+    model, meta, hp = load_checkpoint(pth)
+    expected = json.loads((data / "expected.json").read_text())
+    px = torch.stack([model.preprocess(load_rgb(tmp_path / "val" / n)) for n in expected["images"]])
+    assert model.generate(pixel_values=px, max_new_tokens=20) == expected["captions"]
+    enc = model.tokenize(["a small red circle on a white background"] * len(px), 32)
+    with torch.no_grad():
+        logits, loss = model(enc["input_ids"], enc["attention_mask"], pixel_values=px)
+    torch.testing.assert_close(logits, load_file(data / "expected_logits.safetensors")["logits"], rtol=1e-5, atol=1e-5)
+    assert loss.item() == pytest.approx(expected["loss"], rel=1e-6)

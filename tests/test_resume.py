@@ -209,3 +209,36 @@ def test_a_failed_save_stops_the_run_and_keeps_the_previous_checkpoint(data, tmp
     assert "No space left on device" in err and str(meta) in err
     assert torch.load(out / json.loads(meta.read_text())["checkpoint"], weights_only=True)["state_dict"]
     assert not list(out.glob(".*.tmp"))                          # nothing half-written left behind
+
+
+def test_a_run_started_before_the_grouping_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """tests/data/run_before_the_grouping: a tiny run (transformer mapper on patch tokens, dropout 0.1) written by
+    capkit as of 406ec5b (2026-12-06: flat capkit/, clip_* and proj_* keys), stopped by SIGTERM after step 7 of 20,
+    with the losses of the same run left uninterrupted. Today's code resumes it from its relative paths and must
+    continue that loss sequence: to float rounding on any CPU, and bit for bit on one whose kernels round as the
+    machine that wrote it did (then the first 7 steps, run afresh here, equal the saved ones exactly too)."""
+    fixture = REPO / "tests" / "data" / "run_before_the_grouping"
+    expected = json.loads((fixture / "expected.json").read_text())
+    monkeypatch.chdir(tmp_path)
+    write_split(tmp_path / "train", 32, 1)
+    write_split(tmp_path / "val", 4, 2)
+    (tmp_path / "run").mkdir()
+    for f in fixture.iterdir():
+        if not f.name.startswith("expected"):
+            (tmp_path / "run" / f.name).write_bytes(f.read_bytes())
+    # the same run afresh with today's code, given as it was then (the old key names): one epoch is enough. It
+    # also fills the feature cache: a run that extracts features draws from torch's global RNG (a DataLoader's seed),
+    # so a cold cache changes the dropout masks that follow (noted in docs/log.md)
+    train.train(train.resolve_hparams([
+        "--preset=demo", "--dataset=folder", "--train_dir=train", "--val_dir=val", "--num_epochs=1",
+        "--batch_size=16", "--test_evaluation_enabled=False", "--evaluation_enabled=False", "--output_dir=afresh",
+        "--feature_cache_dir=cache", "--log_with=None", "--proj_type=transformer", "--clip_features=tokens",
+        "--proj_num_layers=1", "--proj_num_heads=4", "--proj_dropout=0.1", "--proj_hidden_dim=32",
+        "--proj_prefix_length=4", "--training_name=before_grouping"]))
+    assert train.main(["--resume", "--output_dir=run"]) == 0
+    ref = [tuple(s) for s in expected["reference_losses"]]
+    resumed = losses(tmp_path / "run")
+    assert [s for s, _ in resumed] == [s for s, _ in ref] == list(range(1, 21))
+    assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in ref], rel=1e-5)
+    if losses(tmp_path / "afresh")[:7] == ref[:7]:
+        assert resumed == ref
