@@ -47,7 +47,7 @@ def make_backbones(seed=0, positions=64):
 
 
 def make_model(seed=0, prefix_length=3, positions=64, **cfg_kw):
-    from capkit.captioner import CaptionerConfig
+    from capkit.models.captioner import CaptionerConfig
     from model import ClipCaptioner
     clip, lm, tok, preprocess = make_backbones(seed, positions)
     cfg = CaptionerConfig(clip_model_name="tiny", clip_pretrained=None, lm_name="tiny", proj_prefix_length=prefix_length,
@@ -161,7 +161,7 @@ def count_encoder_calls(monkeypatch) -> dict:
 def as_generation_sees(logits, tokenizer):
     """Teacher-forced logits (B, T, V) with what generation may never pick masked out (model.never_empty: at the
     first step EOS and blank tokens, everywhere special tokens other than EOS), so that their argmax is greedy's."""
-    from capkit.decoders import never_empty
+    from capkit.models.decoders import never_empty
     rules = never_empty(tokenizer)
     logits = logits.clone()
     logits[:, 0, rules["begin_suppress_tokens"]] = -torch.inf

@@ -9,10 +9,10 @@ import torch
 from conftest import SHARED, make_tokenizer, write_image
 from PIL import Image
 
-from capkit.batching import Collate
-from capkit.decoders import tokenize_captions
-from capkit.folders import caption_from_filename, from_captions_csv, load_folder
-from capkit.images import ImageDataset, SkipLog, load_rgb
+from capkit.data.batching import Collate
+from capkit.data.folders import caption_from_filename, from_captions_csv, load_folder
+from capkit.data.images import ImageDataset, SkipLog, load_rgb
+from capkit.models.decoders import tokenize_captions
 from dataset import PairDataset, load_flickr30k, load_splits
 
 TO_TENSOR = lambda im: torch.tensor(np.array(im.resize((8, 8)))).permute(2, 0, 1).float()
@@ -253,7 +253,7 @@ def test_real_flickr8k_photos_through_the_folder_loader():
 
 
 def test_length_grouped_batches_cover_everything_once_and_reduce_padding():
-    from capkit.batching import LengthGroupedBatches
+    from capkit.data.batching import LengthGroupedBatches
     g = torch.Generator().manual_seed(0)
     lengths = [int(x) for x in torch.randint(3, 60, (1000,), generator=torch.Generator().manual_seed(1))]
     sampler = LengthGroupedBatches(lengths, 16, g, group=10)
@@ -273,8 +273,8 @@ def test_kaggle_flickr8k_layout_captions_beside_an_images_folder(tmp_path, capti
     images/ or the images themselves."""
     from conftest import write_image
 
-    from capkit.folders import load_folder
-    from capkit.images import SkipLog
+    from capkit.data.folders import load_folder
+    from capkit.data.images import SkipLog
     for name in ("1000268201_693b08cb0e.jpg", "1001773457_577c3a7d70.jpg"):
         write_image(tmp_path / image_dir / name)
     (tmp_path / captions_file).write_text("image,caption\n1000268201_693b08cb0e.jpg,A child in a pink dress .\n"
@@ -290,8 +290,8 @@ def test_a_plain_text_captions_txt_is_still_a_sidecar_caption(tmp_path):
     """A captions.txt that is not a CSV with image and caption columns keeps its old meaning (captions.png's captions)."""
     from conftest import write_image
 
-    from capkit.folders import load_folder
-    from capkit.images import SkipLog
+    from capkit.data.folders import load_folder
+    from capkit.data.images import SkipLog
     write_image(tmp_path / "captions.png")
     (tmp_path / "captions.txt").write_text("a red square\n")
     data = load_folder(tmp_path, SkipLog())

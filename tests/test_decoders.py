@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import TINY_CLIP_CFG, as_generation_sees, make_tokenizer
 
-from capkit.captioner import CaptionerConfig
+from capkit.models.captioner import CaptionerConfig
 from model import build_model, load_captioner
 
 

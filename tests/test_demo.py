@@ -29,9 +29,9 @@ def test_demo_learns(demo_run):
 def test_untrained_projector_is_much_worse(demo_run):
     """Training is what raises ROUGE-L and lowers the loss: the same backbones with a fresh MLP."""
     sys.path.insert(0, str(REPO))
-    from capkit import config
-    from capkit.evaluation import evaluate
-    from capkit.images import SkipLog
+    from capkit.data.images import SkipLog
+    from capkit.evaluation.evaluate import evaluate
+    from capkit.training import config
     from dataset import load_splits
     from model import ClipCaptioner
     tmp, _, metas = demo_run

@@ -20,7 +20,7 @@ def free_port() -> int:
 
 
 def test_two_process_run_matches_one_process(tmp_path):
-    from capkit.shapes import write_split
+    from capkit.data.shapes import write_split
     for split, n, seed in (("train", 32, 1), ("val", 4, 2), ("test", 4, 3)):
         write_split(tmp_path / "data" / split, n, seed)
     args = ["--preset=demo", "--dataset=folder", f"--train_dir={tmp_path / 'data/train'}",

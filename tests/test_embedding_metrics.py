@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from capkit import evaluation, metrics
-from capkit.shapes import captions_for, random_attrs, render
+from capkit.evaluation import evaluate as evaluation
+from capkit.evaluation import metrics
+from capkit.data.shapes import captions_for, random_attrs, render
 
 
 def test_frechet_distance_matches_the_fid_formula():
@@ -74,8 +75,8 @@ def test_without_an_embedder_the_distance_is_skipped_with_a_reason(monkeypatch):
 
 
 def test_clip_score_prefers_matching_captions_on_the_demo_data():
-    from capkit.captioner import CaptionerConfig
-    from capkit.encoders import build_image_encoder
+    from capkit.models.captioner import CaptionerConfig
+    from capkit.models.encoders import build_image_encoder
     cfg = CaptionerConfig(clip_model_name="demo/clip-tiny", clip_pretrained=None)
     visual, preprocess = build_image_encoder(cfg)
     rng = random.Random(3)

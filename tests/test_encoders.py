@@ -20,10 +20,10 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from capkit.captioner import CaptionerConfig
-from capkit.encoders import build_image_encoder
+from capkit.data.features import encoder_fingerprint, image_features
 from capkit.errors import ConfigError, RefusedFileError
-from capkit.features import encoder_fingerprint, image_features
+from capkit.models.captioner import CaptionerConfig
+from capkit.models.encoders import build_image_encoder
 from model import build_model, load_captioner, read_checkpoint
 
 HF_KINDS = {"hf-clip": (CLIPVisionConfig, CLIPVisionModel, CLIPImageProcessor),

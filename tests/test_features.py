@@ -5,7 +5,7 @@ from conftest import make_model, write_image
 from PIL import Image
 
 import train
-from capkit.features import encoder_fingerprint, image_features
+from capkit.data.features import encoder_fingerprint, image_features
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ def test_damaged_cache_file_is_rebuilt(tmp_path, images, damage, capsys):
 
 
 def test_unreadable_images_stay_skipped_on_cache_hits(tmp_path, images):
-    from capkit.images import SkipLog
+    from capkit.data.images import SkipLog
     (tmp_path / "img" / "3.png").write_bytes(b"not an image")
     model = make_model()
     for _ in range(2):
@@ -104,7 +104,7 @@ def test_training_epochs_never_call_the_encoder(tmp_path, monkeypatch):
     """Encoder calls are the same for 1 and for 3 epochs: all of them happen in feature extraction."""
     from conftest import count_encoder_calls
 
-    from capkit.shapes import write_split
+    from capkit.data.shapes import write_split
     for split, n, seed in (("train", 24, 1), ("val", 4, 2), ("test", 4, 3)):
         write_split(tmp_path / "data" / split, n, seed)
     calls = count_encoder_calls(monkeypatch)

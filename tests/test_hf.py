@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from capkit.captioner import CaptionerConfig
-from capkit.hf_captioner import HFCaptioner, merge_adapter
+from capkit.models.captioner import CaptionerConfig
+from capkit.models.hf_captioner import HFCaptioner, merge_adapter
 from model import build_model, load_captioner
 from tools.demo_assets import HF_DIRS, tiny_hf
 
@@ -250,9 +250,9 @@ def test_unknown_model_type_and_peft_module_are_refused(saved_bases):
 
 
 def test_offline_hub_id_fails_with_a_clear_message(monkeypatch):
-    from capkit import common
+    from capkit import hub
     from capkit.errors import HubUnavailableError
-    monkeypatch.setattr(common, "_HUB_ONLINE", False)
+    monkeypatch.setattr(hub, "_HUB_ONLINE", False)
     with pytest.raises(HubUnavailableError, match="hf_model_name"):
         build_model(CaptionerConfig(model_type="git", hf_model_name="microsoft/git-base-not-cached-here",
                                     quantization_bits=16))
@@ -266,7 +266,7 @@ def test_train_eval_inference_and_merge_through_the_scripts(saved_bases, family,
     import inference
     import train
     from capkit.checkpoints import newest_checkpoint
-    from capkit.shapes import write_split
+    from capkit.data.shapes import write_split
     for split, n, seed in (("train", 16, 1), ("val", 4, 2), ("test", 4, 3)):
         write_split(tmp_path / "data" / split, n, seed)
     out = tmp_path / "out"
@@ -326,7 +326,7 @@ def test_beam_search_and_sampling_options(saved_bases, family):
 
 
 def test_platform_without_quantization_continues_unquantized(saved_bases, monkeypatch, capsys):
-    from capkit import hf_captioner
+    from capkit.models import hf_captioner
 
     def unavailable(bits):
         raise ImportError("bitsandbytes is not installed")
@@ -345,7 +345,7 @@ def test_the_never_empty_rules_leave_the_familys_end_token_free(saved_bases, fam
     """GIT and BLIP end captions on [SEP] (their tokenizers name no EOS): it is ruled out at the first step only,
     so a caption still ends where the model ends it (a rule against it everywhere made every caption run to
     max_new_tokens, and the git demo's ROUGE-L fell from 0.8+ to 0.65)."""
-    from capkit.decoders import never_empty
+    from capkit.models.decoders import never_empty
     m = make(saved_bases, family).eval()
     sep = m.model.generation_config.eos_token_id
     rules = never_empty(m.tokenizer, [sep, m.tokenizer.sep_token_id])

@@ -20,8 +20,10 @@ import eval as eval_mod
 import inference
 import load_model_example
 import train
-from capkit import report
-from capkit.batching import Collate
+from capkit.data.batching import Collate
+from capkit.data.folders import load_folder
+from capkit.data.images import ImageDataset, SkipLog
+from capkit.data.shapes import write_split
 from capkit.errors import (
     EXIT_CODES,
     ConfigError,
@@ -32,9 +34,7 @@ from capkit.errors import (
     SaveError,
     run_cli,
 )
-from capkit.folders import load_folder
-from capkit.images import ImageDataset, SkipLog
-from capkit.shapes import write_split
+from capkit.evaluation import report
 from dataset import PairDataset, load_flickr30k
 
 DEMO_MODEL = ["--clip_model_name=demo/clip-tiny", "--clip_pretrained=None", "--lm_name=demo/qwen3-tiny",
@@ -93,7 +93,7 @@ def small_folder(tmp_path):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """An (untrained) prefix checkpoint on the demo backbones + its metadata naming a small folder dataset."""
-    from capkit.captioner import CaptionerConfig
+    from capkit.models.captioner import CaptionerConfig
     from model import build_model
     root = tmp_path_factory.mktemp("hostile_ckpt")
     write_split(root / "data", 6, 5)
@@ -191,7 +191,7 @@ def test_a_decompression_bomb_is_a_counted_skip(tmp_path):
 
 
 def test_images_over_the_pixel_budget_are_skipped_also_mid_run(tmp_path, monkeypatch):
-    from capkit import images
+    from capkit.data import images
     write_image(tmp_path / "wide.png", size=(400, 100))
     write_image(tmp_path / "small.png", size=(40, 30))
     monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 10_000)
@@ -472,8 +472,8 @@ def code_folders(tmp_path_factory):
     that would create $CAPKIT_MARKER; plus a .pth whose config names that decoder folder."""
     from transformers import AutoTokenizer
 
-    from capkit.captioner import CaptionerConfig
-    from capkit.hf_captioner import merge_adapter
+    from capkit.models.captioner import CaptionerConfig
+    from capkit.models.hf_captioner import merge_adapter
     from model import build_model
     from tools.demo_assets import HF_DIRS, tiny_hf
     root = tmp_path_factory.mktemp("code_folders")
@@ -588,7 +588,7 @@ def test_a_run_id_that_would_leave_the_folder_is_refused(tmp_path, capsys):
 
 
 def test_prune_removes_only_the_files_named_after_the_metadata(tmp_path):
-    from capkit.resume import prune_checkpoints
+    from capkit.training.resume import prune_checkpoints
     run, victim = tmp_path / "run", tmp_path / "victim.txt"
     run.mkdir()
     victim.write_text("precious")
@@ -627,7 +627,7 @@ def test_the_demo_preset_never_writes_its_dataset_over_a_users_folder(tmp_path, 
     code, err = outcome(capsys, train.main, ["--preset=demo", f"--data_dir={photos}", f"--output_dir={tmp_path / 'o'}"])
     assert code == 2 and "--dataset=folder" in err and str(photos) in err
     assert (photos / "captions.csv").read_bytes() == before and sorted(p.name for p in photos.iterdir()) == ["captions.csv"]
-    from capkit.shapes import SPLITS, _only_shapes
+    from capkit.data.shapes import SPLITS, _only_shapes
     write_split(tmp_path / "partial" / "train", 2, 1)  # a demo dataset whose writing was interrupted: still its own
     assert _only_shapes(tmp_path / "partial", SPLITS) and not _only_shapes(photos, SPLITS)
 
@@ -719,8 +719,8 @@ def test_a_folder_whose_images_are_all_unreadable_is_one_sentence(tmp_path, caps
 
 
 def test_empty_or_unreadable_splits_score_none_not_zero(tiny_model):
-    from capkit.evaluation import evaluate
-    from capkit.folders import CaptionSet
+    from capkit.data.folders import CaptionSet
+    from capkit.evaluation.evaluate import evaluate
     res = evaluate(tiny_model, CaptionSet([Path("/nonexistent/a.png")], [["a"]]), skips=SkipLog())
     assert res == {"num_images": 0, "loss": None, "rouge_l": None, "predictions": []}
     assert evaluate(tiny_model, CaptionSet([], []), generate=False) == {"num_images": 0, "loss": None}

@@ -12,22 +12,41 @@ from conftest import REPO
 
 ROOT_MODULES = {"train", "eval", "inference", "serve", "load_model_example", "model", "dataset"}
 ENTRY_POINTS = ROOT_MODULES - {"model", "dataset"}  # scripts a user runs: nothing imports them
-# every module, by the name it is imported as: root modules, capkit.x, tools.x
+PACKAGES = ("capkit", "tools")
+
+
+def dotted(path: Path) -> str:
+    """capkit/data/images.py -> capkit.data.images; capkit/serving/__init__.py -> capkit.serving."""
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+# every module, by the name it is imported as: root modules, capkit.x, capkit.part.x, tools.x
 MODULES = {**{p.stem: p for p in sorted(REPO.glob("*.py"))},
-           **{f"{d}.{p.stem}": p for d in ("capkit", "tools") for p in sorted((REPO / d).glob("*.py"))
-              if p.stem != "__init__"}}
+           **{dotted(p): p for d in PACKAGES for p in sorted((REPO / d).rglob("*.py"))}}
 MAX_FUNCTION_LINES = 80
 # third-party packages that may be imported inside a function: optional extras, and the scorer's parts
 LAZY_OK = {"peft", "bitsandbytes", "pycocoevalcap", "wandb", "prodigyopt"}
-# the bottom of the graph: what each may import of capkit's own modules
-LEAVES = {"capkit.errors": set(), "capkit.checkpoints": set(), "capkit.common": {"capkit.errors"},
-          "capkit.safeio": {"capkit.errors"}, "capkit.shapes": {"capkit.errors"}}
+# the shared leaves at the bottom of the graph: what each may import of capkit's own modules
+LEAVES = {"capkit": set(), "capkit.errors": set(), "capkit.checkpoints": set(), "capkit.names": set(),
+          "capkit.files": {"capkit.errors"}, "capkit.runtime": {"capkit.errors"}, "capkit.cli": {"capkit.errors"},
+          "capkit.hub": {"capkit.errors", "capkit.files"}}
+# the parts above them (capkit/README.md): each imports the leaves, its own part and the parts below it; evaluation
+# and training sit side by side on the models; serving is apart (serve.py puts it together with a model)
+BELOW = {"data": set(), "models": {"data"}, "evaluation": {"data", "models"}, "training": {"data", "models"},
+         "serving": set()}
+
+
+def part_of(module: str) -> str | None:
+    """capkit.data.images -> "data"; a leaf, a root module or a tool -> None."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "capkit" and len(parts) > 1 and parts[1] in BELOW else None
 
 
 def imports_of(path: Path) -> list[tuple[str, bool]]:
     """-> (module imported, whether at module level) for every import statement in the file: a capkit or tools
-    module by its dotted name (`from capkit import x` and `from capkit.x import y` both give capkit.x), anything
-    else by its top-level package."""
+    module by its dotted name (`from capkit.data import images` and `from capkit.data.images import x` both give
+    capkit.data.images), anything else by its top-level package."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     top_level = {id(n) for n in tree.body}
     out = []
@@ -36,16 +55,23 @@ def imports_of(path: Path) -> list[tuple[str, bool]]:
         if isinstance(node, ast.Import):
             out += [(own_name(a.name), at_top) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            if node.module in ("capkit", "tools"):
-                out += [(f"{node.module}.{a.name}", at_top) for a in node.names]
+            if node.module.split(".")[0] in PACKAGES:
+                out += [(own_name(f"{node.module}.{a.name}"), at_top) for a in node.names]
             else:
                 out.append((own_name(node.module), at_top))
     return out
 
 
 def own_name(module: str) -> str:
+    """A dotted import -> the module it names: the longest prefix that is one of ours (capkit.data.images.SkipLog
+    -> capkit.data.images), or the top-level package for anything else."""
     parts = module.split(".")
-    return ".".join(parts[:2]) if parts[0] in ("capkit", "tools") else parts[0]
+    if parts[0] not in PACKAGES:
+        return parts[0]
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in MODULES:
+            return ".".join(parts[:n])
+    return module
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -71,6 +97,20 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def layering_breaks(graph: dict[str, set[str]]) -> list[str]:
+    """Imports that break the layering: a leaf importing more than LEAVES allows it, or a part importing a part
+    that is not below it (BELOW)."""
+    breaks = [f"{leaf} imports {sorted(graph[leaf] - allowed)}" for leaf, allowed in LEAVES.items()
+              if graph.get(leaf, set()) - allowed]
+    for name, deps in sorted(graph.items()):
+        if (part := part_of(name)) is None:
+            continue
+        for dep in sorted(deps):
+            if dep.startswith("capkit") and dep not in LEAVES and part_of(dep) not in {part} | BELOW[part]:
+                breaks.append(f"{name} ({part}) imports {dep} ({part_of(dep)})")
+    return breaks
+
+
 def test_only_the_scripts_and_the_two_modules_a_user_reads_sit_at_the_root():
     assert {p.stem for p in REPO.glob("*.py")} == ROOT_MODULES
     assert all((REPO / d).is_dir() for d in ("saved_models", "notebooks", "tests", "capkit", "tools", "docs"))
@@ -94,20 +134,36 @@ def test_capkit_modules_are_imported_at_the_top_and_only_optional_packages_lazil
 
 def test_the_import_reader_names_capkit_modules_however_they_are_imported(tmp_path):
     f = tmp_path / "x.py"
-    f.write_text("from capkit import config, errors\nfrom capkit.safeio import read_json\nimport torch.nn\n"
-                 "def f():\n    import model\n")
-    assert imports_of(f) == [("capkit.config", True), ("capkit.errors", True), ("capkit.safeio", True),
-                             ("torch", True), ("model", False)]
+    f.write_text("from capkit.training import config\nfrom capkit import errors\nfrom capkit.files import read_json\n"
+                 "import capkit.data.images as im\nimport torch.nn\ndef f():\n    import model\n")
+    assert imports_of(f) == [("capkit.training.config", True), ("capkit.errors", True), ("capkit.files", True),
+                             ("capkit.data.images", True), ("torch", True), ("model", False)]
 
 
-def test_shared_helpers_sit_at_the_bottom_and_no_module_imports_an_entry_point_script():
+def test_the_layering_check_sees_a_part_importing_upwards():
+    graph = {**import_graph(), "capkit.data.images": {"capkit.models.captioner"},
+             "capkit.files": {"capkit.hub"}, "capkit.serving.batcher": {"capkit.models.decoders"}}
+    assert layering_breaks(graph) == ["capkit.files imports ['capkit.hub']",
+                                      "capkit.data.images (data) imports capkit.models.captioner (models)",
+                                      "capkit.serving.batcher (serving) imports capkit.models.decoders (models)"]
+
+
+def test_every_module_belongs_to_a_part_or_is_a_shared_leaf():
+    loose = [m for m in MODULES if m.startswith("capkit") and m not in LEAVES and part_of(m) is None]
+    assert not loose
+    assert {p.name for p in (REPO / "capkit").iterdir() if p.is_dir() and p.name != "__pycache__"} == set(BELOW)
+
+
+def test_the_parts_are_layered_leaves_data_models_then_evaluation_and_training_with_serving_apart():
+    assert not layering_breaks(import_graph())
+
+
+def test_no_module_imports_an_entry_point_script_and_the_package_stands_alone():
     graph = import_graph()
-    for leaf, allowed in LEAVES.items():
-        assert graph[leaf] <= allowed, f"{leaf} imports {graph[leaf] - allowed}"
     assert not {name: deps & ENTRY_POINTS for name, deps in graph.items() if deps & ENTRY_POINTS}
     # the package stands alone (pip install): it imports neither the root modules nor the tools
     assert not {name: deps for name, deps in graph.items()
-                if name.startswith("capkit.") and {d for d in deps if not d.startswith("capkit.")}}
+                if name.startswith("capkit") and {d for d in deps if not d.startswith("capkit")}}
 
 
 def long_functions(path: Path) -> list[str]:
@@ -149,8 +205,8 @@ def test_every_module_compiles_without_warnings():
 
 def test_train_py_defaults_agree_with_the_model_config_and_generation_defaults():
     import train
-    from capkit import config
-    from capkit.captioner import CaptionerConfig, Generation
+    from capkit.models.captioner import CaptionerConfig, Generation
+    from capkit.training import config
     assert asdict(config.model_config_from_hparams(train.hyperparameters)) == asdict(CaptionerConfig())
     assert train.hyperparameters["max_new_tokens"] == Generation().max_new_tokens
     assert train.hyperparameters["num_beams"] == Generation().num_beams
@@ -206,3 +262,29 @@ def test_train_reads_as_a_table_of_contents():
     (fn,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "train"]
     assert fn.end_lineno - fn.lineno + 1 <= 60
     assert not [n for n in ast.walk(fn) if n is not fn and isinstance(n, (ast.FunctionDef, ast.Lambda))]
+
+
+def test_the_wheel_holds_every_module_of_the_package(tmp_path):
+    """pyproject.toml names every subpackage: a non-editable install (`pip install .`) gets all of capkit, not the
+    top level alone. Built here without dependencies or network (the wheel's file list is what pip installs)."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    src = tmp_path / "src"  # a copy of what git tracks, so the build leaves nothing in the clone
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    if not tracked:
+        pytest.skip("not a git clone: the tracked files are unknown")
+    for name in tracked:
+        if (REPO / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, src / name)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "wheel"), str(src)], capture_output=True, text=True, timeout=300)
+    if build.returncode and "No module named" in build.stderr:
+        pytest.skip(f"can't build a wheel here: {build.stderr.strip().splitlines()[-1]}")
+    assert build.returncode == 0, build.stderr
+    (wheel,) = (tmp_path / "wheel").glob("capkit-*.whl")
+    inside = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".py")}
+    ours = {str(p.relative_to(REPO)) for d in PACKAGES for p in (REPO / d).rglob("*.py")}
+    assert ours | {f"{m}.py" for m in ROOT_MODULES} <= inside

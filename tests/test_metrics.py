@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO
 
 import eval as eval_mod
-from capkit import metrics
+from capkit.evaluation import metrics
 
 REF = REPO / "tests" / "data" / "metric_reference"
 JAVA = shutil.which("java") is not None

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from conftest import MAPPERS, REPO, as_generation_sees, make_model, save_backbones
 
-from capkit.captioner import PROJECTOR_INPUTS, CaptionerConfig
-from capkit.decoders import tokenize_captions
-from capkit.projectors import build_projector
+from capkit.models.captioner import PROJECTOR_INPUTS, CaptionerConfig
+from capkit.models.decoders import tokenize_captions
+from capkit.models.mappers import build_projector
 from model import ClipCaptioner, load_captioner, read_checkpoint
 
 
@@ -114,7 +114,7 @@ def test_padding_is_ignored(tiny_model):
 
 def test_padding_to_a_multiple_keeps_the_loss(tiny_model):
     """compile=True pads captions to a multiple of 8 (static shapes): same loss, same real-position logits."""
-    from capkit.batching import Collate, pad_to_multiple
+    from capkit.data.batching import Collate, pad_to_multiple
     ids, mask, px = batch(tiny_model, ["a red dog", "the big blue ball sits on snow"])
     pad = tiny_model.tokenizer.pad_token_id
     padded = pad_to_multiple({"input_ids": ids, "attention_mask": mask}, 16, pad)
@@ -306,7 +306,7 @@ def test_batched_kv_cache_generation_equals_one_at_a_time_without_cache(tiny_mod
 def test_lm_dtype_auto_follows_the_device_the_decoder_runs_on(monkeypatch, tmp_path):
     """On a machine with a bf16 GPU, `--device cpu` must not load the decoder in bf16 (a CPU bf16 step without
     AMX takes minutes): "auto" is resolved for the run's device, not for whether a GPU exists."""
-    from capkit.decoders import resolve_dtype
+    from capkit.models.decoders import resolve_dtype
     from model import build_model
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
@@ -333,7 +333,7 @@ def test_a_checkpoint_written_before_the_package_move_loads_with_identical_logit
 
     from safetensors.torch import load_file
 
-    from capkit.images import load_rgb
+    from capkit.data.images import load_rgb
     from model import load_checkpoint
     data = REPO / "tests" / "data" / "checkpoint_before_the_move"
     (pth,) = data.glob("model_state_dict_*.pth")
@@ -358,8 +358,8 @@ def test_a_checkpoint_written_before_the_grouping_loads_with_identical_logits_an
 
     from safetensors.torch import load_file
 
-    from capkit.images import load_rgb
-    from capkit.shapes import write_split
+    from capkit.data.images import load_rgb
+    from capkit.data.shapes import write_split
     from model import load_checkpoint
     data = REPO / "tests" / "data" / "run_before_the_grouping"
     write_split(tmp_path / "val", 4, 2)

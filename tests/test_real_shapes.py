@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import make_tokenizer
 
-from capkit.captioner import CaptionerConfig
-from capkit.decoders import tokenize_captions
+from capkit.models.captioner import CaptionerConfig
+from capkit.models.decoders import tokenize_captions
 from model import ClipCaptioner
 
 pytestmark = pytest.mark.slow

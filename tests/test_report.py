@@ -7,8 +7,8 @@ import pytest
 from conftest import chromium_path
 from PIL import Image
 
-from capkit import report
-from capkit.shapes import write_split
+from capkit.data.shapes import write_split
+from capkit.evaluation import report
 
 
 @pytest.fixture

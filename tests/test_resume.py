@@ -12,7 +12,7 @@ import torch
 from conftest import REPO
 
 import train
-from capkit.shapes import write_split
+from capkit.data.shapes import write_split
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_resume_refuses_model_changes_and_logs_safe_ones(data, tmp_path, capsys)
 
 
 def test_lora_adapter_resume_continues_the_exact_loss_sequence(data, tmp_path, monkeypatch):
-    from capkit.hf_captioner import HFCaptioner
+    from capkit.models.hf_captioner import HFCaptioner
     args = ["--model_type=git", "--hf_model_name=demo/git-tiny", "--quantization_bits=16", "--batch_size=8",
             "--learning_rate=0.003", "--max_caption_length=32", "--num_epochs=1"]
     ref, out = tmp_path / "ref", tmp_path / "run"
@@ -177,7 +177,7 @@ def test_sigterm_to_the_script_saves_a_resumable_checkpoint_and_exits_0(data, tm
 
 
 def test_a_second_interrupt_quits_at_once_and_handlers_come_back():
-    from capkit.resume import StopSignals
+    from capkit.training.resume import StopSignals
     before = signal.getsignal(signal.SIGINT)
     with StopSignals(log=lambda *a: None) as stop:
         os.kill(os.getpid(), signal.SIGINT)

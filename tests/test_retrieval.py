@@ -8,8 +8,8 @@ from conftest import as_generation_sees, make_model, run_script
 
 import train
 from capkit.errors import MissingInputError, RefusedFileError
-from capkit.evaluation import consensus_captions, knn_baseline
-from capkit.retrieval import Datastore, open_datastore
+from capkit.evaluation.evaluate import consensus_captions, knn_baseline
+from capkit.models.retrieval import Datastore, open_datastore
 from model import load_captioner
 
 CAPTIONS = [["a red dog"], ["the blue cat sits on the grass"], ["a green ball"], ["big snow"], ["a small red cat runs"]]
@@ -86,7 +86,7 @@ def test_a_retrieval_model_without_a_datastore_says_so():
 @pytest.fixture(scope="module")
 def retrieval_run(tmp_path_factory):
     """train.py on the tiny demo with retrieval_k=2 (one epoch) -> (folder, its last metadata)."""
-    from capkit.shapes import write_split
+    from capkit.data.shapes import write_split
     tmp = tmp_path_factory.mktemp("rag")
     for split, n, seed in (("train", 48, 1), ("val", 6, 2), ("test", 6, 3), ("other", 8, 4)):
         write_split(tmp / "data" / split, n, seed)

@@ -15,9 +15,9 @@ from conftest import REPO, write_image
 import eval as eval_mod
 import inference
 import train
+from capkit.data.folders import load_folder
+from capkit.data.images import SkipLog
 from capkit.errors import ConfigError, run_cli
-from capkit.folders import load_folder
-from capkit.images import SkipLog
 from dataset import load_splits
 
 DEMO_MODEL = ["--clip_model_name=demo/clip-tiny", "--clip_pretrained=None", "--lm_name=demo/qwen3-tiny",
@@ -87,7 +87,7 @@ def test_python_eval_alone_without_any_checkpoint_says_what_to_do(tmp_path, monk
 # ---------------------------------------------------------------------------------------------- the command line
 
 def test_train_help_exits_0_and_names_every_key_with_its_default_and_comment(capsys):
-    from capkit.usage import key_comments
+    from capkit.training.usage import key_comments
     assert train.main(["--help"]) == 0
     out = capsys.readouterr().out
     comments = key_comments((REPO / "train.py").read_text())
@@ -101,7 +101,7 @@ def test_train_help_exits_0_and_names_every_key_with_its_default_and_comment(cap
 
 
 def test_the_comment_of_a_key_ends_where_the_next_group_begins():
-    from capkit.usage import key_comments
+    from capkit.training.usage import key_comments
     src = ('hyperparameters = {\n    # --- data ---\n    "a": 1,   # first line\n                #   second line\n'
            '    # a group heading\n    "b": {"x": 1},  # nested value\n    "c": None,\n}\n')
     assert key_comments(src) == {"a": "first line second line", "b": "nested value", "c": ""}
@@ -165,7 +165,7 @@ def test_seed001_full_pipeline_command_reads_as_meant(tmp_path, capsys):
 
 
 def test_did_you_mean_never_names_a_key_of_another_meaning():
-    from capkit.config import KEY_ALIASES
+    from capkit.training.config import KEY_ALIASES
     for typo, meant in (("--bach_size=4", "batch_size"), ("--learning_rte=1", "learning_rate"),
                         ("--blocksize=4", "max_caption_length"), ("--num_epoch=2", "num_epochs")):
         with pytest.raises(ConfigError, match=f"did you mean '{meant}'"):
@@ -238,7 +238,7 @@ def test_keys_a_model_type_never_reads_are_said_once(capsys):
 
 
 def test_eval_test_dir_scores_that_folder_whatever_the_run_trained_on(demo_run, tmp_path, capsys):
-    from capkit.shapes import write_split
+    from capkit.data.shapes import write_split
     write_split(tmp_path / "held_out", 5, seed=9)
     ckpt = seed_checkpoint(demo_run, tmp_path / "saved")
     assert eval_mod.main(["--checkpoint", str(ckpt), "--test_dir", str(tmp_path / "held_out"),
@@ -334,7 +334,7 @@ def test_seed004_example_toml_loads(tmp_path, capsys):
 
 def test_resume_with_the_runs_own_seed_style_command_agrees_with_what_it_saved(tmp_path, capsys):
     """The readings apply to --resume too: repeating the interrupted command is not a change."""
-    from capkit.shapes import write_split
+    from capkit.data.shapes import write_split
     write_split(tmp_path / "photos", 24, seed=3)
     toml = tmp_path / "c.toml"
     toml.write_text('[optimizer_args]\nweight_decay = 0.1\n')

@@ -20,8 +20,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import serve
-from capkit.common import SERVING
-from capkit.images import load_rgb
+from capkit.data.images import load_rgb
+from capkit.serving import SERVING
 from serve import Batcher, Limits, create_app
 
 
@@ -210,8 +210,8 @@ def test_the_openapi_docs_are_served_offline(client):
 @pytest.mark.parametrize("kind", ["adapter", "merged"])
 def test_git_adapter_and_merged_folders_are_served_like_a_pth(tmp_path, kind):
     """Any checkpoint the other scripts take: the git path's adapter folder, and that folder merged."""
-    from capkit.captioner import CaptionerConfig
-    from capkit.hf_captioner import merge_adapter
+    from capkit.models.captioner import CaptionerConfig
+    from capkit.models.hf_captioner import merge_adapter
     from model import build_model, load_checkpoint
     from tools.demo_assets import HF_DIRS
     torch.manual_seed(0)

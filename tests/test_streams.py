@@ -13,12 +13,12 @@ import torch
 from conftest import REPO
 
 import train
+from capkit.data.folders import load_folder
+from capkit.data.images import SkipLog
+from capkit.data.shapes import write_split
+from capkit.data.shards import open_hf, tar_shards
+from capkit.data.streams import ShardStream, deal_shards, shard_groups
 from capkit.errors import RunStopped
-from capkit.folders import load_folder
-from capkit.images import SkipLog
-from capkit.shapes import write_split
-from capkit.shards import open_hf, tar_shards
-from capkit.streams import ShardStream, deal_shards, shard_groups
 from dataset import load_splits
 from tools.convert import write_parquet, write_webdataset
 
@@ -144,7 +144,7 @@ def test_image_cells_naming_paths_read_only_regular_files(folder, tmp_path):
     assert sorted(got) == sorted([digest(good.read_bytes()), digest(passwd)])
     reasons = [r.split(":")[0] for _, r in skips.items]
     assert reasons == ["unreadable image", "unreadable image", "missing file"], skips.items
-    from capkit.images import load_item
+    from capkit.data.images import load_item
     assert "error" in load_item(io.BytesIO(passwd), None)              # read, then refused by the decoder
 
 
@@ -153,7 +153,7 @@ def test_a_full_disk_while_writing_feature_shards_stops_in_one_paragraph(folder,
 
     from conftest import make_model
 
-    import capkit.shard_features as sf
+    import capkit.data.shard_features as sf
     data = load_folder(folder / "train", SkipLog())
     write_webdataset(data.images[:4], data.captions[:4], str(tmp_path / "s"), per_shard=2)          # 2 shards
     real, calls = sf.atomic_write, []
@@ -182,7 +182,7 @@ def test_feature_shards_hold_every_readable_image_once_and_count_the_rest(folder
     import webdataset as wds
     from conftest import make_model
 
-    from capkit.shard_features import extract_shard_features
+    from capkit.data.shard_features import extract_shard_features
     data = load_folder(folder / "train", SkipLog())
     write_webdataset(data.images[:5], data.captions[:5], str(tmp_path / "s"), per_shard=3)          # 2 shards
     with wds.TarWriter(str(tmp_path / "s-00002.tar")) as sink:

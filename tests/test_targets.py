@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from capkit.shapes import COLORS, render_scene, scene_captions
+from capkit.data.shapes import COLORS, render_scene, scene_captions
 
 
 @pytest.mark.slow
@@ -103,8 +103,8 @@ def test_real_decoder_demo_converts_the_smollm2_gguf(smollm2_dir):
     assert "downloading" not in stdout
     import torch
 
-    from capkit.captioner import CaptionerConfig
-    from capkit.decoders import load_decoder
+    from capkit.models.captioner import CaptionerConfig
+    from capkit.models.decoders import load_decoder
     lm, tok = load_decoder(CaptionerConfig(lm_name=str(out), lm_dtype="float32"))
     assert type(lm).__name__ == "LlamaForCausalLM" and lm.config.hidden_size == 576 and tok.eos_token == "<|im_end|>"
     ids = tok("The capital of France is", return_tensors="pt")

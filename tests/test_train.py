@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO
 
 import train
-from capkit import config
+from capkit.training import config
 
 
 def test_defaults_have_the_design_keys():
@@ -70,7 +70,7 @@ def test_offline_real_defaults_exit_fast_with_one_message(tmp_path):
 
 def test_compiled_training_step_gives_the_eager_losses(tmp_path):
     """compile=True (static shapes: captions padded to a multiple of 8) trains the same as eager."""
-    from capkit.shapes import write_split
+    from capkit.data.shapes import write_split
     for split, n, seed in (("train", 32, 1), ("val", 4, 2)):
         write_split(tmp_path / "data" / split, n, seed)
     from torch._dynamo.utils import counters
@@ -130,7 +130,7 @@ def test_the_old_model_type_name_still_reads_and_only_it():
     assert config.model_config_from_hparams(train.resolve_hparams(["--model_type=clip_mlp"])).model_type == "prefix"
     with pytest.raises(train.ConfigError, match="'prefix', 'git', 'blip'; got 'clip'"):
         train.resolve_hparams(["--model_type=clip"])
-    from capkit.captioner import CaptionerConfig
+    from capkit.models.captioner import CaptionerConfig
     assert CaptionerConfig.from_dict({"model_type": "clip_mlp"}).model_type == "prefix"
     with pytest.raises(ValueError, match="unknown model_type 'clip_mlp2'"):
         CaptionerConfig.from_dict({"model_type": "clip_mlp2"})
@@ -187,7 +187,7 @@ def test_caption_shuffle_and_dropout():
 
 
 def _folder_data(tmp_path, n_train=32):
-    from capkit.shapes import write_split
+    from capkit.data.shapes import write_split
     for split, n, seed in (("train", n_train, 1), ("val", 4, 2)):
         write_split(tmp_path / "data" / split, n, seed)
     return ["--preset=demo", "--dataset=folder", f"--train_dir={tmp_path / 'data/train'}",
@@ -330,7 +330,7 @@ def nan_run(tmp_path, monkeypatch, poisoned, extra=()):
     """A small demo run whose training forwards number `poisoned` (1-based) return a NaN loss."""
     import torch
 
-    from capkit.shapes import write_split
+    from capkit.data.shapes import write_split
     from model import ClipCaptioner
     for split, n, seed in (("train", 32, 1), ("val", 4, 2)):
         write_split(tmp_path / "data" / split, n, seed)

@@ -28,12 +28,13 @@ import open_clip
 import torch
 from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-from capkit.batching import LengthGroupedBatches, pad_to_multiple
-from capkit.captioner import CaptionerConfig
-from capkit.common import COMPILE_PAD_MULTIPLE, DEMO_LM_DIR, compile_step, pick_device
-from capkit.decoders import resolve_dtype, tokenize_captions
-from capkit.shapes import captions_for, random_attrs, render
+from capkit.data.batching import LengthGroupedBatches, pad_to_multiple
+from capkit.data.shapes import captions_for, random_attrs, render
+from capkit.models.captioner import CaptionerConfig
+from capkit.models.decoders import resolve_dtype, tokenize_captions
+from capkit.runtime import COMPILE_PAD_MULTIPLE, compile_step, pick_device
 from model import ClipCaptioner
+from tools.paths import DEMO_LM_DIR
 
 CONFIGS = {
     "demo": {"batch_size": 64, "steps": 20, "captions": 64, "max_new_tokens": 24},

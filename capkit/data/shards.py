@@ -6,7 +6,7 @@ read with datasets. Every shard yields records, never decoded images:
     {"key": "shards/00003.tar:000123", "image": b"<encoded bytes>", "captions": ["a dog ...", ...]}
     {"key": "shards/00003.tar:000124", "error": "no caption"}           # a counted skip, as the folder loader's
 
-    from capkit.shards import tar_shards
+    from capkit.data.shards import tar_shards
     for rec in tar_shards("shards/{00000..00009}.tar")[0].records(): ...
 
 A corrupt member, a sample without an image or a caption and a truncated tar are skips with their reason.
@@ -25,11 +25,11 @@ from pathlib import Path
 import datasets
 import webdataset as wds
 
-from capkit.common import atomic_write, atomic_write_json, hub_or_cache
+from capkit.data.folders import CAPTION_COLUMNS, IMAGE_COLUMNS, CaptionSet, build_caption_set, clean_caption
+from capkit.data.images import SkipLog
 from capkit.errors import CapkitError, DataError, MissingInputError
-from capkit.folders import CAPTION_COLUMNS, IMAGE_COLUMNS, CaptionSet, build_caption_set, clean_caption
-from capkit.images import SkipLog
-from capkit.safeio import open_regular
+from capkit.files import atomic_write, atomic_write_json, open_regular
+from capkit.hub import hub_or_cache
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")     # a tar sample's image member (the first of these it has)
 JSON_CAPTION_KEYS = ("caption", "captions", "text")  # a .json member: one of these keys, or a list of captions

@@ -35,7 +35,7 @@ from capkit.checkpoints import (
     stem_of,
 )
 from capkit.errors import ConfigError, MissingInputError, RefusedFileError
-from capkit.safeio import plain_name, read_json, torch_load
+from capkit.files import plain_name, read_json, torch_load
 
 STATE_FORMAT = 1
 # hyperparameters a resumed run may change: they alter neither the model nor the data order

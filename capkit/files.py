@@ -1,6 +1,6 @@
 """
-Reading files that capkit did not write, safely: images, captions files, checkpoints and model folders
-may come from anyone, so they are read as data and never as code.
+Files on disk: what capkit did not write is read safely, as data and never as code; what it writes is written
+atomically (a crash mid-write never leaves a half-written file under the final name).
 
 - open_regular(): only regular files are opened; a FIFO, device, socket or folder named like an image
   is refused without blocking (opening a FIFO for reading would wait forever for a writer).
@@ -10,6 +10,8 @@ may come from anyone, so they are read as data and never as code.
 - check_model_folder(): a folder whose configs ask for custom code (`auto_map`) or hold a pickle that
   would run code is refused before transformers sees it (it could otherwise prompt to run that code).
 - inside(): a file name read from a metadata JSON resolves inside its own folder, or is refused.
+- atomic_write() / atomic_torch_save() / atomic_write_json() / atomic_folder(): temp file (or folder) beside the
+  target, fsync, rename.
 
 Imports nothing of capkit's but errors.py.
 """
@@ -20,12 +22,14 @@ import json
 import os
 import pickle
 import re
+import shutil
 import stat
+import tempfile
 from pathlib import Path
 
 import torch
 
-from capkit.errors import DataError, RefusedFileError
+from capkit.errors import ConfigError, DataError, RefusedFileError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # config files through which transformers / peft could be pointed at code in the folder
@@ -199,3 +203,64 @@ def inside(folder, name, what: str) -> Path:
     if p.parent.resolve() != folder.resolve():
         raise RefusedFileError(f"{what} {name!r} leaves its folder {folder}")
     return p
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic writes: a crash mid-write never leaves a half-written file under the final name
+
+def current_umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path, write_fn) -> None:
+    """write_fn(binary file) into a temp file beside path, fsync, then rename over path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the usual permissions (shared clusters)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj, path) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_json(obj, path) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
+
+
+def atomic_folder(path, write_fn, marker: str) -> None:
+    """write_fn(temp folder) beside path, fsync every file, then rename it to path: the folder is complete
+    or absent. An existing path is replaced only if it is a folder holding `marker` (one that this code
+    wrote before) or empty; anything else is refused (ConfigError), never deleted."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700 folders; give the usual permissions
+    try:
+        write_fn(tmp)
+        for f in tmp.rglob("*"):  # on disk before the rename makes the folder visible
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if path.is_symlink() or path.is_file():
+            raise ConfigError(f"{path} exists and is not a folder: choose another destination")
+        if path.exists():  # replace only a folder capkit wrote (a checkpoint saved again after a resume)
+            if any(path.iterdir()) and not (path / marker).is_file():
+                raise ConfigError(f"{path} exists and is not a capkit model folder: capkit won't replace it; "
+                                  "choose another destination or remove it yourself")
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

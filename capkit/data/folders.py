@@ -16,9 +16,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from capkit.data.images import IMAGE_EXTS, SkipLog, check_image
 from capkit.errors import DataError, MissingInputError
-from capkit.images import IMAGE_EXTS, SkipLog, check_image
-from capkit.safeio import open_regular, read_text
+from capkit.files import open_regular, read_text
 
 IMAGE_COLUMNS = ("image", "file_name", "filename", "image_name", "image_path", "path")
 CAPTION_COLUMNS = ("caption", "text", "captions", "sentence")

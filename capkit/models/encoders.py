@@ -31,10 +31,9 @@ import transformers
 from safetensors.torch import load_file
 from timm.data import create_transform, resolve_data_config
 
-from capkit.common import hub_or_cache, resolve_local_path
 from capkit.errors import ConfigError, HubUnavailableError, RefusedFileError
-from capkit.pretrained import first_line, from_pretrained
-from capkit.safeio import check_model_folder, read_json, torch_load
+from capkit.files import check_model_folder, read_json, torch_load
+from capkit.hub import first_line, from_pretrained, hub_or_cache, resolve_local_path
 
 ENCODER_TYPES = ("open_clip", "timm", "hf")
 FEATURE_KINDS = ("pooled", "tokens")

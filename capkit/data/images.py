@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from capkit.safeio import NotRegularFile, open_regular
+from capkit.files import NotRegularFile, open_regular
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error (skipped), not silently grey pixels

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from capkit.captioner import PROJECTOR_TYPES, CaptionerConfig
 from capkit.errors import ConfigError
+from capkit.models.captioner import PROJECTOR_TYPES, CaptionerConfig
 
 # ----------------------------------------------------------------------------------------------
 # projector

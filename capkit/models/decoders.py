@@ -7,11 +7,11 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
-from capkit.captioner import CaptionerConfig
-from capkit.pretrained import from_pretrained
+from capkit.hub import from_pretrained
+from capkit.models.captioner import CaptionerConfig
 
 # ----------------------------------------------------------------------------------------------
-# loading backbones (common.hub_or_cache: one clear message when the hub can't be reached)
+# loading backbones (hub.hub_or_cache: one clear message when the hub can't be reached)
 
 def resolve_dtype(name: str, device: str | torch.device | None = None) -> torch.dtype:
     """lm_dtype -> torch dtype. "auto": bf16 where the decoder will run on a GPU that has it, else fp32 (a bf16

@@ -3,7 +3,7 @@
 default and the comment beside it in train.py's `hyperparameters` dict — the one place each key is documented
 (read from the source with `tokenize`, so the help can't drift from the dict). Then the seeds' flag names.
 
-    from capkit.usage import help_text
+    from capkit.training.usage import help_text
     print(help_text(train.__doc__, Path(train.__file__), train.hyperparameters, train.PRESETS))
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import io
 import tokenize
 from pathlib import Path
 
-from capkit.config import KEY_ALIASES, NOT_KEYS
+from capkit.training.config import KEY_ALIASES, NOT_KEYS
 
 DICT_NAME = "hyperparameters"
 

@@ -3,7 +3,7 @@ Retrieval over a datastore of captioned images, by the frozen encoder's features
 evaluation reports, and retrieval-augmented captioning (SmallCap's idea, Ramos et al. 2023: the captions of
 the nearest training images become a text prompt the frozen decoder reads before the image prefix).
 
-    from capkit.retrieval import Datastore
+    from capkit.models.retrieval import Datastore
     store = Datastore.build(train_features, train_set.images, train_set.captions, fingerprint)
     store.save("saved_models/datastore_<run>.safetensors"); store = Datastore.load(path)
     idx = store.neighbours(test_features, k=4)          # (B, 4) rows of the datastore, nearest first
@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save
 
-from capkit.common import atomic_write
+from capkit.data.features import encoder_fingerprint, image_features
+from capkit.data.folders import load_folder
+from capkit.data.images import SkipLog
 from capkit.errors import MissingInputError, NothingReadable, RefusedFileError
-from capkit.features import encoder_fingerprint, image_features
-from capkit.folders import load_folder
-from capkit.images import SkipLog
+from capkit.files import atomic_write
 
 DATASTORE_FORMAT = "capkit.datastore.v1"
 SELF_MATCH = 0.9999   # cosine above which a datastore image is the query itself

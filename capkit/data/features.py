@@ -2,7 +2,7 @@
 Frozen-encoder features, computed once: CLIP never changes during training, so each image's
 embedding is extracted in batches (with a progress bar) and cached on disk.
 
-    from capkit.features import image_features
+    from capkit.data.features import image_features
     feats, ok = image_features(model, data.images, cache_dir="cache/features")   # (N_ok, E) or (N_ok, N, W) fp16
 
 What is cached follows clip_features: the pooled embedding (E per image) or the ViT's patch tokens
@@ -27,10 +27,9 @@ from safetensors.torch import save
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from capkit.batching import Collate, run_sharded
-from capkit.common import atomic_write
-from capkit.images import DECODE_VERSION, ImageDataset, SkipLog
-from capkit.safeio import open_regular
+from capkit.data.batching import Collate, run_sharded
+from capkit.data.images import DECODE_VERSION, ImageDataset, SkipLog
+from capkit.files import atomic_write, open_regular
 
 CACHE_FORMAT = "capkit.features.v1"
 

@@ -14,14 +14,19 @@ import torch.nn as nn
 import transformers
 from transformers import AutoProcessor
 
-from capkit.captioner import HF_CHECKPOINT_FORMAT, HF_CONFIG_FILE, Captioner, CaptionerConfig, masked_cross_entropy
 from capkit.checkpoints import MERGED_METADATA, metadata_name, stem_of
-from capkit.common import atomic_folder, atomic_write_json, resolve_local_path
-from capkit.decoders import max_positions, never_empty, resolve_dtype, stop_when
-from capkit.encoders import ImageProcessorTransform
 from capkit.errors import CapkitError, ConfigError, HubUnavailableError, RefusedFileError
-from capkit.pretrained import first_line, from_pretrained
-from capkit.safeio import check_model_folder, read_json
+from capkit.files import atomic_folder, atomic_write_json, check_model_folder, read_json
+from capkit.hub import first_line, from_pretrained, resolve_local_path
+from capkit.models.captioner import (
+    HF_CHECKPOINT_FORMAT,
+    HF_CONFIG_FILE,
+    Captioner,
+    CaptionerConfig,
+    masked_cross_entropy,
+)
+from capkit.models.decoders import max_positions, never_empty, resolve_dtype, stop_when
+from capkit.models.encoders import ImageProcessorTransform
 
 # ----------------------------------------------------------------------------------------------
 # the alternative path: GIT / BLIP fine-tuned through PEFT adapters (optionally on a quantized base)
@@ -206,7 +211,7 @@ class HFCaptioner(Captioner):
 
 def write_hf_folder(path, model, processor, cfg: CaptionerConfig) -> None:
     """model + processor (save_pretrained) + the capkit_config.json that rebuilds them, as one folder that
-    is complete or absent (common.atomic_folder); an existing folder is replaced only if capkit wrote it."""
+    is complete or absent (files.atomic_folder); an existing folder is replaced only if capkit wrote it."""
     def write(tmp: Path):
         model.save_pretrained(str(tmp))
         processor.save_pretrained(str(tmp))

@@ -23,7 +23,7 @@ import random
 
 import torch
 
-from capkit.images import load_item
+from capkit.data.images import load_item
 
 
 def shard_groups(counts: list[int], slots: int, seed: int) -> list[list[int]]:

@@ -20,7 +20,10 @@ from pathlib import Path
 
 import torch
 
-from capkit.captioner import (
+from capkit.data.shapes import STYLE_OF
+from capkit.errors import ConfigError
+from capkit.files import plain_name, read_text
+from capkit.models.captioner import (
     CLIP_FEATURES,
     CONFIG_BOUNDS,
     ENCODER_TYPES,
@@ -30,12 +33,9 @@ from capkit.captioner import (
     PROJECTOR_TYPES,
     CaptionerConfig,
 )
-from capkit.common import pick_device
-from capkit.errors import ConfigError
-from capkit.implied import PATH_KEYS, Notes, read_as_meant
-from capkit.resume import load_state, merge_resume_hparams, read_metadata, resume_target, same, state_path_for
-from capkit.safeio import plain_name, read_text
-from capkit.shapes import STYLE_OF
+from capkit.runtime import pick_device
+from capkit.training.implied import PATH_KEYS, Notes, read_as_meant
+from capkit.training.resume import load_state, merge_resume_hparams, read_metadata, resume_target, same, state_path_for
 
 # the flag names of the projects capkit grew from (../shared/seeds: GIT-QLoRA, the GIT scripts, caption-train) ->
 # capkit's keys. On the command line or in a TOML file each is read as its key and said once ("--lr is learning_rate")

@@ -3,9 +3,9 @@ The synthetic "shapes" captioning dataset: the offline demo's data. Coloured sha
 backgrounds, each image with five human-like phrasings of the same facts (like five Flickr annotators),
 written as a folder dataset (images + captions.csv) that dataset.py reads like any user's folder.
 
-    python -m capkit.shapes data/shapes          # write it (train.py --preset demo does this itself)
+    python -m capkit.data.shapes data/shapes          # write it (train.py --preset demo does this itself)
 
-    from capkit.shapes import write_split, render, random_attrs, captions_for
+    from capkit.data.shapes import write_split, render, random_attrs, captions_for
 
 It imports no model code: the demo backbones that were trained on it are built by demo_assets.py.
 """
@@ -237,5 +237,5 @@ def ensure_shapes_dataset(data_dir, style: str = "all") -> Path:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
-        sys.exit(f"usage: python -m capkit.shapes DATA_DIR\n{__doc__}")
+        sys.exit(f"usage: python -m capkit.data.shapes DATA_DIR\n{__doc__}")
     ensure_shapes_dataset(sys.argv[1])

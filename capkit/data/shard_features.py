@@ -25,11 +25,11 @@ from safetensors.torch import load_file, save
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from capkit.batching import run_sharded
-from capkit.common import atomic_write
+from capkit.data.batching import run_sharded
+from capkit.data.features import announce_size, encoder_fingerprint
+from capkit.data.images import SkipLog, load_item
 from capkit.errors import DataError, RunStopped
-from capkit.features import announce_size, encoder_fingerprint
-from capkit.images import SkipLog, load_item
+from capkit.files import atomic_write
 
 SHARD_FORMAT = "capkit.feature_shard.v1"
 

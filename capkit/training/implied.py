@@ -11,7 +11,7 @@ it, the configuration is refused with the fix instead. Never silent:
 - scheduler_args that only another scheduler takes (base_lr, max_lr: CyclicLR's) choose that scheduler;
 - a key that does nothing for the model type in use (LoRA keys on a prefix model, ...) is named.
 
-    from capkit.implied import Notes, read_as_meant
+    from capkit.training.implied import Notes, read_as_meant
     hp = read_as_meant(hp, given={"train_dir": "photos/"}, say=Notes())   # -> dataset "folder", said once
 """
 from __future__ import annotations
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+from capkit.data.shapes import STYLE_OF
 from capkit.errors import ConfigError
-from capkit.hf_captioner import hf_family
-from capkit.shapes import STYLE_OF
+from capkit.models.hf_captioner import hf_family
 
 # the path keys each dataset reads (every other path key given with it would be ignored); the demo datasets
 # (shapes, shapes_b, scenes) read data_dir: where the demo data is written

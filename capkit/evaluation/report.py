@@ -3,7 +3,7 @@ An HTML report of an evaluation: the metric table, then every image as a thumbna
 generated caption, its references and its per-image scores; click a column header to sort.
 
     python eval.py --checkpoint saved_models/model_state_dict_<run>-<epoch>.pth --report report/
-    python -m capkit.report predictions_test_<run>-<epoch>.json report/      # from a saved predictions file
+    python -m capkit.evaluation.report predictions_test_<run>-<epoch>.json report/      # from a saved predictions file
 
 The folder is self-contained (index.html + thumbs/): copy it anywhere, open index.html.
 """
@@ -16,9 +16,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from capkit.data.images import open_image
 from capkit.errors import DataError, run_cli
-from capkit.images import open_image
-from capkit.safeio import read_json
+from capkit.files import read_json
 
 THUMB = 192  # thumbnail side, pixels
 SCORE_KEYS = ("rouge_l", "clip_score", "ref_clip_score")  # per-image scores eval.py stores in predictions
@@ -164,7 +164,7 @@ def report_metrics(result: dict) -> dict:
 
 def run(argv) -> int:
     if len(argv) != 2:
-        print(__doc__.strip().splitlines()[0] + "\nusage: python -m capkit.report PREDICTIONS.json OUT_DIR",
+        print(__doc__.strip().splitlines()[0] + "\nusage: python -m capkit.evaluation.report PREDICTIONS.json OUT_DIR",
               file=sys.stderr)
         return 2
     data = read_json(argv[0], "predictions file")

@@ -2,7 +2,7 @@
 What every capkit captioner is: its config (CaptionerConfig, saved in each checkpoint), the decoding settings
 every script shares (Generation, GENERATION_LIMITS), the interface the scripts rely on (Captioner: tokenize,
 forward -> (logits, loss), generate, save_checkpoint) and its loss (masked_cross_entropy). The models that fill
-it in: model.ClipCaptioner (the main path) and capkit.hf_captioner.HFCaptioner (GIT / BLIP).
+it in: model.ClipCaptioner (the main path) and capkit.models.hf_captioner.HFCaptioner (GIT / BLIP).
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from capkit.encoders import ENCODER_TYPES, FEATURE_KINDS
 from capkit.errors import ConfigError
+from capkit.models.encoders import ENCODER_TYPES, FEATURE_KINDS
 
 # model_type "prefix": the main path (frozen encoder -> trainable mapper -> prefix of a frozen decoder, any of the
 # four mappers); "git" / "blip": the adapter path. "clip_mlp", its name until 2026-12, still reads as "prefix"
@@ -30,7 +30,7 @@ CLIP_FEATURES = FEATURE_KINDS
 
 RETRIEVAL_K_MAX = 16            # retrieved captions in a prompt at most
 # the sizes a config may ask for (inclusive): a hand-edited or hostile config can't ask for terabytes of weights.
-# train.py's hyperparameters are checked against the same bounds (capkit/config.py RANGES)
+# train.py's hyperparameters are checked against the same bounds (capkit/training/config.py RANGES)
 CONFIG_BOUNDS = {"proj_prefix_length": (1, 1024), "proj_hidden_dim": (1, 65536), "lora_r": (1, 4096),
                  "retrieval_k": (0, RETRIEVAL_K_MAX), "encoder_layer": (-64, -1), "proj_num_layers": (1, 64),
                  "proj_num_heads": (1, 256)}
