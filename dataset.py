@@ -1,10 +1,10 @@
 """
 The data a run trains and is scored on: Flickr30K (Karpathy split), your own folders of images + captions
-(capkit/folders.py reads each layout), or a synthetic demo set (capkit/shapes.py); split by image; then one
+(capkit/data/folders.py reads each layout), or a synthetic demo set (capkit/data/shapes.py); split by image; then one
 sample per (image, caption) pair, with optional caption and image augmentation.
 
     from dataset import load_splits
-    from capkit.images import SkipLog
+    from capkit.data.images import SkipLog
     skips = SkipLog()
     splits = load_splits({"dataset": "folder", "train_dir": "my_photos/", ...}, skips)
     print(splits["train"].num_images, skips.summary())
@@ -26,13 +26,13 @@ import torch
 from huggingface_hub import hf_hub_download
 from torchvision.transforms import ColorJitter, RandomResizedCrop
 
-from capkit.common import hub_or_cache, resolve_local_path
+from capkit.data.folders import CaptionSet, build_caption_set, load_folder, split_by_image
+from capkit.data.images import SkipLog, load_item
+from capkit.data.shapes import STYLE_OF, ensure_shapes_dataset
+from capkit.data.shards import hf_shards, materialize, open_hf, tar_shards
 from capkit.errors import DataError, MissingInputError
-from capkit.folders import CaptionSet, build_caption_set, load_folder, split_by_image
-from capkit.images import SkipLog, load_item
-from capkit.safeio import read_text
-from capkit.shapes import STYLE_OF, ensure_shapes_dataset
-from capkit.shards import hf_shards, materialize, open_hf, tar_shards
+from capkit.files import read_text
+from capkit.hub import hub_or_cache, resolve_local_path
 
 FLICKR30K_REPO = "nlphuji/flickr30k"
 FLICKR30K_FILES = ("flickr_annotations_30k.csv", "flickr30k-images.zip")
@@ -177,7 +177,7 @@ def usable(splits: dict, which, skips: SkipLog) -> dict:
 
 @dataclass
 class ShardSource:
-    """A training split kept in shards and read as a stream (capkit/streams.py): TarShard or HFShard."""
+    """A training split kept in shards and read as a stream (capkit/data/streams.py): TarShard or HFShard."""
     shards: list
     name: str
 

@@ -25,14 +25,12 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from capkit.captioner import GENERATION_LIMITS, Generation
 from capkit.checkpoints import newest_checkpoint, predictions_name
-from capkit.common import check_output_path, int_at_least, pick_device, positive_int, write_output
+from capkit.cli import check_output_path, int_at_least, positive_int, write_output
+from capkit.data.images import SkipLog
 from capkit.errors import MissingInputError, NothingReadable, run_cli
-from capkit.evaluation import evaluate, knn_line, spread_line
-from capkit.images import SkipLog
-from capkit.implied import Notes, data_as_meant
-from capkit.metrics import (
+from capkit.evaluation.evaluate import evaluate, knn_line, spread_line
+from capkit.evaluation.metrics import (
     CIDER_NOTE,
     ROUGE_L_NOTE,
     print_metrics,
@@ -41,8 +39,11 @@ from capkit.metrics import (
     score_captions,
     sentence_embedder,
 )
-from capkit.report import check_report_dir, report_metrics, write_report
-from capkit.retrieval import open_datastore
+from capkit.evaluation.report import check_report_dir, report_metrics, write_report
+from capkit.models.captioner import GENERATION_LIMITS, Generation
+from capkit.models.retrieval import open_datastore
+from capkit.runtime import pick_device
+from capkit.training.implied import Notes, data_as_meant
 from dataset import PATH_KEYS, load_splits
 from model import load_checkpoint
 

@@ -23,14 +23,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from capkit.batching import Collate
-from capkit.captioner import GENERATION_LIMITS, Generation
-from capkit.common import check_output_path, int_at_least, pick_device, positive_int, tsv_line
+from capkit.cli import check_output_path, int_at_least, positive_int, tsv_line
+from capkit.data.batching import Collate
+from capkit.data.folders import find_images
+from capkit.data.images import ImageDataset
 from capkit.errors import NothingReadable, run_cli
-from capkit.folders import find_images
-from capkit.hf_captioner import load_base_captioner
-from capkit.images import ImageDataset
-from capkit.safeio import file_kind
+from capkit.files import file_kind
+from capkit.models.captioner import GENERATION_LIMITS, Generation
+from capkit.models.hf_captioner import load_base_captioner
+from capkit.runtime import pick_device
 from model import load_checkpoint
 
 

@@ -20,11 +20,12 @@ import sys
 
 import torch
 
-from capkit.captioner import Generation
 from capkit.checkpoints import newest_checkpoint
-from capkit.common import pick_device, tsv_line
+from capkit.cli import tsv_line
+from capkit.data.images import SkipLog, image_problem, load_rgb
 from capkit.errors import MissingInputError, NothingReadable, run_cli
-from capkit.images import SkipLog, image_problem, load_rgb
+from capkit.models.captioner import Generation
+from capkit.runtime import pick_device
 from dataset import load_splits
 from model import load_checkpoint
 

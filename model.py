@@ -1,11 +1,11 @@
 """
-capkit's captioners. The main path, ClipCaptioner: a frozen image encoder (capkit/encoders.py) -> a trainable
-mapping network (capkit/projectors.py) -> a frozen decoder LM (capkit/decoders.py). The image's features,
+capkit's captioners. The main path, ClipCaptioner: a frozen image encoder (capkit/models/encoders.py) -> a trainable
+mapping network (capkit/models/mappers.py) -> a frozen decoder LM (capkit/models/decoders.py). The image's features,
 pooled (B, E) or tokens (B, N, W), become `proj_prefix_length` vectors in the decoder's embedding space
 (B, P, H); those are prepended to the caption's token embeddings (after an optional retrieval prompt) and the
 frozen decoder is trained, through the mapper only, to continue with the caption + EOS.
-The alternative path, model_type "git" / "blip", is capkit/hf_captioner.py; both fill in the Captioner
-interface of capkit/captioner.py, so every script treats them alike.
+The alternative path, model_type "git" / "blip", is capkit/models/hf_captioner.py; both fill in the Captioner
+interface of capkit/models/captioner.py, so every script treats them alike.
 
     from model import CaptionerConfig, build_model, load_captioner
     model = build_model(CaptionerConfig())                          # downloads on first use
@@ -24,7 +24,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationConfig
 
-from capkit.captioner import (
+from capkit.checkpoints import checkpoint_in, metadata_path_for
+from capkit.errors import ConfigError, MissingInputError, RefusedFileError
+from capkit.files import atomic_torch_save, plain_name, read_json, torch_load
+from capkit.hub import first_line, load_all
+from capkit.models.captioner import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_FORMATS_READ,
     RETRIEVAL_CAPTION_TOKENS,
@@ -32,16 +36,11 @@ from capkit.captioner import (
     CaptionerConfig,
     masked_cross_entropy,
 )
-from capkit.checkpoints import checkpoint_in, metadata_path_for
-from capkit.common import atomic_torch_save, load_all
-from capkit.decoders import load_decoder, max_positions, never_empty, stop_when, tokenize_captions
-from capkit.encoders import ImageEncoder, OpenClipEncoder, build_image_encoder
-from capkit.errors import ConfigError, MissingInputError, RefusedFileError
-from capkit.hf_captioner import HFCaptioner, load_hf_checkpoint
-from capkit.pretrained import first_line
-from capkit.projectors import build_projector
-from capkit.retrieval import PROMPT_HEAD, PROMPT_SEP, PROMPT_TAIL, Datastore, open_datastore
-from capkit.safeio import plain_name, read_json, torch_load
+from capkit.models.decoders import load_decoder, max_positions, never_empty, stop_when, tokenize_captions
+from capkit.models.encoders import ImageEncoder, OpenClipEncoder, build_image_encoder
+from capkit.models.hf_captioner import HFCaptioner, load_hf_checkpoint
+from capkit.models.mappers import build_projector
+from capkit.models.retrieval import PROMPT_HEAD, PROMPT_SEP, PROMPT_TAIL, Datastore, open_datastore
 
 
 def build_model(config: CaptionerConfig, device: str | torch.device = "cpu") -> nn.Module:

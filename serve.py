@@ -61,13 +61,14 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from capkit.admission import Admission, Budget, idle_guarded_h11, release_body, retry_after_s
-from capkit.captioner import GENERATION_LIMITS, Generation
-from capkit.common import int_at_least, pick_device, positive_int
+from capkit.cli import int_at_least, positive_int
+from capkit.data.images import image_problem, load_rgb
 from capkit.errors import ConfigError, run_cli
-from capkit.images import image_problem, load_rgb
-from capkit.serve_batcher import Batcher, Busy, work_of
-from capkit.server_metrics import ServerMetrics
+from capkit.models.captioner import GENERATION_LIMITS, Generation
+from capkit.runtime import pick_device
+from capkit.serving.admission import Admission, Budget, idle_guarded_h11, release_body, retry_after_s
+from capkit.serving.batcher import Batcher, Busy, work_of
+from capkit.serving.metrics import ServerMetrics
 from model import load_checkpoint
 
 PAGE = Path(__file__).with_name("serve.html")  # the web page at /: plain HTML + JS, nothing fetched from elsewhere

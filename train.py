@@ -50,29 +50,25 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from capkit import config
-from capkit.batching import Collate, LengthGroupedBatches
-from capkit.captioner import Generation
 from capkit.checkpoints import checkpoint_name, datastore_name, metadata_name, skip_list_name, state_name, step_log_name
-from capkit.common import (
-    COMPILE_PAD_MULTIPLE,
-    atomic_torch_save,
-    atomic_write,
-    atomic_write_json,
-    compile_step,
-    library_versions,
-    load_all,
-    pick_device,
-)
-from capkit.config import check_output_dir, make_optimizer, make_scheduler, model_config_from_hparams
+from capkit.data.batching import Collate, LengthGroupedBatches
+from capkit.data.features import encoder_fingerprint, image_features
+from capkit.data.folders import CaptionSet
+from capkit.data.images import SkipLog
+from capkit.data.shard_features import count_pairs, extract_shard_features
+from capkit.data.streams import DecodePair, ShardStream, embeds_pair
 from capkit.errors import ConfigError, DataError, NonFiniteError, SaveError, run_cli
-from capkit.evaluation import evaluate, knn_line, spread_line
-from capkit.features import encoder_fingerprint, image_features
-from capkit.folders import CaptionSet
-from capkit.hf_captioner import merge_adapter
-from capkit.images import SkipLog
-from capkit.metrics import CIDER_NOTE, ROUGE_L_NOTE
-from capkit.resume import (
+from capkit.evaluation.evaluate import evaluate, knn_line, spread_line
+from capkit.evaluation.metrics import CIDER_NOTE, ROUGE_L_NOTE
+from capkit.files import atomic_torch_save, atomic_write, atomic_write_json
+from capkit.hub import load_all
+from capkit.models.captioner import Generation
+from capkit.models.hf_captioner import merge_adapter
+from capkit.models.retrieval import Datastore
+from capkit.runtime import COMPILE_PAD_MULTIPLE, compile_step, library_versions, pick_device
+from capkit.training import config
+from capkit.training.config import check_output_dir, make_optimizer, make_scheduler, model_config_from_hparams
+from capkit.training.resume import (
     LoopState,
     StopSignals,
     prune_checkpoints,
@@ -82,10 +78,7 @@ from capkit.resume import (
     state_path_for,
     training_state,
 )
-from capkit.retrieval import Datastore
-from capkit.shard_features import count_pairs, extract_shard_features
-from capkit.streams import DecodePair, ShardStream, embeds_pair
-from capkit.usage import help_text
+from capkit.training.usage import help_text
 from dataset import AugmentThenPreprocess, CaptionAugment, PairDataset, ShardSource, load_splits
 from model import build_model
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from capkit.data.shapes import captions_for, random_attrs, render
 from capkit.evaluation import evaluate as evaluation
 from capkit.evaluation import metrics
-from capkit.data.shapes import captions_for, random_attrs, render
 
 
 def test_frechet_distance_matches_the_fid_formula():
