@@ -10,7 +10,7 @@ In your own code or a notebook:
     from load_model_example import load_model_from_checkpoint
     model, metadata, hyperparams = load_model_from_checkpoint("saved_models/model_state_dict_<run>-<epoch>.pth", device)
 
-The .pth holds only the trained mapping network and the model config; the frozen backbones are rebuilt from
+The .pth holds only the trained mapper and the model config; the frozen backbones are rebuilt from
 the hub ids / local folders that config names. Loading uses torch.load(weights_only=True): a checkpoint can't
 run code on your machine. An adapter folder (git / blip) holds the PEFT adapter + processor + capkit_config.json.
 """

@@ -1,7 +1,7 @@
 """
-capkit's captioners. The main path, ClipCaptioner: a frozen image encoder (capkit/models/encoders.py) -> a trainable
-mapping network (capkit/models/mappers.py) -> a frozen decoder LM (capkit/models/decoders.py). The image's features,
-pooled (B, E) or tokens (B, N, W), become `proj_prefix_length` vectors in the decoder's embedding space
+capkit's captioners. The main path, PrefixCaptioner: a frozen image encoder (capkit/models/encoders.py) -> a trainable
+mapper (capkit/models/mappers.py) -> a frozen decoder LM (capkit/models/decoders.py). The image's features,
+pooled (B, E) or tokens (B, N, W), become `mapper_prefix_length` vectors in the decoder's embedding space
 (B, P, H); those are prepended to the caption's token embeddings (after an optional retrieval prompt) and the
 frozen decoder is trained, through the mapper only, to continue with the caption + EOS.
 The alternative path, model_type "git" / "blip", is capkit/models/hf_captioner.py; both fill in the Captioner
@@ -24,14 +24,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationConfig
 
-from capkit.checkpoints import checkpoint_in, metadata_path_for
+from capkit.checkpoints import CHECKPOINT_FORMAT, checkpoint_in, metadata_path_for, read_checkpoint, read_metadata
 from capkit.errors import ConfigError, MissingInputError, RefusedFileError
-from capkit.files import atomic_torch_save, plain_name, read_json, torch_load
+from capkit.files import atomic_torch_save, plain_name
 from capkit.hub import first_line, load_all
 from capkit.models.captioner import (
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_FORMATS_READ,
-    RETRIEVAL_CAPTION_TOKENS,
     Captioner,
     CaptionerConfig,
     masked_cross_entropy,
@@ -39,19 +36,26 @@ from capkit.models.captioner import (
 from capkit.models.decoders import load_decoder, max_positions, never_empty, stop_when, tokenize_captions
 from capkit.models.encoders import ImageEncoder, OpenClipEncoder, build_image_encoder
 from capkit.models.hf_captioner import HFCaptioner, load_hf_checkpoint
-from capkit.models.mappers import build_projector
-from capkit.models.retrieval import PROMPT_HEAD, PROMPT_SEP, PROMPT_TAIL, Datastore, open_datastore
+from capkit.models.mappers import build_mapper
+from capkit.models.retrieval import (
+    PROMPT_HEAD,
+    PROMPT_SEP,
+    PROMPT_TAIL,
+    RETRIEVAL_CAPTION_TOKENS,
+    Datastore,
+    open_datastore,
+)
 
 
 def build_model(config: CaptionerConfig, device: str | torch.device = "cpu") -> nn.Module:
-    """The one switch on model_type: ClipCaptioner for "prefix", HFCaptioner for "git" / "blip";
+    """The one switch on model_type: PrefixCaptioner for "prefix", HFCaptioner for "git" / "blip";
     returned on `device` (quantized models are loaded straight onto it)."""
     if config.model_type == "prefix":
-        return ClipCaptioner.from_config(config, device).to(device)
+        return PrefixCaptioner.from_config(config, device).to(device)
     return HFCaptioner.from_config(config, device)
 
 
-class ClipCaptioner(Captioner):
+class PrefixCaptioner(Captioner):
     supports_feature_cache = True  # the image side is frozen: features can be computed once (features.py)
 
     def __init__(self, config: CaptionerConfig, image_encoder: nn.Module, lm: nn.Module, tokenizer,
@@ -63,25 +67,25 @@ class ClipCaptioner(Captioner):
         # frozen towers: no gradients, always in eval mode (see train()), run under no_grad
         self.lm = lm.requires_grad_(False).eval()
         if not isinstance(image_encoder, ImageEncoder):  # a bare open_clip visual tower
-            image_encoder = OpenClipEncoder(image_encoder, config.clip_features, config.encoder_layer,
-                                            config.clip_model_name)
+            image_encoder = OpenClipEncoder(image_encoder, config.encoder_features, config.encoder_layer,
+                                            config.encoder_name)
         self.image_encoder = image_encoder.requires_grad_(False).eval()
         # what encode_images gives per image (the feature cache's row): (E,) pooled or (N, W) tokens
-        config.clip_embed_dim, self.feature_shape = image_encoder.feature_dims()
+        config.encoder_embed_dim, self.feature_shape = image_encoder.feature_dims()
         config.lm_hidden_size = int(lm.get_input_embeddings().embedding_dim)
-        if config.clip_features == "tokens":
-            config.clip_token_dim = self.feature_shape[-1]
-        self.projector = build_projector(config)
+        if config.encoder_features == "tokens":
+            config.encoder_token_dim = self.feature_shape[-1]
+        self.mapper = build_mapper(config)
         self.datastore: Datastore | None = None   # retrieval_k > 0: attach_datastore() before training or decoding
         self.datastore_file: str | None = None    # its file name beside the checkpoints (train.py saves it)
         if (room := self.caption_positions()) is not None and room < 2:  # not even one word and its EOS
-            raise ConfigError(f"proj_prefix_length={config.proj_prefix_length}" + (
+            raise ConfigError(f"mapper_prefix_length={config.mapper_prefix_length}" + (
                 f" and a retrieval prompt of up to {self.prompt_limit()} tokens (retrieval_k={config.retrieval_k})"
                 if config.retrieval_k else "") + (" leave" if config.retrieval_k else " leaves") +
                 f" no room for a caption: the decoder {config.lm_name!r} has {max_positions(lm.config)} positions")
 
     @classmethod
-    def from_config(cls, config: CaptionerConfig, device: str | torch.device | None = None) -> "ClipCaptioner":
+    def from_config(cls, config: CaptionerConfig, device: str | torch.device | None = None) -> "PrefixCaptioner":
         (encoder, preprocess), (lm, tok) = load_all(partial(build_image_encoder, config),
                                                     partial(load_decoder, config, device))
         return cls(config, encoder, lm, tok, preprocess)
@@ -94,13 +98,13 @@ class ClipCaptioner(Captioner):
 
     @property
     def device(self) -> torch.device:
-        return next(self.projector.parameters()).device
+        return next(self.mapper.parameters()).device
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"projector.{k}": v.detach().cpu().contiguous() for k, v in self.projector.state_dict().items()}
+        return {f"mapper.{k}": v.detach().cpu().contiguous() for k, v in self.mapper.state_dict().items()}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.projector.parameters())
+        return list(self.mapper.parameters())
 
     def tokenize(self, captions, max_length: int) -> dict[str, torch.Tensor]:
         """-> input_ids, attention_mask (B, T): caption tokens + EOS, right-padded (no BOS: the prefix leads);
@@ -109,7 +113,7 @@ class ClipCaptioner(Captioner):
 
     def caption_positions(self) -> int | None:
         n = max_positions(self.lm.config)  # the prompt (at most prompt_limit()) and the prefix take the first ones
-        return None if n is None else n - self.config.proj_prefix_length - self.prompt_limit()
+        return None if n is None else n - self.config.mapper_prefix_length - self.prompt_limit()
 
     def prompt_limit(self) -> int:
         """The most tokens a retrieval prompt takes (0 without retrieval)."""
@@ -154,17 +158,17 @@ class ClipCaptioner(Captioner):
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> float32 image features from the frozen encoder: the pooled embedding (B, E),
-        or with clip_features="tokens" its tokens (B, N, W) (encoders.py)."""
+        or with encoder_features="tokens" its tokens (B, N, W) (encoders.py)."""
         dtype = next(self.image_encoder.parameters()).dtype
         return self.image_encoder(pixel_values.to(self.device, dtype)).float()
 
     def prefix_embeds(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """Image features ((B, E) pooled or (B, N, W) tokens) -> (B, P, H) prefix in the decoder's dtype."""
         x = image_embeds.to(self.device, torch.float32)
-        if self.config.clip_normalize and self.config.clip_features == "pooled" and self.image_encoder.contrastive:
+        if self.config.encoder_normalize and self.config.encoder_features == "pooled" and self.image_encoder.contrastive:
             x = F.normalize(x, dim=-1)
-        prefix = self.projector(x)  # (B, P*H) for mlp / linear, (B, P, H) for the others
-        prefix = prefix.reshape(x.shape[0], self.config.proj_prefix_length, self.config.lm_hidden_size)
+        prefix = self.mapper(x)  # (B, P*H) for mlp / linear, (B, P, H) for the others
+        prefix = prefix.reshape(x.shape[0], self.config.mapper_prefix_length, self.config.lm_hidden_size)
         return prefix.to(self.lm.get_input_embeddings().weight.dtype)
 
     def lead_embeds(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,19 +241,6 @@ class ClipCaptioner(Captioner):
                            **({"datastore": self.datastore_file} if self.datastore_file else {})}, path)
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a capkit checkpoint without executing anything from it (weights_only=True refuses pickled code)
-    and check its shape: a format tag, a model config and a dict of tensors."""
-    ckpt = torch_load(path, "checkpoint")
-    if not isinstance(ckpt, dict) or ckpt.get("format") not in CHECKPOINT_FORMATS_READ:
-        raise RefusedFileError(f"{path}: not a capkit checkpoint (format {CHECKPOINT_FORMAT} expected)")
-    state = ckpt.get("state_dict")
-    if not isinstance(ckpt.get("model_config"), dict) or not isinstance(state, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise RefusedFileError(f"{path}: a damaged capkit checkpoint (model_config / state_dict missing or malformed)")
-    return ckpt
-
-
 def load_captioner(path: str | os.PathLike, device: str | torch.device = "cpu", datastore=None,
                    **config_overrides) -> nn.Module:
     """Rebuild a captioner from a checkpoint: a model_state_dict_*.pth (prefix), or an adapter_*
@@ -264,17 +255,17 @@ def load_captioner(path: str | os.PathLike, device: str | torch.device = "cpu", 
         raise RefusedFileError(f"{path}: its model config is invalid: {e}") from None
     if cfg.model_type != "prefix":
         raise RefusedFileError(f"{path}: a .pth checkpoint holds a prefix model, not {cfg.model_type!r}")
-    model = ClipCaptioner.from_config(cfg, device)
+    model = PrefixCaptioner.from_config(cfg, device)
     saved = ckpt["model_config"]
-    for k in ("clip_embed_dim", "clip_token_dim", "lm_hidden_size"):
+    for k in ("encoder_embed_dim", "encoder_token_dim", "lm_hidden_size"):
         if saved.get(k) is not None and saved[k] != getattr(cfg, k):
             raise RefusedFileError(f"{path}: checkpoint was trained with {k}={saved[k]}, the loaded backbone has "
                                    f"{getattr(cfg, k)}")
-    state = {k.removeprefix("projector."): v for k, v in ckpt["state_dict"].items()}
+    state = {k.removeprefix("mapper."): v for k, v in ckpt["state_dict"].items()}
     try:
-        model.projector.load_state_dict(state, strict=True)
+        model.mapper.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise RefusedFileError(f"{path}: its weights don't fit the projector its config describes "
+        raise RefusedFileError(f"{path}: its weights don't fit the mapper its config describes "
                                f"({first_line(e)})") from None
     name = ckpt.get("datastore")  # (what eval.py's kNN baseline copies from, with or without retrieval)
     model.datastore_file = None if name is None else plain_name(name, f"{path}: its datastore file name")
@@ -295,10 +286,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
         path = found
     model = load_captioner(path, device, datastore=datastore, **config_overrides)
     meta_path = metadata_path_for(path)
-    metadata = read_json(meta_path, "training metadata", RefusedFileError) if meta_path.exists() else {}
-    if not isinstance(metadata, dict) or not isinstance(metadata.get("hyperparameters", {}), dict):
-        raise RefusedFileError(f"{meta_path}: not a capkit training metadata file (a JSON object with "
-                               "'hyperparameters' expected); move it away to load the checkpoint without it")
+    metadata = read_metadata(meta_path, of_run=False) if meta_path.exists() else {}
     return model, metadata, metadata.get("hyperparameters", {})
 
 

@@ -463,7 +463,7 @@ def sort_form(items: list, request: Request, limits: Limits) -> tuple[list, dict
 def model_names(cfg) -> str:
     """What the checkpoint is built on, for /health and the page."""
     if cfg.model_type == "prefix":
-        return f"{cfg.clip_model_name} -> {cfg.proj_type} -> {cfg.lm_name}"
+        return f"{cfg.encoder_name} -> {cfg.mapper_type} -> {cfg.lm_name}"
     return f"{cfg.hf_model_name} ({cfg.model_type}, {cfg.peft_module or 'merged'})"
 
 

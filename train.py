@@ -1,5 +1,5 @@
 """
-Train capkit's captioner: only the MLP projector learns; CLIP and the decoder stay frozen.
+Train capkit's captioner: only the MLP mapper learns; CLIP and the decoder stay frozen.
 
     python train.py                                  # Flickr30K + ViT-B-32 + Qwen3-0.6B-Base (use a GPU)
     python train.py --preset demo                    # offline demo: synthetic shapes, tiny backbones, CPU
@@ -10,7 +10,7 @@ Train capkit's captioner: only the MLP projector learns; CLIP and the decoder st
     python train.py --model_type=git --quantization_bits=4 --dataset=folder --data_dir=my_photos/   # QLoRA GIT
     python train.py --preset git_demo                # offline: 4-bit QLoRA on a tiny GIT, CPU, minutes
     python train.py --preset scenes_resampler        # offline: two-shape scenes, patch tokens + a resampler (also
-                                                     #   scenes_transformer, scenes_mlp: docs/models.md "Which mapping network")
+                                                     #   scenes_transformer, scenes_mlp: docs/models.md "Which mapper")
     python train.py --preset smollm2_demo            # a real frozen decoder (after: python -m tools.demo_assets --real-decoder)
     python train.py --config my_run.toml             # the same keys in a TOML file ([optimizer_args] etc. as tables)
     python train.py --resume                         # continue the newest resumable checkpoint exactly (or --resume PATH)
@@ -50,7 +50,15 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from capkit.checkpoints import checkpoint_name, datastore_name, metadata_name, skip_list_name, state_name, step_log_name
+from capkit.checkpoints import (
+    checkpoint_name,
+    datastore_name,
+    metadata_name,
+    read_metadata,
+    skip_list_name,
+    state_name,
+    step_log_name,
+)
 from capkit.data.batching import Collate, LengthGroupedBatches
 from capkit.data.features import encoder_fingerprint, image_features
 from capkit.data.folders import CaptionSet
@@ -72,7 +80,6 @@ from capkit.training.resume import (
     LoopState,
     StopSignals,
     prune_checkpoints,
-    read_metadata,
     restore_rng,
     restore_training_state,
     state_path_for,
@@ -107,22 +114,22 @@ hyperparameters = {
     # --- model (see model.CaptionerConfig) ---
     "model_type": "prefix",          # "prefix" (frozen encoder -> mapper -> prefix of a frozen LM) | "git" | "blip" (adapters)
     "encoder_type": "open_clip",     # image encoder library: "open_clip" | "timm" | "hf" (transformers vision models)
-    "clip_model_name": "ViT-B-32",   # the encoder: open_clip name / "hf-hub:org/repo" / local folder; a timm name or
+    "encoder_name": "ViT-B-32",   # the encoder: open_clip name / "hf-hub:org/repo" / local folder; a timm name or
                                      #   folder; a transformers hub id or folder (CLIPVisionModel, SiglipVisionModel, ...)
-    "clip_pretrained": "openai",     # open_clip pretrained tag or local weights file; timm: a weights file (None for folders)
+    "encoder_pretrained": "openai",     # open_clip pretrained tag or local weights file; timm: a weights file (None for folders)
     "encoder_layer": -1,             # tokens from this block: -1 the final features, -2 the one before (as LLaVA)
     "image_size": None,              # CLIP input size; None = the encoder's own (224 for ViT-B-32; don't change)
     "lm_name": "Qwen/Qwen3-0.6B-Base",        # decoder: hub id or local save_pretrained folder
     "tokenizer_name": None,          # tokenizer: hub id or local folder (None = lm_name)
     "lm_dtype": "auto",              # decoder weights: auto (bf16 on a bf16 GPU device, else fp32) | float32 | bfloat16 | float16
-    "clip_features": "pooled",       # "pooled" (one CLIP embedding per image) | "tokens" (the ViT's patch tokens)
-    "proj_type": "mlp",              # mapping network: "mlp" | "linear" (pooled) | "transformer" (either) | "resampler"
-                                     #   (tokens); docs/models.md: "Which mapping network"
-    "proj_prefix_length": 10,        # prefix tokens the image becomes (each of the decoder's hidden size)
-    "proj_hidden_dim": 2048,         # mlp: hidden width; transformer / resampler: feed-forward width
-    "proj_dropout": 0.0,             # dropout inside the mapping network
-    "proj_num_layers": 8,            # transformer / resampler: blocks (ClipCap's mapper has 8)
-    "proj_num_heads": 8,             # transformer / resampler: attention heads (divide the decoder's hidden size)
+    "encoder_features": "pooled",       # "pooled" (one CLIP embedding per image) | "tokens" (the ViT's patch tokens)
+    "mapper_type": "mlp",              # mapper: "mlp" | "linear" (pooled) | "transformer" (either) | "resampler"
+                                     #   (tokens); docs/models.md: "Which mapper"
+    "mapper_prefix_length": 10,        # prefix tokens the image becomes (each of the decoder's hidden size)
+    "mapper_hidden_dim": 2048,         # mlp: hidden width; transformer / resampler: feed-forward width
+    "mapper_dropout": 0.0,             # dropout inside the mapper
+    "mapper_num_layers": 8,            # transformer / resampler: blocks (ClipCap's mapper has 8)
+    "mapper_num_heads": 8,             # transformer / resampler: attention heads (divide the decoder's hidden size)
     "retrieval_k": 0,                # > 0: the captions of the k nearest training images (by the frozen encoder's
                                      #   features) are a text prompt before the image prefix (SmallCap's idea); 0: off
     # --- git / blip (model_type "git" | "blip"): the whole captioner fine-tuned through PEFT adapters ---
@@ -183,9 +190,9 @@ PRESETS = {
     # the offline demo: synthetic shapes, the committed tiny backbones, CPU in a few minutes
     "demo": {
         "dataset": "shapes", "data_dir": "data/shapes", "training_size_limit": None,
-        "clip_model_name": "demo/clip-tiny", "clip_pretrained": None,
+        "encoder_name": "demo/clip-tiny", "encoder_pretrained": None,
         "lm_name": "demo/qwen3-tiny", "tokenizer_name": "demo/qwen3-tiny", "lm_dtype": "float32",
-        "proj_prefix_length": 8, "proj_hidden_dim": 512,
+        "mapper_prefix_length": 8, "mapper_hidden_dim": 512,
         "batch_size": 64, "num_epochs": 3, "learning_rate": 0.002, "weight_decay": 0.01,
         "learning_rate_decay": 0.5, "learning_rate_decay_step": 1,
         "max_caption_length": 32, "max_new_tokens": 24, "eval_batch_size": 128,
@@ -203,18 +210,18 @@ PRESETS = {
     },
 }
 PRESETS["blip_demo"] = {**PRESETS["git_demo"], "model_type": "blip", "hf_model_name": "demo/blip-tiny"}
-# the harder demo: two shapes and a relation (shapes.py "scenes"), one preset per mapping network, all with the
-# same budget (docs/models.md "Which mapping network": the measured table; tools/targets.py measures it)
+# the harder demo: two shapes and a relation (shapes.py "scenes"), one preset per mapper, all with the
+# same budget (docs/models.md "Which mapper": the measured table; tools/targets.py measures it)
 # num_beams 3: greedy decoding commits to a phrasing at its first word ("a little ..." names the right-hand object
 # first) and then keeps the relation of the other order; beams keep both orders open (docs/log.md)
-_SCENES = {**PRESETS["demo"], "dataset": "scenes", "data_dir": "data/scenes", "clip_model_name": "demo/clip-scenes",
-           "lm_name": "demo/qwen3-scenes", "tokenizer_name": "demo/qwen3-scenes", "proj_prefix_length": 8,
+_SCENES = {**PRESETS["demo"], "dataset": "scenes", "data_dir": "data/scenes", "encoder_name": "demo/clip-scenes",
+           "lm_name": "demo/qwen3-scenes", "tokenizer_name": "demo/qwen3-scenes", "mapper_prefix_length": 8,
            "batch_size": 64, "num_epochs": 3, "learning_rate": 0.001, "lr_scheduler": "CosineAnnealingLR",
            "warmup_steps": 100, "max_caption_length": 40, "max_new_tokens": 32, "num_beams": 3}
-PRESETS["scenes_mlp"] = {**_SCENES, "proj_type": "mlp", "clip_features": "pooled", "proj_hidden_dim": 512}
-PRESETS["scenes_transformer"] = {**_SCENES, "proj_type": "transformer", "clip_features": "tokens",
-                                 "proj_num_layers": 4, "proj_num_heads": 4, "proj_hidden_dim": 512}
-PRESETS["scenes_resampler"] = {**PRESETS["scenes_transformer"], "proj_type": "resampler"}
+PRESETS["scenes_mlp"] = {**_SCENES, "mapper_type": "mlp", "encoder_features": "pooled", "mapper_hidden_dim": 512}
+PRESETS["scenes_transformer"] = {**_SCENES, "mapper_type": "transformer", "encoder_features": "tokens",
+                                 "mapper_num_layers": 4, "mapper_num_heads": 4, "mapper_hidden_dim": 512}
+PRESETS["scenes_resampler"] = {**PRESETS["scenes_transformer"], "mapper_type": "resampler"}
 # a real pretrained decoder, frozen: SmolLM2-135M (python -m tools.demo_assets --real-decoder) on the one-shape demo.
 # What it needs over `--preset demo --lm_name=...` (docs/log.md, 2026-11-24): many more, smaller steps
 PRESETS["smollm2_demo"] = {**PRESETS["demo"], "lm_name": "demo/smollm2-135m", "tokenizer_name": "demo/smollm2-135m",
@@ -224,13 +231,13 @@ PRESETS["smollm2_demo"] = {**PRESETS["demo"], "lm_name": "demo/smollm2-135m", "t
 # real photographs (README "Results"): ImageNet EfficientNet-Lite0 (python -m tools.demo_assets
 # --real-encoder) -> MLP -> SmolLM2-135M (--real-decoder), both frozen: --train_dir=PHOTOS --test_dir=HELDOUT.
 # 3 epochs, chosen on the validation split (val_ratio of the 612 Flickr8k training photos): the validation loss is
-# lowest after epoch 2 of 3 and rises after; 6 epochs with proj_dropout 0.2 and weight_decay 0.05 never got it lower.
+# lowest after epoch 2 of 3 and rises after; 6 epochs with mapper_dropout 0.2 and weight_decay 0.05 never got it lower.
 # num_beams 3: validation CIDEr-D 0.407 against greedy's 0.368 (61 photos)
 PRESETS["real_photos"] = {
     "dataset": "folder", "training_size_limit": None, "val_ratio": 0.1,
-    "encoder_type": "timm", "clip_model_name": "demo/efficientnet-lite0", "clip_pretrained": None,
+    "encoder_type": "timm", "encoder_name": "demo/efficientnet-lite0", "encoder_pretrained": None,
     "lm_name": "demo/smollm2-135m", "tokenizer_name": "demo/smollm2-135m", "lm_dtype": "float32",
-    "proj_type": "mlp", "clip_features": "pooled", "proj_prefix_length": 10, "proj_hidden_dim": 2048,
+    "mapper_type": "mlp", "encoder_features": "pooled", "mapper_prefix_length": 10, "mapper_hidden_dim": 2048,
     "batch_size": 16, "num_epochs": 3, "learning_rate": 0.001, "weight_decay": 0.01, "lr_scheduler": "CosineAnnealingLR",
     "warmup_steps": 50, "max_caption_length": 40, "max_new_tokens": 30, "eval_batch_size": 64, "num_beams": 3,
     "test_evaluation_enabled": True, "ablate_image": True,
@@ -503,11 +510,11 @@ def describe_run(run: Run, splits: dict, data: TrainingData, model) -> None:
         run.log(f"note: training_size_limit={limit} trains on {used} of the {data.available_pairs:,} there are: "
                 "--training_size_limit=None for all of them")
     c = model.config
-    feats = f"{c.clip_embed_dim}-d pooled" if c.clip_features == "pooled" else \
+    feats = f"{c.encoder_embed_dim}-d pooled" if c.encoder_features == "pooled" else \
         f"{'x'.join(map(str, model.feature_shape))} tokens"
     retrieval = f"retrieval prompt ({c.retrieval_k} captions of similar training images) + " if c.retrieval_k else ""
-    run.log(f"model: {c.encoder_type} {c.clip_model_name} ({feats}) -> {c.proj_type} mapper ({n_params:,} trainable) -> "
-            f"{retrieval}{c.proj_prefix_length} x {c.lm_hidden_size} prefix -> {c.lm_name}" if c.model_type == "prefix" else
+    run.log(f"model: {c.encoder_type} {c.encoder_name} ({feats}) -> {c.mapper_type} mapper ({n_params:,} trainable) -> "
+            f"{retrieval}{c.mapper_prefix_length} x {c.lm_hidden_size} prefix -> {c.lm_name}" if c.model_type == "prefix" else
             f"model: {c.model_type} {c.hf_model_name or 'default'} ({c.quantization_bits}-bit) + {c.peft_module} "
             f"adapters ({n_params:,} trainable)")
 

@@ -1,6 +1,7 @@
 """
-The names of the files a training run writes: the one place that knows them. Every script
-(train.py, eval.py, load_model_example.py, resume.py, model.py's merge) derives names from here.
+A checkpoint, in one place: the names of the files a training run writes, the format tags inside them, and
+reading them back checked (read_checkpoint, read_folder_config, read_metadata: the one validator of each). Every
+script (train.py, eval.py, load_model_example.py, model.py, hf_captioner.py, resume.py) goes through here.
 
     saved_models/
       model_state_dict_<run>-<epoch>.pth     model_type prefix: the trained mapper + the model config
@@ -16,11 +17,24 @@ The names of the files a training run writes: the one place that knows them. Eve
 
 A checkpoint's "stem" is <run>-<epoch> (or <run>-<epoch>-step<N> for a mid-epoch save). Names are
 derived from names, never from what a file says: a metadata JSON can't point capkit at other files.
-This module imports nothing of capkit's.
+What is read is data, never code (files.py), and old key names come back as today's (names.py).
+Imports nothing of capkit's but the leaves errors.py, files.py and names.py.
 """
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
+
+from capkit.errors import RefusedFileError
+from capkit.files import plain_name, read_json, torch_load
+from capkit.names import current_names, current_weights
+
+CHECKPOINT_FORMAT = "capkit.prefix.v2"  # a .pth: {"format", "model_config", "state_dict"[, "datastore"]}
+# the one written, and the older ones read: v1 before the renames of 2026-12 (names.py), clip_mlp.v1 before that
+CHECKPOINT_FORMATS_READ = (CHECKPOINT_FORMAT, "capkit.prefix.v1", "capkit.clip_mlp.v1")
+HF_CHECKPOINT_FORMAT = "capkit.hf.v1"
+HF_CONFIG_FILE = "capkit_config.json"  # in an adapter or merged-model folder: what rebuilds it
 
 _CHECKPOINT = {"prefix": ("model_state_dict_", ".pth")}  # every other model type saves an adapter folder
 _ADAPTER = ("adapter_", "")
@@ -121,3 +135,56 @@ def checkpoint_in(path) -> Path:
         if found is not None:
             return found
     return p
+
+
+# ----------------------------------------------------------------------------------------------
+# reading a checkpoint back, checked: anyone may have edited or replaced these files
+
+def read_checkpoint(path) -> dict:
+    """A prefix model's .pth, loaded without executing anything (weights_only=True refuses pickled code), with
+    its shape checked: a format tag this version reads, a model config and a dict of tensors. Old key and weight
+    names come back as today's."""
+    ckpt = torch_load(path, "checkpoint")
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in CHECKPOINT_FORMATS_READ:
+        raise RefusedFileError(f"{path}: not a capkit checkpoint (format {CHECKPOINT_FORMAT} expected)")
+    state = ckpt.get("state_dict")
+    if not isinstance(ckpt.get("model_config"), dict) or not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise RefusedFileError(f"{path}: a damaged capkit checkpoint (model_config / state_dict missing or malformed)")
+    return {**ckpt, "model_config": _current(ckpt["model_config"], path), "state_dict": current_weights(state)}
+
+
+def read_folder_config(folder: Path) -> dict:
+    """The model config saved in an adapter or merged folder (its capkit_config.json), format checked."""
+    saved = read_json(folder / HF_CONFIG_FILE, "model folder config", RefusedFileError)
+    if not isinstance(saved, dict) or saved.get("format") != HF_CHECKPOINT_FORMAT or \
+            not isinstance(saved.get("model_config", {}), dict):
+        raise RefusedFileError(f"{folder}: not a capkit model folder (format {HF_CHECKPOINT_FORMAT} expected "
+                               f"in {HF_CONFIG_FILE})")
+    return _current(saved.get("model_config", {}), folder / HF_CONFIG_FILE)
+
+
+def read_metadata(meta_path, of_run: bool = True) -> dict:
+    """A checkpoint's metadata JSON: a JSON object with a `hyperparameters` object (and a `model_config` one, if
+    any), their old key names read as today's. of_run: also its run_id, a plain name that matches the file's own
+    name (a run's files are named after it; a merged folder's training_metadata.json is not)."""
+    meta = read_json(meta_path, "training metadata", RefusedFileError)
+    if not isinstance(meta, dict) or not isinstance(meta.get("hyperparameters"), dict) or \
+            not isinstance(meta.get("model_config", {}), dict):
+        raise RefusedFileError(f"{meta_path}: not a capkit training metadata file (a JSON object with "
+                               "'hyperparameters' expected)")
+    if of_run:
+        run_id = plain_name(meta.get("run_id"), f"{meta_path}: run_id")
+        if not (is_metadata(meta_path) and stem_of(meta_path).startswith(f"{run_id}-")):
+            raise RefusedFileError(f"{meta_path}: its run_id {run_id!r} doesn't match its file name")
+    out = {**meta, "hyperparameters": _current(meta["hyperparameters"], meta_path)}
+    if "model_config" in meta:
+        out["model_config"] = _current(meta["model_config"], meta_path)
+    return out
+
+
+def _current(d: dict, path) -> dict:
+    try:
+        return current_names(d, str(path))[0]
+    except ValueError as e:
+        raise RefusedFileError(str(e)) from None

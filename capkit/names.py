@@ -21,6 +21,14 @@ RENAMED_KEYS = {
     "proj_type": "mapper_type", "proj_prefix_length": "mapper_prefix_length", "proj_hidden_dim": "mapper_hidden_dim",
     "proj_dropout": "mapper_dropout", "proj_num_layers": "mapper_num_layers", "proj_num_heads": "mapper_num_heads",
 }
+# the flag names of the projects capkit grew from (../shared/seeds: GIT-QLoRA, the GIT scripts, caption-train) ->
+# capkit's keys: read on the command line and in a TOML file (files capkit wrote never held them)
+SPELLINGS = {"lr": "learning_rate", "epochs": "num_epochs", "model_name": "hf_model_name",
+             "model_name_or_path": "hf_model_name", "model_id": "hf_model_name", "dataset_dir": "data_dir",
+             "block_size": "max_caption_length", "lora_bits": "quantization_bits", "rank": "lora_r",
+             "alpha": "lora_alpha", "gradient_accumulation": "gradient_accumulation_steps", "config_file": "config"}
+# every other name of a key a user may give: each is read as its key and said once ("--lr is learning_rate")
+KEY_ALIASES = {**SPELLINGS, **RENAMED_KEYS}
 # values of a key that were renamed: model_type "clip_mlp" is the main path's name until 2026-12
 RENAMED_VALUES = {"model_type": {"clip_mlp": "prefix"}}
 # the main path's weights: the mapper was the module `projector`

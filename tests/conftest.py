@@ -48,11 +48,11 @@ def make_backbones(seed=0, positions=64):
 
 def make_model(seed=0, prefix_length=3, positions=64, **cfg_kw):
     from capkit.models.captioner import CaptionerConfig
-    from model import ClipCaptioner
+    from model import PrefixCaptioner
     clip, lm, tok, preprocess = make_backbones(seed, positions)
-    cfg = CaptionerConfig(clip_model_name="tiny", clip_pretrained=None, lm_name="tiny", proj_prefix_length=prefix_length,
-                          proj_hidden_dim=64, lm_dtype="float32", **cfg_kw)
-    return ClipCaptioner(cfg, clip.visual, lm, tok, preprocess)
+    cfg = CaptionerConfig(encoder_name="tiny", encoder_pretrained=None, lm_name="tiny", mapper_prefix_length=prefix_length,
+                          mapper_hidden_dim=64, lm_dtype="float32", **cfg_kw)
+    return PrefixCaptioner(cfg, clip.visual, lm, tok, preprocess)
 
 
 def save_backbones(tmp: Path, seed=0):
@@ -127,13 +127,13 @@ def tiny_model():
     return make_model()
 
 
-# every mapping network (model.PROJECTOR_INPUTS) with each image feature it takes, tiny: make_model(**MAPPERS[k])
+# every mapper (capkit/models/mappers.py MAPPER_INPUTS) with each image feature it takes, tiny: make_model(**MAPPERS[k])
 MAPPERS = {"mlp": {},
-           "linear": {"proj_type": "linear"},
-           "transformer": {"proj_type": "transformer", "proj_num_layers": 2, "proj_num_heads": 4},
-           "transformer-tokens": {"proj_type": "transformer", "clip_features": "tokens", "proj_num_layers": 2,
-                                  "proj_num_heads": 4},
-           "resampler": {"proj_type": "resampler", "clip_features": "tokens", "proj_num_layers": 2, "proj_num_heads": 4}}
+           "linear": {"mapper_type": "linear"},
+           "transformer": {"mapper_type": "transformer", "mapper_num_layers": 2, "mapper_num_heads": 4},
+           "transformer-tokens": {"mapper_type": "transformer", "encoder_features": "tokens", "mapper_num_layers": 2,
+                                  "mapper_num_heads": 4},
+           "resampler": {"mapper_type": "resampler", "encoder_features": "tokens", "mapper_num_layers": 2, "mapper_num_heads": 4}}
 
 
 def write_image(path: Path, color=(200, 30, 30), mode="RGB", size=(40, 30)):
@@ -147,14 +147,14 @@ def write_image(path: Path, color=(200, 30, 30), mode="RGB", size=(40, 30)):
 
 
 def count_encoder_calls(monkeypatch) -> dict:
-    """Patch ClipCaptioner.encode_images to count its calls; returns the live counter {"n": calls}."""
-    from model import ClipCaptioner
-    calls, inner = {"n": 0}, ClipCaptioner.encode_images
+    """Patch PrefixCaptioner.encode_images to count its calls; returns the live counter {"n": calls}."""
+    from model import PrefixCaptioner
+    calls, inner = {"n": 0}, PrefixCaptioner.encode_images
 
     def encode(self, px):
         calls["n"] += 1
         return inner(self, px)
-    monkeypatch.setattr(ClipCaptioner, "encode_images", encode)
+    monkeypatch.setattr(PrefixCaptioner, "encode_images", encode)
     return calls
 
 

@@ -58,13 +58,13 @@ def decoder_dir(request, tmp_path):
     return request.param, cdir, ldir
 
 
-@pytest.mark.parametrize("mapper", [{"proj_type": "mlp"},
-                                    {"proj_type": "resampler", "clip_features": "tokens", "proj_num_layers": 1,
-                                     "proj_num_heads": 2}], ids=["mlp", "resampler"])
+@pytest.mark.parametrize("mapper", [{"mapper_type": "mlp"},
+                                    {"mapper_type": "resampler", "encoder_features": "tokens", "mapper_num_layers": 1,
+                                     "mapper_num_heads": 2}], ids=["mlp", "resampler"])
 def test_each_decoder_family_trains_generates_and_round_trips(decoder_dir, mapper, tmp_path):
     family, cdir, ldir = decoder_dir
-    cfg = CaptionerConfig(clip_model_name=str(cdir), clip_pretrained=None, lm_name=str(ldir), proj_prefix_length=3,
-                          proj_hidden_dim=64, lm_dtype="float32", **mapper)
+    cfg = CaptionerConfig(encoder_name=str(cdir), encoder_pretrained=None, lm_name=str(ldir), mapper_prefix_length=3,
+                          mapper_hidden_dim=64, lm_dtype="float32", **mapper)
     model = build_model(cfg)
     tok = model.tokenizer
     assert tok.pad_token_id is not None  # GPT-2's missing pad: EOS stands in (masked out of attention and loss)
@@ -75,7 +75,7 @@ def test_each_decoder_family_trains_generates_and_round_trips(decoder_dir, mappe
 
     # one step: only the mapper moves, the decoder stays bit-identical
     frozen = {k: v.clone() for k, v in model.lm.state_dict().items()}
-    mapper_before = {k: v.clone() for k, v in model.projector.state_dict().items()}
+    mapper_before = {k: v.clone() for k, v in model.mapper.state_dict().items()}
     px = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     model.train()
     logits, loss = model(enc["input_ids"], enc["attention_mask"], pixel_values=px)
@@ -83,12 +83,12 @@ def test_each_decoder_family_trains_generates_and_round_trips(decoder_dir, mappe
     loss.backward()
     torch.optim.AdamW(model.trainable_parameters(), lr=1e-2).step()
     assert all(torch.equal(v, model.lm.state_dict()[k]) for k, v in frozen.items())
-    assert any(not torch.equal(v, model.projector.state_dict()[k]) for k, v in mapper_before.items())
+    assert any(not torch.equal(v, model.mapper.state_dict()[k]) for k, v in mapper_before.items())
 
     # greedy generation from inputs_embeds = the teacher-forced argmax over what it generated
     model.eval()
     with torch.no_grad():
-        for p in model.projector.parameters():  # a prefix that makes the random decoder say something
+        for p in model.mapper.parameters():  # a prefix that makes the random decoder say something
             p.add_(torch.randn_like(p) * 0.3)
     gen = model.generate_ids(pixel_values=px, max_new_tokens=8)
     mask = torch.ones_like(gen)
@@ -113,8 +113,8 @@ def test_captions_never_outgrow_the_decoders_positions(decoder_dir):
     training captions there and refuses a max_new_tokens beyond them, by name, before decoding."""
     from capkit.errors import ConfigError
     family, cdir, ldir = decoder_dir
-    model = build_model(CaptionerConfig(clip_model_name=str(cdir), clip_pretrained=None, lm_name=str(ldir),
-                                        proj_prefix_length=3, proj_hidden_dim=64, lm_dtype="float32")).eval()
+    model = build_model(CaptionerConfig(encoder_name=str(cdir), encoder_pretrained=None, lm_name=str(ldir),
+                                        mapper_prefix_length=3, mapper_hidden_dim=64, lm_dtype="float32")).eval()
     assert model.caption_positions() == 61
     enc = model.tokenize(["a red dog runs on grass " * 40], max_length=10_000)
     assert enc["input_ids"].shape == (1, 61)  # truncated to what the positions hold, EOS last
@@ -125,6 +125,6 @@ def test_captions_never_outgrow_the_decoders_positions(decoder_dir):
     with pytest.raises(ConfigError, match="max_new_tokens=62 .* at most 61 tokens"):
         model.generate(pixel_values=px, max_new_tokens=62)
     assert model.generate_ids(pixel_values=px, max_new_tokens=61).shape[1] <= 61
-    with pytest.raises(ConfigError, match="proj_prefix_length=64 leaves no room"):
-        build_model(CaptionerConfig(clip_model_name=str(cdir), clip_pretrained=None, lm_name=str(ldir),
-                                    proj_prefix_length=64, proj_hidden_dim=64, lm_dtype="float32"))
+    with pytest.raises(ConfigError, match="mapper_prefix_length=64 leaves no room"):
+        build_model(CaptionerConfig(encoder_name=str(cdir), encoder_pretrained=None, lm_name=str(ldir),
+                                    mapper_prefix_length=64, mapper_hidden_dim=64, lm_dtype="float32"))

@@ -1,5 +1,5 @@
 """The offline demo end to end, through the command-line scripts a user runs: train.py --preset demo
-must really learn (held-out ROUGE-L >= 0.9, far above an untrained projector and far above the same
+must really learn (held-out ROUGE-L >= 0.9, far above an untrained mapper and far above the same
 model fed shuffled images), and eval.py / inference.py / load_model_example.py must use its checkpoint."""
 import json
 import sys
@@ -33,13 +33,13 @@ def test_untrained_projector_is_much_worse(demo_run):
     from capkit.evaluation.evaluate import evaluate
     from capkit.training import config
     from dataset import load_splits
-    from model import ClipCaptioner
+    from model import PrefixCaptioner
     tmp, _, metas = demo_run
     meta = json.loads(metas[-1].read_text())
     hp = {**meta["hyperparameters"]}
     import torch
     torch.manual_seed(0)  # the fresh MLP's init; over seeds 0-4: loss 1.06-1.29, ROUGE-L 0.58-0.66
-    model = ClipCaptioner.from_config(config.model_config_from_hparams(hp))
+    model = PrefixCaptioner.from_config(config.model_config_from_hparams(hp))
     test = load_splits(hp, SkipLog(), which=("test",))["test"]
     res = evaluate(model, test, batch_size=128, max_caption_length=32, gen_kwargs={"max_new_tokens": 24})
     assert res["rouge_l"] < meta["test"]["rouge_l"] - 0.2

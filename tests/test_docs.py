@@ -68,3 +68,14 @@ def test_every_hyperparameter_is_documented_with_its_default():
     assert set(documented) == set(train.hyperparameters)
     wrong = {k: (documented[k], v) for k, v in train.hyperparameters.items() if documented[k] != v}
     assert not wrong, wrong
+
+
+def test_the_allowed_values_table_is_the_one_the_code_declares():
+    """docs/hyperparameters.md's "Allowed values" table is generated from the choices and bounds the parts declare
+    (capkit/training/usage.py allowed_table): a bound changed in code and not here fails this test."""
+    import train
+    from capkit.training.usage import allowed_table
+    table = allowed_table(train.hyperparameters)
+    assert "| `mapper_num_heads` | in [1, 256] |" in table and "| `lm_dtype` | one of 'auto'" in table
+    assert table in (REPO / "docs" / "hyperparameters.md").read_text(), \
+        "docs/hyperparameters.md's table is out of date; paste this one:\n" + table

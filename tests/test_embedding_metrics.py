@@ -77,7 +77,7 @@ def test_without_an_embedder_the_distance_is_skipped_with_a_reason(monkeypatch):
 def test_clip_score_prefers_matching_captions_on_the_demo_data():
     from capkit.models.captioner import CaptionerConfig
     from capkit.models.encoders import build_image_encoder
-    cfg = CaptionerConfig(clip_model_name="demo/clip-tiny", clip_pretrained=None)
+    cfg = CaptionerConfig(encoder_name="demo/clip-tiny", encoder_pretrained=None)
     visual, preprocess = build_image_encoder(cfg)
     rng = random.Random(3)
     attrs = [random_attrs(rng) for _ in range(48)]

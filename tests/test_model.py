@@ -7,15 +7,16 @@ import torch
 import torch.nn.functional as F
 from conftest import MAPPERS, REPO, as_generation_sees, make_model, save_backbones
 
-from capkit.models.captioner import PROJECTOR_INPUTS, CaptionerConfig
+from capkit.checkpoints import read_checkpoint
+from capkit.models.captioner import CaptionerConfig
 from capkit.models.decoders import tokenize_captions
-from capkit.models.mappers import build_projector
-from model import ClipCaptioner, load_captioner, read_checkpoint
+from capkit.models.mappers import MAPPER_INPUTS, build_mapper
+from model import PrefixCaptioner, load_captioner
 
 
 @pytest.fixture(params=list(MAPPERS))
 def tiny_model(request):
-    """Every test below that takes tiny_model runs once per mapping network."""
+    """Every test below that takes tiny_model runs once per mapper."""
     return make_model(**MAPPERS[request.param])
 
 
@@ -27,47 +28,47 @@ def batch(model, captions, B=None):
 
 def test_projector_dims_come_from_backbones(tiny_model):
     cfg = tiny_model.config
-    assert (cfg.clip_embed_dim, cfg.lm_hidden_size) == (32, 32)
+    assert (cfg.encoder_embed_dim, cfg.lm_hidden_size) == (32, 32)
     feats = tiny_model.encode_images(torch.randn(5, 3, 32, 32))
     # pooled: the CLIP embedding (5, E); tokens: ViT-32px/16 -> 2 x 2 patch tokens of width 32
-    assert feats.shape == ((5, 32) if cfg.clip_features == "pooled" else (5, 4, 32))
-    assert cfg.clip_token_dim == (32 if cfg.clip_features == "tokens" else None)
+    assert feats.shape == ((5, 32) if cfg.encoder_features == "pooled" else (5, 4, 32))
+    assert cfg.encoder_token_dim == (32 if cfg.encoder_features == "tokens" else None)
     out = tiny_model.prefix_embeds(feats)
-    assert out.shape == (5, cfg.proj_prefix_length, 32)
+    assert out.shape == (5, cfg.mapper_prefix_length, 32)
     # each image's prefix depends on that image only (no mixing across the batch, e.g. by a wrong batch_first)
     alone = tiny_model.prefix_embeds(feats[2:3])
     assert torch.allclose(out[2:3], alone, atol=1e-5)
 
 
 def test_build_projector_types():
-    cfg = CaptionerConfig(clip_embed_dim=8, lm_hidden_size=4, proj_prefix_length=3, proj_hidden_dim=16,
-                          proj_num_layers=1, proj_num_heads=2)
-    assert build_projector(cfg)(torch.randn(2, 8)).shape == (2, 12)
-    cfg.proj_type = "linear"
-    assert isinstance(build_projector(cfg), torch.nn.Linear)
-    cfg.proj_type = "transformer"
-    assert build_projector(cfg)(torch.randn(2, 8)).shape == (2, 3, 4)
-    cfg.clip_features, cfg.clip_token_dim = "tokens", 6
-    assert build_projector(cfg)(torch.randn(2, 7, 6)).shape == (2, 3, 4)
-    cfg.proj_type = "resampler"
-    assert build_projector(cfg)(torch.randn(2, 5, 6)).shape == (2, 3, 4)   # any number of tokens
-    cfg.proj_num_heads = 3
+    cfg = CaptionerConfig(encoder_embed_dim=8, lm_hidden_size=4, mapper_prefix_length=3, mapper_hidden_dim=16,
+                          mapper_num_layers=1, mapper_num_heads=2)
+    assert build_mapper(cfg)(torch.randn(2, 8)).shape == (2, 12)
+    cfg.mapper_type = "linear"
+    assert isinstance(build_mapper(cfg), torch.nn.Linear)
+    cfg.mapper_type = "transformer"
+    assert build_mapper(cfg)(torch.randn(2, 8)).shape == (2, 3, 4)
+    cfg.encoder_features, cfg.encoder_token_dim = "tokens", 6
+    assert build_mapper(cfg)(torch.randn(2, 7, 6)).shape == (2, 3, 4)
+    cfg.mapper_type = "resampler"
+    assert build_mapper(cfg)(torch.randn(2, 5, 6)).shape == (2, 3, 4)   # any number of tokens
+    cfg.mapper_num_heads = 3
     from capkit.errors import ConfigError
     with pytest.raises(ConfigError, match="must divide"):   # one sentence and exit 2 from train.py, not a traceback
-        build_projector(cfg)
-    cfg.proj_type = "perceiver"
-    with pytest.raises(ValueError, match="unknown proj_type"):
-        build_projector(cfg)
+        build_mapper(cfg)
+    cfg.mapper_type = "perceiver"
+    with pytest.raises(ValueError, match="unknown mapper_type"):
+        build_mapper(cfg)
 
 
-@pytest.mark.parametrize("proj_type", list(PROJECTOR_INPUTS))
-def test_each_mapper_takes_only_its_features(proj_type):
+@pytest.mark.parametrize("mapper_type", list(MAPPER_INPUTS))
+def test_each_mapper_takes_only_its_features(mapper_type):
     for features in ("pooled", "tokens"):
-        if features in PROJECTOR_INPUTS[proj_type]:
-            CaptionerConfig(proj_type=proj_type, clip_features=features)
+        if features in MAPPER_INPUTS[mapper_type]:
+            CaptionerConfig(mapper_type=mapper_type, encoder_features=features)
         else:
-            with pytest.raises(ValueError, match="takes clip_features"):
-                CaptionerConfig(proj_type=proj_type, clip_features=features)
+            with pytest.raises(ValueError, match="takes encoder_features"):
+                CaptionerConfig(mapper_type=mapper_type, encoder_features=features)
 
 
 def test_tokens_need_a_vit_encoder():
@@ -79,9 +80,9 @@ def test_tokens_need_a_vit_encoder():
     _, lm, tok, _ = make_backbones()
     resnet = open_clip.CLIP(embed_dim=32, vision_cfg={"image_size": 32, "layers": [1, 1, 1, 1], "width": 16},
                             text_cfg={"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1})
-    cfg = CaptionerConfig(clip_model_name="RN-tiny", lm_name="tiny", proj_type="resampler", clip_features="tokens")
-    with pytest.raises(ConfigError, match="needs a ViT image encoder.*clip_features='pooled'"):
-        ClipCaptioner(cfg, resnet.visual, lm, tok)
+    cfg = CaptionerConfig(encoder_name="RN-tiny", lm_name="tiny", mapper_type="resampler", encoder_features="tokens")
+    with pytest.raises(ConfigError, match="needs a ViT image encoder.*encoder_features='pooled'"):
+        PrefixCaptioner(cfg, resnet.visual, lm, tok)
 
 
 def test_forward_shapes_and_loss_matches_manual_ce(tiny_model):
@@ -141,10 +142,10 @@ def test_prefix_positions_carry_no_label(tiny_model):
 
 
 def test_only_projector_trains_and_backbones_stay_bit_identical(tiny_model):
-    before = {k: v.clone() for k, v in tiny_model.state_dict().items() if not k.startswith("projector.")}
-    proj_before = {k: v.clone() for k, v in tiny_model.projector.state_dict().items()}
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items() if not k.startswith("mapper.")}
+    proj_before = {k: v.clone() for k, v in tiny_model.mapper.state_dict().items()}
     trainable = [n for n, p in tiny_model.named_parameters() if p.requires_grad]
-    assert trainable and all(n.startswith("projector.") for n in trainable)
+    assert trainable and all(n.startswith("mapper.") for n in trainable)
     opt = torch.optim.AdamW([p for p in tiny_model.parameters() if p.requires_grad], lr=1e-2)
     tiny_model.train()
     assert not tiny_model.image_encoder.training and not tiny_model.lm.training
@@ -156,12 +157,12 @@ def test_only_projector_trains_and_backbones_stay_bit_identical(tiny_model):
         opt.step()
     after = tiny_model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())
-    assert any(not torch.equal(v, tiny_model.projector.state_dict()[k]) for k, v in proj_before.items())
+    assert any(not torch.equal(v, tiny_model.mapper.state_dict()[k]) for k, v in proj_before.items())
 
 
 def test_greedy_generation_equals_teacher_forced_argmax(tiny_model):
     torch.manual_seed(3)
-    for p in tiny_model.projector.parameters():  # a non-trivial prefix
+    for p in tiny_model.mapper.parameters():  # a non-trivial prefix
         p.data.normal_(0, 0.5)
     px = torch.randn(3, 3, 32, 32)
     gen = tiny_model.generate_ids(pixel_values=px, max_new_tokens=8)
@@ -180,7 +181,7 @@ def test_greedy_generation_equals_teacher_forced_argmax(tiny_model):
 def test_generation_stops_after_the_step_at_which_stop_turns_true(tiny_model, beams):
     """serve.py's `stop` (every client of a batch gone): decoding ends after the step under way; a stop that
     never fires changes nothing."""
-    for p in tiny_model.projector.parameters():  # a non-trivial prefix: no early EOS
+    for p in tiny_model.mapper.parameters():  # a non-trivial prefix: no early EOS
         p.data.normal_(0, 0.5)
     px = torch.randn(2, 3, 32, 32)
     full = tiny_model.generate_ids(pixel_values=px, max_new_tokens=12, num_beams=beams)
@@ -228,20 +229,20 @@ def test_sampling_really_samples_and_a_seed_repeats_it(tiny_model):
 @pytest.mark.parametrize("mapper", list(MAPPERS))
 def test_checkpoint_round_trip_identical_logits(tmp_path, mapper):
     cdir, ldir = save_backbones(tmp_path)
-    cfg = CaptionerConfig(clip_model_name=str(cdir), clip_pretrained=None, lm_name=str(ldir),
-                          proj_prefix_length=3, proj_hidden_dim=64, lm_dtype="float32", **MAPPERS[mapper])
-    model = ClipCaptioner.from_config(cfg)
+    cfg = CaptionerConfig(encoder_name=str(cdir), encoder_pretrained=None, lm_name=str(ldir),
+                          mapper_prefix_length=3, mapper_hidden_dim=64, lm_dtype="float32", **MAPPERS[mapper])
+    model = PrefixCaptioner.from_config(cfg)
     torch.manual_seed(0)
-    for p in model.projector.parameters():
+    for p in model.mapper.parameters():
         p.data.normal_(0, 0.2)
     ids, mask, px = batch(model, ["a red dog", "the cat sits"])
     ref, _ = model(ids, mask, pixel_values=px)
     path = tmp_path / "model_state_dict_x-1.pth"
     model.save_checkpoint(path)
     ckpt = read_checkpoint(path)
-    assert set(ckpt["state_dict"]) == {f"projector.{k}" for k in model.projector.state_dict()}  # only the mapper
+    assert set(ckpt["state_dict"]) == {f"mapper.{k}" for k in model.mapper.state_dict()}  # only the mapper
     loaded = load_captioner(path)
-    assert type(loaded.projector) is type(model.projector) and loaded.config == model.config
+    assert type(loaded.mapper) is type(model.mapper) and loaded.config == model.config
     out, _ = loaded(ids, mask, pixel_values=px)
     assert torch.equal(ref, out)
     assert torch.equal(model.generate_ids(pixel_values=px, max_new_tokens=5),
@@ -273,17 +274,17 @@ def test_offline_hub_id_fails_fast_with_clear_message():
     from capkit.errors import HubUnavailableError
     t = time.time()
     with pytest.raises(HubUnavailableError) as e:
-        ClipCaptioner.from_config(CaptionerConfig(lm_name="Qwen/does-not-exist-capkit", lm_tokenizer_name=None))
+        PrefixCaptioner.from_config(CaptionerConfig(lm_name="Qwen/does-not-exist-capkit", lm_tokenizer_name=None))
     msg = str(e.value)
     assert time.time() - t < 15
-    assert "clip_pretrained" in msg and "lm_name" in msg and "unreachable" in msg
+    assert "encoder_pretrained" in msg and "lm_name" in msg and "unreachable" in msg
 
 
 def test_batched_kv_cache_generation_equals_one_at_a_time_without_cache(tiny_model):
     """Batched decoding with the KV cache gives exactly the captions of a naive loop: one image at a
     time, the whole sequence re-run through the decoder for every new token."""
     torch.manual_seed(4)
-    for p in tiny_model.projector.parameters():
+    for p in tiny_model.mapper.parameters():
         p.data.normal_(0, 0.5)
     px = torch.randn(6, 3, 32, 32)
     batched = tiny_model.generate_ids(pixel_values=px, max_new_tokens=10)
@@ -315,8 +316,8 @@ def test_lm_dtype_auto_follows_the_device_the_decoder_runs_on(monkeypatch, tmp_p
     assert resolve_dtype("auto") == torch.bfloat16          # no device named: the GPU if there is one
     assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16  # an explicit choice is kept
     clip_dir, lm_dir = save_backbones(tmp_path)
-    cfg = CaptionerConfig(clip_model_name=str(clip_dir), clip_pretrained=None, lm_name=str(lm_dir),
-                          proj_prefix_length=3, proj_hidden_dim=64, lm_dtype="auto")
+    cfg = CaptionerConfig(encoder_name=str(clip_dir), encoder_pretrained=None, lm_name=str(lm_dir),
+                          mapper_prefix_length=3, mapper_hidden_dim=64, lm_dtype="auto")
     model = build_model(cfg, "cpu")
     assert next(model.lm.parameters()).dtype == torch.float32
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -339,7 +340,7 @@ def test_a_checkpoint_written_before_the_package_move_loads_with_identical_logit
     (pth,) = data.glob("model_state_dict_*.pth")
     assert read_checkpoint(pth)["format"] == "capkit.clip_mlp.v1"
     model, meta, hp = load_checkpoint(pth)
-    assert model.config.model_type == "prefix" and hp["model_type"] == "clip_mlp"
+    assert model.config.model_type == "prefix" and hp["model_type"] == "prefix"  # metadata read with today's names
     expected = json.loads((data / "expected.json").read_text())
     px = torch.stack([model.preprocess(load_rgb(data / "images" / n)) for n in expected["images"]])
     assert model.generate(pixel_values=px, max_new_tokens=20) == expected["captions"]

@@ -46,7 +46,7 @@ def backbones(tmp_path_factory, smollm2_dir):
 def test_one_epoch_on_real_photos_writes_varied_captions_that_beat_copying_the_nearest_caption(backbones, tmp_path):
     enc, dec = backbones
     out = run_script("train.py", "--preset", "real_photos", f"--train_dir={TRAIN}", f"--test_dir={TEST}",
-                     f"--clip_model_name={enc}", f"--lm_name={dec}", f"--tokenizer_name={dec}", "--num_epochs=1", f"--lm_dtype={LM_DTYPE}",
+                     f"--encoder_name={enc}", f"--lm_name={dec}", f"--tokenizer_name={dec}", "--num_epochs=1", f"--lm_dtype={LM_DTYPE}",
                      "--num_beams=1", "--evaluation_enabled=False", "--ablate_image=False", "--log_with=None",
                      f"--output_dir={tmp_path / 'out'}", f"--feature_cache_dir={tmp_path / 'cache'}")
     (meta_path,) = (tmp_path / "out").glob("training_metadata_*.json")

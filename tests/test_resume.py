@@ -53,19 +53,19 @@ def interrupt_at(monkeypatch, cls, n):
     monkeypatch.setattr(cls, "forward", forward)
 
 
-MAPPER_ARGS = {"mlp": [], "transformer-tokens": ["--proj_type=transformer", "--clip_features=tokens",
-                                                "--proj_num_layers=2", "--proj_num_heads=4"],
-               "resampler": ["--proj_type=resampler", "--clip_features=tokens", "--proj_num_layers=2",
-                             "--proj_num_heads=4", "--proj_dropout=0.1"],  # dropout: its RNG must resume too
+MAPPER_ARGS = {"mlp": [], "transformer-tokens": ["--mapper_type=transformer", "--encoder_features=tokens",
+                                                "--mapper_num_layers=2", "--mapper_num_heads=4"],
+               "resampler": ["--mapper_type=resampler", "--encoder_features=tokens", "--mapper_num_layers=2",
+                             "--mapper_num_heads=4", "--mapper_dropout=0.1"],  # dropout: its RNG must resume too
                "mlp+retrieval": ["--retrieval_k=2"]}  # the datastore is rebuilt on resume: the same prompts
 
 
 @pytest.mark.parametrize("mapper", list(MAPPER_ARGS))
 def test_sigterm_then_resume_continues_the_exact_loss_sequence(data, tmp_path, monkeypatch, capsys, mapper):
-    from model import ClipCaptioner
+    from model import PrefixCaptioner
     ref = tmp_path / "ref"
     train.train(train.resolve_hparams(argv_for(data, ref, *MAPPER_ARGS[mapper])))
-    interrupt_at(monkeypatch, ClipCaptioner, 7)
+    interrupt_at(monkeypatch, PrefixCaptioner, 7)
     out = tmp_path / "run"
     res = train.train(train.resolve_hparams(argv_for(data, out, *MAPPER_ARGS[mapper])))
     assert res["interrupted"] and "train_state_" not in res["resume_from"]
@@ -83,8 +83,8 @@ def test_sigterm_then_resume_continues_the_exact_loss_sequence(data, tmp_path, m
 def test_resume_refuses_model_changes_and_logs_safe_ones(data, tmp_path, capsys):
     out = tmp_path / "run"
     train.train(train.resolve_hparams(argv_for(data, out, "--num_epochs=1")))
-    with pytest.raises(train.ConfigError, match="proj_hidden_dim"):
-        train.resolve_resume(["--resume", f"--output_dir={out}", "--proj_hidden_dim=64"])
+    with pytest.raises(train.ConfigError, match="mapper_hidden_dim"):
+        train.resolve_resume(["--resume", f"--output_dir={out}", "--mapper_hidden_dim=64"])
     hp, meta = train.resolve_resume(["--resume", f"--output_dir={out}", "--num_epochs=2"])
     assert hp["num_epochs"] == 2 and "num_epochs changed from 1 to 2" in capsys.readouterr().out
     assert train.main(["--resume", f"--output_dir={out}", "--num_epochs=2"]) == 0

@@ -16,7 +16,7 @@ CAPTIONS = [["a red dog"], ["the blue cat sits on the grass"], ["a green ball"],
 
 
 def store_for(model, seed=0):
-    feats = torch.randn(len(CAPTIONS), model.config.clip_embed_dim, generator=torch.Generator().manual_seed(seed))
+    feats = torch.randn(len(CAPTIONS), model.config.encoder_embed_dim, generator=torch.Generator().manual_seed(seed))
     return Datastore.build(feats, [f"{i}.png" for i in range(len(CAPTIONS))], CAPTIONS, "fp"), feats
 
 
@@ -56,9 +56,9 @@ def test_the_prompt_is_left_padded_and_greedy_equals_teacher_forced_argmax():
     store, feats = store_for(model)
     model.attach_datastore(store)
     torch.manual_seed(3)
-    for p in model.projector.parameters():
+    for p in model.mapper.parameters():
         p.data.normal_(0, 0.5)
-    q = torch.randn(3, model.config.clip_embed_dim)
+    q = torch.randn(3, model.config.encoder_embed_dim)
     ids, mask = model.retrieval_prompt(q)
     assert (mask.sum(1) != mask.shape[1]).any() and (mask[:, -1] == 1).all()  # left padding where shorter
     text = model.tokenizer.decode(ids[0][mask[0].bool()])
@@ -80,7 +80,7 @@ def test_the_prompt_is_left_padded_and_greedy_equals_teacher_forced_argmax():
 def test_a_retrieval_model_without_a_datastore_says_so():
     model = make_model(retrieval_k=2, positions=256)
     with pytest.raises(ValueError, match="datastore"):
-        model.generate(image_embeds=torch.randn(1, model.config.clip_embed_dim))
+        model.generate(image_embeds=torch.randn(1, model.config.encoder_embed_dim))
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from capkit.data.images import SkipLog
 from capkit.errors import ConfigError, run_cli
 from dataset import load_splits
 
-DEMO_MODEL = ["--clip_model_name=demo/clip-tiny", "--clip_pretrained=None", "--lm_name=demo/qwen3-tiny",
+DEMO_MODEL = ["--encoder_name=demo/clip-tiny", "--encoder_pretrained=None", "--lm_name=demo/qwen3-tiny",
               "--tokenizer_name=demo/qwen3-tiny", "--lm_dtype=float32", "--device=cpu", "--log_with=None"]
 
 
@@ -165,7 +165,7 @@ def test_seed001_full_pipeline_command_reads_as_meant(tmp_path, capsys):
 
 
 def test_did_you_mean_never_names_a_key_of_another_meaning():
-    from capkit.training.config import KEY_ALIASES
+    from capkit.names import SPELLINGS
     for typo, meant in (("--bach_size=4", "batch_size"), ("--learning_rte=1", "learning_rate"),
                         ("--blocksize=4", "max_caption_length"), ("--num_epoch=2", "num_epochs")):
         with pytest.raises(ConfigError, match=f"did you mean '{meant}'"):
@@ -174,7 +174,7 @@ def test_did_you_mean_never_names_a_key_of_another_meaning():
         with pytest.raises(ConfigError) as e:
             resolve([unknown])
         assert "did you mean" not in str(e.value), (unknown, str(e.value).splitlines()[0])
-    assert set(KEY_ALIASES.values()) - {"config"} <= set(train.hyperparameters)  # every alias names a real key
+    assert set(SPELLINGS.values()) - {"config"} <= set(train.hyperparameters)  # every alias names a real key
 
 
 def test_seed_flags_capkit_answers_another_way_say_what_to_use(capsys):
@@ -182,7 +182,7 @@ def test_seed_flags_capkit_answers_another_way_say_what_to_use(capsys):
     err = capsys.readouterr().err
     assert "--resume" in err and "Ctrl-C" in err and "Traceback" not in err
     assert train.main(["--model_config", "{}"]) == 2
-    assert "proj_dropout" in capsys.readouterr().err
+    assert "mapper_dropout" in capsys.readouterr().err
     assert train.main(["--interactive"]) == 2 and "--resume" in capsys.readouterr().err  # bare, at the end
     assert train.main(["--augment-images"]) == 2  # an unknown bare flag is unknown, not "needs a value"
     assert "unknown hyperparameter" in capsys.readouterr().err
@@ -230,9 +230,9 @@ def test_keys_a_model_type_never_reads_are_said_once(capsys):
     _, out = resolve(["--gradient_checkpointing=True", "--lora_r=8"], capsys)
     assert out.count("gradient_checkpointing has no effect on model_type='prefix'") == 1
     assert "lora_r has no effect on model_type='prefix'" in out
-    _, out = resolve(["--model_type=git", "--gradient_checkpointing", "--lora_r=8", "--proj_hidden_dim=64"], capsys)
+    _, out = resolve(["--model_type=git", "--gradient_checkpointing", "--lora_r=8", "--mapper_hidden_dim=64"], capsys)
     assert "gradient_checkpointing" not in out and "lora_r" not in out
-    assert "proj_hidden_dim has no effect on model_type='git'" in out
+    assert "mapper_hidden_dim has no effect on model_type='git'" in out
     _, out = resolve(["--gradient_checkpointing=False"], capsys)  # asking for nothing: nothing to say
     assert "no effect" not in out
 

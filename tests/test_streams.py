@@ -187,8 +187,8 @@ def test_feature_shards_hold_every_readable_image_once_and_count_the_rest(folder
     write_webdataset(data.images[:5], data.captions[:5], str(tmp_path / "s"), per_shard=3)          # 2 shards
     with wds.TarWriter(str(tmp_path / "s-00002.tar")) as sink:
         sink.write({"__key__": "bad", "png": b"\x89PNG but not really", "txt": "a corrupt image"})
-    model = make_model(clip_features=features, **({"proj_type": "transformer", "proj_num_layers": 1,
-                                                  "proj_num_heads": 2} if features == "tokens" else {}))
+    model = make_model(encoder_features=features, **({"mapper_type": "transformer", "mapper_num_layers": 1,
+                                                  "mapper_num_heads": 2} if features == "tokens" else {}))
     skips = SkipLog()
     shards = extract_shard_features(model, tar_shards(str(tmp_path / "s-{00000..00002}.tar")), tmp_path / "c", skips)
     assert "feature cache: 6 images x" in capsys.readouterr().out   # the size, said before extracting

@@ -65,7 +65,7 @@ def test_targets_claims_are_judged_from_the_rows_and_a_miss_is_exit_6(tmp_path, 
     scores = {}
 
     def fake_run(preset, work, extra):
-        r = {"preset": preset, "proj_type": preset.split("_")[1], "clip_features": "tokens", "decoder": "d",
+        r = {"preset": preset, "mapper_type": preset.split("_")[1], "encoder_features": "tokens", "decoder": "d",
              "trainable_parameters": 1, "pairs_seen": 1, "rouge_l": scores[preset], "cider": 1.0, "loss": 0.1,
              "shuffled_rouge_l": 0.6, "shuffled_cider": 0.5, "minutes": 0.1}
         return {**r, "ablation_drop": r["rouge_l"] - 0.6}

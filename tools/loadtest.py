@@ -46,7 +46,7 @@ from capkit.data.shapes import random_attrs, render
 from capkit.hub import REPO_DIR
 from capkit.models.captioner import CaptionerConfig
 from capkit.serving import SERVING
-from model import ClipCaptioner
+from model import PrefixCaptioner
 from tools import loadtest_pressure as pressure
 from tools.bench import real_shape_lm_config
 from tools.paths import DEMO_LM_DIR
@@ -79,7 +79,7 @@ def real_shape_checkpoint(folder: Path) -> str:
     Qwen3ForCausalLM._from_config(real_shape_lm_config(tok), dtype=torch.bfloat16).save_pretrained(lm_dir)
     tok.save_pretrained(lm_dir)
     path = folder / "model_state_dict_realshape-1.pth"
-    ClipCaptioner.from_config(CaptionerConfig(clip_model_name=f"local-dir:{clip_dir}", clip_pretrained=None,
+    PrefixCaptioner.from_config(CaptionerConfig(encoder_name=f"local-dir:{clip_dir}", encoder_pretrained=None,
                                               lm_name=str(lm_dir))).save_checkpoint(path)
     return str(path)
 

@@ -101,7 +101,7 @@ from capkit.data.shards import tar_shards
 from model import build_model
 source, data, cache = sys.argv[1:4]
 acc = Accelerator(cpu=True)
-model = build_model(CaptionerConfig(clip_model_name="demo/clip-tiny", clip_pretrained=None, lm_name="demo/qwen3-tiny",
+model = build_model(CaptionerConfig(encoder_name="demo/clip-tiny", encoder_pretrained=None, lm_name="demo/qwen3-tiny",
                                     lm_dtype="float32"), "cpu")
 acc.wait_for_everyone()
 t = time.time()  # (everything imported and loaded: the figure is the data's way from files to features)

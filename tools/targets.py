@@ -1,6 +1,6 @@
 """
-Measure what the mapping networks and a real decoder achieve, and print the table the README shows
-("Which mapping network", "A real decoder"). Each row is one `python train.py --preset NAME` run, as a
+Measure what the mappers and a real decoder achieve, and print the table the README shows
+("Which mapper", "A real decoder"). Each row is one `python train.py --preset NAME` run, as a
 user would start it, scored on its held-out test split with the image ablation.
 
     python -m tools.targets                      # all: scenes x {mlp, transformer, resampler}, then SmolLM2 (~50 min)
@@ -39,17 +39,17 @@ SMOLLM2 = "smollm2_demo"
 # CI: every preset for two epochs at batch 16 (2,500 steps, ~8 min on 2 cores). What the token mappers need to
 # overtake the MLP early is optimizer steps: at batch 64 they trail it for the first two epochs, and at batch 16
 # one epoch is a coin toss between seeds, two put both ahead with every seed tried. The measured figures live in
-# one place: README, "Which mapping network" ("The token mappers start slower").
+# one place: README, "Which mapper" ("The token mappers start slower").
 REDUCED = ["--num_epochs=2", "--batch_size=16"]
 SCENES_TARGETS = {"rouge_l_min": 0.90, "margin_over_mlp_min": 0.10, "ablation_drop_min": 0.25}
 # real photographs: trained on the 612 Flickr8k train photos, scored on the 238 test/dev photos beside them.
 # Each variant is `train.py --preset real_photos` (3 beams) plus these flags; the first one's checkpoint is also decoded
 # greedily (eval.py --num_beams 1)
 REAL_PHOTOS = {"mlp": [],  # pooled features
-               "transformer": ["--proj_type=transformer", "--clip_features=tokens", "--proj_num_layers=2",
-                               "--proj_num_heads=8", "--proj_hidden_dim=1024"],  # tokens: the 7 x 7 feature map
-               "resampler": ["--proj_type=resampler", "--clip_features=tokens", "--proj_num_layers=2",
-                             "--proj_num_heads=8", "--proj_hidden_dim=1024"],
+               "transformer": ["--mapper_type=transformer", "--encoder_features=tokens", "--mapper_num_layers=2",
+                               "--mapper_num_heads=8", "--mapper_hidden_dim=1024"],  # tokens: the 7 x 7 feature map
+               "resampler": ["--mapper_type=resampler", "--encoder_features=tokens", "--mapper_num_layers=2",
+                             "--mapper_num_heads=8", "--mapper_hidden_dim=1024"],
                "mlp+retrieval": ["--retrieval_k=4"]}
 REAL_PHOTO_TARGETS = {"cider_min": 0.35, "margin_over_knn_min": 0.08, "distinct_min": 0.90,
                       "ablation_cider_drop_min": 0.15, "minutes_max": 60.0}
@@ -85,7 +85,7 @@ def run_preset(preset: str, work: Path, extra: list[str]) -> dict:
     meta, minutes = timed_run([sys.executable, "train.py", "--preset", preset, f"--output_dir={out}", "--log_with=None",
                                f"--feature_cache_dir={work / 'features'}", *extra], out)
     test, hp = meta["test"], meta["hyperparameters"]
-    row = {"preset": preset, "proj_type": hp["proj_type"], "clip_features": hp["clip_features"],
+    row = {"preset": preset, "mapper_type": hp["mapper_type"], "encoder_features": hp["encoder_features"],
            "decoder": Path(hp["lm_name"]).name, "trainable_parameters": meta["trainable_parameters"],
            "pairs_seen": meta["step"] * hp["batch_size"], "rouge_l": test["rouge_l"], "cider": test["cider"],
            "loss": test["loss"], "shuffled_rouge_l": test["ablated"]["rouge_l"],
@@ -168,7 +168,7 @@ def check_scenes(rows: dict, reduced: bool) -> list[tuple[str, bool]]:
     """-> (claim, met) for the scenes rows."""
     mlp = rows["scenes_mlp"]
     best = max((rows["scenes_transformer"], rows["scenes_resampler"]), key=lambda r: r["rouge_l"])
-    claims = [(f"{best['proj_type']} ({best['rouge_l']:.3f}) > mlp ({mlp['rouge_l']:.3f}) on scenes",
+    claims = [(f"{best['mapper_type']} ({best['rouge_l']:.3f}) > mlp ({mlp['rouge_l']:.3f}) on scenes",
                best["rouge_l"] > mlp["rouge_l"])]
     if not reduced:
         t = SCENES_TARGETS
@@ -193,7 +193,7 @@ def print_table(rows: list[dict]) -> None:
     """The README's table (markdown)."""
     markdown_table(["preset", "mapper", "features", "decoder", "trainable", "pairs seen", "test ROUGE-L", "CIDEr",
                     "shuffled ROUGE-L", "drop", "shuffled CIDEr", "minutes"], 4,
-                   [[r["preset"], r["proj_type"], r["clip_features"], r["decoder"],
+                   [[r["preset"], r["mapper_type"], r["encoder_features"], r["decoder"],
                      f"{r['trainable_parameters'] / 1e6:.2f}M", f"{r['pairs_seen']:,}", f"{r['rouge_l']:.3f}",
                      f"{r['cider']:.3f}", f"{r['shuffled_rouge_l']:.3f}", f"{r['ablation_drop']:.3f}",
                      f"{r['shuffled_cider']:.3f}", r["minutes"]] for r in rows])

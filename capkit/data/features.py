@@ -5,9 +5,9 @@ embedding is extracted in batches (with a progress bar) and cached on disk.
     from capkit.data.features import image_features
     feats, ok = image_features(model, data.images, cache_dir="cache/features")   # (N_ok, E) or (N_ok, N, W) fp16
 
-What is cached follows clip_features: the pooled embedding (E per image) or the ViT's patch tokens
+What is cached follows encoder_features: the pooled embedding (E per image) or the ViT's patch tokens
 (N x W per image; announce_size says how much disk that takes before extracting).
-The cache key is the encoder's identity (kind + name + layer + a hash of its weights + its preprocessing + clip_features)
+The cache key is the encoder's identity (kind + name + layer + a hash of its weights + its preprocessing + encoder_features)
 and the content of every image (a hash of the file bytes): change any of them and the features
 are recomputed. Files are safetensors (fp16) written atomically; a file that is truncated, corrupt
 or doesn't match its key is detected and rebuilt, never trusted.
@@ -69,8 +69,8 @@ def encoder_fingerprint(model) -> str:
     """Name + weights + preprocessing of the frozen encoder (and the version of the decoding before it)."""
     h = hashlib.sha256()
     c = model.config
-    h.update(f"{c.encoder_type}|{c.clip_model_name}|{c.clip_pretrained}|{c.clip_image_size}|decode {DECODE_VERSION}|"
-             f"{c.clip_features}|layer {c.encoder_layer}".encode())
+    h.update(f"{c.encoder_type}|{c.encoder_name}|{c.encoder_pretrained}|{c.encoder_image_size}|decode {DECODE_VERSION}|"
+             f"{c.encoder_features}|layer {c.encoder_layer}".encode())
     for name, t in sorted(model.image_encoder.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
@@ -84,7 +84,7 @@ def announce_size(model, n_images: int, path: Path) -> None:
     shape = model.feature_shape  # (E,) or (N, W)
     need = n_images * math.prod(shape) * 2  # fp16
     what = "x".join(map(str, shape))
-    print(f"feature cache: {n_images} images x {what} fp16 ({model.config.clip_features}) = {need / 1e6:,.1f} MB "
+    print(f"feature cache: {n_images} images x {what} fp16 ({model.config.encoder_features}) = {need / 1e6:,.1f} MB "
           f"-> {path}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -125,7 +125,7 @@ def spread_line(res: dict) -> str:
     line = (f"distinct captions: {share:.0%} of {n} images; most repeated ({res['most_repeated_count']}x): "
             f"{res['most_repeated_caption']!r}")
     if share < COLLAPSE_SHARE:
-        line = (f"⚠️ {line}. Fewer than half the images get a caption of their own: the mapping network has not "
+        line = (f"⚠️ {line}. Fewer than half the images get a caption of their own: the mapper has not "
                 "learned to tell them apart yet (train longer, or check the learning rate and the features)")
     return line
 
@@ -148,8 +148,8 @@ def clip_score_unavailable(model, key: str) -> str | None:
         return "CLIPScore needs the captioner's own CLIP image embedding (git / blip models have none)"
     if getattr(enc, "kind", None) != "open_clip":
         return (f"CLIPScore needs a CLIP text tower trained with the image encoder; this model's encoder is "
-                f"{model.config.encoder_type} {model.config.clip_model_name!r}, which has none")
-    if model.config.clip_features != "pooled":
+                f"{model.config.encoder_type} {model.config.encoder_name!r}, which has none")
+    if model.config.encoder_features != "pooled":
         return "CLIPScore needs CLIP's pooled image embedding; this model reads patch tokens"
     return None
 

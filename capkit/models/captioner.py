@@ -2,7 +2,7 @@
 What every capkit captioner is: its config (CaptionerConfig, saved in each checkpoint), the decoding settings
 every script shares (Generation, GENERATION_LIMITS), the interface the scripts rely on (Captioner: tokenize,
 forward -> (logits, loss), generate, save_checkpoint) and its loss (masked_cross_entropy). The models that fill
-it in: model.ClipCaptioner (the main path) and capkit.models.hf_captioner.HFCaptioner (GIT / BLIP).
+it in: model.PrefixCaptioner (the main path) and capkit.models.hf_captioner.HFCaptioner (GIT / BLIP).
 """
 from __future__ import annotations
 
@@ -15,32 +15,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from capkit.errors import ConfigError
-from capkit.models.encoders import ENCODER_TYPES, FEATURE_KINDS
+from capkit.models.encoders import ENCODER_BOUNDS, ENCODER_TYPES, FEATURE_KINDS
+from capkit.models.mappers import MAPPER_BOUNDS, MAPPER_INPUTS, MAPPER_TYPES
+from capkit.models.retrieval import RETRIEVAL_BOUNDS
+from capkit.names import current_names, current_value
 
 # model_type "prefix": the main path (frozen encoder -> trainable mapper -> prefix of a frozen decoder, any of the
-# four mappers); "git" / "blip": the adapter path. "clip_mlp", its name until 2026-12, still reads as "prefix"
+# four mappers); "git" / "blip": the adapter path. Older names of keys and values ("clip_mlp") are read through
+# capkit/names.py
 MODEL_TYPES = ("prefix", "git", "blip")
-MODEL_TYPE_ALIASES = {"clip_mlp": "prefix"}
-CHECKPOINT_FORMAT = "capkit.prefix.v1"
-CHECKPOINT_FORMATS_READ = (CHECKPOINT_FORMAT, "capkit.clip_mlp.v1")  # the one written, and the older ones read
-HF_CHECKPOINT_FORMAT = "capkit.hf.v1"
-HF_CONFIG_FILE = "capkit_config.json"  # in an adapter or merged-model folder: what rebuilds it
-CLIP_FEATURES = FEATURE_KINDS
 
 
-RETRIEVAL_K_MAX = 16            # retrieved captions in a prompt at most
-# the sizes a config may ask for (inclusive): a hand-edited or hostile config can't ask for terabytes of weights.
-# train.py's hyperparameters are checked against the same bounds (capkit/training/config.py RANGES)
-CONFIG_BOUNDS = {"proj_prefix_length": (1, 1024), "proj_hidden_dim": (1, 65536), "lora_r": (1, 4096),
-                 "retrieval_k": (0, RETRIEVAL_K_MAX), "encoder_layer": (-64, -1), "proj_num_layers": (1, 64),
-                 "proj_num_heads": (1, 256)}
-# each mapping network (build_projector) and the image features it takes (clip_features)
-PROJECTOR_INPUTS = {"mlp": ("pooled",), "linear": ("pooled",), "transformer": ("pooled", "tokens"),
-                    "resampler": ("tokens",)}
-
-
-PROJECTOR_TYPES = tuple(PROJECTOR_INPUTS)
-RETRIEVAL_CAPTION_TOKENS = 24   # each retrieved caption is cut to this many tokens in the prompt
+# the sizes a config may ask for (inclusive), each declared by the part it sizes: a hand-edited or hostile config
+# can't ask for terabytes of weights. train.py's hyperparameters are checked against the same bounds (config.py)
+CONFIG_BOUNDS = {**ENCODER_BOUNDS, **MAPPER_BOUNDS, **RETRIEVAL_BOUNDS}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,22 +41,22 @@ class CaptionerConfig:
     # "hf-hub:org/repo", or "local-dir:/path"), "timm" (a timm name + weights file, or a timm folder) or "hf"
     # (a transformers vision model: hub id or save_pretrained folder)
     encoder_type: str = "open_clip"
-    clip_model_name: str = "ViT-B-32"
-    clip_pretrained: str | None = "openai"
-    clip_image_size: int | None = None      # None: the encoder's native input size
-    clip_normalize: bool = True             # L2-normalise the pooled embedding (contrastive encoders only: CLIP, SigLIP)
-    clip_features: str = "pooled"           # "pooled": one embedding (E) per image | "tokens": a ViT's patch tokens
+    encoder_name: str = "ViT-B-32"
+    encoder_pretrained: str | None = "openai"
+    encoder_image_size: int | None = None      # None: the encoder's native input size
+    encoder_normalize: bool = True             # L2-normalise the pooled embedding (contrastive encoders only: CLIP, SigLIP)
+    encoder_features: str = "pooled"           # "pooled": one embedding (E) per image | "tokens": a ViT's patch tokens
                                             #   or a CNN's H*W feature map (N x W), for the transformer / resampler
     encoder_layer: int = -1                 # tokens of this block (-1: the final features; -2: the one before)
     retrieval_k: int = 0                    # > 0: the captions of the k nearest datastore images (retrieval.py) are
                                             #   a text prompt before the image prefix (SmallCap's idea)
-    # projector ("mapping network"): image features -> prefix_length x decoder hidden size (P x H)
-    proj_type: str = "mlp"                  # PROJECTOR_TYPES: "mlp" | "linear" | "transformer" | "resampler"
-    proj_prefix_length: int = 10
-    proj_hidden_dim: int = 2048             # mlp: hidden width; transformer / resampler: feed-forward width
-    proj_dropout: float = 0.0
-    proj_num_layers: int = 8                # transformer / resampler blocks (ClipCap's mapper: 8)
-    proj_num_heads: int = 8                 # attention heads (must divide the decoder's hidden size)
+    # mapper ("mapper"): image features -> prefix_length x decoder hidden size (P x H)
+    mapper_type: str = "mlp"                  # MAPPER_TYPES: "mlp" | "linear" | "transformer" | "resampler"
+    mapper_prefix_length: int = 10
+    mapper_hidden_dim: int = 2048             # mlp: hidden width; transformer / resampler: feed-forward width
+    mapper_dropout: float = 0.0
+    mapper_num_layers: int = 8                # transformer / resampler blocks (ClipCap's mapper: 8)
+    mapper_num_heads: int = 8                 # attention heads (must divide the decoder's hidden size)
     # decoder (transformers AutoModelForCausalLM): hub id or local save_pretrained folder
     lm_name: str = "Qwen/Qwen3-0.6B-Base"
     lm_tokenizer_name: str | None = None    # None: same as lm_name
@@ -83,37 +71,39 @@ class CaptionerConfig:
     target_modules: list | None = None      # None: the family's default (HF_FAMILIES)
     gradient_checkpointing: bool = False
     # read from the loaded backbones when the model is built; stored so checkpoints describe themselves
-    clip_embed_dim: int | None = None
-    clip_token_dim: int | None = None       # width W of the patch tokens (clip_features "tokens")
+    encoder_embed_dim: int | None = None
+    encoder_token_dim: int | None = None       # width W of the patch tokens (encoder_features "tokens")
     lm_hidden_size: int | None = None
 
     def __post_init__(self):
-        self.model_type = MODEL_TYPE_ALIASES.get(self.model_type, self.model_type)
+        self.model_type = current_value("model_type", self.model_type)
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"unknown model_type {self.model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
-        for key, allowed in (("clip_features", CLIP_FEATURES), ("proj_type", PROJECTOR_TYPES),
+        for key, allowed in (("encoder_features", FEATURE_KINDS), ("mapper_type", MAPPER_TYPES),
                              ("encoder_type", ENCODER_TYPES)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"unknown {key} {getattr(self, key)!r}; expected one of {', '.join(allowed)}")
-        if self.model_type == "prefix" and self.clip_features not in PROJECTOR_INPUTS[self.proj_type]:
-            raise ValueError(f"proj_type {self.proj_type!r} takes clip_features "
-                             f"{' or '.join(map(repr, PROJECTOR_INPUTS[self.proj_type]))}, not {self.clip_features!r} "
+        if self.model_type == "prefix" and self.encoder_features not in MAPPER_INPUTS[self.mapper_type]:
+            raise ValueError(f"mapper_type {self.mapper_type!r} takes encoder_features "
+                             f"{' or '.join(map(repr, MAPPER_INPUTS[self.mapper_type]))}, not {self.encoder_features!r} "
                              "(the transformer mapper takes either; the resampler needs 'tokens')")
-        # bounds that keep a hand-edited or hostile config from asking for terabytes of projector weights
+        # bounds that keep a hand-edited or hostile config from asking for terabytes of mapper weights
         for key, (lo, hi) in CONFIG_BOUNDS.items():
             v = getattr(self, key)
             if isinstance(v, int) and not lo <= v <= hi:
                 raise ValueError(f"model config {key}={v} is out of range [{lo}, {hi}]")
-        for key in ("proj_dropout", "lora_dropout"):
+        for key in ("mapper_dropout", "lora_dropout"):
             v = getattr(self, key)
             if isinstance(v, (int, float)) and not 0 <= v < 1:
                 raise ValueError(f"model config {key}={v} must be in [0, 1)")
 
     @classmethod
     def from_dict(cls, d: dict) -> "CaptionerConfig":
-        """A config read from a file: unknown keys and values of the wrong type are refused (ValueError)."""
+        """A config read from a file: old key names read as today's (names.py); unknown keys and values of the
+        wrong type are refused (ValueError)."""
         if not isinstance(d, dict):
             raise ValueError(f"the model config must be a JSON object, got {type(d).__name__}")
+        d, _ = current_names(d, "the model config")
         known = {f.name: f.type for f in fields(cls)}
         unknown = sorted(set(d) - set(known))
         if unknown:

@@ -8,10 +8,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
 from capkit.hub import from_pretrained
-from capkit.models.captioner import CaptionerConfig
 
 # ----------------------------------------------------------------------------------------------
 # loading backbones (hub.hub_or_cache: one clear message when the hub can't be reached)
+
+# lm_dtype: the decoder's weights in memory; "auto" (None here) is bfloat16 on a CUDA GPU that has it, else float32
+LM_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def resolve_dtype(name: str, device: str | torch.device | None = None) -> torch.dtype:
     """lm_dtype -> torch dtype. "auto": bf16 where the decoder will run on a GPU that has it, else fp32 (a bf16
@@ -20,12 +23,12 @@ def resolve_dtype(name: str, device: str | torch.device | None = None) -> torch.
         on_gpu = device is None or torch.device(device).type == "cuda"
         return torch.bfloat16 if on_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+        return LM_DTYPES[name]
     except KeyError:
-        raise ValueError(f"unknown lm_dtype {name!r}; expected auto, float32, bfloat16 or float16") from None
+        raise ValueError(f"unknown lm_dtype {name!r}; expected one of {', '.join(LM_DTYPES)}") from None
 
 
-def load_decoder(cfg: CaptionerConfig, device: str | torch.device | None = None):
+def load_decoder(cfg, device: str | torch.device | None = None):
     """transformers causal LM + tokenizer from a hub id or local folder; lm_dtype=auto is resolved for `device`."""
     lm = from_pretrained(AutoModelForCausalLM, cfg.lm_name, "decoder", "lm_name",
                          dtype=resolve_dtype(cfg.lm_dtype, device))
@@ -76,7 +79,7 @@ def stop_when(stop) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# the main path: frozen CLIP -> trainable projector -> frozen decoder
+# the main path: frozen CLIP -> trainable mapper -> frozen decoder
 
 def tokenize_captions(tok, captions, max_length: int) -> dict[str, torch.Tensor]:
     """-> input_ids, attention_mask (B, T): each caption's tokens + EOS, T = longest in batch (no BOS:

@@ -1,7 +1,7 @@
 """
 Frozen image encoders behind one interface: build_image_encoder(cfg) -> (ImageEncoder, preprocess).
 
-    encoder_type    clip_model_name                          clip_pretrained
+    encoder_type    encoder_name                          encoder_pretrained
     "open_clip"     ViT-B-32 | hf-hub:org/repo | local-dir:  pretrained tag | weights file | None
     "timm"          a timm name (efficientnet_lite0) or a     a weights file (.safetensors / .pth state dict)
                     folder with timm's config.json + weights   | None (the folder's weights, or timm's hub ones)
@@ -37,6 +37,7 @@ from capkit.hub import first_line, from_pretrained, hub_or_cache, resolve_local_
 
 ENCODER_TYPES = ("open_clip", "timm", "hf")
 FEATURE_KINDS = ("pooled", "tokens")
+ENCODER_BOUNDS = {"encoder_layer": (-64, -1)}  # tokens of which block: the last 64 at most (inclusive)
 TIMM_CONFIG = "config.json"           # a timm model folder (timm.models.save_for_hf): architecture + preprocessing
 TIMM_WEIGHTS = "model.safetensors"
 CONTRASTIVE_HF_TYPES = ("clip", "clip_vision_model", "siglip", "siglip_vision_model")
@@ -88,9 +89,9 @@ class OpenClipEncoder(ImageEncoder):
         super().__init__(features, layer, size[0] if isinstance(size, (tuple, list)) else int(size))
         self.visual = visual
         if features == "tokens" and not isinstance(visual, open_clip.transformer.VisionTransformer):
-            raise ConfigError(f"clip_features='tokens' needs a ViT image encoder (open_clip VisionTransformer); "
+            raise ConfigError(f"encoder_features='tokens' needs a ViT image encoder (open_clip VisionTransformer); "
                               f"{name!r} is a {type(visual).__name__}, which has no patch tokens. Use "
-                              "clip_features='pooled' (with proj_type mlp, linear or transformer), a ViT-* encoder, "
+                              "encoder_features='pooled' (with mapper_type mlp, linear or transformer), a ViT-* encoder, "
                               "or encoder_type='timm' (a CNN's feature map becomes tokens).")
 
     def pooled(self, x):
@@ -118,15 +119,15 @@ def load_clip(cfg):
             logging.disable(logging.ERROR)
         try:
             return open_clip.create_model_and_transforms(name, pretrained=pretrained,
-                                                         force_image_size=cfg.clip_image_size)
+                                                         force_image_size=cfg.encoder_image_size)
         finally:
             if offline:
                 logging.disable(logging.NOTSET)
     try:
         model, _, preprocess = hub_or_cache(
-            create, f"the CLIP image encoder {cfg.clip_model_name!r} (pretrained={cfg.clip_pretrained!r})",
-            "set `clip_pretrained` to a local weights file (e.g. --clip_pretrained=/path/ViT-B-32.pt), "
-            "or `clip_model_name` to 'local-dir:/path' (a folder with open_clip_config.json + weights).",
+            create, f"the CLIP image encoder {cfg.encoder_name!r} (pretrained={cfg.encoder_pretrained!r})",
+            "set `encoder_pretrained` to a local weights file (e.g. --encoder_pretrained=/path/ViT-B-32.pt), "
+            "or `encoder_name` to 'local-dir:/path' (a folder with open_clip_config.json + weights).",
         ) if needs_hub else create(False)
     except HubUnavailableError:
         raise
@@ -134,7 +135,7 @@ def load_clip(cfg):
         if local is not None:
             raise RefusedFileError(f"the CLIP encoder {local} can't be loaded by open_clip "
                                    f"({type(e).__name__}: {first_line(e)})") from None
-        raise ConfigError(f"clip_model_name={cfg.clip_model_name!r} / clip_pretrained={cfg.clip_pretrained!r}: "
+        raise ConfigError(f"encoder_name={cfg.encoder_name!r} / encoder_pretrained={cfg.encoder_pretrained!r}: "
                           f"open_clip can't build it ({type(e).__name__}: {first_line(e)})") from None
     return model, preprocess, name
 
@@ -142,26 +143,26 @@ def load_clip(cfg):
 def _clip_source(cfg) -> tuple[str, str | None, Path | None]:
     """-> (name, pretrained) to give open_clip, and the local folder or weights file they come from (None:
     the hub or open_clip's built-in configs). Local weights that would run code are refused here, first."""
-    name, pretrained = cfg.clip_model_name, cfg.clip_pretrained
+    name, pretrained = cfg.encoder_name, cfg.encoder_pretrained
     folder = resolve_local_path(name.removeprefix("local-dir:"))
     if folder is not None and folder.is_dir():
         check_model_folder(folder, "CLIP folder")  # its weights file is refused if it would run code
         return f"local-dir:{folder}", None, folder
     if name.startswith("local-dir:"):
-        raise ConfigError(f"clip_model_name {cfg.clip_model_name!r}: no such folder")
+        raise ConfigError(f"encoder_name {cfg.encoder_name!r}: no such folder")
     weights = resolve_local_path(pretrained) if pretrained else None
     if weights is None:
         return name, pretrained, None
     if not weights.is_file():
-        raise ConfigError(f"clip_pretrained {cfg.clip_pretrained!r} is not a file (a weights file is expected)")
+        raise ConfigError(f"encoder_pretrained {cfg.encoder_pretrained!r} is not a file (a weights file is expected)")
     if weights.suffix != ".safetensors":
-        torch_load(weights, "clip_pretrained: the CLIP weights file")  # refused in capkit's words if it would run code
+        torch_load(weights, "encoder_pretrained: the CLIP weights file")  # refused in capkit's words if it would run code
     return name, str(weights), weights
 
 
 def build_open_clip(cfg):
     model, preprocess, _ = load_clip(cfg)
-    return OpenClipEncoder(model.visual, cfg.clip_features, cfg.encoder_layer, cfg.clip_model_name), preprocess
+    return OpenClipEncoder(model.visual, cfg.encoder_features, cfg.encoder_layer, cfg.encoder_name), preprocess
 
 
 # ---------------------------------------------------------------------------------------------- timm
@@ -203,7 +204,7 @@ def _timm_weights(path: Path) -> dict:
             return load_file(str(path))
         except Exception as e:
             raise RefusedFileError(f"{path} is not a readable safetensors file ({first_line(e)})") from None
-    sd = torch_load(path, "clip_pretrained: the encoder weights file")
+    sd = torch_load(path, "encoder_pretrained: the encoder weights file")
     sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise RefusedFileError(f"{path} is not a state dict (a mapping of names to tensors)")
@@ -211,10 +212,10 @@ def _timm_weights(path: Path) -> dict:
 
 
 def build_timm(cfg):
-    name, folder = cfg.clip_model_name, resolve_local_path(cfg.clip_model_name)
-    kw, weights = {}, resolve_local_path(cfg.clip_pretrained) if cfg.clip_pretrained else None
-    if cfg.clip_pretrained and (weights is None or not weights.is_file()):
-        raise ConfigError(f"clip_pretrained {cfg.clip_pretrained!r}: no such weights file")
+    name, folder = cfg.encoder_name, resolve_local_path(cfg.encoder_name)
+    kw, weights = {}, resolve_local_path(cfg.encoder_pretrained) if cfg.encoder_pretrained else None
+    if cfg.encoder_pretrained and (weights is None or not weights.is_file()):
+        raise ConfigError(f"encoder_pretrained {cfg.encoder_pretrained!r}: no such weights file")
     if folder is not None and folder.is_dir():  # timm's own folder layout (save_for_hf)
         check_model_folder(folder, "timm encoder folder")
         if not (folder / TIMM_CONFIG).is_file():
@@ -234,12 +235,12 @@ def build_timm(cfg):
             model = timm.create_model(name, pretrained=False, **kw)
         else:  # timm's own pretrained weights, from the hub or its cache
             model = hub_or_cache(lambda offline: _timm_from_hub(name, offline), f"the timm encoder {name!r}",
-                                 "set `clip_pretrained` to a local weights file, or `clip_model_name` to a folder "
+                                 "set `encoder_pretrained` to a local weights file, or `encoder_name` to a folder "
                                  "(python -m tools.demo_assets --real-encoder writes one).")
     except (HubUnavailableError, RefusedFileError):
         raise
     except Exception as e:  # an unknown name, bad model_args
-        raise ConfigError(f"clip_model_name={cfg.clip_model_name!r} (encoder_type 'timm'): timm can't build it "
+        raise ConfigError(f"encoder_name={cfg.encoder_name!r} (encoder_type 'timm'): timm can't build it "
                           f"({type(e).__name__}: {first_line(e)})") from None
     if weights is not None:
         try:
@@ -247,9 +248,9 @@ def build_timm(cfg):
         except RuntimeError as e:
             raise RefusedFileError(f"{weights}: its weights don't fit timm's {name} ({first_line(e)})") from None
     data_cfg = resolve_data_config({}, model=model)
-    if cfg.clip_image_size:
-        data_cfg["input_size"] = (3, cfg.clip_image_size, cfg.clip_image_size)
-    enc = TimmEncoder(model.eval(), cfg.clip_features, cfg.encoder_layer, data_cfg["input_size"][-1])
+    if cfg.encoder_image_size:
+        data_cfg["input_size"] = (3, cfg.encoder_image_size, cfg.encoder_image_size)
+    enc = TimmEncoder(model.eval(), cfg.encoder_features, cfg.encoder_layer, data_cfg["input_size"][-1])
     return enc, create_transform(**data_cfg, is_training=False)
 
 
@@ -300,16 +301,16 @@ class HFVisionEncoder(ImageEncoder):
 
 
 def build_hf_vision(cfg):
-    conf = from_pretrained(transformers.AutoConfig, cfg.clip_model_name, "vision model config", "clip_model_name")
+    conf = from_pretrained(transformers.AutoConfig, cfg.encoder_name, "vision model config", "encoder_name")
     kind = conf.model_type.removesuffix("_vision_model")
     cls = {"clip": transformers.CLIPVisionModel, "siglip": transformers.SiglipVisionModel}.get(
         kind, transformers.AutoModel)  # (a whole CLIP / SigLIP checkpoint: its vision tower alone)
-    model = from_pretrained(cls, cfg.clip_model_name, "vision model", "clip_model_name")
+    model = from_pretrained(cls, cfg.encoder_name, "vision model", "encoder_name")
     if not hasattr(model.config, "image_size") or not hasattr(model.config, "patch_size"):
-        raise ConfigError(f"clip_model_name={cfg.clip_model_name!r} (encoder_type 'hf') is a {type(model).__name__}, "
+        raise ConfigError(f"encoder_name={cfg.encoder_name!r} (encoder_type 'hf') is a {type(model).__name__}, "
                           "not a ViT-style vision model (CLIPVisionModel, SiglipVisionModel, Dinov2Model, ...)")
-    proc = from_pretrained(transformers.AutoImageProcessor, cfg.clip_model_name, "image processor", "clip_model_name")
-    return HFVisionEncoder(model.eval(), cfg.clip_features, cfg.encoder_layer), ImageProcessorTransform(proc)
+    proc = from_pretrained(transformers.AutoImageProcessor, cfg.encoder_name, "image processor", "encoder_name")
+    return HFVisionEncoder(model.eval(), cfg.encoder_features, cfg.encoder_layer), ImageProcessorTransform(proc)
 
 
 # ---------------------------------------------------------------------------------------------- the factory

@@ -14,13 +14,19 @@ import torch.nn as nn
 import transformers
 from transformers import AutoProcessor
 
-from capkit.checkpoints import MERGED_METADATA, metadata_name, stem_of
+from capkit.checkpoints import (
+    HF_CHECKPOINT_FORMAT,
+    HF_CONFIG_FILE,
+    MERGED_METADATA,
+    metadata_name,
+    read_folder_config,
+    read_metadata,
+    stem_of,
+)
 from capkit.errors import CapkitError, ConfigError, HubUnavailableError, RefusedFileError
 from capkit.files import atomic_folder, atomic_write_json, check_model_folder, read_json
 from capkit.hub import first_line, from_pretrained, resolve_local_path
 from capkit.models.captioner import (
-    HF_CHECKPOINT_FORMAT,
-    HF_CONFIG_FILE,
     Captioner,
     CaptionerConfig,
     masked_cross_entropy,
@@ -31,6 +37,9 @@ from capkit.models.encoders import ImageProcessorTransform
 # ----------------------------------------------------------------------------------------------
 # the alternative path: GIT / BLIP fine-tuned through PEFT adapters (optionally on a quantized base)
 
+QUANTIZATION_BITS = (4, 8, 16)  # 4 = QLoRA (nf4), 8, or 16 (not quantized)
+PEFT_MODULES = ("LoRA", "IA3")
+ADAPTER_BOUNDS = {"lora_r": (1, 4096)}  # the LoRA rank a config may ask for (inclusive)
 HF_FAMILIES = {
     # model_type: (default hub id, transformers class, LoRA targets, IA3 targets, IA3 feed-forward targets).
     # Targets are the text side's linear layers (BERT-style names in both families); the image side
@@ -61,8 +70,8 @@ def quantization_kwargs(bits: int) -> dict:
     """from_pretrained kwargs for bitsandbytes 4-bit (QLoRA: nf4, double quantization, bf16 compute) or 8-bit."""
     if bits == 16:
         return {}
-    if bits not in (4, 8):
-        raise ValueError(f"quantization_bits must be 4, 8 or 16, got {bits}")
+    if bits not in QUANTIZATION_BITS:
+        raise ValueError(f"quantization_bits must be one of {', '.join(map(str, QUANTIZATION_BITS))}, got {bits}")
     if bits == 4:
         return {"quantization_config": transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -116,6 +125,9 @@ def add_adapters(model, cfg: CaptionerConfig):
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(**ckpt_kw)
     _, _, lora_t, ia3_t, ia3_ff = HF_FAMILIES[cfg.model_type]
+    lo, hi = ADAPTER_BOUNDS["lora_r"]
+    if cfg.peft_module == "LoRA" and not lo <= cfg.lora_r <= hi:  # a hostile config can't ask for huge adapters
+        raise ValueError(f"model config lora_r={cfg.lora_r} is out of range [{lo}, {hi}]")
     if cfg.peft_module == "LoRA":
         pcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=cfg.target_modules or lora_t, bias="none")
@@ -123,7 +135,7 @@ def add_adapters(model, cfg: CaptionerConfig):
         targets = cfg.target_modules or ia3_t
         pcfg = IA3Config(target_modules=targets, feedforward_modules=[m for m in ia3_ff if m in targets])
     else:
-        raise ValueError(f"unknown peft_module {cfg.peft_module!r}; expected 'LoRA' or 'IA3'")
+        raise ValueError(f"unknown peft_module {cfg.peft_module!r}; expected one of {', '.join(PEFT_MODULES)}")
     model = get_peft_model(model, pcfg)
     # transformers/peft hook the input embeddings to require grad (for reentrant checkpointing);
     # GIT adds position embeddings in place onto that output, which autograd refuses
@@ -132,7 +144,7 @@ def add_adapters(model, cfg: CaptionerConfig):
 
 
 class HFCaptioner(Captioner):
-    """GIT or BLIP (+ PEFT adapters) behind ClipCaptioner's interface. Captions are tokenized as
+    """GIT or BLIP (+ PEFT adapters) behind PrefixCaptioner's interface. Captions are tokenized as
     [CLS] caption [SEP] (BLIP: its [DEC] BOS instead of [CLS], as its generate() starts with)."""
     supports_feature_cache = False  # the adapters change what the image side computes
 
@@ -230,12 +242,9 @@ def read_hf_config(path: Path, **config_overrides) -> CaptionerConfig:
         plain = " (a GIT / BLIP model as published: caption with it untrained through inference.py --model " \
             f"{path})" if hf_family(str(path)) else ""
         raise RefusedFileError(f"{path}: not a capkit model folder (no {HF_CONFIG_FILE}){plain}")
-    saved = read_json(path / HF_CONFIG_FILE, "model folder config", RefusedFileError)
-    if not isinstance(saved, dict) or saved.get("format") != HF_CHECKPOINT_FORMAT:
-        raise RefusedFileError(f"{path}: not a capkit model folder (format {HF_CHECKPOINT_FORMAT} expected "
-                               f"in {HF_CONFIG_FILE})")
+    saved = read_folder_config(path)
     try:
-        return CaptionerConfig.from_dict({**saved.get("model_config", {}), **config_overrides})
+        return CaptionerConfig.from_dict({**saved, **config_overrides})
     except (TypeError, ValueError) as e:
         raise RefusedFileError(f"{path / HF_CONFIG_FILE}: {e}") from None
 
@@ -298,7 +307,7 @@ def merge_adapter(adapter_dir, merged_dir=None, wise_alpha: float = 1.0) -> Path
     write_hf_folder(merged_dir, merged, processor, out_cfg)
     meta = adapter_dir.with_name(metadata_name(stem))
     if meta.exists():  # eval.py finds the dataset through it
-        m = read_json(meta, "training metadata", RefusedFileError)
+        m = read_metadata(meta, of_run=False)
         m["merged"] = {"adapter": str(adapter_dir), "wise_alpha": wise_alpha}
         atomic_write_json(m, merged_dir / MERGED_METADATA)
     return merged_dir

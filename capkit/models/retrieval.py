@@ -31,6 +31,9 @@ from capkit.files import atomic_write
 
 DATASTORE_FORMAT = "capkit.datastore.v1"
 SELF_MATCH = 0.9999   # cosine above which a datastore image is the query itself
+RETRIEVAL_K_MAX = 16            # retrieved captions in a prompt at most
+RETRIEVAL_BOUNDS = {"retrieval_k": (0, RETRIEVAL_K_MAX)}  # (inclusive; 0: no retrieval)
+RETRIEVAL_CAPTION_TOKENS = 24   # each retrieved caption is cut to this many tokens in the prompt
 PROMPT_HEAD, PROMPT_SEP, PROMPT_TAIL = "Similar images show: ", " | ", ". This image shows:"
 
 

@@ -20,29 +20,25 @@ from pathlib import Path
 
 import torch
 
+from capkit.checkpoints import read_metadata
 from capkit.data.shapes import STYLE_OF
 from capkit.errors import ConfigError
 from capkit.files import plain_name, read_text
 from capkit.models.captioner import (
-    CLIP_FEATURES,
     CONFIG_BOUNDS,
-    ENCODER_TYPES,
     GENERATION_LIMITS,
-    MODEL_TYPE_ALIASES,
     MODEL_TYPES,
-    PROJECTOR_TYPES,
     CaptionerConfig,
 )
+from capkit.models.decoders import LM_DTYPES
+from capkit.models.encoders import ENCODER_TYPES, FEATURE_KINDS
+from capkit.models.hf_captioner import ADAPTER_BOUNDS, PEFT_MODULES, QUANTIZATION_BITS
+from capkit.models.mappers import MAPPER_TYPES
+from capkit.names import KEY_ALIASES, current_names, current_value
 from capkit.runtime import pick_device
 from capkit.training.implied import PATH_KEYS, Notes, read_as_meant
-from capkit.training.resume import load_state, merge_resume_hparams, read_metadata, resume_target, same, state_path_for
+from capkit.training.resume import load_state, merge_resume_hparams, resume_target, same, state_path_for
 
-# the flag names of the projects capkit grew from (../shared/seeds: GIT-QLoRA, the GIT scripts, caption-train) ->
-# capkit's keys. On the command line or in a TOML file each is read as its key and said once ("--lr is learning_rate")
-KEY_ALIASES = {"lr": "learning_rate", "epochs": "num_epochs", "model_name": "hf_model_name",
-               "model_name_or_path": "hf_model_name", "model_id": "hf_model_name", "dataset_dir": "data_dir",
-               "block_size": "max_caption_length", "lora_bits": "quantization_bits", "rank": "lora_r",
-               "alpha": "lora_alpha", "gradient_accumulation": "gradient_accumulation_steps", "config_file": "config"}
 # their flags that capkit answers another way: what to do instead (docs/seeds.md)
 NOT_KEYS = {
     "interactive": "--interactive (a hook that changes a run while it trains) is not in capkit: a run changed by a "
@@ -50,7 +46,7 @@ NOT_KEYS = {
                    "checkpoint) and continue with the safe changes: python train.py --resume --num_epochs=N ... "
                    "(docs/seeds.md \"Changing a run while it trains\")",
     "model_config": "--model_config has no capkit key: each model setting is a key of its own (dropout: "
-                    "proj_dropout or lora_dropout; placement: device); python train.py --help lists them",
+                    "mapper_dropout or lora_dropout; placement: device); python train.py --help lists them",
     "eval": "evaluation is its own script: python eval.py --checkpoint CKPT (with no arguments: the newest checkpoint)",
     "inference": "captioning is its own script: python inference.py --checkpoint CKPT IMAGES_OR_FOLDERS",
     "test_image": "captioning is its own script: python inference.py --checkpoint CKPT IMAGE",
@@ -60,32 +56,31 @@ MODE_FLAGS = ("train",)  # seed 001's `--train`: train.py always trains (said on
 # keys that may be None: the type a value must have when it is not None
 NONE_DEFAULT_TYPES = {"data_dir": (str, list), "train_dir": (str, list), "val_dir": (str, list),  # lists: webdataset
                       "test_dir": (str, list), "captions_file": str,
-                      "training_size_limit": int, "clip_pretrained": str, "image_size": int, "tokenizer_name": str,
+                      "training_size_limit": int, "encoder_pretrained": str, "image_size": int, "tokenizer_name": str,
                       "num_workers": int, "max_grad_norm": float, "feature_cache_dir": str, "hf_model_name": str,
                       "target_modules": list, "training_name": str, "log_with": str, "lr_scheduler": str,
                       "save_every_n_steps": int, "keep_last_n": int, "hf_dataset": str, "image_column": str,
                       "caption_column": (str, list)}
 SCHEDULERS = ("StepLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR", "OneCycleLR")
-CHOICES = {"model_type": MODEL_TYPES, "proj_type": PROJECTOR_TYPES, "clip_features": CLIP_FEATURES,
+CHOICES = {"model_type": MODEL_TYPES, "mapper_type": MAPPER_TYPES, "encoder_features": FEATURE_KINDS,
            "encoder_type": ENCODER_TYPES,
-           "quantization_bits": (4, 8, 16),
-           "peft_module": ("LoRA", "IA3"), "optimizer": ("AdamW", "Prodigy"), "lr_scheduler": SCHEDULERS + (None,),
+           "quantization_bits": QUANTIZATION_BITS, "peft_module": PEFT_MODULES, "optimizer": ("AdamW", "Prodigy"), "lr_scheduler": SCHEDULERS + (None,),
            "log_with": ("tensorboard", "wandb", None), "dataset": ("flickr30k", "folder", "hf", "webdataset", *STYLE_OF),
-           "lm_dtype": ("auto", "float32", "bfloat16", "float16")}
-# the values each number may take, checked before anything loads ("[" includes the bound, "(" excludes it;
-# None values are checked only where None is not allowed)
+           "lm_dtype": tuple(LM_DTYPES)}
+# the values each number may take, checked before anything loads: a string interval for train.py's own keys ("["
+# includes the bound, "(" excludes it), the (lowest, highest) tuple (both included) where a part declares the bound;
+# None values are checked only where None is not allowed
 RANGES = {
     "batch_size": "[1, inf)", "num_epochs": "[1, inf)", "eval_batch_size": "[1, inf)",
-    "max_new_tokens": "[{}, {}]".format(*GENERATION_LIMITS["max_new_tokens"]),  # as inference.py and serve.py
-    "num_beams": "[{}, {}]".format(*GENERATION_LIMITS["num_beams"]),
+    "max_new_tokens": GENERATION_LIMITS["max_new_tokens"], "num_beams": GENERATION_LIMITS["num_beams"],  # as serve.py
     "max_caption_length": "[2, inf)", "lora_alpha": "(0, inf)", "image_size": "[16, 4096]",
     "learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "learning_rate_decay": "(0, inf)",
     "learning_rate_decay_step": "[1, inf)", "warmup_steps": "[0, inf)", "gradient_accumulation_steps": "[1, inf)",
     "max_grad_norm": "(0, inf)", "max_bad_steps": "[1, inf)", "training_size_limit": "[1, inf)",
     "frozen_parts": "[0, inf)", "save_every_n_epochs": "[1, inf)", "save_every_n_steps": "[1, inf)",
     "keep_last_n": "[1, inf)", "num_workers": "[0, 256]", "seed": "[0, 4294967295]", "split_ratio": "(0, 1]",
-    "val_ratio": "[0, 1)", "shuffle_buffer": "[1, 10000000]", "proj_dropout": "[0, 1)", "lora_dropout": "[0, 1)", "caption_dropout": "[0, 1)",
-    **{key: f"[{lo}, {hi}]" for key, (lo, hi) in CONFIG_BOUNDS.items()},  # the model config's own bounds
+    "val_ratio": "[0, 1)", "shuffle_buffer": "[1, 10000000]", "mapper_dropout": "[0, 1)", "lora_dropout": "[0, 1)", "caption_dropout": "[0, 1)",
+    **CONFIG_BOUNDS, **ADAPTER_BOUNDS,  # the model config's own bounds
 }
 
 
@@ -142,6 +137,17 @@ def canonical(key: str, say, dash: str = "--") -> str:
     return key
 
 
+def current_keys(d: dict, where: str, say) -> dict:
+    """A dict written with capkit's old key names (names.py) read with today's, each old name said once."""
+    try:
+        out, renamed = current_names(d, where)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for old in renamed:
+        say(f"{where}: {old} is {KEY_ALIASES[old]}")
+    return out
+
+
 def read_toml(path, defaults: dict, say=print) -> dict:
     """A --config file: the same keys as `hyperparameters` (tables for optimizer_args / scheduler_args)."""
     text = read_text(path, "config file")  # a folder, a FIFO or non-UTF-8 bytes: one sentence naming the file
@@ -149,7 +155,14 @@ def read_toml(path, defaults: dict, say=print) -> dict:
         cfg = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-    cfg = {canonical(k, say, dash=""): v for k, v in cfg.items()}
+    read = {}
+    for k, v in cfg.items():
+        key = canonical(k, say, dash="")
+        if key in read and read[key] != v:  # lr = 1e-3 and learning_rate = 2e-3: which one is meant?
+            raise ConfigError(f"config file {path} gives {key} twice, under two names, with different values "
+                              f"({read[key]!r} and {v!r}); keep one")
+        read[key] = v
+    cfg = read
     check_keys(cfg, f"config file {path}", defaults)
     return cfg
 
@@ -201,6 +214,8 @@ def resolve_hparams(argv: list[str], defaults: dict, presets: dict, say=None) ->
     """defaults <- --preset NAME <- --config FILE.toml <- --KEY=VALUE (in that order of precedence), read as
     meant (implied.py: what a data path, an alias or a seed's TOML implies is said once through `say`)."""
     say = say or Notes()
+    defaults = current_keys(defaults, "train.py's hyperparameters", say)  # a dict edited with an old key name
+    presets = {name: current_keys(p, f"preset {name}", say) for name, p in presets.items()}
     for table in (NONE_DEFAULT_TYPES, CHOICES, RANGES):  # catches typos after editing a table here
         check_keys(table, "config.py's tables", defaults)
     preset, config_file, overrides = parse_argv(argv, defaults, presets, say)
@@ -226,6 +241,8 @@ def resolve_resume(argv: list[str], defaults: dict, presets: dict) -> tuple[dict
         else:
             rest.append(a)
     say = Notes()
+    defaults = current_keys(defaults, "train.py's hyperparameters", say)
+    presets = {name: current_keys(p, f"preset {name}", say) for name, p in presets.items()}
     preset, config_file, flags = parse_argv(rest, defaults, presets, say)
     toml = read_toml(config_file, defaults, say) if config_file else {}
     given = as_meant({**(presets[preset] if preset else {}), **toml, **flags}, {**toml, **flags}, set(flags),
@@ -247,15 +264,19 @@ def as_meant(given: dict, users: dict, flags: set, defaults: dict, say) -> dict:
     return {k: v for k, v in meant.items() if k in given or not same(v, base[k])}
 
 
-def _in_range(value, interval: str) -> bool:
+def _in_range(value, interval: str | tuple) -> bool:
     """(Python compares a 400-digit int with a float exactly: no overflow here.)"""
+    if isinstance(interval, tuple):
+        return interval[0] <= value <= interval[1]
     lo, hi = (float(x) for x in interval[1:-1].split(","))
     return ((lo < value) if interval[0] == "(" else (lo <= value)) and \
         ((value < hi) if interval[-1] == ")" else (value <= hi))
 
 
-def _describe(interval: str) -> str:
-    """"[1, inf)" -> ">= 1"; "(0, 1]" -> "in (0, 1]"."""
+def describe_range(interval: str | tuple) -> str:
+    """"[1, inf)" -> ">= 1"; "(0, 1]" -> "in (0, 1]"; (1, 256) -> "in [1, 256]"."""
+    if isinstance(interval, tuple):
+        return f"in [{interval[0]}, {interval[1]}]"
     lo, hi = interval[1:-1].split(", ")
     return f"{'>' if interval[0] == '(' else '>='} {lo}" if hi == "inf" else f"in {interval}"
 
@@ -265,7 +286,7 @@ def validate_hparams(hp: dict, defaults: dict, given: dict | None = None, say=pr
     hyperparameter, then what torch must accept (device, optimizer and scheduler arguments): all before
     any data or model loads. flags: the keys given on the command line (they win over a TOML file's table)."""
     hp = {k: _check_type(k, v, defaults) for k, v in hp.items()}
-    hp["model_type"] = MODEL_TYPE_ALIASES.get(hp["model_type"], hp["model_type"])
+    hp["model_type"] = current_value("model_type", hp["model_type"])
     if given is not None:
         hp = read_as_meant(hp, given, say, SCHEDULERS, flags)
     for k, allowed in CHOICES.items():
@@ -278,7 +299,7 @@ def validate_hparams(hp: dict, defaults: dict, given: dict | None = None, say=pr
         if v is not None and ((isinstance(v, float) and not math.isfinite(v)) or not _in_range(v, interval)
                               or abs(v) > 2**53):
             shown = repr(v) if len(repr(v)) < 40 else f"a {len(repr(v))}-digit number"
-            raise ConfigError(f"hyperparameter {k!r} must be {_describe(interval)} (and below 2**53); got {shown}")
+            raise ConfigError(f"hyperparameter {k!r} must be {describe_range(interval)} (and below 2**53); got {shown}")
     if hp["split_ratio"] < 0.5:  # the seeds' --split_ratio is the held-out share: 0.1 there is 0.9 here
         raise ConfigError(f"split_ratio={hp['split_ratio']} would train on {hp['split_ratio']:.0%} of the images: "
                           "it is the training share (0.9 = 90 % train, 10 % test). For a held-out share of "
@@ -365,8 +386,8 @@ def check_output_dir(path) -> Path:
 
 
 # the model-config fields whose hyperparameter has another name; every other field is filled from the hyperparameter
-# of its own name (the fields the loaded backbones fill in, clip_embed_dim etc., have none)
-HPARAM_OF_FIELD = {"clip_image_size": "image_size", "lm_tokenizer_name": "tokenizer_name"}
+# of its own name (the fields the loaded backbones fill in, encoder_embed_dim etc., have none)
+HPARAM_OF_FIELD = {"encoder_image_size": "image_size", "lm_tokenizer_name": "tokenizer_name"}
 
 
 def model_config_from_hparams(hp: dict) -> CaptionerConfig:

@@ -38,9 +38,9 @@ FLICKR30K_MARKS = ("flickr_annotations_30k.csv", "flickr30k-images", "flickr30k-
 # keys that shape only some model types; given for another, they do nothing
 ADAPTER_KEYS = ("hf_model_name", "quantization_bits", "peft_module", "lora_r", "lora_alpha", "lora_dropout",
                 "target_modules", "gradient_checkpointing")
-PREFIX_KEYS = ("encoder_type", "clip_model_name", "clip_pretrained", "encoder_layer", "image_size", "lm_name",
-               "tokenizer_name", "clip_features", "proj_type", "proj_prefix_length", "proj_hidden_dim",
-               "proj_dropout", "proj_num_layers", "proj_num_heads", "retrieval_k")
+PREFIX_KEYS = ("encoder_type", "encoder_name", "encoder_pretrained", "encoder_layer", "image_size", "lm_name",
+               "tokenizer_name", "encoder_features", "mapper_type", "mapper_prefix_length", "mapper_hidden_dim",
+               "mapper_dropout", "mapper_num_layers", "mapper_num_heads", "retrieval_k")
 # optimizer arguments that are hyperparameters of the same name (lr, learning_rate's, stays refused: another name)
 OPTIMIZER_KEYS = {"weight_decay": "weight_decay"}
 

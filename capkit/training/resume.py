@@ -28,14 +28,14 @@ import torch
 
 from capkit.checkpoints import (
     checkpoint_files,
-    is_metadata,
     metadata_path_for,
+    read_metadata,
     run_metadata_glob,
     state_path_for,
     stem_of,
 )
 from capkit.errors import ConfigError, MissingInputError, RefusedFileError
-from capkit.files import plain_name, read_json, torch_load
+from capkit.files import plain_name, torch_load
 
 STATE_FORMAT = 1
 # hyperparameters a resumed run may change: they alter neither the model nor the data order
@@ -199,18 +199,6 @@ def metadata_for(path) -> Path:
     return metadata_path_for(path)
 
 
-def read_metadata(meta_path: Path) -> dict:
-    """A checkpoint's metadata JSON (anyone may have edited it): a JSON object whose run_id is a plain
-    name matching the file's own name; RefusedFileError naming the file otherwise."""
-    meta = read_json(meta_path, "training metadata", RefusedFileError)
-    if not isinstance(meta, dict) or not isinstance(meta.get("hyperparameters"), dict):
-        raise RefusedFileError(f"{meta_path}: not a capkit training metadata file (no hyperparameters)")
-    run_id = plain_name(meta.get("run_id"), f"{meta_path}: run_id")
-    if not (is_metadata(meta_path) and stem_of(meta_path).startswith(f"{run_id}-")):
-        raise RefusedFileError(f"{meta_path}: its run_id {run_id!r} doesn't match its file name")
-    return meta
-
-
 def resumable(meta_path: Path) -> bool:
     """Complete (its metadata, the commit marker, is readable) and with a training state beside it."""
     try:
@@ -251,12 +239,16 @@ def same(a, b) -> bool:
 
 
 def merge_resume_hparams(saved: dict, given: dict, defaults: dict, log=print) -> dict:
-    """The run's saved hyperparameters + the ones given now. Changes that alter the model or the data
-    order are refused; safe ones are applied and logged."""
-    gone = sorted(set(saved) - set(defaults))
-    if gone:  # keys this version of capkit no longer has
-        log(f"resume: ignoring hyperparameters this capkit doesn't know: {', '.join(gone)}")
-    hp = {**defaults, **{k: v for k, v in saved.items() if k in defaults}}  # new keys get their defaults
+    """The run's saved hyperparameters (old key names already read as today's: checkpoints.read_metadata) + the
+    ones given now. A saved key this version doesn't know is refused: it may shape the model or the data, and
+    falling back to its default would continue another run. Changes that alter the model or the data order are
+    refused; safe ones are applied and logged. Keys added since the run was saved get their defaults."""
+    unknown = sorted(set(saved) - set(defaults))
+    if unknown:
+        raise ConfigError(f"--resume: the run was saved with hyperparameters this capkit doesn't know: "
+                          f"{', '.join(unknown)}. They may shape the model or the data, so the run can't continue "
+                          "as it was: resume it with the capkit version that wrote it, or start a new run")
+    hp = {**defaults, **saved}
     refused = {k: (hp.get(k), v) for k, v in given.items() if k not in RESUME_SAFE and not same(hp.get(k), v)}
     if refused:
         raise ConfigError("--resume can't change " + ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in refused.items())

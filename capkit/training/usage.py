@@ -12,7 +12,8 @@ import io
 import tokenize
 from pathlib import Path
 
-from capkit.training.config import KEY_ALIASES, NOT_KEYS
+from capkit.names import KEY_ALIASES
+from capkit.training.config import CHOICES, NOT_KEYS, RANGES, describe_range
 
 DICT_NAME = "hyperparameters"
 
@@ -45,13 +46,30 @@ def key_comments(source: str, dict_name: str = DICT_NAME) -> dict[str, str]:
     return {k: " ".join(parts) for k, parts in out.items()}
 
 
+def allowed(key: str) -> str | None:
+    """What a key accepts, as config.py checks it (its CHOICES or RANGES, which the parts declare): "one of 'mlp',
+    'linear', ..." or "in [1, 256]"; None for a key with no such rule."""
+    if key in CHOICES:
+        return "one of " + ", ".join(map(repr, CHOICES[key]))
+    if key in RANGES:
+        return describe_range(RANGES[key])
+    return None
+
+
+def allowed_table(defaults: dict) -> str:
+    """The markdown table of every key's allowed values, in the dict's order (docs/hyperparameters.md holds a copy;
+    tests/test_docs.py checks it is this one)."""
+    rows = [f"| `{k}` | {rule.replace('|', '/')} |" for k in defaults if (rule := allowed(k))]
+    return "\n".join(["| key | allowed |", "|---|---|", *rows])
+
+
 def help_text(doc: str, script: Path, defaults: dict, presets: dict) -> str:
     comments = key_comments(script.read_text(encoding="utf-8"))
     lines = [doc.strip(), "", f"presets (--preset NAME): {', '.join(presets)}", "",
              "hyperparameters (--KEY=VALUE or --KEY VALUE; a boolean given bare is True, --no-KEY is False), "
              "with their defaults:"]
     for key, value in defaults.items():
-        lines.append(f"  --{key}={value!r}")
+        lines.append(f"  --{key}={value!r}" + (f"    ({rule})" if (rule := allowed(key)) else ""))
         if comments.get(key):
             lines.append(f"        {comments[key]}")
     aliases = ", ".join(f"--{a} ({k})" for a, k in KEY_ALIASES.items())
