@@ -24,8 +24,10 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import hf_hub_download
+from torch.utils.data import DataLoader
 from torchvision.transforms import ColorJitter, RandomResizedCrop
 
+from capkit.data.batching import Collate
 from capkit.data.folders import CaptionSet, build_caption_set, load_folder, split_by_image
 from capkit.data.images import SkipLog, load_item
 from capkit.data.shapes import STYLE_OF, ensure_shapes_dataset
@@ -33,6 +35,7 @@ from capkit.data.shards import hf_shards, materialize, open_hf, tar_shards
 from capkit.errors import DataError, MissingInputError
 from capkit.files import read_text
 from capkit.hub import hub_or_cache, resolve_local_path
+from capkit.runtime import COMPILE_PAD_MULTIPLE
 
 FLICKR30K_REPO = "nlphuji/flickr30k"
 FLICKR30K_FILES = ("flickr_annotations_30k.csv", "flickr30k-images.zip")
@@ -305,3 +308,33 @@ class PairDataset(torch.utils.data.Dataset):
         if self.transform is None:  # features come from the cache: no image I/O at all
             return {"caption": caption, "image_idx": img_idx}
         return load_item(self.data.images[img_idx], self.transform, caption=caption, image_idx=img_idx)
+
+
+# ----------------------------------------------------------------------------------------------
+# the training loader: one builder for folders and streams (train.py's build_training_data / build_stream_data)
+
+def loader_workers(hp: dict, device: torch.device) -> int:
+    """DataLoader workers: num_workers, or by default 4 on a GPU (decoding images keeps up with it) and 0 on a CPU."""
+    return hp["num_workers"] if hp["num_workers"] is not None else (4 if device.type == "cuda" else 0)
+
+
+def caption_augment(hp: dict) -> CaptionAugment | None:
+    """The tag-style caption augmentation the hyperparameters ask for, or None."""
+    if not (hp["shuffle_captions"] or hp["caption_dropout"]):
+        return None
+    return CaptionAugment(hp["shuffle_captions"], hp["frozen_parts"], hp["caption_dropout"])
+
+
+def image_transform(hp: dict, preprocess):
+    """PIL image -> the model's input tensor: augmented first when augment_images is on."""
+    return AugmentThenPreprocess(preprocess) if hp["augment_images"] else preprocess
+
+
+def training_loader(items, model, hp: dict, device: torch.device, workers: int, **batching) -> DataLoader:
+    """The one training DataLoader: items a PairDataset (batching: a batch_sampler, or batch_size + shuffle, and
+    the generator that seeds the order or the workers) or a ShardStream, which batches itself (batch_size=None).
+    Collate tokenizes and right-pads the captions -> input_ids / attention_mask (B, T); with compile=True, T is
+    rounded up to a multiple of COMPILE_PAD_MULTIPLE (a few static shapes)."""
+    collate = Collate(model.tokenize, hp["max_caption_length"], pad_id=model.tokenizer.pad_token_id,
+                      pad_to_multiple_of=COMPILE_PAD_MULTIPLE if hp["compile"] else None)
+    return DataLoader(items, **batching, num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda")

@@ -92,7 +92,7 @@ class PrefixCaptioner(Captioner):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.image_encoder.eval()  # frozen towers keep eval behaviour (no dropout) while the MLP trains
+        self.image_encoder.eval()  # frozen towers keep eval behaviour (no dropout) while the mapper trains
         self.lm.eval()
         return self
 

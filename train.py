@@ -1,5 +1,5 @@
 """
-Train capkit's captioner: only the MLP mapper learns; CLIP and the decoder stay frozen.
+Train capkit's captioner: only the mapper learns; the image encoder and the decoder stay frozen.
 
     python train.py                                  # Flickr30K + ViT-B-32 + Qwen3-0.6B-Base (use a GPU)
     python train.py --preset demo                    # offline demo: synthetic shapes, tiny backbones, CPU
@@ -19,7 +19,7 @@ Train capkit's captioner: only the MLP mapper learns; CLIP and the decoder stay 
 Edit `hyperparameters` here, or override keys on the command line (--KEY=VALUE; values are Python
 literals, anything else is a string; a boolean given bare is True, --no-KEY False; the seed projects'
 names such as --lr and --epochs are read as their keys, said once). Unknown keys and wrong types are refused. After each epoch:
-saved_models/model_state_dict_<run>-<epoch>.pth (the MLP + the model config) and
+saved_models/model_state_dict_<run>-<epoch>.pth (the mapper + the model config) and
 saved_models/training_metadata_<run>-<epoch>.json (everything about the run).
 
 Reading order: `hyperparameters` and PRESETS (what you edit), then train(): its stages in the order
@@ -59,7 +59,7 @@ from capkit.checkpoints import (
     state_name,
     step_log_name,
 )
-from capkit.data.batching import Collate, LengthGroupedBatches
+from capkit.data.batching import LengthGroupedBatches
 from capkit.data.features import encoder_fingerprint, image_features
 from capkit.data.folders import CaptionSet
 from capkit.data.images import SkipLog
@@ -73,7 +73,7 @@ from capkit.hub import load_all
 from capkit.models.captioner import Generation
 from capkit.models.hf_captioner import merge_adapter
 from capkit.models.retrieval import Datastore
-from capkit.runtime import COMPILE_PAD_MULTIPLE, compile_step, library_versions, pick_device
+from capkit.runtime import compile_step, library_versions, pick_device
 from capkit.training import config
 from capkit.training.config import check_output_dir, make_optimizer, make_scheduler, model_config_from_hparams
 from capkit.training.resume import (
@@ -86,7 +86,15 @@ from capkit.training.resume import (
     training_state,
 )
 from capkit.training.usage import help_text
-from dataset import AugmentThenPreprocess, CaptionAugment, PairDataset, ShardSource, load_splits
+from dataset import (
+    PairDataset,
+    ShardSource,
+    caption_augment,
+    image_transform,
+    load_splits,
+    loader_workers,
+    training_loader,
+)
 from model import build_model
 
 hyperparameters = {
@@ -114,22 +122,22 @@ hyperparameters = {
     # --- model (see model.CaptionerConfig) ---
     "model_type": "prefix",          # "prefix" (frozen encoder -> mapper -> prefix of a frozen LM) | "git" | "blip" (adapters)
     "encoder_type": "open_clip",     # image encoder library: "open_clip" | "timm" | "hf" (transformers vision models)
-    "encoder_name": "ViT-B-32",   # the encoder: open_clip name / "hf-hub:org/repo" / local folder; a timm name or
+    "encoder_name": "ViT-B-32",      # the encoder: open_clip name / "hf-hub:org/repo" / local folder; a timm name or
                                      #   folder; a transformers hub id or folder (CLIPVisionModel, SiglipVisionModel, ...)
-    "encoder_pretrained": "openai",     # open_clip pretrained tag or local weights file; timm: a weights file (None for folders)
+    "encoder_pretrained": "openai",  # open_clip pretrained tag or local weights file; timm: a weights file (None for folders)
     "encoder_layer": -1,             # tokens from this block: -1 the final features, -2 the one before (as LLaVA)
-    "image_size": None,              # CLIP input size; None = the encoder's own (224 for ViT-B-32; don't change)
+    "image_size": None,              # encoder input size; None = the encoder's own (224 for ViT-B-32; don't change)
     "lm_name": "Qwen/Qwen3-0.6B-Base",        # decoder: hub id or local save_pretrained folder
     "tokenizer_name": None,          # tokenizer: hub id or local folder (None = lm_name)
     "lm_dtype": "auto",              # decoder weights: auto (bf16 on a bf16 GPU device, else fp32) | float32 | bfloat16 | float16
-    "encoder_features": "pooled",       # "pooled" (one CLIP embedding per image) | "tokens" (the ViT's patch tokens)
-    "mapper_type": "mlp",              # mapper: "mlp" | "linear" (pooled) | "transformer" (either) | "resampler"
+    "encoder_features": "pooled",    # "pooled" (one embedding per image) | "tokens" (the ViT's patch tokens)
+    "mapper_type": "mlp",            # mapper: "mlp" | "linear" (pooled) | "transformer" (either) | "resampler"
                                      #   (tokens); docs/models.md: "Which mapper"
-    "mapper_prefix_length": 10,        # prefix tokens the image becomes (each of the decoder's hidden size)
-    "mapper_hidden_dim": 2048,         # mlp: hidden width; transformer / resampler: feed-forward width
-    "mapper_dropout": 0.0,             # dropout inside the mapper
-    "mapper_num_layers": 8,            # transformer / resampler: blocks (ClipCap's mapper has 8)
-    "mapper_num_heads": 8,             # transformer / resampler: attention heads (divide the decoder's hidden size)
+    "mapper_prefix_length": 10,      # prefix tokens the image becomes (each of the decoder's hidden size)
+    "mapper_hidden_dim": 2048,       # mlp: hidden width; transformer / resampler: feed-forward width
+    "mapper_dropout": 0.0,           # dropout inside the mapper
+    "mapper_num_layers": 8,          # transformer / resampler: blocks (ClipCap's mapper has 8)
+    "mapper_num_heads": 8,           # transformer / resampler: attention heads (divide the decoder's hidden size)
     "retrieval_k": 0,                # > 0: the captions of the k nearest training images (by the frozen encoder's
                                      #   features) are a text prompt before the image prefix (SmallCap's idea); 0: off
     # --- git / blip (model_type "git" | "blip"): the whole captioner fine-tuned through PEFT adapters ---
@@ -166,7 +174,7 @@ hyperparameters = {
                                      #   bypasses the feature cache
     "compile": False,                # torch.compile the training step (static shapes + CUDA graphs; each new batch shape
                                      #   compiles first, ~1 min on a GPU for Qwen3-0.6B: worth it for long runs)
-    "feature_cache_dir": "cache/features",  # frozen-CLIP features computed once, reused across epochs and runs (None: off)
+    "feature_cache_dir": "cache/features",  # frozen-encoder features computed once, reused across epochs and runs (None: off)
     "seed": 42,                      # Python / NumPy / torch seeds and the data order
     # --- evaluation and output ---
     "evaluation_enabled": True,      # ROUGE-L on the validation split after each epoch (val loss is always computed)
@@ -267,7 +275,7 @@ def train(hp: dict, resume_from=None) -> dict:
     splits, model = load_all(partial(load_splits, hp, run.skips),  # data first: a wrong path fails before a big
                              partial(build_model, model_config_from_hparams(hp), run.device))  # model loads
     model.generation(decoding(hp))                      # a max_new_tokens the decoder can't hold: said now
-    data = build_training_data(run, splits["train"], model)   # the pairs, cached CLIP features, the loader
+    data = build_training_data(run, splits["train"], model)   # the pairs, cached encoder features, the loader
     store = build_datastore(run, model, data)           # the training captions retrieval reads and kNN copies
     describe_run(run, splits, data, model)
     optim = build_step(run, model, data)                # optimizer, scheduler, DDP / torch.compile
@@ -319,8 +327,8 @@ class TrainingData:
     """The training pairs and how they are batched."""
     images: CaptionSet | None        # the training images that are used (and readable); None: streamed
     pairs: list | None               # (image index, caption); None: streamed
-    feats: torch.Tensor | None       # (N, E) frozen-CLIP features on the device, or None: per batch
-    cache_dir: str | None            # where CLIP features are cached (None: no cache)
+    feats: torch.Tensor | None       # (N, E) frozen-encoder features on the device, or None: per batch
+    cache_dir: str | None            # where encoder features are cached (None: no cache)
     loader: DataLoader
     order: torch.Generator           # the data order: saved, so a resume replays the same batches
     worker_seeds: torch.Generator    # DataLoader worker seeds
@@ -364,7 +372,7 @@ def start_run(hp: dict, resume_from) -> Run:
 
 
 def build_training_data(run: Run, train_set: CaptionSet, model) -> TrainingData:
-    """The (image, caption) pairs to train on, their CLIP features (computed once, cached) when the image
+    """The (image, caption) pairs to train on, their encoder features (computed once, cached) when the image
     side is frozen, and a DataLoader over them in a seeded, resumable order."""
     hp = run.hp
     if isinstance(train_set, ShardSource):
@@ -377,20 +385,17 @@ def build_training_data(run: Run, train_set: CaptionSet, model) -> TrainingData:
     feats, cache_dir = None, hp["feature_cache_dir"] if model.supports_feature_cache else None
     if hp["augment_images"] and cache_dir is not None:
         run.log("augment_images: the feature cache is bypassed for training (every epoch sees new crops)")
-    elif cache_dir is not None:  # CLIP runs once per image, never inside the epoch loop
+    elif cache_dir is not None:  # the encoder runs once per image, never inside the epoch loop
         feats, ok = image_features(model, train_set.images, cache_dir, hp["eval_batch_size"], 0, run.skips,
                                    acc=run.acc)  # under accelerate: each process encodes a share, the main one writes
         feats = feats.to(run.device)                                                   # (N, E)
         train_set, pairs = keep_images(train_set, pairs, ok)
     if not pairs:
         raise DataError(f"none of the training images could be read ({run.skips.summary()})")
-    workers = hp["num_workers"] if hp["num_workers"] is not None else (4 if run.device.type == "cuda" else 0)
+    workers = loader_workers(hp, run.device)
     order = torch.Generator().manual_seed(hp["seed"])
     worker_seeds = torch.Generator().manual_seed(hp["seed"] + 1)
-    transform = None if feats is not None else (
-        AugmentThenPreprocess(model.preprocess) if hp["augment_images"] else model.preprocess)
-    cap_aug = (CaptionAugment(hp["shuffle_captions"], hp["frozen_parts"], hp["caption_dropout"])
-               if hp["shuffle_captions"] or hp["caption_dropout"] else None)
+    transform = None if feats is not None else image_transform(hp, model.preprocess)  # None: features, no images
     if hp["group_by_length"]:
         lengths = [len(x) for x in model.tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]]
         # the loader's own generator seeds its workers: creating an epoch's iterator then draws nothing
@@ -398,10 +403,8 @@ def build_training_data(run: Run, train_set: CaptionSet, model) -> TrainingData:
         batching = {"batch_sampler": LengthGroupedBatches(lengths, hp["batch_size"], order), "generator": worker_seeds}
     else:
         batching = {"batch_size": hp["batch_size"], "shuffle": True, "generator": order}
-    collate = Collate(model.tokenize, hp["max_caption_length"], pad_id=model.tokenizer.pad_token_id,
-                      pad_to_multiple_of=COMPILE_PAD_MULTIPLE if hp["compile"] else None)
-    loader = DataLoader(PairDataset(train_set, transform, pairs, cap_aug), **batching, num_workers=workers,
-                        pin_memory=run.device.type == "cuda", collate_fn=collate)
+    loader = training_loader(PairDataset(train_set, transform, pairs, caption_augment(hp)), model, hp, run.device,
+                             workers, **batching)
     return TrainingData(train_set, pairs, feats, cache_dir, loader, order, worker_seeds, workers, num_pairs=len(pairs),
                         available_pairs=available)
 
@@ -413,22 +416,20 @@ def build_stream_data(run: Run, source: ShardSource, model) -> TrainingData:
     if hp["retrieval_k"]:
         raise ConfigError("retrieval_k needs every training image's features in memory, which streamed data "
                           "(dataset hf / webdataset) never holds: set retrieval_k=0")
-    workers = hp["num_workers"] if hp["num_workers"] is not None else (4 if run.device.type == "cuda" else 0)
+    workers = loader_workers(hp, run.device)
     cache_dir = hp["feature_cache_dir"] if model.supports_feature_cache else None
     if cache_dir is not None and not hp["augment_images"]:
         shards = extract_shard_features(model, source.shards, cache_dir, run.skips, hp["eval_batch_size"], workers, acc)
         counts, make = [s.pairs for s in shards], embeds_pair                     # items: (E,) / (N, W) features
     else:
         shards, counts = source.shards, count_pairs(source.shards, run.skips, acc)
-        make = DecodePair(AugmentThenPreprocess(model.preprocess) if hp["augment_images"] else model.preprocess)
+        make = DecodePair(image_transform(hp, model.preprocess))
     if not sum(counts):
         raise DataError(f"none of the training samples could be used ({run.skips.summary()})")
     limit = hp["training_size_limit"]
-    cap_aug = (CaptionAugment(hp["shuffle_captions"], hp["frozen_parts"], hp["caption_dropout"])
-               if hp["shuffle_captions"] or hp["caption_dropout"] else None)
     stream = ShardStream(shards, counts, rank=acc.process_index, processes=acc.num_processes, workers=workers,
                          local_batch=hp["batch_size"] // acc.num_processes, seed=hp["seed"], make_item=make,
-                         buffer=hp["shuffle_buffer"], caption_transform=cap_aug,
+                         buffer=hp["shuffle_buffer"], caption_transform=caption_augment(hp),
                          max_batches=None if limit is None else max(1, limit // hp["batch_size"]))
     run.stream_readers = stream.slots
     if len(stream) == 0:
@@ -439,10 +440,7 @@ def build_stream_data(run: Run, source: ShardSource, model) -> TrainingData:
         print(f"process {acc.process_index} of {acc.num_processes}: {len(stream)} batches per epoch; epoch 1 reads "
               f"{len(ids)} shards" + (f" {ids}" if len(ids) <= 64 else ""), flush=True)
     worker_seeds = torch.Generator().manual_seed(hp["seed"] + 1)
-    collate = Collate(model.tokenize, hp["max_caption_length"], pad_id=model.tokenizer.pad_token_id,
-                      pad_to_multiple_of=COMPILE_PAD_MULTIPLE if hp["compile"] else None)
-    loader = DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=collate, generator=worker_seeds,
-                        pin_memory=run.device.type == "cuda")
+    loader = training_loader(stream, model, hp, run.device, workers, batch_size=None, generator=worker_seeds)
     return TrainingData(None, None, None, cache_dir, loader, torch.Generator().manual_seed(hp["seed"]), worker_seeds,
                         workers, stream, sum(counts), sum(counts))
 

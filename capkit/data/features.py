@@ -1,5 +1,5 @@
 """
-Frozen-encoder features, computed once: CLIP never changes during training, so each image's
+Frozen-encoder features, computed once: the image encoder never changes during training, so each image's
 embedding is extracted in batches (with a progress bar) and cached on disk.
 
     from capkit.data.features import image_features

@@ -79,7 +79,7 @@ def stop_when(stop) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# the main path: frozen CLIP -> trainable mapper -> frozen decoder
+# the main path: frozen image encoder -> trainable mapper -> frozen decoder
 
 def tokenize_captions(tok, captions, max_length: int) -> dict[str, torch.Tensor]:
     """-> input_ids, attention_mask (B, T): each caption's tokens + EOS, T = longest in batch (no BOS:
