@@ -168,3 +168,18 @@ def as_generation_sees(logits, tokenizer):
     if rules["suppress_tokens"]:
         logits[:, :, rules["suppress_tokens"]] = -torch.inf
     return logits
+
+
+def copy_run_before_the_grouping(tmp_path: Path) -> Path:
+    """tests/data/run_before_the_grouping (a run written by 406ec5b, stopped after step 7) copied to tmp_path/run,
+    with the data its relative paths name (tmp_path/train, tmp_path/val) -> the copy's metadata path."""
+    from capkit.data.shapes import write_split
+    fixture = REPO / "tests" / "data" / "run_before_the_grouping"
+    write_split(tmp_path / "train", 32, 1)
+    write_split(tmp_path / "val", 4, 2)
+    (tmp_path / "run").mkdir()
+    for f in fixture.iterdir():
+        if not f.name.startswith("expected"):
+            (tmp_path / "run" / f.name).write_bytes(f.read_bytes())
+    (meta,) = (tmp_path / "run").glob("training_metadata_*.json")
+    return meta

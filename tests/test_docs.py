@@ -7,7 +7,7 @@ import re
 import pytest
 from conftest import REPO
 
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [REPO / "README.md", REPO / "capkit" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
@@ -25,7 +25,7 @@ def test_the_readme_fits_on_a_few_screens():
     assert len((REPO / "README.md").read_text().splitlines()) <= 300
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
 def test_no_dead_links(doc):
     dead = []
     for target in LINK.findall(doc.read_text()):

@@ -324,53 +324,49 @@ def test_lm_dtype_auto_follows_the_device_the_decoder_runs_on(monkeypatch, tmp_p
     assert resolve_dtype("auto") == torch.float32
 
 
-def test_a_checkpoint_written_before_the_package_move_loads_with_identical_logits_and_captions():
-    """tests/data/checkpoint_before_the_move: a demo-backbone checkpoint written by capkit as of 2026-12-03 (flat
-    layout, model_type "clip_mlp", format capkit.clip_mlp.v1), with the logits and greedy captions that code gave
-    for four rendered shapes. Today's code must load it as a "prefix" model and give the same captions and the
-    same logits, to float rounding: another CPU's kernels round differently (2.9e-6 at most on an Intel Xeon,
-    against the AMD EPYC that wrote them; a wrongly mapped weight moves them by whole units)."""
+def assert_as_saved(model, data, images_dir):
+    """The captions, logits and loss a checkpoint gave when it was written (data/expected*.json, .safetensors), to
+    float rounding: another CPU's kernels round differently (2.9e-6 at most on an Intel Xeon, against the AMD EPYC
+    that wrote them; a wrongly mapped weight moves them by whole units)."""
     import json
 
     from safetensors.torch import load_file
 
     from capkit.data.images import load_rgb
+    expected = json.loads((data / "expected.json").read_text())
+    px = torch.stack([model.preprocess(load_rgb(images_dir / n)) for n in expected["images"]])
+    assert model.generate(pixel_values=px, max_new_tokens=20) == expected["captions"]
+    enc = model.tokenize(["a small red circle on a white background"] * len(px), 32)
+    with torch.no_grad():
+        logits, loss = model(enc["input_ids"], enc["attention_mask"], pixel_values=px)
+    torch.testing.assert_close(logits, load_file(data / "expected_logits.safetensors")["logits"], rtol=1e-5, atol=1e-5)
+    assert loss.item() == pytest.approx(expected["loss"], rel=1e-6)
+
+
+def test_a_checkpoint_written_before_the_package_move_loads_with_identical_logits_and_captions():
+    """tests/data/checkpoint_before_the_move: a demo-backbone checkpoint written by capkit as of 2026-12-03 (flat
+    layout, model_type "clip_mlp", format capkit.clip_mlp.v1), with the logits and greedy captions that code gave
+    for four rendered shapes. Today's code must load it as a "prefix" model and give the same."""
     from model import load_checkpoint
     data = REPO / "tests" / "data" / "checkpoint_before_the_move"
     (pth,) = data.glob("model_state_dict_*.pth")
     assert read_checkpoint(pth)["format"] == "capkit.clip_mlp.v1"
     model, meta, hp = load_checkpoint(pth)
     assert model.config.model_type == "prefix" and hp["model_type"] == "prefix"  # metadata read with today's names
-    expected = json.loads((data / "expected.json").read_text())
-    px = torch.stack([model.preprocess(load_rgb(data / "images" / n)) for n in expected["images"]])
-    assert model.generate(pixel_values=px, max_new_tokens=20) == expected["captions"]
-    enc = model.tokenize(["a small red circle on a white background"] * len(px), 32)
-    with torch.no_grad():
-        logits, loss = model(enc["input_ids"], enc["attention_mask"], pixel_values=px)
-    torch.testing.assert_close(logits, load_file(data / "expected_logits.safetensors")["logits"], rtol=1e-5, atol=1e-5)
-    assert loss.item() == pytest.approx(expected["loss"], rel=1e-6)
+    assert_as_saved(model, data, data / "images")
 
 
 def test_a_checkpoint_written_before_the_grouping_loads_with_identical_logits_and_captions(tmp_path):
     """tests/data/run_before_the_grouping (see test_resume): its step-7 checkpoint, written by capkit as of 406ec5b
-    with the old key names (clip_*, proj_*) and a transformer mapper, with the logits and greedy captions that code
-    gave for the four validation images (write_split(val, 4, seed 2)). Today's code must give the same."""
-    import json
-
-    from safetensors.torch import load_file
-
-    from capkit.data.images import load_rgb
+    (format capkit.prefix.v1: the old key names clip_*, proj_* and weights projector.*) with a transformer mapper,
+    with the logits and greedy captions that code gave for the four validation images (write_split(val, 4, seed 2)).
+    Today's code must give the same."""
     from capkit.data.shapes import write_split
     from model import load_checkpoint
     data = REPO / "tests" / "data" / "run_before_the_grouping"
     write_split(tmp_path / "val", 4, 2)
     (pth,) = data.glob("model_state_dict_*.pth")
+    assert read_checkpoint(pth)["format"] == "capkit.prefix.v1"
     model, meta, hp = load_checkpoint(pth)
-    expected = json.loads((data / "expected.json").read_text())
-    px = torch.stack([model.preprocess(load_rgb(tmp_path / "val" / n)) for n in expected["images"]])
-    assert model.generate(pixel_values=px, max_new_tokens=20) == expected["captions"]
-    enc = model.tokenize(["a small red circle on a white background"] * len(px), 32)
-    with torch.no_grad():
-        logits, loss = model(enc["input_ids"], enc["attention_mask"], pixel_values=px)
-    torch.testing.assert_close(logits, load_file(data / "expected_logits.safetensors")["logits"], rtol=1e-5, atol=1e-5)
-    assert loss.item() == pytest.approx(expected["loss"], rel=1e-6)
+    assert model.config.mapper_type == "transformer" and hp["mapper_num_heads"] == 4
+    assert_as_saved(model, data, tmp_path / "val")

@@ -5,11 +5,10 @@ import json
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import copy_run_before_the_grouping
 
 import train
 from capkit.checkpoints import read_metadata
-from capkit.data.shapes import write_split
 from capkit.errors import ConfigError, RefusedFileError
 from capkit.models.captioner import CaptionerConfig
 from capkit.names import RENAMED_KEYS, current_names, current_weights
@@ -73,27 +72,14 @@ def test_a_model_config_and_weights_with_old_names_read_as_todays():
         {"mapper.net.0.weight": w, "other.projector.x": w}
 
 
-def saved_run(tmp_path):
-    """A copy of tests/data/run_before_the_grouping (written by 406ec5b with the old names) and its data."""
-    fixture = REPO / "tests" / "data" / "run_before_the_grouping"
-    write_split(tmp_path / "train", 32, 1)
-    write_split(tmp_path / "val", 4, 2)
-    (tmp_path / "run").mkdir()
-    for f in fixture.iterdir():
-        if not f.name.startswith("expected"):
-            (tmp_path / "run" / f.name).write_bytes(f.read_bytes())
-    (meta,) = (tmp_path / "run").glob("training_metadata_*.json")
-    return meta
-
-
 def test_a_saved_runs_metadata_reads_with_todays_names(tmp_path):
-    meta = read_metadata(saved_run(tmp_path))
+    meta = read_metadata(copy_run_before_the_grouping(tmp_path))
     assert meta["hyperparameters"]["mapper_type"] == "transformer" and "proj_type" not in meta["hyperparameters"]
     assert meta["model_config"]["encoder_token_dim"] == 128 and "clip_token_dim" not in meta["model_config"]
 
 
 def test_resume_repeating_the_runs_command_with_its_old_names_is_accepted(tmp_path, monkeypatch):
-    saved_run(tmp_path)
+    copy_run_before_the_grouping(tmp_path)
     monkeypatch.chdir(tmp_path)
     hp, _ = train.resolve_resume(["--resume", "--output_dir=run", "--proj_type=transformer", "--proj_num_heads=4",
                                   "--clip_features=tokens"])
@@ -103,7 +89,7 @@ def test_resume_repeating_the_runs_command_with_its_old_names_is_accepted(tmp_pa
 
 
 def test_resume_refuses_a_saved_key_this_version_does_not_know(tmp_path, monkeypatch):
-    meta_path = saved_run(tmp_path)
+    meta_path = copy_run_before_the_grouping(tmp_path)
     meta = json.loads(meta_path.read_text())
     meta["hyperparameters"]["encoder_pooling"] = "gem"  # a key from another capkit that would shape the model
     meta_path.write_text(json.dumps(meta))

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, copy_run_before_the_grouping
 
 import train
 from capkit.data.shapes import write_split
@@ -217,15 +217,9 @@ def test_a_run_started_before_the_grouping_resumes_where_it_stopped(tmp_path, mo
     with the losses of the same run left uninterrupted. Today's code resumes it from its relative paths and must
     continue that loss sequence: to float rounding on any CPU, and bit for bit on one whose kernels round as the
     machine that wrote it did (then the first 7 steps, run afresh here, equal the saved ones exactly too)."""
-    fixture = REPO / "tests" / "data" / "run_before_the_grouping"
-    expected = json.loads((fixture / "expected.json").read_text())
+    expected = json.loads((REPO / "tests" / "data" / "run_before_the_grouping" / "expected.json").read_text())
     monkeypatch.chdir(tmp_path)
-    write_split(tmp_path / "train", 32, 1)
-    write_split(tmp_path / "val", 4, 2)
-    (tmp_path / "run").mkdir()
-    for f in fixture.iterdir():
-        if not f.name.startswith("expected"):
-            (tmp_path / "run" / f.name).write_bytes(f.read_bytes())
+    copy_run_before_the_grouping(tmp_path)
     # the same run afresh with today's code, given as it was then (the old key names): one epoch is enough. It
     # also fills the feature cache: a run that extracts features draws from torch's global RNG (a DataLoader's seed),
     # so a cold cache changes the dropout masks that follow (noted in docs/log.md)
