@@ -62,11 +62,11 @@ NONE_DEFAULT_TYPES = {"data_dir": (str, list), "train_dir": (str, list), "val_di
                       "save_every_n_steps": int, "keep_last_n": int, "hf_dataset": str, "image_column": str,
                       "caption_column": (str, list)}
 SCHEDULERS = ("StepLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR", "OneCycleLR")
+# the choices of the model's keys are declared by the part that implements them (models/), train.py's own here
 CHOICES = {"model_type": MODEL_TYPES, "mapper_type": MAPPER_TYPES, "encoder_features": FEATURE_KINDS,
-           "encoder_type": ENCODER_TYPES,
-           "quantization_bits": QUANTIZATION_BITS, "peft_module": PEFT_MODULES, "optimizer": ("AdamW", "Prodigy"), "lr_scheduler": SCHEDULERS + (None,),
-           "log_with": ("tensorboard", "wandb", None), "dataset": ("flickr30k", "folder", "hf", "webdataset", *STYLE_OF),
-           "lm_dtype": tuple(LM_DTYPES)}
+           "encoder_type": ENCODER_TYPES, "quantization_bits": QUANTIZATION_BITS, "peft_module": PEFT_MODULES,
+           "lm_dtype": tuple(LM_DTYPES), "optimizer": ("AdamW", "Prodigy"), "lr_scheduler": SCHEDULERS + (None,),
+           "log_with": ("tensorboard", "wandb", None), "dataset": ("flickr30k", "folder", "hf", "webdataset", *STYLE_OF)}
 # the values each number may take, checked before anything loads: a string interval for train.py's own keys ("["
 # includes the bound, "(" excludes it), the (lowest, highest) tuple (both included) where a part declares the bound;
 # None values are checked only where None is not allowed
@@ -79,7 +79,8 @@ RANGES = {
     "max_grad_norm": "(0, inf)", "max_bad_steps": "[1, inf)", "training_size_limit": "[1, inf)",
     "frozen_parts": "[0, inf)", "save_every_n_epochs": "[1, inf)", "save_every_n_steps": "[1, inf)",
     "keep_last_n": "[1, inf)", "num_workers": "[0, 256]", "seed": "[0, 4294967295]", "split_ratio": "(0, 1]",
-    "val_ratio": "[0, 1)", "shuffle_buffer": "[1, 10000000]", "mapper_dropout": "[0, 1)", "lora_dropout": "[0, 1)", "caption_dropout": "[0, 1)",
+    "val_ratio": "[0, 1)", "shuffle_buffer": "[1, 10000000]", "mapper_dropout": "[0, 1)", "lora_dropout": "[0, 1)",
+    "caption_dropout": "[0, 1)",
     **CONFIG_BOUNDS, **ADAPTER_BOUNDS,  # the model config's own bounds
 }
 

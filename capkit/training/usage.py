@@ -12,7 +12,7 @@ import io
 import tokenize
 from pathlib import Path
 
-from capkit.names import KEY_ALIASES
+from capkit.names import RENAMED_KEYS, SPELLINGS
 from capkit.training.config import CHOICES, NOT_KEYS, RANGES, describe_range
 
 DICT_NAME = "hyperparameters"
@@ -72,8 +72,10 @@ def help_text(doc: str, script: Path, defaults: dict, presets: dict) -> str:
         lines.append(f"  --{key}={value!r}" + (f"    ({rule})" if (rule := allowed(key)) else ""))
         if comments.get(key):
             lines.append(f"        {comments[key]}")
-    aliases = ", ".join(f"--{a} ({k})" for a, k in KEY_ALIASES.items())
-    lines += ["", f"the seed projects' flag names, read as capkit's keys: {aliases}",
+    seeds = ", ".join(f"--{a} ({k})" for a, k in SPELLINGS.items())
+    renamed = ", ".join(f"--{a} ({k})" for a, k in RENAMED_KEYS.items() if k in defaults)
+    lines += ["", f"the seed projects' flag names, read as capkit's keys: {seeds}",
+              f"capkit's old names (capkit/names.py), still read everywhere: {renamed}",
               f"not keys (each says what to use instead): {', '.join('--' + k for k in NOT_KEYS)}",
               "docs/hyperparameters.md has the same keys in a table; docs/seeds.md maps the seeds' commands."]
     return "\n".join(lines)
