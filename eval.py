@@ -29,7 +29,7 @@ from capkit.checkpoints import newest_checkpoint, predictions_name
 from capkit.cli import check_output_path, int_at_least, positive_int, write_output
 from capkit.data.images import SkipLog
 from capkit.errors import MissingInputError, NothingReadable, run_cli
-from capkit.evaluation.evaluate import evaluate, knn_line, spread_line
+from capkit.evaluation.evaluator import evaluate, knn_line, spread_line
 from capkit.evaluation.metrics import (
     CIDER_NOTE,
     ROUGE_L_NOTE,

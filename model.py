@@ -45,6 +45,7 @@ from capkit.models.retrieval import (
     Datastore,
     open_datastore,
 )
+from capkit.names import current_names
 
 
 def build_model(config: CaptionerConfig, device: str | torch.device = "cpu") -> nn.Module:
@@ -89,6 +90,11 @@ class PrefixCaptioner(Captioner):
         (encoder, preprocess), (lm, tok) = load_all(partial(build_image_encoder, config),
                                                     partial(load_decoder, config, device))
         return cls(config, encoder, lm, tok, preprocess)
+
+    @property
+    def projector(self) -> nn.Module:
+        """The mapper's name until 2026-12 (read-only): PrefixCaptioner.mapper."""
+        return self.mapper
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -241,6 +247,9 @@ class PrefixCaptioner(Captioner):
                            **({"datastore": self.datastore_file} if self.datastore_file else {})}, path)
 
 
+ClipCaptioner = PrefixCaptioner  # its name until 2026-12 (capkit/names.py has the renamed keys)
+
+
 def load_captioner(path: str | os.PathLike, device: str | torch.device = "cpu", datastore=None,
                    **config_overrides) -> nn.Module:
     """Rebuild a captioner from a checkpoint: a model_state_dict_*.pth (prefix), or an adapter_*
@@ -250,7 +259,7 @@ def load_captioner(path: str | os.PathLike, device: str | torch.device = "cpu", 
         return load_hf_checkpoint(path, device, **config_overrides)
     ckpt = read_checkpoint(path)
     try:
-        cfg = CaptionerConfig.from_dict({**ckpt["model_config"], **config_overrides})
+        cfg = CaptionerConfig.from_dict({**ckpt["model_config"], **current_names(config_overrides, "the overrides")[0]})
     except (TypeError, ValueError) as e:
         raise RefusedFileError(f"{path}: its model config is invalid: {e}") from None
     if cfg.model_type != "prefix":

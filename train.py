@@ -66,7 +66,7 @@ from capkit.data.images import SkipLog
 from capkit.data.shard_features import count_pairs, extract_shard_features
 from capkit.data.streams import DecodePair, ShardStream, embeds_pair
 from capkit.errors import ConfigError, DataError, NonFiniteError, SaveError, run_cli
-from capkit.evaluation.evaluate import evaluate, knn_line, spread_line
+from capkit.evaluation.evaluator import evaluate, knn_line, spread_line
 from capkit.evaluation.metrics import CIDER_NOTE, ROUGE_L_NOTE
 from capkit.files import atomic_torch_save, atomic_write, atomic_write_json
 from capkit.hub import load_all

@@ -33,7 +33,8 @@ from capkit.names import current_names, current_weights
 CHECKPOINT_FORMAT = "capkit.prefix.v2"  # a .pth: {"format", "model_config", "state_dict"[, "datastore"]}
 # the one written, and the older ones read: v1 before the renames of 2026-12 (names.py), clip_mlp.v1 before that
 CHECKPOINT_FORMATS_READ = (CHECKPOINT_FORMAT, "capkit.prefix.v1", "capkit.clip_mlp.v1")
-HF_CHECKPOINT_FORMAT = "capkit.hf.v1"
+HF_CHECKPOINT_FORMAT = "capkit.hf.v2"  # an adapter / merged folder's capkit_config.json
+HF_FORMATS_READ = (HF_CHECKPOINT_FORMAT, "capkit.hf.v1")  # v1: before the renames of 2026-12 (names.py)
 HF_CONFIG_FILE = "capkit_config.json"  # in an adapter or merged-model folder: what rebuilds it
 
 _CHECKPOINT = {"prefix": ("model_state_dict_", ".pth")}  # every other model type saves an adapter folder
@@ -157,7 +158,7 @@ def read_checkpoint(path) -> dict:
 def read_folder_config(folder: Path) -> dict:
     """The model config saved in an adapter or merged folder (its capkit_config.json), format checked."""
     saved = read_json(folder / HF_CONFIG_FILE, "model folder config", RefusedFileError)
-    if not isinstance(saved, dict) or saved.get("format") != HF_CHECKPOINT_FORMAT or \
+    if not isinstance(saved, dict) or saved.get("format") not in HF_FORMATS_READ or \
             not isinstance(saved.get("model_config", {}), dict):
         raise RefusedFileError(f"{folder}: not a capkit model folder (format {HF_CHECKPOINT_FORMAT} expected "
                                f"in {HF_CONFIG_FILE})")

@@ -26,11 +26,11 @@ def test_demo_learns(demo_run):
     assert "Held-out test" in out and "ROUGE-L score" in out
 
 
-def test_untrained_projector_is_much_worse(demo_run):
+def test_untrained_mapper_is_much_worse(demo_run):
     """Training is what raises ROUGE-L and lowers the loss: the same backbones with a fresh MLP."""
     sys.path.insert(0, str(REPO))
     from capkit.data.images import SkipLog
-    from capkit.evaluation.evaluate import evaluate
+    from capkit.evaluation.evaluator import evaluate
     from capkit.training import config
     from dataset import load_splits
     from model import PrefixCaptioner

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from capkit.data.shapes import captions_for, random_attrs, render
-from capkit.evaluation import evaluate as evaluation
+from capkit.evaluation import evaluator as evaluation
 from capkit.evaluation import metrics
 
 

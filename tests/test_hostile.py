@@ -720,7 +720,7 @@ def test_a_folder_whose_images_are_all_unreadable_is_one_sentence(tmp_path, caps
 
 def test_empty_or_unreadable_splits_score_none_not_zero(tiny_model):
     from capkit.data.folders import CaptionSet
-    from capkit.evaluation.evaluate import evaluate
+    from capkit.evaluation.evaluator import evaluate
     res = evaluate(tiny_model, CaptionSet([Path("/nonexistent/a.png")], [["a"]]), skips=SkipLog())
     assert res == {"num_images": 0, "loss": None, "rouge_l": None, "predictions": []}
     assert evaluate(tiny_model, CaptionSet([], []), generate=False) == {"num_images": 0, "loss": None}

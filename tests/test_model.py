@@ -26,7 +26,7 @@ def batch(model, captions, B=None):
     return tok["input_ids"], tok["attention_mask"], pixels
 
 
-def test_projector_dims_come_from_backbones(tiny_model):
+def test_mapper_dims_come_from_backbones(tiny_model):
     cfg = tiny_model.config
     assert (cfg.encoder_embed_dim, cfg.lm_hidden_size) == (32, 32)
     feats = tiny_model.encode_images(torch.randn(5, 3, 32, 32))
@@ -40,7 +40,7 @@ def test_projector_dims_come_from_backbones(tiny_model):
     assert torch.allclose(out[2:3], alone, atol=1e-5)
 
 
-def test_build_projector_types():
+def test_build_mapper_types():
     cfg = CaptionerConfig(encoder_embed_dim=8, lm_hidden_size=4, mapper_prefix_length=3, mapper_hidden_dim=16,
                           mapper_num_layers=1, mapper_num_heads=2)
     assert build_mapper(cfg)(torch.randn(2, 8)).shape == (2, 12)
@@ -141,7 +141,7 @@ def test_prefix_positions_carry_no_label(tiny_model):
     assert logits_a.shape[1] == ids.shape[1]  # no logits for the P prefix positions
 
 
-def test_only_projector_trains_and_backbones_stay_bit_identical(tiny_model):
+def test_only_the_mapper_trains_and_backbones_stay_bit_identical(tiny_model):
     before = {k: v.clone() for k, v in tiny_model.state_dict().items() if not k.startswith("mapper.")}
     proj_before = {k: v.clone() for k, v in tiny_model.mapper.state_dict().items()}
     trainable = [n for n, p in tiny_model.named_parameters() if p.requires_grad]

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import copy_run_before_the_grouping
+from conftest import REPO, copy_run_before_the_grouping
 
 import train
 from capkit.checkpoints import read_metadata
@@ -101,3 +101,51 @@ def test_resume_refuses_a_saved_key_this_version_does_not_know(tmp_path, monkeyp
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(RefusedFileError, match="both"):
         read_metadata(meta_path)
+
+
+def test_resume_accepts_the_old_model_type_value_from_flags_and_toml(tmp_path, monkeypatch):
+    copy_run_before_the_grouping(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "old.toml").write_text('model_type = "clip_mlp"\nproj_type = "transformer"\n')
+    for extra in (["--model_type=clip_mlp"], ["--config=old.toml"]):
+        hp, _ = train.resolve_resume(["--resume", "--output_dir=run", *extra])
+        assert hp["model_type"] == "prefix"
+
+
+def test_python_code_written_for_the_old_names_still_runs(tmp_path):
+    from capkit.training.config import model_config_from_hparams
+    from model import ClipCaptioner, PrefixCaptioner, load_captioner
+    assert ClipCaptioner is PrefixCaptioner
+    assert model_config_from_hparams({**train.hyperparameters, "clip_model_name": "demo/clip-tiny",
+                                      "encoder_name": "demo/clip-tiny"}).encoder_name == "demo/clip-tiny"
+    hp = {k: v for k, v in train.hyperparameters.items() if k != "encoder_name"}
+    assert model_config_from_hparams({**hp, "clip_model_name": "demo/clip-tiny"}).encoder_name == "demo/clip-tiny"
+    meta = copy_run_before_the_grouping(tmp_path)
+    pth = next(meta.parent.glob("model_state_dict_*.pth"))
+    model = load_captioner(pth, clip_model_name=str(REPO / "demo" / "clip-tiny"))  # an override by its old name
+    assert model.config.encoder_name.endswith("clip-tiny") and model.projector is model.mapper
+
+
+def test_old_names_of_fields_that_were_never_hyperparameters_are_not_offered_on_the_command_line(capsys):
+    for flag in ("--clip_image_size=224", "--clip_normalize=false", "--no-clip_normalize"):
+        with pytest.raises(ConfigError) as e:
+            train.resolve_hparams([flag])
+        assert "unknown hyperparameter '" in str(e.value) and "clip_" in str(e.value).splitlines()[0]
+        assert "encoder_normalize" not in str(e.value)
+        assert "encoder_image_size" not in str(e.value)
+
+
+def test_an_unused_preset_with_old_names_says_nothing(monkeypatch, capsys):
+    monkeypatch.setitem(train.PRESETS, "mine", {"proj_hidden_dim": 64})
+    train.resolve_hparams(["--preset=demo"])
+    assert "proj_hidden_dim" not in capsys.readouterr().out
+
+
+def test_an_adapter_folders_config_of_the_old_format_reads_with_todays_names(tmp_path):
+    from capkit.checkpoints import read_folder_config
+    (tmp_path / "capkit_config.json").write_text(json.dumps(
+        {"format": "capkit.hf.v1", "model_config": {"model_type": "git", "clip_image_size": 96}}))
+    assert read_folder_config(tmp_path) == {"model_type": "git", "encoder_image_size": 96}
+    (tmp_path / "capkit_config.json").write_text(json.dumps({"format": "capkit.hf.v9", "model_config": {}}))
+    with pytest.raises(RefusedFileError, match="capkit.hf.v2 expected"):
+        read_folder_config(tmp_path)

@@ -8,7 +8,7 @@ from conftest import as_generation_sees, make_model, run_script
 
 import train
 from capkit.errors import MissingInputError, RefusedFileError
-from capkit.evaluation.evaluate import consensus_captions, knn_baseline
+from capkit.evaluation.evaluator import consensus_captions, knn_baseline
 from capkit.models.retrieval import Datastore, open_datastore
 from model import load_captioner
 

@@ -29,6 +29,7 @@ MODEL_TYPES = ("prefix", "git", "blip")
 # the sizes a config may ask for (inclusive), each declared by the part it sizes: a hand-edited or hostile config
 # can't ask for terabytes of weights. train.py's hyperparameters are checked against the same bounds (config.py)
 CONFIG_BOUNDS = {**ENCODER_BOUNDS, **MAPPER_BOUNDS, **RETRIEVAL_BOUNDS}
+FRACTIONS = ("mapper_dropout", "lora_dropout")  # dropout probabilities: in [0, 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,7 +93,7 @@ class CaptionerConfig:
             v = getattr(self, key)
             if isinstance(v, int) and not lo <= v <= hi:
                 raise ValueError(f"model config {key}={v} is out of range [{lo}, {hi}]")
-        for key in ("mapper_dropout", "lora_dropout"):
+        for key in FRACTIONS:
             v = getattr(self, key)
             if isinstance(v, (int, float)) and not 0 <= v < 1:
                 raise ValueError(f"model config {key}={v} must be in [0, 1)")

@@ -37,7 +37,8 @@ from capkit.hub import first_line, from_pretrained, hub_or_cache, resolve_local_
 
 ENCODER_TYPES = ("open_clip", "timm", "hf")
 FEATURE_KINDS = ("pooled", "tokens")
-ENCODER_BOUNDS = {"encoder_layer": (-64, -1)}  # tokens of which block: the last 64 at most (inclusive)
+# (inclusive) tokens of which block: the last 64 at most; the input size a config may ask the encoder for
+ENCODER_BOUNDS = {"encoder_layer": (-64, -1), "encoder_image_size": (16, 4096)}
 TIMM_CONFIG = "config.json"           # a timm model folder (timm.models.save_for_hf): architecture + preprocessing
 TIMM_WEIGHTS = "model.safetensors"
 CONTRASTIVE_HF_TYPES = ("clip", "clip_vision_model", "siglip", "siglip_vision_model")

@@ -33,6 +33,7 @@ from capkit.models.captioner import (
 )
 from capkit.models.decoders import max_positions, never_empty, resolve_dtype, stop_when
 from capkit.models.encoders import ImageProcessorTransform
+from capkit.names import current_names
 
 # ----------------------------------------------------------------------------------------------
 # the alternative path: GIT / BLIP fine-tuned through PEFT adapters (optionally on a quantized base)
@@ -244,7 +245,7 @@ def read_hf_config(path: Path, **config_overrides) -> CaptionerConfig:
         raise RefusedFileError(f"{path}: not a capkit model folder (no {HF_CONFIG_FILE}){plain}")
     saved = read_folder_config(path)
     try:
-        return CaptionerConfig.from_dict({**saved, **config_overrides})
+        return CaptionerConfig.from_dict({**saved, **current_names(config_overrides, "the overrides")[0]})
     except (TypeError, ValueError) as e:
         raise RefusedFileError(f"{path / HF_CONFIG_FILE}: {e}") from None
 

@@ -5,7 +5,8 @@ of range, a device this machine lacks, optimizer / scheduler arguments torch wou
 output_dir that can't be written are all refused here with a ConfigError naming the key. Also: what the
 hyperparameters mean for the model (model_config_from_hparams), the optimizer and the LR scheduler.
 
-    import train, config
+    import train
+    from capkit.training import config
     hp = config.resolve_hparams(["--preset", "demo", "--batch_size=32"], train.hyperparameters, train.PRESETS)
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from capkit.errors import ConfigError
 from capkit.files import plain_name, read_text
 from capkit.models.captioner import (
     CONFIG_BOUNDS,
+    FRACTIONS,
     GENERATION_LIMITS,
     MODEL_TYPES,
     CaptionerConfig,
@@ -67,21 +69,23 @@ CHOICES = {"model_type": MODEL_TYPES, "mapper_type": MAPPER_TYPES, "encoder_feat
            "encoder_type": ENCODER_TYPES, "quantization_bits": QUANTIZATION_BITS, "peft_module": PEFT_MODULES,
            "lm_dtype": tuple(LM_DTYPES), "optimizer": ("AdamW", "Prodigy"), "lr_scheduler": SCHEDULERS + (None,),
            "log_with": ("tensorboard", "wandb", None), "dataset": ("flickr30k", "folder", "hf", "webdataset", *STYLE_OF)}
+# the model config's fields whose hyperparameter has another name
+HPARAM_OF_FIELD = {"encoder_image_size": "image_size", "lm_tokenizer_name": "tokenizer_name"}
 # the values each number may take, checked before anything loads: a string interval for train.py's own keys ("["
 # includes the bound, "(" excludes it), the (lowest, highest) tuple (both included) where a part declares the bound;
 # None values are checked only where None is not allowed
 RANGES = {
     "batch_size": "[1, inf)", "num_epochs": "[1, inf)", "eval_batch_size": "[1, inf)",
     "max_new_tokens": GENERATION_LIMITS["max_new_tokens"], "num_beams": GENERATION_LIMITS["num_beams"],  # as serve.py
-    "max_caption_length": "[2, inf)", "lora_alpha": "(0, inf)", "image_size": "[16, 4096]",
+    "max_caption_length": "[2, inf)", "lora_alpha": "(0, inf)",
     "learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "learning_rate_decay": "(0, inf)",
     "learning_rate_decay_step": "[1, inf)", "warmup_steps": "[0, inf)", "gradient_accumulation_steps": "[1, inf)",
     "max_grad_norm": "(0, inf)", "max_bad_steps": "[1, inf)", "training_size_limit": "[1, inf)",
     "frozen_parts": "[0, inf)", "save_every_n_epochs": "[1, inf)", "save_every_n_steps": "[1, inf)",
     "keep_last_n": "[1, inf)", "num_workers": "[0, 256]", "seed": "[0, 4294967295]", "split_ratio": "(0, 1]",
-    "val_ratio": "[0, 1)", "shuffle_buffer": "[1, 10000000]", "mapper_dropout": "[0, 1)", "lora_dropout": "[0, 1)",
+    "val_ratio": "[0, 1)", "shuffle_buffer": "[1, 10000000]", **{key: "[0, 1)" for key in FRACTIONS},  # (CaptionerConfig checks the same)
     "caption_dropout": "[0, 1)",
-    **CONFIG_BOUNDS, **ADAPTER_BOUNDS,  # the model config's own bounds
+    **{HPARAM_OF_FIELD.get(k, k): b for k, b in {**CONFIG_BOUNDS, **ADAPTER_BOUNDS}.items()},  # the model's own
 }
 
 
@@ -126,13 +130,15 @@ def check_keys(d: dict, where: str, defaults: dict):
 def suggest(key: str, defaults: dict) -> str | None:
     """The key a typo most likely meant: a near spelling only (--bach_size -> batch_size), never a key of another
     meaning that merely looks alike (--block_size is not batch_size: it is an alias of max_caption_length)."""
-    m = difflib.get_close_matches(key, [*defaults, *KEY_ALIASES], 1, cutoff=0.8)
+    m = difflib.get_close_matches(key, [*defaults, *(a for a, k in KEY_ALIASES.items() if k in defaults)], 1,
+                                  cutoff=0.8)
     return KEY_ALIASES.get(m[0], m[0]) if m else None
 
 
-def canonical(key: str, say, dash: str = "--") -> str:
-    """A key as given -> capkit's name for it (an alias is said once: "--lr is learning_rate")."""
-    if key in KEY_ALIASES:
+def canonical(key: str, say, dash: str = "--", defaults: dict | None = None) -> str:
+    """A key as given -> capkit's name for it (an alias is said once: "--lr is learning_rate"). An old name of a
+    model-config field that was never a hyperparameter (clip_image_size) is no alias here: it stays unknown."""
+    if key in KEY_ALIASES and (defaults is None or KEY_ALIASES[key] in defaults or KEY_ALIASES[key] == "config"):
         say(f"{dash}{key} is {KEY_ALIASES[key]}")
         return KEY_ALIASES[key]
     return key
@@ -158,7 +164,8 @@ def read_toml(path, defaults: dict, say=print) -> dict:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
     read = {}
     for k, v in cfg.items():
-        key = canonical(k, say, dash="")
+        key = canonical(k, say, dash="", defaults=defaults)
+        v = current_value(key, v)  # model_type = "clip_mlp"
         if key in read and read[key] != v:  # lr = 1e-3 and learning_rate = 2e-3: which one is meant?
             raise ConfigError(f"config file {path} gives {key} twice, under two names, with different values "
                               f"({read[key]!r} and {v!r}); keep one")
@@ -182,7 +189,7 @@ def parse_argv(argv: list[str], defaults: dict, presets: dict, say=print) -> tup
             say(f"--{key}: train.py always trains (the flag is not needed)")
             continue
         negated = not eq and key[:3] in ("no-", "no_") and _is_bool(KEY_ALIASES.get(key[3:], key[3:]), defaults)
-        key = canonical(key[3:] if negated else key, say)
+        key = canonical(key[3:] if negated else key, say, defaults=defaults)
         if key not in ("preset", "config"):
             check_keys({key: None}, "the command line", defaults)  # an unknown bare flag: unknown, not "needs a value"
         if negated:
@@ -200,7 +207,7 @@ def parse_argv(argv: list[str], defaults: dict, presets: dict, say=print) -> tup
         elif key == "config":
             config_file = val
         else:
-            value = _check_type(key, _parse_value(val), defaults)
+            value = current_value(key, _check_type(key, _parse_value(val), defaults))  # --model_type=clip_mlp
             if key in overrides and overrides[key] != value:  # --lr 1e-3 ... --learning_rate 2e-3
                 say(f"{key} given twice ({overrides[key]!r}, then {value!r}): the last one, {value!r}, is used")
             overrides[key] = value
@@ -216,11 +223,10 @@ def resolve_hparams(argv: list[str], defaults: dict, presets: dict, say=None) ->
     meant (implied.py: what a data path, an alias or a seed's TOML implies is said once through `say`)."""
     say = say or Notes()
     defaults = current_keys(defaults, "train.py's hyperparameters", say)  # a dict edited with an old key name
-    presets = {name: current_keys(p, f"preset {name}", say) for name, p in presets.items()}
     for table in (NONE_DEFAULT_TYPES, CHOICES, RANGES):  # catches typos after editing a table here
         check_keys(table, "config.py's tables", defaults)
     preset, config_file, overrides = parse_argv(argv, defaults, presets, say)
-    chosen = presets[preset] if preset else {}
+    chosen = current_keys(presets[preset], f"preset {preset}", say) if preset else {}
     edited = {k: defaults[k] for k in PATH_KEYS if defaults.get(k) is not None and k not in chosen}  # dict edits
     given = {**edited, **(read_toml(config_file, defaults, say) if config_file else {}), **overrides}  # the user's
     hp = {**defaults, **chosen, **given}
@@ -243,10 +249,10 @@ def resolve_resume(argv: list[str], defaults: dict, presets: dict) -> tuple[dict
             rest.append(a)
     say = Notes()
     defaults = current_keys(defaults, "train.py's hyperparameters", say)
-    presets = {name: current_keys(p, f"preset {name}", say) for name, p in presets.items()}
     preset, config_file, flags = parse_argv(rest, defaults, presets, say)
     toml = read_toml(config_file, defaults, say) if config_file else {}
-    given = as_meant({**(presets[preset] if preset else {}), **toml, **flags}, {**toml, **flags}, set(flags),
+    chosen = current_keys(presets[preset], f"preset {preset}", say) if preset else {}
+    given = as_meant({**chosen, **toml, **flags}, {**toml, **flags}, set(flags),
                      defaults, say)
     meta_path = resume_target(path, given.get("output_dir", defaults["output_dir"]), given.get("training_name"))
     saved = read_metadata(meta_path)["hyperparameters"]
@@ -388,10 +394,9 @@ def check_output_dir(path) -> Path:
 
 # the model-config fields whose hyperparameter has another name; every other field is filled from the hyperparameter
 # of its own name (the fields the loaded backbones fill in, encoder_embed_dim etc., have none)
-HPARAM_OF_FIELD = {"encoder_image_size": "image_size", "lm_tokenizer_name": "tokenizer_name"}
-
-
 def model_config_from_hparams(hp: dict) -> CaptionerConfig:
+    """The model config a run's hyperparameters describe (old key names read as today's: names.py)."""
+    hp = current_keys(hp, "the hyperparameters", lambda _: None)
     keys = {f.name: HPARAM_OF_FIELD.get(f.name, f.name) for f in fields(CaptionerConfig)}
     return CaptionerConfig(**{name: hp[key] for name, key in keys.items() if key in hp})
 

@@ -18,7 +18,7 @@ from capkit.evaluation.metrics import cider, clip_scores, rouge_l, simple_tokeni
 
 
 def image_inputs(model, images, cache_dir=None, batch_size=32, num_workers=0, skips=None, acc=None):
-    """-> (inputs, indices of the images that loaded, forward keyword): frozen-CLIP features, cached,
+    """-> (inputs, indices of the images that loaded, forward keyword): frozen-encoder features, cached,
     for prefix models ("image_embeds" (N, E)); preprocessed pixels for git / blip ("pixel_values" (N, 3, S, S))."""
     if model.supports_feature_cache:
         x, ok = image_features(model, images, cache_dir, batch_size, num_workers, skips, acc=acc)
