@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from capkit.cli import check_output_path, int_at_least, positive_int, tsv_line
 from capkit.data.batching import Collate
@@ -129,12 +130,16 @@ def run(argv=None) -> int:
     stream = open(args.output, "w", encoding="utf-8") if args.output and args.output.endswith(".jsonl") else None
     stdout_open = True
     loader = DataLoader(ImageDataset(paths, model.preprocess), batch_size=args.batch_size, collate_fn=Collate())
+    bar = tqdm(total=len(paths), desc="Captioning", unit="img", file=sys.stderr)  # stderr: stdout is the captions
     try:
         for batch in loader:
             skipped += batch["skipped"]
+            bar.update(len(batch["skipped"]))
             if "pixel_values" not in batch:
                 continue
-            for i, caption in zip(batch["image_idx"].tolist(), model.generate(pixel_values=batch["pixel_values"], **gen)):
+            captions = model.generate(pixel_values=batch["pixel_values"], **gen)
+            bar.update(len(captions))
+            for i, caption in zip(batch["image_idx"].tolist(), captions):
                 rec = {"image": str(paths[i]), "caption": caption}
                 results.append(rec)
                 if stream:
@@ -142,11 +147,13 @@ def run(argv=None) -> int:
                     stream.flush()
                 if stdout_open:
                     try:
-                        print(tsv_line(paths[i], caption), flush=True)
+                        bar.write(tsv_line(paths[i], caption), file=sys.stdout)  # above the bar, not through it
+                        sys.stdout.flush()
                     except BrokenPipeError:  # e.g. `| head`: keep captioning into --output, stop printing
                         stdout_open = False
                         sys.stdout = open(os.devnull, "w")
     finally:
+        bar.close()
         if stream:
             stream.close()
         elif args.output:

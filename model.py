@@ -34,6 +34,7 @@ from capkit.models.captioner import (
     masked_cross_entropy,
 )
 from capkit.models.decoders import load_decoder, max_positions, never_empty, stop_when, tokenize_captions
+from capkit.models.decoding import covers, decode
 from capkit.models.encoders import ImageEncoder, OpenClipEncoder, build_image_encoder
 from capkit.models.hf_captioner import HFCaptioner, load_hf_checkpoint
 from capkit.models.mappers import build_mapper
@@ -58,6 +59,7 @@ def build_model(config: CaptionerConfig, device: str | torch.device = "cpu") -> 
 
 class PrefixCaptioner(Captioner):
     supports_feature_cache = True  # the image side is frozen: features can be computed once (features.py)
+    fast_decoding = True  # greedy and beams through capkit/models/decoding.py; False: transformers' generate
 
     def __init__(self, config: CaptionerConfig, image_encoder: nn.Module, lm: nn.Module, tokenizer,
                  preprocess=None):
@@ -77,6 +79,7 @@ class PrefixCaptioner(Captioner):
         if config.encoder_features == "tokens":
             config.encoder_token_dim = self.feature_shape[-1]
         self.mapper = build_mapper(config)
+        self._said: set[str] = set()              # the decoding notes already printed
         self.datastore: Datastore | None = None   # retrieval_k > 0: attach_datastore() before training or decoding
         self.datastore_file: str | None = None    # its file name beside the checkpoints (train.py saves it)
         if (room := self.caption_positions()) is not None and room < 2:  # not even one word and its EOS
@@ -220,19 +223,30 @@ class PrefixCaptioner(Captioner):
 
     # -- generation -----------------------------------------------------------------------------
     @torch.no_grad()
+    def generation_config(self, g) -> GenerationConfig:
+        """transformers' GenerationConfig for the decoding settings g (a Generation): the never-empty guard, EOS and
+        padding from the tokenizer, no BOS (the image prefix leads)."""
+        sampled = {"temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k} if g.do_sample else \
+            {"temperature": None, "top_p": None, "top_k": None}
+        return GenerationConfig(max_new_tokens=g.max_new_tokens, num_beams=g.num_beams, do_sample=g.do_sample,
+                                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                                bos_token_id=None, **never_empty(self.tokenizer), **sampled)
+
     def generate_ids(self, pixel_values=None, image_embeds=None, stop=None, **generation) -> torch.Tensor:
         """Batched decoding with the decoder's KV cache; returns new token ids (B, <=max_new_tokens),
         padded with pad_token_id after EOS. generation: the fields of Generation; stop: a callable that,
         once True, ends decoding after the current step."""
         g = self.generation(generation)
         lead, mask = self.lead_embeds(self._image_embeds(pixel_values, image_embeds))  # (B, [L+]P, H)
-        sampled = {"temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k} if g.do_sample else \
-            {"temperature": None, "top_p": None, "top_k": None}
-        gen = GenerationConfig(max_new_tokens=g.max_new_tokens, num_beams=g.num_beams, do_sample=g.do_sample,
-                               eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                               bos_token_id=None, **never_empty(self.tokenizer), **sampled)
+        gen = self.generation_config(g)
         if g.seed is not None:
             torch.manual_seed(g.seed)
+        if self.fast_decoding and (why := covers(self.lm, g)) is None:  # decoding.py: generate's captions, less work
+            return decode(self.lm, lead, mask, g, gen.eos_token_id, gen.pad_token_id, gen.suppress_tokens,
+                          gen.begin_suppress_tokens, stop)
+        if self.fast_decoding and why not in self._said:
+            self._said.add(why)
+            print(f"note: {why} decodes through transformers' generate (capkit's own loop covers greedy and beams)")
         return self.lm.generate(inputs_embeds=lead, attention_mask=mask, generation_config=gen, **stop_when(stop))
 
     def generate(self, pixel_values=None, image_embeds=None, stop=None, **generation) -> list[str]:

@@ -991,3 +991,14 @@ def test_tabs_and_line_breaks_in_file_names_keep_one_output_line_per_image(ckpt,
     assert sorted(r[0].rsplit("/", 1)[-1] for r in rows) == ["line\\nbreak.png", "plain.png", "tab\\there.png"]
     exact = {json.loads(x)["image"] for x in jsonl.read_text().splitlines()}
     assert exact == {str(tmp_path / n) for n in names}  # --output keeps the names exactly
+
+
+def test_inference_shows_its_progress_over_every_image_and_keeps_stdout_for_the_captions(ckpt, tmp_path, capsys):
+    paths = [write_image(tmp_path / f"{i}.png", color=(40 * i, 20, 200)) for i in range(5)]
+    (tmp_path / "broken.png").write_bytes(b"not an image")                 # a skip counts as done too
+    code = inference.main(["--checkpoint", str(ckpt), "--max_new_tokens", "3", "--batch_size", "2",
+                           *map(str, paths), str(tmp_path / "broken.png")])
+    captured = capsys.readouterr()
+    assert code == 0 and len(captured.out.splitlines()) == 5
+    assert all(len(line.split("\t")) == 2 for line in captured.out.splitlines())   # no bar in the captions
+    assert "Captioning: 100%" in captured.err and "6/6" in captured.err

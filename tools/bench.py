@@ -7,6 +7,7 @@ same machine, one run.
     python -m tools.bench --config real-shape --steps 5 --captions 16 --batch_size 8
     python -m tools.bench --config real-shape --batch_size 64 --steps 50 --compile    # on a GPU: MFU + epoch time
     python -m tools.bench --mappers [--device cuda --batch_size 64 --steps 20]   # samples/s per mapper, real shapes
+    python -m tools.bench --decode --checkpoint CKPT --images DIR     # capkit's decode loop vs generate (decode_bench.py)
 
 The naive loop (how a first captioning script is usually written) encodes every batch through CLIP, pads every
 caption to max_caption_length (128), computes logits on every position, trains in fp32 and
@@ -34,6 +35,7 @@ from capkit.models.captioner import CaptionerConfig
 from capkit.models.decoders import resolve_dtype, tokenize_captions
 from capkit.runtime import COMPILE_PAD_MULTIPLE, compile_step, pick_device
 from model import PrefixCaptioner
+from tools import decode_bench
 from tools.paths import DEMO_LM_DIR
 
 CONFIGS = {
@@ -206,7 +208,10 @@ def main():
     ap.add_argument("--device", default="auto")
     ap.add_argument("--compile", action="store_true", help="torch.compile the real path's training step")
     ap.add_argument("--mappers", action="store_true", help="samples/s of each mapper at the real shapes")
+    decode_bench.add_arguments(ap)
     args = ap.parse_args()
+    if args.decode:
+        return decode_bench.main(args, ap)
     c = {**CONFIGS[args.config], **{k: v for k in ("steps", "captions", "batch_size") if (v := getattr(args, k))}}
     device = pick_device(args.device)
     if args.mappers:

@@ -10,6 +10,7 @@ from collections import Counter
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from capkit.data.batching import length_order, run_sharded
 from capkit.data.features import encode_split, image_features
@@ -51,10 +52,16 @@ def caption_loss(model, inputs, captions, batch_size=64, max_caption_length=128,
 
 
 def generate_all(model, inputs, batch_size=32, acc=None, key="image_embeds", **gen_kwargs) -> list[str]:
-    """Captions for every row of inputs, in order; under accelerate each process decodes its share."""
+    """Captions for every row of inputs, in order, with a progress bar over images (the main process's share);
+    under accelerate each process decodes its share."""
     def gen(idx):
-        return [c for s in range(0, len(idx), batch_size)
-                for c in model.generate(**{key: inputs[idx[s:s + batch_size]]}, **gen_kwargs)]
+        out = []
+        with tqdm(total=len(idx), desc="Captioning", unit="img", disable=acc is not None and not acc.is_main_process) \
+                as bar:
+            for s in range(0, len(idx), batch_size):
+                out += model.generate(**{key: inputs[idx[s:s + batch_size]]}, **gen_kwargs)
+                bar.update(len(idx[s:s + batch_size]))
+        return out
     return [c for part in run_sharded(acc, len(inputs), gen) for c in part]
 
 
