@@ -30,6 +30,7 @@ from torchvision.transforms import ColorJitter, RandomResizedCrop
 from capkit.data.batching import Collate
 from capkit.data.folders import CaptionSet, build_caption_set, load_folder, split_by_image
 from capkit.data.images import SkipLog, load_item
+from capkit.data.karpathy import load_karpathy
 from capkit.data.shapes import STYLE_OF, ensure_shapes_dataset
 from capkit.data.shards import hf_shards, materialize, open_hf, tar_shards
 from capkit.errors import DataError, MissingInputError
@@ -132,6 +133,12 @@ def load_splits(hp: dict, skips: SkipLog, which=("train", "val", "test")) -> dic
         return {s: load_flickr30k(s, skips, hp.get("data_dir")) for s in which}
     if kind in ("hf", "webdataset"):
         return load_shard_splits(hp, skips, which)
+    if kind == "karpathy":  # Karpathy's dataset_*.json (COCO, Flickr8k, Flickr30k) + the folder of its images
+        if not (hp.get("captions_file") and hp.get("data_dir")):
+            raise DataError("dataset='karpathy' needs captions_file (Karpathy's dataset_coco.json, "
+                            "dataset_flickr8k.json or dataset_flickr30k.json) and data_dir (the folder of its images)")
+        return usable(load_karpathy(hp["captions_file"], hp["data_dir"], skips, hp.get("karpathy_restval", True)),
+                      which, skips)
     listed = [k for k in PATH_KEYS if isinstance(hp.get(k), list)]
     if listed:
         raise DataError(f"{listed[0]}: a list of paths is for dataset='webdataset' (tar shard patterns); "
@@ -141,7 +148,7 @@ def load_splits(hp: dict, skips: SkipLog, which=("train", "val", "test")) -> dic
         return {s: load_folder(root / s, skips) for s in which}
     if kind != "folder":
         raise DataError(f"unknown dataset {kind!r}; expected one of "
-                        f"{', '.join(('flickr30k', 'folder', 'hf', 'webdataset', *STYLE_OF))}")
+                        f"{', '.join(('flickr30k', 'folder', 'karpathy', 'hf', 'webdataset', *STYLE_OF))}")
     seed = hp.get("seed", 0)
     held_out = {"test": hp.get("test_dir"), "val": hp.get("val_dir")}
     if len(which) == 1 and held_out.get(which[0]):  # eval.py --test_dir: that folder alone, whatever trained

@@ -100,12 +100,14 @@ from model import build_model
 hyperparameters = {
     # --- data ---
     "dataset": "flickr30k",          # "flickr30k" (Karpathy split) | "folder" (your images; a folder's path works too) |
+                                     #   "karpathy" (a Karpathy dataset_*.json: captions_file; its images: data_dir) |
                                      #   "hf" (🤗 datasets) | "webdataset" (tar shards) | "shapes" | "shapes_b" | "scenes" (demos)
     "data_dir": None,                # flickr30k: folder with the csv + images (None: download); folder: all your data
     "train_dir": None,               # folder datasets: separate train / val / test folders instead of data_dir
     "val_dir": None,                 #   None: val_ratio of the training images are held out for validation
     "test_dir": None,                #   None: split_ratio splits data_dir into train and test
-    "captions_file": None,           # a captions CSV elsewhere than <folder>/captions.csv
+    "captions_file": None,           # a captions CSV elsewhere than <folder>/captions.csv; karpathy: the dataset_*.json
+    "karpathy_restval": True,        # karpathy: its "restval" images (COCO's) join train, as is customary
     "split_ratio": 0.9,              # folder datasets: the share of images for TRAINING (rest: test); >= 0.5
     "val_ratio": 0.05,               # folder datasets without val_dir: fraction of training images for validation
     "training_size_limit": 500,      # max (image, caption) training pairs; None = the full dataset

@@ -68,7 +68,8 @@ SCHEDULERS = ("StepLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "Cyc
 CHOICES = {"model_type": MODEL_TYPES, "mapper_type": MAPPER_TYPES, "encoder_features": FEATURE_KINDS,
            "encoder_type": ENCODER_TYPES, "quantization_bits": QUANTIZATION_BITS, "peft_module": PEFT_MODULES,
            "lm_dtype": tuple(LM_DTYPES), "optimizer": ("AdamW", "Prodigy"), "lr_scheduler": SCHEDULERS + (None,),
-           "log_with": ("tensorboard", "wandb", None), "dataset": ("flickr30k", "folder", "hf", "webdataset", *STYLE_OF)}
+           "log_with": ("tensorboard", "wandb", None), "dataset": ("flickr30k", "folder", "karpathy", "hf", "webdataset",
+                                                                               *STYLE_OF)}
 # the model config's fields whose hyperparameter has another name
 HPARAM_OF_FIELD = {"encoder_image_size": "image_size", "lm_tokenizer_name": "tokenizer_name"}
 # the values each number may take, checked before anything loads: a string interval for train.py's own keys ("["

@@ -30,6 +30,7 @@ from capkit.models.hf_captioner import hf_family
 # (shapes, shapes_b, scenes) read data_dir: where the demo data is written
 PATHS_READ = {"flickr30k": ("data_dir",), "folder": ("data_dir", "train_dir", "val_dir", "test_dir", "captions_file"),
               "webdataset": ("data_dir", "train_dir", "val_dir", "test_dir"), "hf": (),
+              "karpathy": ("data_dir", "captions_file"),
               **{demo: ("data_dir",) for demo in STYLE_OF}}
 PATH_KEYS = PATHS_READ["folder"]  # every data path key (the folder dataset reads them all)
 # what makes data_dir a Flickr30K folder (dataset.py reads the CSV and the images)
@@ -109,8 +110,11 @@ def folder_for_paths(hp: dict, given: dict, say, whose: str | None = None) -> No
                           + (f" (it reads {', '.join(reads)})" if reads else "")
                           + ": for your own folder of images and captions give dataset='folder'")
     whose = whose or ("a preset's" if d != "flickr30k" else "the default")
-    say(f"{k}={hp[k]!r} names your own data: dataset='folder' (not {whose} {d!r}, which would ignore it)")
-    hp["dataset"] = "folder"
+    # a captions_file that is JSON is a Karpathy split file (dataset_coco.json, ...), read with its image folder
+    target = "karpathy" if str(given.get("captions_file") or "").endswith(".json") and \
+        set(unread) <= set(PATHS_READ["karpathy"]) else "folder"
+    say(f"{k}={hp[k]!r} names your own data: dataset={target!r} (not {whose} {d!r}, which would ignore it)")
+    hp["dataset"] = target
 
 
 def _not_flickr30k(hp: dict, key: str) -> bool:
