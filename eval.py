@@ -9,6 +9,7 @@ Evaluate a checkpoint on held-out data: validation loss and ROUGE-L, with per-im
     python eval.py --checkpoint ...pth --report report/   # + an HTML page: thumbnails, captions, sortable scores
     accelerate launch --multi_gpu --num_processes 4 eval.py --checkpoint ...pth   # decode on 4 GPUs
     python eval.py --references refs.json --predictions preds.json [--output scores.json]  # no model: COCO metrics
+    python eval.py --compare A.json B.json [--report cmp/]   # two predictions files: B - A with a 95 % interval
 
 The dataset comes from the checkpoint's training metadata (the JSON next to it); --data_dir etc.
 point at another copy. ROUGE-L here = mean over images of the best rouge_score ROUGE-L F-measure
@@ -28,7 +29,8 @@ from accelerate import Accelerator
 from capkit.checkpoints import newest_checkpoint, predictions_name
 from capkit.cli import check_output_path, int_at_least, positive_int, write_output
 from capkit.data.images import SkipLog
-from capkit.errors import MissingInputError, NothingReadable, run_cli
+from capkit.errors import DataError, MissingInputError, NothingReadable, run_cli
+from capkit.evaluation.bootstrap import paired, with_interval
 from capkit.evaluation.evaluator import evaluate, knn_line, spread_line
 from capkit.evaluation.metrics import (
     CIDER_NOTE,
@@ -39,7 +41,8 @@ from capkit.evaluation.metrics import (
     score_captions,
     sentence_embedder,
 )
-from capkit.evaluation.report import check_report_dir, report_metrics, write_report
+from capkit.evaluation.report import check_report_dir, check_rows, report_metrics, write_report
+from capkit.files import read_json
 from capkit.models.captioner import GENERATION_LIMITS, Generation
 from capkit.models.retrieval import open_datastore
 from capkit.runtime import pick_device
@@ -76,6 +79,9 @@ def parse_args(argv):
     ap.add_argument("--ablate_image", action="store_true", help="also score with images shuffled across the set")
     ap.add_argument("--datastore", metavar="DIR_OR_FILE", help="captioned images to retrieve from (retrieval models) "
                     "and to score the kNN baseline with; default: the datastore saved beside the checkpoint")
+    ap.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="two predictions files of eval.py on "
+                    "the same images: the paired bootstrap difference B - A per metric (with --report DIR: both "
+                    "captions per image, the most different first)")
     ap.add_argument("--report", metavar="DIR", help="also write an HTML report (thumbnails, captions, sortable scores)")
     ap.add_argument("--frechet_embedder", metavar="HUB_ID_OR_DIR", help="the sentence embedder of the Fréchet "
                     "distance: a hub id or a local folder (e.g. thenlper/gte-base, saved); default: gte-base from the "
@@ -90,6 +96,9 @@ def parse_args(argv):
     if args.references or args.predictions:
         if not (args.references and args.predictions) or args.checkpoint:
             ap.error("score files with --references and --predictions together (and no --checkpoint)")
+    elif args.compare:
+        if args.checkpoint:
+            ap.error("--compare reads two predictions files; it takes no --checkpoint")
     elif not args.checkpoint:
         args.checkpoint = newest_checkpoint()
         if args.checkpoint is None:
@@ -121,6 +130,8 @@ def run(argv=None) -> int:
     embedder = sentence_embedder(args.frechet_embedder) if args.frechet_embedder else None
     if args.references:
         return score_files(args, embedder)
+    if args.compare:
+        return compare_files(args)
     check_output_path(args.output)
     if args.report:
         check_report_dir(args.report)  # said now, not after the whole evaluation
@@ -156,6 +167,51 @@ def run(argv=None) -> int:
     return 0
 
 
+COMPARED = ("cider", "rouge_l")  # the per-image metrics eval.py writes: --compare pairs them
+
+
+def prediction_rows(path) -> dict:
+    """eval.py's predictions file -> {image: row}, each row with its caption, references and per-image scores."""
+    data = read_json(path, "predictions file")
+    rows = check_rows(data.get("predictions") if isinstance(data, dict) else None, path)
+    missing = [p["image"] for p in rows if not all(isinstance(p.get(k), (int, float)) for k in COMPARED)]
+    if missing:
+        raise DataError(f"{path}: rows without per-image {' / '.join(COMPARED)} (e.g. {missing[0]}): compare two "
+                        "predictions files written by eval.py")
+    return {p["image"]: p for p in rows}
+
+
+def compare_files(args) -> int:
+    """--compare A.json B.json: the paired bootstrap difference B - A of each per-image metric over the same images;
+    --report DIR: both captions per image, sorted by how much their CIDEr-D differs."""
+    if args.report:
+        check_report_dir(args.report)
+    a, b = (prediction_rows(p) for p in args.compare)
+    if set(a) != set(b) or any(sorted(a[i]["references"]) != sorted(b[i]["references"]) for i in a):
+        raise DataError(f"{args.compare[0]} and {args.compare[1]} are not scored on the same images and references "
+                        f"({len(set(a) & set(b))} images in common of {len(a)} and {len(b)}): compare runs "
+                        "evaluated on one split")
+    images = sorted(a)
+    print(f"{len(images)} images; A = {args.compare[0]}, B = {args.compare[1]} (95 % paired bootstrap over images)")
+    summary = {}
+    for k in COMPARED:
+        d = paired([a[i][k] for i in images], [b[i][k] for i in images])
+        summary[k] = d
+        print(f"{k:<8} A {sum(a[i][k] for i in images) / len(images):.4f}  B {sum(b[i][k] for i in images) / len(images):.4f}"
+              f"  B - A {with_interval(d['difference'], d['interval'])}  B ahead in {d['b_better']:.0%} of draws")
+    if args.report:
+        rows = sorted(({"image": i, "caption": b[i]["caption"], "caption_a": a[i]["caption"],
+                        "references": a[i]["references"], "cider_a": a[i]["cider"], "cider_b": b[i]["cider"],
+                        "cider_b_minus_a": b[i]["cider"] - a[i]["cider"], "rouge_l_a": a[i]["rouge_l"],
+                        "rouge_l_b": b[i]["rouge_l"]} for i in images),
+                      key=lambda r: -abs(r["cider_b_minus_a"]))
+        metrics = {f"{k} B - A": with_interval(d["difference"], d["interval"]) for k, d in summary.items()}
+        index = write_report(args.report, rows, metrics, title="capkit comparison",
+                             subtitle=f"A: {args.compare[0]}; B: {args.compare[1]}; {len(images)} images")
+        print(f"report: {index}")
+    return 0
+
+
 def write_results(args, res: dict, skips: SkipLog) -> None:
     """The predictions file (scores + per-image rows), the summary on stdout, and the HTML report if asked."""
     ck = Path(args.checkpoint)
@@ -166,7 +222,9 @@ def write_results(args, res: dict, skips: SkipLog) -> None:
                    "skipped_inputs": dict(skips.counts), "predictions": res["predictions"]}, f, indent=2)
     print(f"{args.split}: {res['num_images']} images; {skips.summary()}")
     print(f"📈 loss: {res['loss']:.4f}")
-    print(f"🎯 ROUGE-L (rouge_score, stemmed): {res['rouge_l']:.4f}   CIDEr-D: {res['cider']:.4f}")
+    iv = res["intervals"]
+    print(f"🎯 ROUGE-L (rouge_score, stemmed): {with_interval(res['rouge_l'], iv['rouge_l'])}   "
+          f"CIDEr-D: {with_interval(res['cider'], iv['cider'])}   ([95 % bootstrap interval over images])")
     print(spread_line(res))
     if "knn_baseline" in res:
         print(knn_line(res))

@@ -66,6 +66,7 @@ from capkit.data.images import SkipLog
 from capkit.data.shard_features import count_pairs, extract_shard_features
 from capkit.data.streams import DecodePair, ShardStream, embeds_pair
 from capkit.errors import ConfigError, DataError, NonFiniteError, SaveError, run_cli
+from capkit.evaluation.bootstrap import with_interval
 from capkit.evaluation.evaluator import evaluate, knn_line, spread_line
 from capkit.evaluation.metrics import CIDER_NOTE, ROUGE_L_NOTE
 from capkit.files import atomic_torch_save, atomic_write, atomic_write_json
@@ -810,8 +811,9 @@ def finish(run: Run, model, test_split, data: TrainingData, loop: LoopState, bef
         meta["test"] = {k: v for k, v in test.items() if k != "predictions"}
         if before is not None:
             meta["test_before_training"] = {k: v for k, v in before.items() if k != "predictions"}
-        print(f"🧪 Held-out test ({test['num_images']} images): ROUGE-L {test['rouge_l']:.4f}, "
-              f"CIDEr {test['cider']:.4f}, loss {test['loss']:.4f}")
+        iv = test["intervals"]  # 95 %, bootstrap over the test images
+        print(f"🧪 Held-out test ({test['num_images']} images): ROUGE-L {with_interval(test['rouge_l'], iv['rouge_l'])}, "
+              f"CIDEr {with_interval(test['cider'], iv['cider'])}, loss {test['loss']:.4f} ([95 % bootstrap interval])")
         print("   " + spread_line(test))
         if "knn_baseline" in test:
             print("   " + knn_line(test))

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from capkit.data.batching import length_order, run_sharded
 from capkit.data.features import encode_split, image_features
 from capkit.data.images import SkipLog
+from capkit.evaluation.bootstrap import interval
 from capkit.evaluation.metrics import cider, clip_scores, rouge_l, simple_tokenize
 
 
@@ -192,6 +193,7 @@ def evaluate(model, data, batch_size=32, max_caption_length=128, gen_kwargs=None
         preds = generate_all(model, inputs, batch_size, **kw, **gen_kwargs)
         res["rouge_l"], per = rouge_l(preds, data.captions)
         res["cider"], per_cider = cider(preds, data.captions)
+        res["intervals"] = {"rouge_l": interval(per), "cider": interval(per_cider)}  # 95 %, bootstrap over images
         res.update(caption_spread(preds))
         res["predictions"] = [{"image": str(p), "caption": c, "references": r, "rouge_l": s, "cider": d}
                               for p, c, r, s, d in zip(data.images, preds, data.captions, per, per_cider)]

@@ -21,7 +21,9 @@ from capkit.errors import DataError, run_cli
 from capkit.files import read_json
 
 THUMB = 192  # thumbnail side, pixels
-SCORE_KEYS = ("rouge_l", "clip_score", "ref_clip_score")  # per-image scores eval.py stores in predictions
+# per-image scores eval.py stores in predictions, and eval.py --compare's (A, B and B - A)
+SCORE_KEYS = ("rouge_l", "cider", "clip_score", "ref_clip_score", "cider_a", "cider_b", "cider_b_minus_a",
+              "rouge_l_a", "rouge_l_b")
 
 PAGE = r"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
@@ -122,8 +124,10 @@ def write_report(out_dir, predictions: list[dict], metrics: dict, title: str = "
                if write_thumbnail(p["image"], thumb) else f'<em>unreadable: {html.escape(str(p["image"]))}</em>')
         refs = "".join(f"<li>{html.escape(r)}</li>" for r in p.get("references", []))
         scores = "".join(f'<td class="num" data-v="{_sort_value(p.get(k))}">{_fmt(p.get(k, ""))}</td>' for k in keys)
+        caption = html.escape(p["caption"]) if "caption_a" not in p else \
+            f'A: {html.escape(str(p["caption_a"]))}<br>B: {html.escape(p["caption"])}'  # eval.py --compare
         rows.append(f'<tr><td class="num" data-v="{i}">{i}</td><td>{img}</td><td class="gen">'
-                    f'{html.escape(p["caption"])}</td><td class="refs"><ul>{refs}</ul></td>{scores}</tr>')
+                    f'{caption}</td><td class="refs"><ul>{refs}</ul></td>{scores}</tr>')
     metric_rows = "\n".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in metrics.items()
                             if isinstance(v, (int, float, str)) and not isinstance(v, bool))
     headers = "".join(f'<th class="sort" data-key="{html.escape(k)}" title="sort by {html.escape(k)}">{html.escape(k)} ↕</th>'

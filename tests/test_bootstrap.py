@@ -1,0 +1,84 @@
+"""Numbers you can trust: the bootstrap interval contains the point estimate and shrinks with more images; the paired
+difference of a file with itself is 0; eval.py --compare prints B - A with its interval and writes a page with both
+captions per image (rendered in headless Chromium, as the report's test does)."""
+import json
+import random
+
+import numpy as np
+import pytest
+from conftest import write_image
+from test_report import chromium
+
+import eval as eval_mod
+from capkit.evaluation.bootstrap import interval, paired
+
+
+def test_the_interval_holds_the_mean_and_narrows_with_more_images():
+    rng = random.Random(0)
+    few = [rng.random() for _ in range(50)]
+    many = [rng.random() for _ in range(2000)]
+    for x in (few, many):
+        lo, hi = interval(x)
+        assert lo < np.mean(x) < hi
+    assert interval(many)[1] - interval(many)[0] < 0.35 * (interval(few)[1] - interval(few)[0])
+    assert interval(few) == interval(few) and interval(few, seed=1) != interval(few)  # seeded
+    assert all(np.isnan(interval([])))
+
+
+def test_a_paired_difference_sees_a_real_gain_and_none_between_equals():
+    rng = random.Random(1)
+    a = [rng.random() for _ in range(300)]
+    same = paired(a, a)
+    assert same["difference"] == 0 and same["interval"] == (0.0, 0.0) and same["b_better"] == 0
+    better = paired(a, [x + 0.05 + rng.gauss(0, 0.1) for x in a])
+    assert better["interval"][0] > 0 and better["b_better"] > 0.99
+    with pytest.raises(ValueError, match="same images"):
+        paired(a, a[:-1])
+
+
+def predictions_file(tmp_path, name, captions, shift=0.0):
+    rows = []
+    for i, cap in enumerate(captions):
+        img = write_image(tmp_path / "imgs" / f"{i}.png", color=(30 * i % 255, 120, 200), size=(64, 64))
+        rows.append({"image": str(img), "caption": cap, "references": [f"a picture number {i}", "a picture"],
+                     "rouge_l": 0.1 * (i % 5) + shift, "cider": 0.3 * (i % 4) + shift})
+    path = tmp_path / name
+    path.write_text(json.dumps({"split": "test", "predictions": rows}))
+    return path
+
+
+def test_compare_a_file_with_itself_gives_zero_and_its_page_renders(tmp_path, capsys):
+    a = predictions_file(tmp_path, "a.json", [f"caption {i}" for i in range(12)])
+    assert eval_mod.main(["--compare", str(a), str(a), "--report", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    assert "cider    A" in out and "B - A 0.0000 [0.0000, 0.0000]" in out
+    index = tmp_path / "cmp" / "index.html"
+    page = index.read_text()
+    assert "A: caption 3<br>B: caption 3" in page and 'data-key="cider_b_minus_a"' in page
+    shot = tmp_path / "shot.png"
+    p = chromium("--window-size=1200,1600", f"--screenshot={shot}", index.as_uri(), cwd=tmp_path)
+    assert shot.exists(), p.stderr[-2000:]
+
+
+def test_compare_puts_the_most_different_images_first(tmp_path, capsys):
+    caps = [f"caption {i}" for i in range(8)]
+    a = predictions_file(tmp_path, "a.json", caps)
+    b_rows = json.loads(a.read_text())
+    b_rows["predictions"][5]["cider"] += 2.0                 # image 5: B much better
+    b_rows["predictions"][5]["caption"] = "a much better caption"
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps(b_rows))
+    assert eval_mod.main(["--compare", str(a), str(b), "--report", str(tmp_path / "cmp")]) == 0
+    page = (tmp_path / "cmp" / "index.html").read_text()
+    assert page.index("a much better caption") < page.index("B: caption 0")
+    assert "B ahead in" in capsys.readouterr().out
+
+
+def test_compare_refuses_files_of_different_images(tmp_path, capsys):
+    a = predictions_file(tmp_path, "a.json", ["x", "y", "z"])
+    rows = json.loads(a.read_text())
+    rows["predictions"] = rows["predictions"][:2]
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps(rows))
+    assert eval_mod.main(["--compare", str(a), str(b)]) == 2
+    assert "not scored on the same images" in capsys.readouterr().err
