@@ -59,7 +59,7 @@ from capkit.checkpoints import (
     state_name,
     step_log_name,
 )
-from capkit.data.batching import LengthGroupedBatches
+from capkit.data.batching import CaptionDraw, LengthGroupedBatches
 from capkit.data.features import encoder_fingerprint, image_features
 from capkit.data.folders import CaptionSet
 from capkit.data.images import SkipLog
@@ -112,6 +112,7 @@ hyperparameters = {
     "split_ratio": 0.9,              # folder datasets: the share of images for TRAINING (rest: test); >= 0.5
     "val_ratio": 0.05,               # folder datasets without val_dir: fraction of training images for validation
     "training_size_limit": 500,      # max (image, caption) training pairs; None = the full dataset
+    "captions_per_image": None,      # per epoch, a fresh draw of this many of each image's captions (None: all)
     # hf / webdataset: data kept in shards, streamed (README "Your own data"; webdataset: data_dir / train_dir / ...
     #   take tar shard patterns, "shards/{00000..00099}.tar", several joined by "::")
     "hf_dataset": None,              # dataset="hf": a hub id or a local folder (parquet files, save_to_disk, imagefolder)
@@ -399,7 +400,12 @@ def build_training_data(run: Run, train_set: CaptionSet, model) -> TrainingData:
     order = torch.Generator().manual_seed(hp["seed"])
     worker_seeds = torch.Generator().manual_seed(hp["seed"] + 1)
     transform = None if feats is not None else image_transform(hp, model.preprocess)  # None: features, no images
-    if hp["group_by_length"]:
+    if hp["captions_per_image"] is not None:  # a fresh draw of each image's captions every epoch
+        lengths = [len(x) for x in model.tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]] \
+            if hp["group_by_length"] else None
+        batching = {"batch_sampler": CaptionDraw([i for i, _ in pairs], hp["captions_per_image"], hp["batch_size"],
+                                                 order, lengths), "generator": worker_seeds}
+    elif hp["group_by_length"]:
         lengths = [len(x) for x in model.tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]]
         # the loader's own generator seeds its workers: creating an epoch's iterator then draws nothing
         # from the global torch RNG, which a resumed run restores to the exact pre-interruption state
@@ -419,6 +425,9 @@ def build_stream_data(run: Run, source: ShardSource, model) -> TrainingData:
     if hp["retrieval_k"]:
         raise ConfigError("retrieval_k needs every training image's features in memory, which streamed data "
                           "(dataset hf / webdataset) never holds: set retrieval_k=0")
+    if hp["captions_per_image"] is not None:
+        raise ConfigError("captions_per_image draws from every image's captions each epoch, which streamed data "
+                          "(dataset hf / webdataset: one caption per sample) doesn't group: set captions_per_image=None")
     workers = loader_workers(hp, run.device)
     cache_dir = hp["feature_cache_dir"] if model.supports_feature_cache else None
     if cache_dir is not None and not hp["augment_images"]:

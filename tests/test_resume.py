@@ -57,7 +57,8 @@ MAPPER_ARGS = {"mlp": [], "transformer-tokens": ["--mapper_type=transformer", "-
                                                 "--mapper_num_layers=2", "--mapper_num_heads=4"],
                "resampler": ["--mapper_type=resampler", "--encoder_features=tokens", "--mapper_num_layers=2",
                              "--mapper_num_heads=4", "--mapper_dropout=0.1"],  # dropout: its RNG must resume too
-               "mlp+retrieval": ["--retrieval_k=2"]}  # the datastore is rebuilt on resume: the same prompts
+               "mlp+retrieval": ["--retrieval_k=2"],  # the datastore is rebuilt on resume: the same prompts
+               "mlp+captions_per_image": ["--captions_per_image=2"]}  # the epoch's draw of captions replays
 
 
 @pytest.mark.parametrize("mapper", list(MAPPER_ARGS))

@@ -373,3 +373,20 @@ def test_repeated_nans_stop_the_run_naming_the_last_good_checkpoint(tmp_path, mo
     assert not list(out.glob("training_metadata_*-2.json"))
     with pytest.raises(train.ConfigError, match="max_bad_steps"):
         train.resolve_hparams(["--max_bad_steps=0"])
+
+
+def test_captions_per_image_draws_afresh_each_epoch_and_replays_from_the_same_generator():
+    import torch
+
+    from capkit.data.batching import CaptionDraw
+    image_of = [i for i in range(10) for _ in range(5)]                  # 10 images x 5 captions
+    lengths = [3 + (j % 7) for j in range(50)]
+    for lens in (None, lengths):
+        draw = CaptionDraw(image_of, 2, 4, torch.Generator().manual_seed(0), lens)
+        epochs = [[j for batch in draw for j in batch] for _ in range(3)]
+        assert len(draw) == 5 and all(len(e) == 20 for e in epochs)
+        for e in epochs:                                                   # every image, twice, each epoch
+            assert sorted(image_of[j] for j in e) == sorted(list(range(10)) * 2) and len(set(e)) == 20
+        assert set(epochs[0]) != set(epochs[1]) != set(epochs[2])         # a fresh draw each epoch
+        again = CaptionDraw(image_of, 2, 4, torch.Generator().manual_seed(0), lens)
+        assert [j for batch in again for j in batch] == epochs[0]          # the same generator state: the same epoch

@@ -49,6 +49,47 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
             yield batches[b]
 
 
+class CaptionDraw(torch.utils.data.Sampler):
+    """Batches over a fresh draw of `per_image` captions of every image each epoch (an image's other captions come
+    up in later epochs): an epoch over Flickr8k's 6,000 photos is 6,000 pairs per caption drawn, not 30,000. The
+    pairs' images are `image_of`; the draw, then the batches (length-grouped when `lengths` is given, else shuffled),
+    come from `generator`, so a resumed run that restores it replays both."""
+
+    def __init__(self, image_of: list[int], per_image: int, batch_size: int, generator: torch.Generator,
+                 lengths: list[int] | None = None):
+        self.image_of, self.per_image, self.batch_size = list(image_of), per_image, batch_size
+        self.generator, self.lengths = generator, None if lengths is None else list(lengths)
+        counts = {}
+        for i in self.image_of:
+            counts[i] = counts.get(i, 0) + 1
+        self.num_drawn = sum(min(n, per_image) for n in counts.values())  # the same every epoch
+
+    def __len__(self):
+        return (self.num_drawn + self.batch_size - 1) // self.batch_size
+
+    def draw(self) -> list[int]:
+        """This epoch's pairs: per image, the `per_image` with the smallest of one random key each."""
+        keys = torch.rand(len(self.image_of), generator=self.generator).tolist()
+        ranked = sorted(range(len(self.image_of)), key=lambda j: (self.image_of[j], keys[j]))
+        kept, seen = [], {}
+        for j in ranked:
+            seen[self.image_of[j]] = seen.get(self.image_of[j], 0) + 1
+            if seen[self.image_of[j]] <= self.per_image:
+                kept.append(j)
+        return kept
+
+    def __iter__(self):
+        kept = self.draw()                                                             # (num_drawn,) pair indices
+        if self.lengths is not None:
+            inner = LengthGroupedBatches([self.lengths[j] for j in kept], self.batch_size, self.generator)
+            for batch in inner:
+                yield [kept[b] for b in batch]
+            return
+        order = torch.randperm(len(kept), generator=self.generator).tolist()
+        for s in range(0, len(order), self.batch_size):
+            yield [kept[b] for b in order[s:s + self.batch_size]]
+
+
 class Collate:
     """Stacks images and tokenizes captions with `tokenize(captions, max_length)` (a model's
     .tokenize: truncated, padded to the longest in the batch; pad positions have attention_mask 0

@@ -58,7 +58,8 @@ MODE_FLAGS = ("train",)  # seed 001's `--train`: train.py always trains (said on
 # keys that may be None: the type a value must have when it is not None
 NONE_DEFAULT_TYPES = {"data_dir": (str, list), "train_dir": (str, list), "val_dir": (str, list),  # lists: webdataset
                       "test_dir": (str, list), "captions_file": str,
-                      "training_size_limit": int, "encoder_pretrained": str, "image_size": int, "tokenizer_name": str,
+                      "training_size_limit": int, "captions_per_image": int, "encoder_pretrained": str,
+                      "image_size": int, "tokenizer_name": str,
                       "num_workers": int, "max_grad_norm": float, "feature_cache_dir": str, "hf_model_name": str,
                       "target_modules": list, "training_name": str, "log_with": str, "lr_scheduler": str,
                       "save_every_n_steps": int, "keep_last_n": int, "hf_dataset": str, "image_column": str,
@@ -82,6 +83,7 @@ RANGES = {
     "learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "learning_rate_decay": "(0, inf)",
     "learning_rate_decay_step": "[1, inf)", "warmup_steps": "[0, inf)", "gradient_accumulation_steps": "[1, inf)",
     "max_grad_norm": "(0, inf)", "max_bad_steps": "[1, inf)", "training_size_limit": "[1, inf)",
+    "captions_per_image": "[1, inf)",
     "frozen_parts": "[0, inf)", "save_every_n_epochs": "[1, inf)", "save_every_n_steps": "[1, inf)",
     "keep_last_n": "[1, inf)", "num_workers": "[0, 256]", "seed": "[0, 4294967295]", "split_ratio": "(0, 1]",
     "val_ratio": "[0, 1)", "shuffle_buffer": "[1, 10000000]", **{key: "[0, 1)" for key in FRACTIONS},  # (CaptionerConfig checks the same)
