@@ -43,7 +43,7 @@ from capkit.evaluation.metrics import (
 )
 from capkit.evaluation.report import check_report_dir, check_rows, report_metrics, write_report
 from capkit.files import read_json
-from capkit.models.captioner import GENERATION_LIMITS, Generation
+from capkit.models.captioner import GENERATION_LIMITS, SHAPING_FIELDS, Generation, add_shaping_arguments
 from capkit.models.retrieval import open_datastore
 from capkit.runtime import pick_device
 from capkit.training.implied import Notes, data_as_meant
@@ -90,6 +90,7 @@ def parse_args(argv):
     ap.add_argument("--batch_size", type=positive_int, default=None)
     ap.add_argument("--max_new_tokens", type=int_at_least(*GENERATION_LIMITS["max_new_tokens"]), default=None)
     ap.add_argument("--num_beams", type=int_at_least(*GENERATION_LIMITS["num_beams"]), default=None)
+    add_shaping_arguments(ap, dict.fromkeys(SHAPING_FIELDS))  # None: the run's own setting
     for key in DATA_KEYS:
         ap.add_argument(f"--{key}", default=None, help="override the training run's value")
     args = ap.parse_args(argv)
@@ -145,7 +146,8 @@ def run(argv=None) -> int:
     skips = SkipLog()
     data = load_splits(hp, skips, which=(args.split,))[args.split]
     gen = {"max_new_tokens": args.max_new_tokens or hp.get("max_new_tokens", Generation.max_new_tokens),
-           "num_beams": args.num_beams or hp.get("num_beams", Generation.num_beams)}
+           "num_beams": args.num_beams or hp.get("num_beams", Generation.num_beams),
+           **{k: v if (v := getattr(args, k)) is not None else hp.get(k, getattr(Generation, k)) for k in SHAPING_FIELDS}}
     model.generation(gen)  # a max_new_tokens the decoder has no positions for: said now, not after the features
     res = evaluate(model, data, batch_size=args.batch_size or hp.get("eval_batch_size", 32),
                    max_caption_length=hp.get("max_caption_length", 128), gen_kwargs=gen,

@@ -24,13 +24,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from capkit.cli import check_output_path, int_at_least, positive_int, tsv_line
+from capkit.cli import check_output_path, float_in, int_at_least, positive_int, tsv_line
 from capkit.data.batching import Collate
 from capkit.data.folders import find_images
 from capkit.data.images import ImageDataset
 from capkit.errors import NothingReadable, run_cli
 from capkit.files import file_kind
-from capkit.models.captioner import GENERATION_LIMITS, Generation
+from capkit.models.captioner import GENERATION_LIMITS, SHAPING_FIELDS, Generation, add_shaping_arguments
 from capkit.models.hf_captioner import load_base_captioner
 from capkit.runtime import pick_device
 from model import load_checkpoint
@@ -57,19 +57,6 @@ def collect_images(inputs, skipped: list) -> list[Path]:
     return out
 
 
-def sampling_float(low: float, high: float, low_open: bool):
-    """argparse type for --temperature / --top_p: a finite number in its range."""
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not (low < v if low_open else low <= v) or not v <= high:
-            raise argparse.ArgumentTypeError(f"{v} must be in {'(' if low_open else '['}{low:g}, {high:g}]")
-        return v
-    return parse
-
-
 def main(argv=None) -> int:
     """The command line: expected failures end in one paragraph and their exit code (errors.py)."""
     return run_cli(run, argv)
@@ -94,10 +81,11 @@ def parse_args(argv):
     ap.add_argument("--max_new_tokens", type=int_at_least(*lim["max_new_tokens"]), default=g.max_new_tokens)
     ap.add_argument("--num_beams", type=int_at_least(*lim["num_beams"]), default=g.num_beams)
     ap.add_argument("--do_sample", action="store_true")
-    ap.add_argument("--temperature", type=sampling_float(*lim["temperature"], False), default=g.temperature)
-    ap.add_argument("--top_p", type=sampling_float(*lim["top_p"], True), default=g.top_p)
+    ap.add_argument("--temperature", type=float_in(*lim["temperature"], False), default=g.temperature)
+    ap.add_argument("--top_p", type=float_in(*lim["top_p"], True), default=g.top_p)
     ap.add_argument("--top_k", type=int_at_least(*lim["top_k"]), default=g.top_k)
     ap.add_argument("--seed", type=int_at_least(*lim["seed"]), default=None, help="for reproducible sampling")
+    add_shaping_arguments(ap)  # --min_new_tokens, --no_repeat_ngram_size, --repetition_penalty, --length_penalty
     args = ap.parse_args(argv)
     args.inputs += args.more_inputs
     if not args.inputs:
@@ -121,7 +109,8 @@ def run(argv=None) -> int:
     skipped = []
     paths = collect_images(args.inputs, skipped)
     gen = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
-               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+               **{k: getattr(args, k) for k in SHAPING_FIELDS})
     model.generation(gen)  # a max_new_tokens the decoder has no positions for: said before any image is read
     if args.seed is not None:
         torch.manual_seed(args.seed)

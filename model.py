@@ -33,7 +33,7 @@ from capkit.models.captioner import (
     CaptionerConfig,
     masked_cross_entropy,
 )
-from capkit.models.decoders import load_decoder, max_positions, never_empty, stop_when, tokenize_captions
+from capkit.models.decoders import load_decoder, max_positions, never_empty, shaping, stop_when, tokenize_captions
 from capkit.models.decoding import covers, decode
 from capkit.models.encoders import ImageEncoder, OpenClipEncoder, build_image_encoder
 from capkit.models.hf_captioner import HFCaptioner, load_hf_checkpoint
@@ -230,7 +230,7 @@ class PrefixCaptioner(Captioner):
             {"temperature": None, "top_p": None, "top_k": None}
         return GenerationConfig(max_new_tokens=g.max_new_tokens, num_beams=g.num_beams, do_sample=g.do_sample,
                                 eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                                bos_token_id=None, **never_empty(self.tokenizer), **sampled)
+                                bos_token_id=None, **never_empty(self.tokenizer), **sampled, **shaping(g))
 
     def generate_ids(self, pixel_values=None, image_embeds=None, stop=None, **generation) -> torch.Tensor:
         """Batched decoding with the decoder's KV cache; returns new token ids (B, <=max_new_tokens),

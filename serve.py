@@ -8,7 +8,8 @@ Serve a trained captioner over HTTP: a JSON API with dynamic batching, and a web
 
     GET  /          the web page: pick or drop images, see each caption as it arrives
     POST /caption   multipart field `files` (one or more images) -> [{"filename", "caption", "ms"}, ...];
-                    decoding options (num_beams, max_new_tokens, do_sample, temperature, top_p, top_k, seed)
+                    decoding options (num_beams, max_new_tokens, do_sample, temperature, top_p, top_k, seed,
+                    min_new_tokens, no_repeat_ngram_size, repetition_penalty, length_penalty)
                     as query or form fields
     GET  /health    model loaded, device, checkpoint name, model type, limits
     GET  /metrics   Prometheus text format: requests by status, images, batch sizes, latency, queue, bytes in flight
@@ -90,6 +91,12 @@ class CaptionOptions(BaseModel):
     top_p: float = Field(_DEF.top_p, gt=_LIM["top_p"][0], le=_LIM["top_p"][1])
     top_k: int = Field(_DEF.top_k, ge=_LIM["top_k"][0], le=_LIM["top_k"][1])
     seed: int | None = Field(_DEF.seed, ge=_LIM["seed"][0], le=_LIM["seed"][1])
+    min_new_tokens: int = Field(_DEF.min_new_tokens, ge=_LIM["min_new_tokens"][0], le=_LIM["min_new_tokens"][1])
+    no_repeat_ngram_size: int = Field(_DEF.no_repeat_ngram_size, ge=_LIM["no_repeat_ngram_size"][0],
+                                      le=_LIM["no_repeat_ngram_size"][1])
+    repetition_penalty: float = Field(_DEF.repetition_penalty, ge=_LIM["repetition_penalty"][0],
+                                      le=_LIM["repetition_penalty"][1])
+    length_penalty: float = Field(_DEF.length_penalty, ge=_LIM["length_penalty"][0], le=_LIM["length_penalty"][1])
 
 
 PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'unsafe-inline'; "

@@ -71,7 +71,7 @@ from capkit.evaluation.evaluator import evaluate, knn_line, spread_line
 from capkit.evaluation.metrics import CIDER_NOTE, ROUGE_L_NOTE
 from capkit.files import atomic_torch_save, atomic_write, atomic_write_json
 from capkit.hub import load_all
-from capkit.models.captioner import Generation
+from capkit.models.captioner import SHAPING_FIELDS, Generation
 from capkit.models.hf_captioner import merge_adapter
 from capkit.models.retrieval import Datastore
 from capkit.runtime import compile_step, library_versions, pick_device
@@ -188,6 +188,10 @@ hyperparameters = {
     "eval_batch_size": 32,           # images per batch when generating
     "max_new_tokens": Generation.max_new_tokens,  # generation length limit for evaluation (40)
     "num_beams": Generation.num_beams,            # 1 = greedy decoding for evaluation
+    "min_new_tokens": Generation.min_new_tokens,  # evaluation: no end of text before this many tokens (0: none)
+    "no_repeat_ngram_size": Generation.no_repeat_ngram_size,  # evaluation: no n-gram of this size twice (0: off)
+    "repetition_penalty": Generation.repetition_penalty,  # evaluation: > 1 makes repeated tokens less likely
+    "length_penalty": Generation.length_penalty,  # evaluation with beams: score / length ** this (> 1: longer)
     "output_dir": "saved_models",    # checkpoints, metadata and the skipped-input list go here
     "training_name": None,           # prefix of the run name in file names and logs (None: the timestamp alone)
     "save_every_n_epochs": 1,        # checkpoint every n epochs (the last epoch is always saved)
@@ -538,7 +542,7 @@ def eval_settings(run: Run, data: TrainingData) -> dict:
 
 def decoding(hp: dict) -> dict:
     """How the run's evaluations decode captions (model.generate's keyword arguments)."""
-    return {"max_new_tokens": hp["max_new_tokens"], "num_beams": hp["num_beams"]}
+    return {"max_new_tokens": hp["max_new_tokens"], "num_beams": hp["num_beams"], **{k: hp[k] for k in SHAPING_FIELDS}}
 
 
 def evaluate_before(run: Run, model, test_split, data: TrainingData) -> dict:

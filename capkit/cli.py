@@ -30,6 +30,19 @@ def int_at_least(low: int, high: int = 2**31 - 1):
 positive_int = int_at_least(1)
 
 
+def float_in(low: float, high: float, low_open: bool = False):
+    """argparse type: a finite number in [low, high] ((low, high] with low_open): --temperature, --top_p, ..."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (low < v if low_open else low <= v) or not v <= high:
+            raise argparse.ArgumentTypeError(f"{v} must be in {'(' if low_open else '['}{low:g}, {high:g}]")
+        return v
+    return parse
+
+
 def check_output_path(path) -> None:
     """An output file the user named (--output): a folder in its place, or a folder that doesn't exist,
     is said before any work is done."""

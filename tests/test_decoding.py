@@ -126,3 +126,57 @@ def test_captioning_a_split_shows_a_bar_that_reaches_the_image_count(model, caps
     caps = generate_all(model, feats, batch_size=3, max_new_tokens=4)
     err = capsys.readouterr().err
     assert len(caps) == 7 and "Captioning" in err and "0/7" in err and "7/7" in err  # (tqdm skips quick updates)
+
+
+def repeated_trigrams(ids) -> list[int]:
+    return [len(g) - len(set(g)) for g in ([tuple(r[i:i + 3]) for i in range(len(r) - 2)] for r in ids.tolist())]
+
+
+def test_no_repeat_ngram_size_and_repetition_penalty_change_what_generate_returns(model, capsys):
+    feats = torch.randn(6, model.config.encoder_embed_dim, generator=torch.Generator().manual_seed(3))
+    plain = model.generate_ids(image_embeds=feats, max_new_tokens=20)
+    assert sum(repeated_trigrams(plain)) > 0                                # (the tiny decoder loops by itself)
+    assert sum(repeated_trigrams(model.generate_ids(image_embeds=feats, max_new_tokens=20,
+                                                    no_repeat_ngram_size=3))) == 0
+    repeats = [len(r) - len(set(r)) for r in plain.tolist()]
+    penalised = model.generate_ids(image_embeds=feats, max_new_tokens=20, repetition_penalty=3.0)
+    assert sum(len(r) - len(set(r)) for r in penalised.tolist()) < sum(repeats)
+    assert "no_repeat_ngram_size / repetition_penalty decodes through transformers' generate" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_min_new_tokens_holds_the_end_of_text_back_as_in_generate(model, beams):
+    feats = torch.randn(5, model.config.encoder_embed_dim, generator=torch.Generator().manual_seed(5))
+    handle = ending_at_various_steps(model, 4.5)
+    try:
+        short = model.generate_ids(image_embeds=feats, max_new_tokens=12, num_beams=beams)
+        (ids, caps), (ref_ids, ref_caps) = both(model, image_embeds=feats, max_new_tokens=12, num_beams=beams,
+                                                min_new_tokens=6)
+    finally:
+        handle.remove()
+    eos = model.tokenizer.eos_token_id
+    first_end = lambda t: [(r.index(eos) if eos in r else len(r)) for r in t.tolist()]  # noqa: E731
+    assert min(first_end(short)) < 6 <= min(first_end(ids))                 # it ended earlier without the setting
+    assert caps == ref_caps and (beams > 1 or torch.equal(ids, ref_ids))
+
+
+def test_length_penalty_is_applied_as_in_generate(model):
+    feats = torch.randn(5, model.config.encoder_embed_dim, generator=torch.Generator().manual_seed(6))
+    handle = ending_at_various_steps(model, 4.0)
+    try:
+        results = {lp: both(model, image_embeds=feats, max_new_tokens=12, num_beams=3, length_penalty=lp)
+                   for lp in (-2.0, 3.0)}
+    finally:
+        handle.remove()
+    for (ids, caps), (ref_ids, ref_caps) in results.values():
+        assert caps == ref_caps
+    lengths = {lp: sum(len(c.split()) for c in r[0][1]) for lp, r in results.items()}
+    assert lengths[3.0] > lengths[-2.0]                                     # a positive penalty favours longer ones
+
+
+def test_serve_takes_the_decoding_settings_as_options():
+    from serve import read_options
+    opts = read_options([("min_new_tokens", "3"), ("no_repeat_ngram_size", "2")], [("length_penalty", "1.5")])
+    assert (opts["min_new_tokens"], opts["no_repeat_ngram_size"], opts["length_penalty"]) == (3, 2, 1.5)
+    with pytest.raises(Exception, match="repetition_penalty"):
+        read_options([("repetition_penalty", "0")], [])

@@ -205,11 +205,12 @@ def test_every_module_compiles_without_warnings():
 
 def test_train_py_defaults_agree_with_the_model_config_and_generation_defaults():
     import train
-    from capkit.models.captioner import CaptionerConfig, Generation
+    from capkit.models.captioner import SHAPING_FIELDS, CaptionerConfig, Generation
     from capkit.training import config
     assert asdict(config.model_config_from_hparams(train.hyperparameters)) == asdict(CaptionerConfig())
     assert train.hyperparameters["max_new_tokens"] == Generation().max_new_tokens
     assert train.hyperparameters["num_beams"] == Generation().num_beams
+    assert all(train.hyperparameters[k] == getattr(Generation(), k) for k in SHAPING_FIELDS)
 
 
 def late_bound_reads(path: Path) -> list[str]:

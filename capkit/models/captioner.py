@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from capkit.cli import float_in, int_at_least
 from capkit.errors import ConfigError
 from capkit.models.encoders import ENCODER_BOUNDS, ENCODER_TYPES, FEATURE_KINDS
 from capkit.models.mappers import MAPPER_BOUNDS, MAPPER_INPUTS, MAPPER_TYPES
@@ -142,12 +143,32 @@ class Generation:
     top_p: float = 1.0
     top_k: int = 0                  # 0 = no top-k cut
     seed: int | None = None         # torch.manual_seed before decoding (reproducible sampling)
+    min_new_tokens: int = 0         # no end of text before this many tokens (0: none)
+    no_repeat_ngram_size: int = 0   # > 0: no n-gram of this size twice in a caption (loops like "a dog a dog a dog")
+    repetition_penalty: float = 1.0  # > 1: tokens already written are less likely (CTRL's penalty; 1: off)
+    length_penalty: float = 1.0     # beams: a finished caption's score is its log-probability / length ** this
 
 
 # the range each decoding setting accepts, for every script's checks (inference.py's flags, serve.py's fields):
 # (lowest, highest), both allowed, except top_p's 0 (it would keep no token)
 GENERATION_LIMITS = {"max_new_tokens": (1, 1024), "num_beams": (1, 64), "temperature": (0.01, 100.0),
-                     "top_p": (0.0, 1.0), "top_k": (0, 1_000_000), "seed": (0, 2**32 - 1)}
+                     "top_p": (0.0, 1.0), "top_k": (0, 1_000_000), "seed": (0, 2**32 - 1), "min_new_tokens": (0, 1024),
+                     "no_repeat_ngram_size": (0, 16), "repetition_penalty": (0.5, 10.0), "length_penalty": (-10.0, 10.0)}
+
+
+# the settings that shape a caption beyond its length and search (Generation's last four): every script takes them
+SHAPING_FIELDS = ("min_new_tokens", "no_repeat_ngram_size", "repetition_penalty", "length_penalty")
+
+
+def add_shaping_arguments(ap, defaults: dict | None = None) -> None:
+    """--min_new_tokens, --no_repeat_ngram_size, --repetition_penalty, --length_penalty on an argparse parser, in
+    GENERATION_LIMITS' ranges; defaults: {field: value} (None: Generation's; eval.py passes None values, meaning
+    "the run's own")."""
+    g = Generation()
+    for k in SHAPING_FIELDS:
+        lo, hi = GENERATION_LIMITS[k]
+        kind = int_at_least(lo, hi) if isinstance(getattr(g, k), int) else float_in(lo, hi)
+        ap.add_argument(f"--{k}", type=kind, default=(defaults or {}).get(k, getattr(g, k)))
 
 
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -205,6 +226,8 @@ class Captioner(nn.Module, ABC):
         """generate()'s keyword arguments as a Generation; ConfigError for a max_new_tokens beyond
         caption_positions() (GPT-2, GIT and BLIP would fail deep in generation, the others drift)."""
         g, limit = Generation(**generation), self.caption_positions()
+        if g.min_new_tokens > g.max_new_tokens:
+            raise ConfigError(f"min_new_tokens={g.min_new_tokens} is more than max_new_tokens={g.max_new_tokens}")
         if limit is not None and g.max_new_tokens > limit:
             raise ConfigError(f"max_new_tokens={g.max_new_tokens} is more than this model can generate: its decoder "
                               f"has room for captions of at most {limit} tokens (max_position_embeddings, less the "

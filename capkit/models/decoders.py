@@ -28,6 +28,16 @@ def resolve_dtype(name: str, device: str | torch.device | None = None) -> torch.
         raise ValueError(f"unknown lm_dtype {name!r}; expected one of {', '.join(LM_DTYPES)}") from None
 
 
+def shaping(g) -> dict:
+    """generate() keyword arguments for Generation's caption-shaping settings (only those away from their defaults:
+    a setting left alone adds no logits processor)."""
+    out = {"min_new_tokens": g.min_new_tokens or None, "no_repeat_ngram_size": g.no_repeat_ngram_size or None,
+           "repetition_penalty": g.repetition_penalty if g.repetition_penalty != 1.0 else None}
+    if g.num_beams > 1:
+        out["length_penalty"] = g.length_penalty
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def load_decoder(cfg, device: str | torch.device | None = None):
     """transformers causal LM + tokenizer from a hub id or local folder; lm_dtype=auto is resolved for `device`."""
     lm = from_pretrained(AutoModelForCausalLM, cfg.lm_name, "decoder", "lm_name",

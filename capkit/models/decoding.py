@@ -24,6 +24,8 @@ def covers(lm, g) -> str | None:
     """None when decode() reproduces lm.generate for settings g; else why not (generate is used then)."""
     if g.do_sample:
         return "sampling"
+    if g.no_repeat_ngram_size or g.repetition_penalty != 1.0:
+        return "no_repeat_ngram_size / repetition_penalty"
     needed = ("_get_top_k_continuations", "_get_running_beams_for_next_iteration", "_update_finished_beams",
               "_check_early_stop_heuristic")
     if g.num_beams > 1 and not all(hasattr(lm, n) for n in needed):
@@ -69,17 +71,22 @@ def decode(lm, lead, mask, g, eos_id: int, pad_id: int, suppress=None, begin_sup
     sup = None if suppress is None else torch.as_tensor(list(suppress), dtype=torch.long, device=dev)
     first = None if begin_suppress is None else torch.as_tensor(list(begin_suppress), dtype=torch.long, device=dev)
     if g.num_beams == 1:
-        return _greedy(lm, lead, mask.long(), g.max_new_tokens, eos_id, pad_id, sup, first, stop)
+        return _greedy(lm, lead, mask.long(), g.max_new_tokens, eos_id, pad_id, sup, first, stop, g.min_new_tokens)
     return _beams(lm, lead, mask.long(), g, eos_id, pad_id, sup, first, stop)
 
 
-def _greedy(lm, lead, mask, max_new, eos_id, pad_id, sup, first, stop):
+def _early(scores: torch.Tensor, t: int, min_new: int, eos_id: int) -> torch.Tensor:
+    """min_new_tokens: no end of text before step min_new (transformers' MinNewTokensLengthLogitsProcessor)."""
+    return scores.index_fill(-1, torch.tensor([eos_id], device=scores.device), -float("inf")) if t < min_new else scores
+
+
+def _greedy(lm, lead, mask, max_new, eos_id, pad_id, sup, first, stop, min_new=0):
     B = lead.shape[0]
     out = torch.full((B, max_new), pad_id, dtype=torch.long, device=lead.device)
     logits, cache = _prefill(lm, lead, mask)
     rows = torch.arange(B, device=lead.device)  # which image each live row is
     for t in range(max_new):
-        scores = _suppressed(_suppressed(logits, sup), first if t == 0 else None)
+        scores = _early(_suppressed(_suppressed(logits, sup), first if t == 0 else None), t, min_new, eos_id)
         nxt = scores.argmax(-1)                                                                # (N,)
         out[rows, t] = nxt
         live = nxt != eos_id
@@ -127,6 +134,7 @@ def _beams(lm, lead, mask, g, eos_id, pad_id, sup, first, stop):
     for t in range(max_new):
         b = s.open.shape[0]
         logp = _suppressed(_suppressed(F.log_softmax(logits, -1), sup), first if t == 0 else None)
+        logp = _early(logp, t, g.min_new_tokens, eos_id)
         logp = (logp.view(b, k, -1) + s.running_scores[:, :, None]).reshape(b, -1)
         top_lp, top_seq, top_idx = lm._get_top_k_continuations(
             accumulated_log_probs=logp, running_sequences=s.running, running_beam_indices=s.running_idx, cur_len=t,
@@ -140,11 +148,11 @@ def _beams(lm, lead, mask, g, eos_id, pad_id, sup, first, stop):
             sequences=s.sequences, topk_running_sequences=top_seq, beam_scores=s.scores, topk_log_probs=top_lp,
             beam_indices=s.idx, topk_running_beam_indices=top_idx, is_early_stop_heuristic_unsatisfied=s.open,
             is_sent_finished=s.finished, next_token_hits_stopping_criteria=hits, top_num_beam_mask=top_k_mask,
-            num_beams=k, cur_len=t, decoder_prompt_len=0, length_penalty=1.0, early_stopping=False)
+            num_beams=k, cur_len=t, decoder_prompt_len=0, length_penalty=g.length_penalty, early_stopping=False)
         s.open = lm._check_early_stop_heuristic(
             is_early_stop_heuristic_unsatisfied=s.open, running_beam_scores=s.running_scores, beam_scores=s.scores,
             is_sent_finished=s.finished, cur_len=t + 1, max_length=max_new, decoder_prompt_len=0,
-            early_stopping=False, length_penalty=1.0)
+            early_stopping=False, length_penalty=g.length_penalty)
         settled = ~s.open[:, 0]
         if halt or bool(hits.all()):
             settled[:] = True

@@ -31,7 +31,7 @@ from capkit.models.captioner import (
     CaptionerConfig,
     masked_cross_entropy,
 )
-from capkit.models.decoders import max_positions, never_empty, resolve_dtype, stop_when
+from capkit.models.decoders import max_positions, never_empty, resolve_dtype, shaping, stop_when
 from capkit.models.encoders import ImageProcessorTransform
 from capkit.names import current_names
 
@@ -204,7 +204,7 @@ class HFCaptioner(Captioner):
     @torch.no_grad()
     def generate(self, pixel_values=None, image_embeds=None, stop=None, **generation) -> list[str]:
         g = self.generation(generation)
-        kw = {"max_new_tokens": g.max_new_tokens, "num_beams": g.num_beams, "do_sample": g.do_sample}
+        kw = {"max_new_tokens": g.max_new_tokens, "num_beams": g.num_beams, "do_sample": g.do_sample, **shaping(g)}
         if g.do_sample:
             kw.update(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
         if g.seed is not None:

@@ -30,6 +30,7 @@ from capkit.models.captioner import (
     FRACTIONS,
     GENERATION_LIMITS,
     MODEL_TYPES,
+    SHAPING_FIELDS,
     CaptionerConfig,
 )
 from capkit.models.decoders import LM_DTYPES
@@ -78,7 +79,7 @@ HPARAM_OF_FIELD = {"encoder_image_size": "image_size", "lm_tokenizer_name": "tok
 # None values are checked only where None is not allowed
 RANGES = {
     "batch_size": "[1, inf)", "num_epochs": "[1, inf)", "eval_batch_size": "[1, inf)",
-    "max_new_tokens": GENERATION_LIMITS["max_new_tokens"], "num_beams": GENERATION_LIMITS["num_beams"],  # as serve.py
+    **{k: GENERATION_LIMITS[k] for k in ("max_new_tokens", "num_beams", *SHAPING_FIELDS)},  # as serve.py
     "max_caption_length": "[2, inf)", "lora_alpha": "(0, inf)",
     "learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "learning_rate_decay": "(0, inf)",
     "learning_rate_decay_step": "[1, inf)", "warmup_steps": "[0, inf)", "gradient_accumulation_steps": "[1, inf)",
