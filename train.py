@@ -721,8 +721,8 @@ def stop_agreed(run: Run, stop) -> bool:
 
 
 def interrupted(run: Run, loop: LoopState) -> dict:
-    if run.hp["log_with"]:
-        run.acc.end_training()
+    run.acc.end_training()  # trackers closed and, under DDP, the process group destroyed (a live gloo thread at exit
+    # aborts the process: "terminate called without an active exception", seen on the two-machine test)
     if not run.main:
         return {}
     print(f"⏸️ stopped after step {loop.step}; saved {loop.meta_path}\nresume with:\n"
@@ -812,11 +812,10 @@ def finish(run: Run, model, test_split, data: TrainingData, loop: LoopState, bef
         test = evaluate(model, test_split, skips=run.skips, ablate_image=hp["ablate_image"], seed=hp["seed"],
                         acc=run.acc, datastore=store, **eval_settings(run, data))
         test = test if test["num_images"] > 0 else None  # (none of its images could be read: evaluate said so)
-    if hp["log_with"]:
-        if test is not None:
-            run.acc.log({"test/loss": test["loss"], "test/rouge_l": test["rouge_l"], "test/cider": test["cider"]},
-                        step=loop.step)
-        run.acc.end_training()
+    if hp["log_with"] and test is not None:
+        run.acc.log({"test/loss": test["loss"], "test/rouge_l": test["rouge_l"], "test/cider": test["cider"]},
+                    step=loop.step)
+    run.acc.end_training()  # (as in interrupted(): the process group too)
     if not run.main:
         return {}
     meta = loop.meta
