@@ -404,15 +404,14 @@ def build_training_data(run: Run, train_set: CaptionSet, model) -> TrainingData:
     order = torch.Generator().manual_seed(hp["seed"])
     worker_seeds = torch.Generator().manual_seed(hp["seed"] + 1)
     transform = None if feats is not None else image_transform(hp, model.preprocess)  # None: features, no images
+    lengths = [len(x) for x in model.tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]] \
+        if hp["group_by_length"] else None
+    # the loader's own generator seeds its workers: creating an epoch's iterator then draws nothing
+    # from the global torch RNG, which a resumed run restores to the exact pre-interruption state
     if hp["captions_per_image"] is not None:  # a fresh draw of each image's captions every epoch
-        lengths = [len(x) for x in model.tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]] \
-            if hp["group_by_length"] else None
         batching = {"batch_sampler": CaptionDraw([i for i, _ in pairs], hp["captions_per_image"], hp["batch_size"],
                                                  order, lengths), "generator": worker_seeds}
-    elif hp["group_by_length"]:
-        lengths = [len(x) for x in model.tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]]
-        # the loader's own generator seeds its workers: creating an epoch's iterator then draws nothing
-        # from the global torch RNG, which a resumed run restores to the exact pre-interruption state
+    elif lengths is not None:
         batching = {"batch_sampler": LengthGroupedBatches(lengths, hp["batch_size"], order), "generator": worker_seeds}
     else:
         batching = {"batch_size": hp["batch_size"], "shuffle": True, "generator": order}

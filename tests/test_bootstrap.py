@@ -82,3 +82,18 @@ def test_compare_refuses_files_of_different_images(tmp_path, capsys):
     b.write_text(json.dumps(rows))
     assert eval_mod.main(["--compare", str(a), str(b)]) == 2
     assert "not scored on the same images" in capsys.readouterr().err
+
+
+def test_compare_refuses_files_it_cannot_pair_in_one_sentence(tmp_path, capsys):
+    a = predictions_file(tmp_path, "a.json", ["x", "y"])
+    no_scores = json.loads(a.read_text())
+    for row in no_scores["predictions"]:
+        del row["cider"]
+    (tmp_path / "noscores.json").write_text(json.dumps(no_scores))
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "list.json").write_text('[{"image_id": 1, "caption": "a"}]')   # COCO results: no references
+    for bad, said in (("noscores.json", "without per-image cider"), ("broken.json", "broken.json"),
+                      ("list.json", "'predictions' must be a list")):
+        assert eval_mod.main(["--compare", str(a), str(tmp_path / bad)]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err

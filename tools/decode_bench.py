@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from capkit.data.features import encode_split
 from capkit.data.folders import find_images
-from capkit.data.images import load_rgb
 from capkit.models.captioner import Generation
 from capkit.runtime import pick_device
 from model import load_checkpoint
@@ -41,22 +41,12 @@ def timed(fn, device) -> tuple[float, object]:
 
 
 @torch.no_grad()
-def features(model, paths, batch_size) -> torch.Tensor:
-    out = []
-    for s in range(0, len(paths), batch_size):
-        px = torch.stack([model.preprocess(load_rgb(p)) for p in paths[s:s + batch_size]])
-        out.append(model.encode_images(px.to(model.device)))
-    return torch.cat(out)                                                              # (N, E)
-
-
-@torch.no_grad()
 def caption_all(model, feats, batch_size, g: Generation, way: str) -> tuple[list, int]:
     """-> (token ids per batch, decoding steps taken) by one of: "generate", "generate+static", "capkit"."""
     ids, steps = [], 0
     for s in range(0, len(feats), batch_size):
         chunk = feats[s:s + batch_size]
         if way == "capkit":
-            model.fast_decoding = True
             out = model.generate_ids(image_embeds=chunk, **vars(g))
         else:
             lead, mask = model.lead_embeds(chunk)
@@ -66,7 +56,6 @@ def caption_all(model, feats, batch_size, g: Generation, way: str) -> tuple[list
             out = model.lm.generate(inputs_embeds=lead, attention_mask=mask, generation_config=gen)
         ids.append(out.cpu())
         steps += out.shape[1]
-    model.fast_decoding = True
     return ids, steps
 
 
@@ -77,7 +66,7 @@ def run(checkpoint, images, num_images=256, batch_size=64, beams=(1, 3), max_new
     paths = find_images(Path(images))[:num_images]
     if not paths:
         raise SystemExit(f"no images in {images}")
-    t, feats = timed(lambda: features(model, paths, batch_size), device)
+    t, (feats, _) = timed(lambda: encode_split(model, paths, batch_size), device)     # (N, E), the images read
     max_new = max_new_tokens or hp.get("max_new_tokens") or Generation().max_new_tokens
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"{checkpoint}: {len(paths)} images from {images}, batch {batch_size}, max_new_tokens {max_new}, on "

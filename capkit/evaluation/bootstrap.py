@@ -22,14 +22,17 @@ def _means(x: np.ndarray, resamples: int, seed: int) -> np.ndarray:
     return x[idx].mean(axis=1)
 
 
+def _bounds(means: np.ndarray, level: float) -> tuple[float, float]:
+    tail = 100 * (1 - level) / 2
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
 def interval(per_image, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> tuple[float, float]:
     """The (low, high) percentile interval of the mean over images; (nan, nan) for no images."""
     x = np.asarray(per_image, dtype=float)
     if not len(x):
         return float("nan"), float("nan")
-    means = _means(x, resamples, seed)
-    tail = 100 * (1 - level) / 2
-    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+    return _bounds(_means(x, resamples, seed), level)
 
 
 def paired(a, b, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> dict:
@@ -37,11 +40,10 @@ def paired(a, b, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape:
         raise ValueError(f"paired scores need the same images: {len(a)} vs {len(b)}")
-    d = b - a
-    means = _means(d, resamples, seed) if len(d) else np.array([np.nan])
-    lo, hi = interval(d, resamples, seed, level)
-    return {"difference": float(d.mean()) if len(d) else float("nan"), "interval": (lo, hi),
-            "b_better": float((means > 0).mean())}
+    if not len(a):
+        return {"difference": float("nan"), "interval": (float("nan"), float("nan")), "b_better": float("nan")}
+    means = _means(b - a, resamples, seed)  # one set of draws for the interval and the share
+    return {"difference": float((b - a).mean()), "interval": _bounds(means, level), "b_better": float((means > 0).mean())}
 
 
 def with_interval(value: float, bounds) -> str:

@@ -12,6 +12,7 @@ captions are the ones `generate` picks. Sampling is left to `generate` (capkit's
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -40,18 +41,20 @@ def _suppressed(scores: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
     return scores.index_fill(-1, ids, -float("inf"))
 
 
-def _step(lm, tokens: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+def _step(lm, tokens: torch.Tensor, mask: torch.Tensor, cache, cache_kw: str) -> torch.Tensor:
     """One decoding step for N rows: tokens (N,) appended at the end of mask (N, S) -> next-token logits (N, V)
     in float32. Positions count the real tokens only (a left-padded prompt), as generate counts them."""
     pos = (mask.sum(-1, keepdim=True) - 1)                                                    # (N, 1)
     out = lm(inputs_embeds=lm.get_input_embeddings()(tokens[:, None]), attention_mask=mask, position_ids=pos,
-             use_cache=True, **{_cache_kwarg(lm): cache})
+             use_cache=True, **{cache_kw: cache})
     return out.logits[:, -1].float()
 
 
-def _cache_kwarg(lm) -> str:
-    """The name lm.forward takes its KV cache by: `cache` (transformers 5.x), `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+@functools.cache
+def _cache_kwarg(lm_class) -> str:
+    """The name lm.forward takes its KV cache by: `cache` (transformers 5.x), `past_key_values` before (read once
+    per model class, not once per step)."""
+    return "cache" if "cache" in inspect.signature(lm_class.forward).parameters else "past_key_values"
 
 
 def _prefill(lm, lead: torch.Tensor, mask: torch.Tensor):
@@ -67,27 +70,27 @@ def decode(lm, lead, mask, g, eos_id: int, pad_id: int, suppress=None, begin_sup
     """-> new token ids (B, T <= g.max_new_tokens), pad_id after each caption's end of text: greedy when
     g.num_beams == 1, else beam search. suppress / begin_suppress: token ids never chosen / not chosen first;
     stop(): once True, decoding ends after the current step (serve.py's hook)."""
-    dev = lead.device
-    sup = None if suppress is None else torch.as_tensor(list(suppress), dtype=torch.long, device=dev)
-    first = None if begin_suppress is None else torch.as_tensor(list(begin_suppress), dtype=torch.long, device=dev)
-    if g.num_beams == 1:
-        return _greedy(lm, lead, mask.long(), g.max_new_tokens, eos_id, pad_id, sup, first, stop, g.min_new_tokens)
-    return _beams(lm, lead, mask.long(), g, eos_id, pad_id, sup, first, stop)
+    def ids(tokens):
+        return None if tokens is None else torch.as_tensor(list(tokens), dtype=torch.long, device=lead.device)
+    # the tokens ruled out at step t: `suppress` always, `begin_suppress` first, and the end of text before
+    # min_new_tokens (transformers' SuppressTokens, SuppressTokensAtBegin and MinNewTokensLength processors)
+    sup, first, end = ids(suppress), ids(begin_suppress), ids([eos_id])
+
+    def ruled_out(scores: torch.Tensor, t: int) -> torch.Tensor:
+        scores = _suppressed(_suppressed(scores, sup), first if t == 0 else None)
+        return _suppressed(scores, end if t < g.min_new_tokens else None)
+    run = (_greedy if g.num_beams == 1 else _beams)
+    return run(lm, lead, mask.long(), g, eos_id, pad_id, ruled_out, stop, _cache_kwarg(type(lm)))
 
 
-def _early(scores: torch.Tensor, t: int, min_new: int, eos_id: int) -> torch.Tensor:
-    """min_new_tokens: no end of text before step min_new (transformers' MinNewTokensLengthLogitsProcessor)."""
-    return scores.index_fill(-1, torch.tensor([eos_id], device=scores.device), -float("inf")) if t < min_new else scores
-
-
-def _greedy(lm, lead, mask, max_new, eos_id, pad_id, sup, first, stop, min_new=0):
+def _greedy(lm, lead, mask, g, eos_id, pad_id, ruled_out, stop, cache_kw):
+    max_new = g.max_new_tokens
     B = lead.shape[0]
     out = torch.full((B, max_new), pad_id, dtype=torch.long, device=lead.device)
     logits, cache = _prefill(lm, lead, mask)
     rows = torch.arange(B, device=lead.device)  # which image each live row is
     for t in range(max_new):
-        scores = _early(_suppressed(_suppressed(logits, sup), first if t == 0 else None), t, min_new, eos_id)
-        nxt = scores.argmax(-1)                                                                # (N,)
+        nxt = ruled_out(logits, t).argmax(-1)                                                                # (N,)
         out[rows, t] = nxt
         live = nxt != eos_id
         if t == max_new - 1 or not live.any() or (stop is not None and stop()):
@@ -97,14 +100,14 @@ def _greedy(lm, lead, mask, max_new, eos_id, pad_id, sup, first, stop, min_new=0
             cache.batch_select_indices(keep)
             rows, mask, nxt = rows[keep], mask[keep], nxt[keep]
         mask = F.pad(mask, (0, 1), value=1)
-        logits = _step(lm, nxt, mask, cache)
+        logits = _step(lm, nxt, mask, cache, cache_kw)
     return out
 
 
 class _BeamState:
     """transformers' beam-search tensors for the images still being decoded, (b, beams, ...) each."""
 
-    def __init__(self, b: int, beams: int, keep: int, max_new: int, fill: int, dev):
+    def __init__(self, b: int, beams: int, max_new: int, fill: int, dev):
         self.running = torch.full((b, beams, max_new), fill, dtype=torch.long, device=dev)
         self.sequences = self.running.clone()
         self.running_scores = torch.zeros((b, beams), device=dev)
@@ -120,21 +123,20 @@ class _BeamState:
             setattr(self, name, getattr(self, name)[keep])
 
 
-def _beams(lm, lead, mask, g, eos_id, pad_id, sup, first, stop):
+def _beams(lm, lead, mask, g, eos_id, pad_id, ruled_out, stop, cache_kw):
     B, k, max_new = lead.shape[0], g.num_beams, g.max_new_tokens
     keep_k = 2 * k  # transformers' beams_to_keep with one end-of-text id
     top_k_mask = torch.cat([torch.ones(k, dtype=torch.bool), torch.zeros(keep_k - k, dtype=torch.bool)]).to(lead.device)
     logits, cache = _prefill(lm, lead, mask)                       # once per image, then shared by its beams
     cache.batch_repeat_interleave(k)
     logits, mask = logits.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)              # (B*k, V), (B*k, S)
-    s = _BeamState(B, k, keep_k, max_new, pad_id, lead.device)
+    s = _BeamState(B, k, max_new, pad_id, lead.device)
     images = torch.arange(B, device=lead.device)   # which image each row of the state is
     result = torch.full((B, max_new), pad_id, dtype=torch.long, device=lead.device)
     lengths = torch.zeros(B, dtype=torch.long, device=lead.device)  # each best beam's steps, its end of text included
     for t in range(max_new):
         b = s.open.shape[0]
-        logp = _suppressed(_suppressed(F.log_softmax(logits, -1), sup), first if t == 0 else None)
-        logp = _early(logp, t, g.min_new_tokens, eos_id)
+        logp = ruled_out(F.log_softmax(logits, -1), t)
         logp = (logp.view(b, k, -1) + s.running_scores[:, :, None]).reshape(b, -1)
         top_lp, top_seq, top_idx = lm._get_top_k_continuations(
             accumulated_log_probs=logp, running_sequences=s.running, running_beam_indices=s.running_idx, cur_len=t,
@@ -172,7 +174,7 @@ def _beams(lm, lead, mask, g, eos_id, pad_id, sup, first, stop):
             mask = mask.view(b, k, -1)[live].reshape(-1, mask.shape[-1])
         cache.reorder_cache(beam_idx)
         mask = F.pad(mask, (0, 1), value=1)
-        logits = _step(lm, s.running[:, :, t].reshape(-1), mask, cache)
+        logits = _step(lm, s.running[:, :, t].reshape(-1), mask, cache, cache_kw)
     return result[:, :max(int(lengths.max().item()), 1)]  # as wide as the longest caption, as generate returns
 
 

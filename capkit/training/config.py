@@ -70,8 +70,8 @@ SCHEDULERS = ("StepLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "Cyc
 CHOICES = {"model_type": MODEL_TYPES, "mapper_type": MAPPER_TYPES, "encoder_features": FEATURE_KINDS,
            "encoder_type": ENCODER_TYPES, "quantization_bits": QUANTIZATION_BITS, "peft_module": PEFT_MODULES,
            "lm_dtype": tuple(LM_DTYPES), "optimizer": ("AdamW", "Prodigy"), "lr_scheduler": SCHEDULERS + (None,),
-           "log_with": ("tensorboard", "wandb", None), "dataset": ("flickr30k", "folder", "karpathy", "hf", "webdataset",
-                                                                               *STYLE_OF)}
+           "log_with": ("tensorboard", "wandb", None),
+           "dataset": ("flickr30k", "folder", "karpathy", "hf", "webdataset", *STYLE_OF)}
 # the model config's fields whose hyperparameter has another name
 HPARAM_OF_FIELD = {"encoder_image_size": "image_size", "lm_tokenizer_name": "tokenizer_name"}
 # the values each number may take, checked before anything loads: a string interval for train.py's own keys ("["
@@ -87,8 +87,8 @@ RANGES = {
     "captions_per_image": "[1, inf)",
     "frozen_parts": "[0, inf)", "save_every_n_epochs": "[1, inf)", "save_every_n_steps": "[1, inf)",
     "keep_last_n": "[1, inf)", "num_workers": "[0, 256]", "seed": "[0, 4294967295]", "split_ratio": "(0, 1]",
-    "val_ratio": "[0, 1)", "shuffle_buffer": "[1, 10000000]", **{key: "[0, 1)" for key in FRACTIONS},  # (CaptionerConfig checks the same)
-    "caption_dropout": "[0, 1)",
+    "val_ratio": "[0, 1)", "shuffle_buffer": "[1, 10000000]", "caption_dropout": "[0, 1)",
+    **{key: "[0, 1)" for key in FRACTIONS},  # the dropouts CaptionerConfig checks the same way
     **{HPARAM_OF_FIELD.get(k, k): b for k, b in {**CONFIG_BOUNDS, **ADAPTER_BOUNDS}.items()},  # the model's own
 }
 
@@ -174,9 +174,8 @@ def read_toml(path, defaults: dict, say=print) -> dict:
             raise ConfigError(f"config file {path} gives {key} twice, under two names, with different values "
                               f"({read[key]!r} and {v!r}); keep one")
         read[key] = v
-    cfg = read
-    check_keys(cfg, f"config file {path}", defaults)
-    return cfg
+    check_keys(read, f"config file {path}", defaults)
+    return read
 
 
 def parse_argv(argv: list[str], defaults: dict, presets: dict, say=print) -> tuple[str | None, str | None, dict]:
