@@ -24,25 +24,41 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationConfig
 
-from capkit.checkpoints import CHECKPOINT_FORMAT, checkpoint_in, metadata_path_for, read_checkpoint, read_metadata
+from capkit.checkpoints import (
+    CHECKPOINT_FORMAT,
+    checkpoint_in,
+    metadata_name,
+    metadata_path_for,
+    read_checkpoint,
+    read_metadata,
+    stem_of,
+)
 from capkit.errors import ConfigError, MissingInputError, RefusedFileError
-from capkit.files import atomic_torch_save, plain_name
+from capkit.files import atomic_torch_save, atomic_write_json, plain_name
 from capkit.hub import first_line, load_all
 from capkit.models.captioner import (
     Captioner,
     CaptionerConfig,
     masked_cross_entropy,
 )
-from capkit.models.decoders import load_decoder, max_positions, never_empty, shaping, stop_when, tokenize_captions
+from capkit.models.decoders import (
+    add_lora,
+    is_lora,
+    load_decoder,
+    max_positions,
+    merge_lora,
+    never_empty,
+    shaping,
+    stop_when,
+    tokenize_captions,
+)
 from capkit.models.decoding import covers, decode
 from capkit.models.encoders import ImageEncoder, OpenClipEncoder, build_image_encoder
 from capkit.models.hf_captioner import HFCaptioner, load_hf_checkpoint
 from capkit.models.mappers import build_mapper
 from capkit.models.retrieval import (
-    PROMPT_HEAD,
-    PROMPT_SEP,
-    PROMPT_TAIL,
     RETRIEVAL_CAPTION_TOKENS,
+    RETRIEVAL_TEMPLATES,
     Datastore,
     open_datastore,
 )
@@ -79,6 +95,8 @@ class PrefixCaptioner(Captioner):
         if config.encoder_features == "tokens":
             config.encoder_token_dim = self.feature_shape[-1]
         self.mapper = build_mapper(config)
+        if config.lm_lora_r:  # LoRA adapters beside the decoder's attention learn with the mapper; its weights stay
+            self.lm = add_lora(self.lm, config)  # frozen (decoders.py). After the mapper: the same seed starts it alike
         self._said: set[str] = set()              # the decoding notes already printed
         self.datastore: Datastore | None = None   # retrieval_k > 0: attach_datastore() before training or decoding
         self.datastore_file: str | None = None    # its file name beside the checkpoints (train.py saves it)
@@ -103,6 +121,9 @@ class PrefixCaptioner(Captioner):
         super().train(mode)
         self.image_encoder.eval()  # frozen towers keep eval behaviour (no dropout) while the mapper trains
         self.lm.eval()
+        for name, m in self.lm.named_modules():  # (the decoder's LoRA dropout trains with the mapper)
+            if name.endswith(".lora_dropout"):
+                m.train(mode)
         return self
 
     @property
@@ -110,10 +131,32 @@ class PrefixCaptioner(Captioner):
         return next(self.mapper.parameters()).device
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"mapper.{k}": v.detach().cpu().contiguous() for k, v in self.mapper.state_dict().items()}
+        """mapper.* and, with lm_lora_r, the decoder's adapters lm.* (never its frozen weights)."""
+        out = {f"mapper.{k}": v.detach().cpu().contiguous() for k, v in self.mapper.state_dict().items()}
+        return out | {f"lm.{k}": v.detach().cpu().contiguous() for k, v in self.lm.named_parameters() if is_lora(k)}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.mapper.parameters())
+        return list(self.mapper.parameters()) + [p for k, p in self.lm.named_parameters() if is_lora(k)]
+
+    def load_trainable(self, state: dict[str, torch.Tensor], where) -> None:
+        """trainable_state_dict()'s tensors back into the mapper and the decoder's adapters; every one of them
+        must be there, and nothing else (RefusedFileError naming `where`)."""
+        mapper = {k.removeprefix("mapper."): v for k, v in state.items() if k.startswith("mapper.")}
+        lora = {k.removeprefix("lm."): v for k, v in state.items() if k.startswith("lm.")}
+        want = {k for k, _ in self.lm.named_parameters() if is_lora(k)}
+        stray = sorted(set(state) - {f"mapper.{k}" for k in mapper} - {f"lm.{k}" for k in lora})
+        try:
+            if stray or set(lora) != want:
+                raise RuntimeError(f"decoder adapters: {len(lora)} saved, {len(want)} expected (lm_lora_r="
+                                   f"{self.config.lm_lora_r})" + (f"; unexpected {stray[:3]}" if stray else ""))
+            self.mapper.load_state_dict(mapper, strict=True)
+            params = dict(self.lm.named_parameters())
+            with torch.no_grad():
+                for k, v in lora.items():
+                    params[k].copy_(v)
+        except RuntimeError as e:
+            raise RefusedFileError(f"{where}: its weights don't fit the model its config describes "
+                                   f"({first_line(e)})") from None
 
     def tokenize(self, captions, max_length: int) -> dict[str, torch.Tensor]:
         """-> input_ids, attention_mask (B, T): caption tokens + EOS, right-padded (no BOS: the prefix leads);
@@ -129,8 +172,9 @@ class PrefixCaptioner(Captioner):
         k = self.config.retrieval_k
         if not k:
             return 0
-        fixed = self.tokenizer(PROMPT_HEAD + PROMPT_SEP * (k - 1) + PROMPT_TAIL, add_special_tokens=False)["input_ids"]
-        return len(fixed) + k * RETRIEVAL_CAPTION_TOKENS
+        head, sep, tail = (self.tokenizer(t, add_special_tokens=False)["input_ids"]
+                           for t in RETRIEVAL_TEMPLATES[self.config.retrieval_template])
+        return len(head) + (k - 1) * len(sep) + len(tail) + k * RETRIEVAL_CAPTION_TOKENS
 
     def attach_datastore(self, store: Datastore | None) -> None:
         """The datastore the retrieval prompt is read from (retrieval_k > 0); its keys must come from this encoder."""
@@ -138,7 +182,9 @@ class PrefixCaptioner(Captioner):
 
     def retrieval_prompt(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """-> (ids, mask) (B, L) of each image's retrieval prompt, left-padded (mask 0) so that every image's
-        prefix and caption sit at the same positions; None without retrieval."""
+        prefix and caption sit at the same positions; None without retrieval. Evaluating: the first caption of each
+        of the k nearest images. Training: k drawn among the retrieval_pool nearest, a random caption of each (torch's
+        RNG: a resume replays it), so the mapper learns to use the prompt without trusting any one neighbour."""
         k = self.config.retrieval_k
         if not k:
             return None
@@ -146,9 +192,15 @@ class PrefixCaptioner(Captioner):
             raise ConfigError(f"this model was trained with retrieval_k={k}: it reads the captions of similar images "
                               "from a datastore, and none is attached (load_captioner finds the one saved beside the "
                               "checkpoint; --datastore DIR builds one from a folder of captioned images)")
-        tok, rows = self.tokenizer, self.datastore.neighbours(feats, k).tolist()
-        head, sep, tail = (tok(t, add_special_tokens=False)["input_ids"] for t in (PROMPT_HEAD, PROMPT_SEP, PROMPT_TAIL))
-        caps = tok([self.datastore.captions[j][0] for row in rows for j in row], add_special_tokens=False)["input_ids"]
+        tok, store = self.tokenizer, self.datastore
+        rows = store.neighbours(feats, max(k, self.config.retrieval_pool) if self.training else k)     # (B, N)
+        if rows.shape[1] > k:  # training: k of the pool, at random
+            rows = rows.gather(1, torch.rand(rows.shape).argsort(-1)[:, :k].to(rows.device))
+        rows = rows.tolist()
+        pick = (lambda c: c[int(torch.randint(len(c), ()))]) if self.training else (lambda c: c[0])
+        head, sep, tail = (tok(t, add_special_tokens=False)["input_ids"]
+                           for t in RETRIEVAL_TEMPLATES[self.config.retrieval_template])
+        caps = tok([pick(store.captions[j]) for row in rows for j in row], add_special_tokens=False)["input_ids"]
         seqs = []
         for b, row in enumerate(rows):
             parts = [caps[b * len(row) + i][:RETRIEVAL_CAPTION_TOKENS] for i in range(len(row))]
@@ -284,12 +336,7 @@ def load_captioner(path: str | os.PathLike, device: str | torch.device = "cpu", 
         if saved.get(k) is not None and saved[k] != getattr(cfg, k):
             raise RefusedFileError(f"{path}: checkpoint was trained with {k}={saved[k]}, the loaded backbone has "
                                    f"{getattr(cfg, k)}")
-    state = {k.removeprefix("mapper."): v for k, v in ckpt["state_dict"].items()}
-    try:
-        model.mapper.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise RefusedFileError(f"{path}: its weights don't fit the mapper its config describes "
-                               f"({first_line(e)})") from None
+    model.load_trainable(ckpt["state_dict"], path)
     name = ckpt.get("datastore")  # (what eval.py's kNN baseline copies from, with or without retrieval)
     model.datastore_file = None if name is None else plain_name(name, f"{path}: its datastore file name")
     if cfg.retrieval_k:  # the captions it retrieves: the datastore given, else the one saved beside it
@@ -311,6 +358,32 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     meta_path = metadata_path_for(path)
     metadata = read_metadata(meta_path, of_run=False) if meta_path.exists() else {}
     return model, metadata, metadata.get("hyperparameters", {})
+
+
+def merge_decoder_lora(checkpoint, merged_dir=None, wise_alpha: float = 1.0) -> Path:
+    """A prefix checkpoint trained with lm_lora_r > 0 -> a folder that needs no adapters: decoder/ (the decoder with
+    the adapters folded into its weights, save_pretrained + tokenizer) and the checkpoint (the mapper; its config's
+    lm_name is that decoder/, lm_lora_r 0) with its run's metadata. wise_alpha < 1 folds in that share of the update
+    (WiSE-FT). Load the folder's .pth as any checkpoint; moved elsewhere, give lm_name=<its decoder/>."""
+    checkpoint = Path(checkpoint)
+    model = load_captioner(checkpoint)
+    if not model.config.lm_lora_r:
+        raise ConfigError(f"{checkpoint}: its decoder has no LoRA adapters (lm_lora_r=0): nothing to merge")
+    stem = stem_of(checkpoint)
+    out = Path(merged_dir) if merged_dir else checkpoint.with_name(
+        f"merged_{stem}" + (f"_wise{wise_alpha:g}" if wise_alpha < 1 else ""))
+    decoder = (out / "decoder").resolve()
+    merge_lora(model.lm, wise_alpha).save_pretrained(decoder, safe_serialization=True)
+    model.tokenizer.save_pretrained(decoder)
+    model.config.lm_name, model.config.lm_tokenizer_name, model.config.lm_lora_r = str(decoder), str(decoder), 0
+    model.save_checkpoint(out / checkpoint.name)
+    meta = metadata_path_for(checkpoint)
+    if meta.exists():  # eval.py finds the run's data through it
+        m = read_metadata(meta, of_run=False)
+        m["merged"] = {"checkpoint": str(checkpoint), "wise_alpha": wise_alpha}
+        m["model_config"] = asdict(model.config)
+        atomic_write_json(m, out / metadata_name(stem))
+    return out
 
 
 def saved_datastore(path, name: str | None) -> Path:

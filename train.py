@@ -54,6 +54,7 @@ from capkit.checkpoints import (
     checkpoint_name,
     datastore_name,
     metadata_name,
+    read_checkpoint,
     read_metadata,
     skip_list_name,
     state_name,
@@ -68,7 +69,7 @@ from capkit.data.streams import DecodePair, ShardStream, embeds_pair
 from capkit.errors import ConfigError, DataError, NonFiniteError, SaveError, run_cli
 from capkit.evaluation.bootstrap import with_interval
 from capkit.evaluation.evaluator import evaluate, knn_line, spread_line
-from capkit.evaluation.metrics import CIDER_NOTE, ROUGE_L_NOTE
+from capkit.evaluation.metrics import CIDER_NOTE, ROUGE_L_NOTE, CiderD, caption_metrics, print_metrics
 from capkit.files import atomic_torch_save, atomic_write, atomic_write_json
 from capkit.hub import load_all
 from capkit.models.captioner import SHAPING_FIELDS, Generation
@@ -86,6 +87,7 @@ from capkit.training.resume import (
     state_path_for,
     training_state,
 )
+from capkit.training.scst import scst_loss
 from capkit.training.usage import help_text
 from dataset import (
     PairDataset,
@@ -96,7 +98,7 @@ from dataset import (
     loader_workers,
     training_loader,
 )
-from model import build_model
+from model import build_model, merge_decoder_lora
 
 hyperparameters = {
     # --- data ---
@@ -134,6 +136,8 @@ hyperparameters = {
     "lm_name": "Qwen/Qwen3-0.6B-Base",        # decoder: hub id or local save_pretrained folder
     "tokenizer_name": None,          # tokenizer: hub id or local folder (None = lm_name)
     "lm_dtype": "auto",              # decoder weights: auto (bf16 on a bf16 GPU device, else fp32) | float32 | bfloat16 | float16
+    "lm_lora_r": 0,                  # > 0: LoRA of this rank on the decoder's attention, trained with the mapper (its
+                                     #   base weights stay frozen; lora_alpha, lora_dropout, target_modules apply)
     "encoder_features": "pooled",    # "pooled" (one embedding per image) | "tokens" (the ViT's patch tokens)
     "mapper_type": "mlp",            # mapper: "mlp" | "linear" (pooled) | "transformer" (either) | "resampler"
                                      #   (tokens); docs/models.md: "Which mapper"
@@ -144,6 +148,9 @@ hyperparameters = {
     "mapper_num_heads": 8,           # transformer / resampler: attention heads (divide the decoder's hidden size)
     "retrieval_k": 0,                # > 0: the captions of the k nearest training images (by the frozen encoder's
                                      #   features) are a text prompt before the image prefix (SmallCap's idea); 0: off
+    "retrieval_pool": 0,             # retrieval in training: the k are drawn among this many nearest, a random caption
+                                     #   of each (0: the k nearest, first captions, as when evaluating)
+    "retrieval_template": "capkit",  # the prompt's words: "capkit" (one line) | "smallcap" (SmallCap's template)
     # --- git / blip (model_type "git" | "blip"): the whole captioner fine-tuned through PEFT adapters ---
     "hf_model_name": None,           # None: microsoft/git-base | Salesforce/blip-image-captioning-base; or a local folder
     "quantization_bits": 4,          # 4 = QLoRA (nf4, double quantization, bf16 compute) | 8 | 16 (not quantized)
@@ -153,6 +160,14 @@ hyperparameters = {
     "lora_dropout": 0.05,            # dropout on the LoRA path
     "target_modules": None,          # layers that get adapters; None: the text side's query/key/value/dense
     "gradient_checkpointing": False, # recompute activations in the backward pass (less memory, ~30% slower)
+    # --- fine-tuning on the metric (prefix model): self-critical sequence training, after cross-entropy ---
+    "scst_from_epoch": None,         # epochs from this one on train on the CIDEr-D reward of sampled captions against
+                                     #   the greedy caption (capkit/training/scst.py); None: cross-entropy throughout
+    "scst_samples": 5,               # sampled captions per image per SCST step
+    "scst_baseline": "greedy",       # a sample's reward is measured against: "greedy" (the model's greedy caption) |
+                                     #   "mean" (the mean of the image's other samples; scst_samples >= 2)
+    "init_from": None,               # a model_state_dict_*.pth whose trained weights start this run (same model
+                                     #   config), e.g. SCST on a cross-entropy run: --init_from=... --scst_from_epoch=1
     # --- optimisation ---
     "batch_size": 8,                 # (image, caption) pairs per step (global, split across processes); raise it if memory allows
     "num_epochs": 1,                 # passes over the training pairs
@@ -185,6 +200,8 @@ hyperparameters = {
     "test_evaluation_enabled": False,  # after training: ROUGE-L + loss on the held-out test split, stored in metadata
     "evaluate_before_training": False,  # also score the test split before training (the "before" figure)
     "ablate_image": False,           # with test evaluation: also score with images shuffled across the set
+    "coco_metrics": False,           # with test evaluation: also the COCO toolkit's BLEU-1..4, METEOR, ROUGE_L, CIDEr
+                                     #   (pycocoevalcap; Java for PTB tokens and METEOR), each with its 95 % interval
     "eval_batch_size": 32,           # images per batch when generating
     "max_new_tokens": Generation.max_new_tokens,  # generation length limit for evaluation (40)
     "num_beams": Generation.num_beams,            # 1 = greedy decoding for evaluation
@@ -258,6 +275,13 @@ PRESETS["real_photos"] = {
     "warmup_steps": 50, "max_caption_length": 40, "max_new_tokens": 30, "eval_batch_size": 64, "num_beams": 3,
     "test_evaluation_enabled": True, "ablate_image": True,
 }
+# the Flickr8k benchmark (README "Results"): the official train split -> the dev split, on a CPU within 90 minutes:
+#   python train.py --preset flickr8k --train_dir=../shared/flickr8k/train --test_dir=../shared/flickr8k/dev
+# real_photos' backbones and mapper; each epoch a fresh draw of one of each photo's 5 captions (captions_per_image=1:
+# every photo once per epoch at a fifth of the cost); the COCO toolkit's metrics with intervals at the end. Levers
+# measured on dev at this budget (python -m tools.targets --only flickr8k; docs/log.md 2026-12-06)
+PRESETS["flickr8k"] = {**PRESETS["real_photos"], "val_ratio": 0.05, "captions_per_image": 1, "num_epochs": 2,
+                       "coco_metrics": True}
 
 DEMO_TARGETS = {"shapes": {"test_rouge_l_min": 0.9, "ablation_drop_min": 0.2},  # per demo dataset
                 "shapes_b": {"test_rouge_l_min": 0.8}}
@@ -283,7 +307,10 @@ def train(hp: dict, resume_from=None) -> dict:
     splits, model = load_all(partial(load_splits, hp, run.skips),  # data first: a wrong path fails before a big
                              partial(build_model, model_config_from_hparams(hp), run.device))  # model loads
     model.generation(decoding(hp))                      # a max_new_tokens the decoder can't hold: said now
+    if hp["init_from"] is not None:                     # another run's trained weights start this one
+        start_from(run, model, hp["init_from"])
     data = build_training_data(run, splits["train"], model)   # the pairs, cached encoder features, the loader
+    data.reward = scst_reward(run, data, model) if hp["scst_from_epoch"] is not None else None  # SCST's CIDEr-D
     store = build_datastore(run, model, data)           # the training captions retrieval reads and kNN copies
     describe_run(run, splits, data, model)
     optim = build_step(run, model, data)                # optimizer, scheduler, DDP / torch.compile
@@ -344,6 +371,8 @@ class TrainingData:
     stream: ShardStream | None = None  # hf / webdataset: the shards' stream (its position is the loop's)
     num_pairs: int = 0
     available_pairs: int = 0         # before training_size_limit: what `None` would train on
+    reward: CiderD | None = None     # SCST epochs (scst_from_epoch): CIDEr-D with the training captions' IDF
+    scst_stats: list = None          # this epoch's SCST steps: (samples' mean reward, greedy baseline's)
 
     def order_state(self) -> torch.Tensor:
         return torch.stack([self.order.get_state(), self.worker_seeds.get_state()])
@@ -419,6 +448,31 @@ def build_training_data(run: Run, train_set: CaptionSet, model) -> TrainingData:
                              workers, **batching)
     return TrainingData(train_set, pairs, feats, cache_dir, loader, order, worker_seeds, workers, num_pairs=len(pairs),
                         available_pairs=available)
+
+
+def start_from(run: Run, model, path) -> None:
+    """init_from: the trainable weights of another run's checkpoint (its model config must match this run's)."""
+    ckpt = read_checkpoint(path)
+    if model.config.model_type != "prefix":
+        raise ConfigError("init_from takes a prefix model's model_state_dict_*.pth; git / blip start from their "
+                          "hf_model_name")
+    theirs = {k: v for k, v in ckpt["model_config"].items() if k not in ("lm_name", "lm_tokenizer_name", "lm_dtype",
+                                                                        "encoder_name", "encoder_pretrained")}
+    ours = {k: v for k, v in model.config.__dict__.items() if k in theirs}
+    if ours != theirs:
+        diff = sorted(k for k in theirs if theirs[k] != ours.get(k))
+        raise ConfigError(f"init_from={path}: its model config differs from this run's in {diff}; give the same keys")
+    model.load_trainable(ckpt["state_dict"], path)
+    run.log(f"starting from the trained weights of {path}")
+
+
+def scst_reward(run: Run, data: TrainingData, model) -> CiderD:
+    """SCST's reward: CIDEr-D with document frequencies from every training image's captions."""
+    if model.config.model_type != "prefix" or data.feats is None or run.acc.num_processes > 1:
+        raise ConfigError("scst_from_epoch is built for the prefix model on one process, with cached features "
+                          "(feature_cache_dir set, augment_images=False, not streamed data)")
+    data.scst_stats = []
+    return CiderD(data.images.captions)
 
 
 def build_stream_data(run: Run, source: ShardSource, model) -> TrainingData:
@@ -611,7 +665,8 @@ def train_epoch(run: Run, model, data: TrainingData, optim: Optimization, loop: 
         # gradient accumulation: an optimizer step after every `accum` micro-batches (and at the epoch's end)
         group = min(optim.accum, n_batches - (i - i % optim.accum))
         last_micro = (i + 1) % optim.accum == 0 or i + 1 == n_batches
-        loss = micro_step(run, data, optim, batch, group, last_micro)  # None: no usable image; nan: non-finite
+        scst = data.reward is not None and epoch >= run.hp["scst_from_epoch"]
+        loss = micro_step(run, data, optim, batch, group, last_micro, scst)  # None: no usable image; nan: non-finite
         if loss is not None and math.isnan(loss):
             bad = True
         elif loss is not None:
@@ -633,9 +688,11 @@ def train_epoch(run: Run, model, data: TrainingData, optim: Optimization, loop: 
     return True
 
 
-def micro_step(run: Run, data: TrainingData, optim: Optimization, batch: dict, group: int, last_micro: bool):
+def micro_step(run: Run, data: TrainingData, optim: Optimization, batch: dict, group: int, last_micro: bool,
+               scst: bool = False):
     """Forward + backward of one micro-batch (loss / group, so a group's gradients average). -> its loss
-    (averaged over processes), nan if non-finite (no backward then), None if no image in it could be used."""
+    (averaged over processes), nan if non-finite (no backward then), None if no image in it could be used.
+    scst: the self-critical loss over the batch's images (each once) instead of the captions' cross-entropy."""
     acc = run.acc
     usable = "input_ids" in batch
     if acc.num_processes > 1 and data.feats is None:  # images load per step here: a share can come up empty,
@@ -652,7 +709,14 @@ def micro_step(run: Run, data: TrainingData, optim: Optimization, batch: dict, g
     # only the last micro-batch of a group synchronises gradients across processes
     sync = contextlib.nullcontext() if last_micro or acc.num_processes == 1 else acc.no_sync(optim.model)
     with sync:
-        _, loss = optim.model(batch["input_ids"], batch["attention_mask"], **image_inputs)
+        if scst:
+            idx = batch["image_idx"].unique()
+            loss, stats = scst_loss(run.acc.unwrap_model(optim.model), data.feats[idx],
+                                    [data.images.captions[i] for i in idx.tolist()], data.reward,
+                                    run.hp["scst_samples"], run.hp["max_new_tokens"], run.hp["scst_baseline"])
+            data.scst_stats.append((stats["reward"], stats["baseline"]))
+        else:
+            _, loss = optim.model(batch["input_ids"], batch["attention_mask"], **image_inputs)
         finite = torch.isfinite(loss.detach()).reshape(1)
         if acc.num_processes > 1:  # every process skips the backward together, or none does
             finite = acc.gather(finite).all()
@@ -756,6 +820,11 @@ def end_epoch(run: Run, model, val_split, data: TrainingData, optim: Optimizatio
     if val.get("distinct_captions") is not None:
         summary["distinct_captions"] = val["distinct_captions"]
         run.log("   " + spread_line(val))
+    if data.scst_stats:  # this epoch's SCST steps: the reward of the samples and of the greedy baseline
+        summary["scst_reward"], summary["scst_baseline"] = (round(float(np.mean(x)), 4) for x in zip(*data.scst_stats))
+        run.log(f"   SCST: sampled captions' CIDEr-D {summary['scst_reward']:.4f}, greedy baseline's "
+                f"{summary['scst_baseline']:.4f} (training images, training IDF)")
+        data.scst_stats.clear()
     if run.main and save_now:  # the generators' state now = the next epoch's data order
         save_checkpoint(run, model, optim, loop, f"{run.run_id}-{epoch}", data.order_state(),
                         {"train_loss": train_loss, "val_loss": val["loss"], "rouge_l": val.get("rouge_l"),
@@ -811,6 +880,9 @@ def finish(run: Run, model, test_split, data: TrainingData, loop: LoopState, bef
         test = evaluate(model, test_split, skips=run.skips, ablate_image=hp["ablate_image"], seed=hp["seed"],
                         acc=run.acc, datastore=store, **eval_settings(run, data))
         test = test if test["num_images"] > 0 else None  # (none of its images could be read: evaluate said so)
+    if test is not None and hp["coco_metrics"] and run.main:
+        test["caption_metrics"] = caption_metrics({p["image"]: p["references"] for p in test["predictions"]},
+                                                  {p["image"]: p["caption"] for p in test["predictions"]})
     if hp["log_with"] and test is not None:
         run.acc.log({"test/loss": test["loss"], "test/rouge_l": test["rouge_l"], "test/cider": test["cider"]},
                     step=loop.step)
@@ -828,6 +900,8 @@ def finish(run: Run, model, test_split, data: TrainingData, loop: LoopState, bef
         print("   " + spread_line(test))
         if "knn_baseline" in test:
             print("   " + knn_line(test))
+        if "caption_metrics" in test:
+            print_metrics(test["caption_metrics"])
         if "ablated" in test:
             print(f"🔀 Images shuffled across the set: ROUGE-L {test['ablated']['rouge_l']:.4f}, "
                   f"CIDEr {test['ablated']['cider']:.4f}, loss {test['ablated']['loss']:.4f} "
@@ -898,17 +972,20 @@ def write_skip_list(run: Run) -> None:
 def merge_main(argv: list[str]) -> int:
     """python train.py --merge_weights --checkpoint ADAPTER_DIR [--merged_dir DIR] [--wise_alpha A]"""
     ap = argparse.ArgumentParser(prog="train.py --merge_weights", description=
-                                 "Merge a git/blip adapter into its base model: a standalone folder that eval.py, "
-                                 "inference.py and load_model_example.py load with no base model or adapter.")
+                                 "Merge a git/blip adapter into its base model, or a prefix checkpoint's decoder LoRA "
+                                 "(lm_lora_r) into its decoder: a folder that eval.py, inference.py and "
+                                 "load_model_example.py load with no adapter.")
     ap.add_argument("--merge_weights", action="store_true", required=True)
-    ap.add_argument("--checkpoint", required=True, help="an adapter_<run>-<epoch> folder")
+    ap.add_argument("--checkpoint", required=True, help="an adapter_<run>-<epoch> folder, or a prefix model's "
+                    "model_state_dict_<run>-<epoch>.pth trained with lm_lora_r")
     ap.add_argument("--merged_dir", help="default: merged_<run>-<epoch>[_wise<A>] next to the adapter")
     ap.add_argument("--wise_alpha", type=float, default=1.0,
                     help="WiSE-FT: weights = base + A x (fine-tuned - base); 1 = the fine-tuned model, 0 = the base")
     args = ap.parse_args(argv)
     if not 0.0 <= args.wise_alpha <= 1.0:
         ap.error("--wise_alpha must be between 0 and 1")
-    out = merge_adapter(args.checkpoint, args.merged_dir, args.wise_alpha)
+    merge = merge_decoder_lora if Path(args.checkpoint).is_file() else merge_adapter  # a prefix .pth: its decoder's LoRA
+    out = merge(args.checkpoint, args.merged_dir, args.wise_alpha)
     print(f"merged {args.checkpoint} (wise_alpha {args.wise_alpha}) -> {out}")
     return 0
 

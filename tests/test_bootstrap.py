@@ -25,6 +25,32 @@ def test_the_interval_holds_the_mean_and_narrows_with_more_images():
     assert all(np.isnan(interval([])))
 
 
+def test_every_coco_metric_has_an_interval_around_it_that_narrows_with_more_images():
+    """Corpus BLEU rebuilt from the per-image counts is pycocoevalcap's to the last digit; each metric's interval
+    holds its value and is narrower on 400 images than on 40."""
+    from test_metrics import REF
+
+    from capkit.evaluation.metrics import bleu_statistics, caption_metrics, corpus_bleu, simple_tokenize
+    gts = json.loads((REF / "coco_fakecap_1000/gts.json").read_text())
+    res = {k: v[0] for k, v in json.loads((REF / "coco_fakecap_1000/res.json").read_text()).items()}
+    ids = sorted(gts)
+    widths = {}
+    for n in (40, 400):
+        m = caption_metrics({i: gts[i] for i in ids[:n]}, {i: res[i] for i in ids[:n]})
+        keys = [k for k in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr") if k in m]
+        assert set(keys) == set(m["intervals"]) and len(keys) >= 6
+        for k in keys:
+            lo, hi = m["intervals"][k]
+            assert lo < m[k] < hi, (k, lo, m[k], hi)
+        widths[n] = {k: m["intervals"][k][1] - m["intervals"][k][0] for k in keys}
+    assert all(widths[400][k] < 0.6 * widths[40][k] for k in widths[40])
+    tok = {i: [simple_tokenize(r) for r in gts[i]] for i in ids[:100]}
+    out = {i: [simple_tokenize(res[i])] for i in ids[:100]}
+    from pycocoevalcap.bleu.bleu import Bleu
+    theirs, _ = Bleu(4).compute_score(tok, out, verbose=0)
+    np.testing.assert_allclose(corpus_bleu(bleu_statistics(tok, out).sum(0)), theirs, rtol=1e-12)
+
+
 def test_a_paired_difference_sees_a_real_gain_and_none_between_equals():
     rng = random.Random(1)
     a = [rng.random() for _ in range(300)]

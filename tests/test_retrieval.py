@@ -77,6 +77,30 @@ def test_the_prompt_is_left_padded_and_greedy_equals_teacher_forced_argmax():
                           atol=1e-4)
 
 
+def prompt_texts(model, q):
+    ids, mask = model.retrieval_prompt(q)
+    return [model.tokenizer.decode(i[m.bool()]) for i, m in zip(ids, mask)]
+
+
+def test_training_draws_k_of_the_pool_and_a_random_caption_evaluation_takes_the_nearest():
+    """retrieval_pool: in training the k neighbours are drawn among the pool nearest (and any of their captions);
+    in evaluation they are the k nearest, first captions, every time. The SmallCap template's words surround them."""
+    model = make_model(retrieval_k=1, retrieval_pool=4, retrieval_template="smallcap", positions=256)
+    captions = [[f"{w} dog", f"{w} cat"] for w in ("red", "blue", "green", "big", "small")]
+    keys = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.0, 1.0]])
+    model.attach_datastore(Datastore.build(keys, list("abcde"), captions, "fp"))
+    q = torch.tensor([[1.0, 0.05]])
+    model.eval()
+    assert {prompt_texts(model, q)[0] for _ in range(5)} == {"Similar images show\n\nred dog.\n\nThis image shows"}
+    model.train()
+    torch.manual_seed(0)
+    seen = {prompt_texts(model, q)[0] for _ in range(60)}
+    inner = {t.removeprefix("Similar images show\n\n").removesuffix(".\n\nThis image shows") for t in seen}
+    assert inner == {f"{w} {a}" for w in ("red", "blue", "green", "big") for a in ("dog", "cat")}  # never "small"
+    torch.manual_seed(0)
+    assert {prompt_texts(model, q)[0] for _ in range(60)} == seen  # torch's RNG: a resume replays the draw
+
+
 def test_a_retrieval_model_without_a_datastore_says_so():
     model = make_model(retrieval_k=2, positions=256)
     with pytest.raises(ValueError, match="datastore"):

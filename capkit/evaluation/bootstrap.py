@@ -1,6 +1,7 @@
 """
 Numbers you can trust on small test sets: a 95 % bootstrap interval over images for a metric that is a mean of
-per-image scores (ROUGE-L, CIDEr-D with the set's document frequencies), and the paired bootstrap difference between
+per-image scores (ROUGE-L, CIDEr-D with the set's document frequencies), for corpus BLEU (its per-image counts
+resampled and summed), for METEOR (its per-image scores' interval, centred on the corpus score), and the paired bootstrap difference between
 two sets of captions for the same images (eval.py --compare). Images are resampled with replacement, the same draws
 for both sides of a pair, from a seeded generator: the same scores always give the same interval.
 
@@ -33,6 +34,25 @@ def interval(per_image, resamples: int = RESAMPLES, seed: int = 0, level: float 
     if not len(x):
         return float("nan"), float("nan")
     return _bounds(_means(x, resamples, seed), level)
+
+
+def corpus_interval(rows, score, resamples: int = RESAMPLES, seed: int = 0,
+                    level: float = LEVEL) -> tuple[float, float]:
+    """The interval of a corpus-level metric (corpus BLEU: clipped n-gram counts summed over images, then one
+    ratio): rows (N, D) each image's statistics, score(sums (R, D)) -> (R,) the metric of each draw's sums."""
+    x = np.asarray(rows, dtype=float)
+    if not len(x):
+        return float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(resamples, len(x)))
+    return _bounds(np.asarray(score(x[idx].sum(axis=1))), level)
+
+
+def shifted_interval(value: float, per_image, **kw) -> tuple[float, float]:
+    """For a corpus score that only its own tool computes (METEOR's Java aggregate): the interval of the per-image
+    scores' mean, moved to be centred as the corpus score is (value - mean of per_image)."""
+    lo, hi = interval(per_image, **kw)
+    shift = value - float(np.mean(per_image)) if len(per_image) else 0.0
+    return lo + shift, hi + shift
 
 
 def paired(a, b, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> dict:

@@ -20,6 +20,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from capkit.data.batching import length_order
 from capkit.errors import DataError
+from capkit.evaluation.bootstrap import corpus_interval, interval, shifted_interval
 from capkit.files import read_json
 from capkit.hub import from_pretrained, hub_online
 from capkit.models.encoders import load_clip
@@ -50,6 +51,60 @@ def cider(predictions: list[str], references: list[list[str]]) -> tuple[float, l
     res = {i: [simple_tokenize(p)] for i, p in enumerate(predictions)}
     mean, per = Cider().compute_score(gts, res)
     return float(mean), [float(x) for x in per]
+
+
+class CiderD:
+    """CIDEr-D (x10, as published) with document frequencies fixed by a reference corpus: SCST's reward, where the
+    IDF comes from the training captions rather than from the few images of a batch (self-critical.pytorch's
+    "corpus" mode). The n-gram counting is pycocoevalcap's (precook); tokens: simple_tokenize. eos=True adds an end
+    token to every reference, and to each candidate that ended itself (scores' `ended`): a caption cut off at
+    max_new_tokens then loses the credit for ending (Rennie et al. 2017; self-critical.pytorch #136)."""
+    EOS = "<eos>"
+
+    def __init__(self, corpus: list[list[str]], n: int = 4, sigma: float = 6.0, eos: bool = True):
+        from pycocoevalcap.cider.cider_scorer import precook
+        self.n, self.sigma, self.eos, self._precook = n, sigma, eos, precook
+        self.df: dict[tuple, float] = {}
+        for refs in corpus:
+            for gram in {g for r in refs for g in precook(self._words(r), n)}:
+                self.df[gram] = self.df.get(gram, 0.0) + 1.0
+        self.log_docs = float(np.log(max(1, len(corpus))))
+        self._refs: dict[tuple, list] = {}  # references' vectors, computed once per image
+
+    def _words(self, text: str, ended: bool = True) -> str:
+        return simple_tokenize(text) + (f" {self.EOS}" if self.eos and ended else "")
+
+    def _vector(self, text: str, ended: bool = True):
+        """-> (per n: {gram: tf-idf}, per n: norm, length in words)."""
+        vec, norm = [{} for _ in range(self.n)], np.zeros(self.n)
+        words = self._words(text, ended)
+        for gram, tf in self._precook(words, self.n).items():
+            w = tf * (self.log_docs - np.log(max(1.0, self.df.get(gram, 0.0))))
+            vec[len(gram) - 1][gram] = w
+            norm[len(gram) - 1] += w * w
+        return vec, np.sqrt(norm), len(words.split())
+
+    def _similarity(self, cand, ref) -> np.ndarray:
+        (cv, cn, cl), (rv, rn, rl) = cand, ref
+        val = np.zeros(self.n)
+        for k in range(self.n):
+            val[k] = sum(min(w, rv[k].get(g, 0.0)) * rv[k].get(g, 0.0) for g, w in cv[k].items())
+            if cn[k] and rn[k]:
+                val[k] /= cn[k] * rn[k]
+        return val * np.exp(-((cl - rl) ** 2) / (2 * self.sigma ** 2))
+
+    def scores(self, candidates: list[str], references: list[list[str]], ended=None) -> np.ndarray:
+        """(N,) CIDEr-D of each candidate against its references; ended[i]: candidate i wrote its end token."""
+        out = np.zeros(len(candidates))
+        for i, (cand, refs) in enumerate(zip(candidates, references)):
+            key = tuple(refs)
+            if key not in self._refs:
+                self._refs[key] = [self._vector(r) for r in refs]
+            c = self._vector(cand, True if ended is None else bool(ended[i]))
+            out[i] = 10.0 * np.mean([self._similarity(c, r).mean() for r in self._refs[key]])
+        return out
+
+    __call__ = scores  # a reward: scst_loss calls it
 
 
 # ---------------------------------------------------------------------------------------------- COCO metrics
@@ -124,11 +179,16 @@ def caption_metrics(references: dict, predictions: dict, log=print) -> dict:
         skipped["METEOR"] = skipped["SPICE"] = "needs Java"
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     out.update({f"Bleu_{n + 1}": float(b) for n, b in enumerate(bleu)})
+    stats = bleu_statistics(gts, res)  # 95 % bootstrap intervals over images for every metric (bootstrap.py)
+    iv = {f"Bleu_{n + 1}": corpus_interval(stats, lambda sums, n=n: corpus_bleu(sums)[n]) for n in range(4)}
     if java:
         from pycocoevalcap.meteor.meteor import Meteor
-        out["METEOR"] = float(Meteor().compute_score(gts, res)[0])  # its Java subprocess ends with the object
-    out["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
-    out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+        meteor, per = Meteor().compute_score(gts, res)  # its Java subprocess ends with the object
+        out["METEOR"], iv["METEOR"] = float(meteor), shifted_interval(float(meteor), per)
+    rouge, per = Rouge().compute_score(gts, res)
+    out["ROUGE_L"], iv["ROUGE_L"] = float(rouge), interval(per)
+    cider_, per = Cider().compute_score(gts, res)
+    out["CIDEr"], iv["CIDEr"] = float(cider_), interval(per)
     if java and spice_models_present():
         from pycocoevalcap.spice.spice import Spice
         out["SPICE"] = float(Spice().compute_score(gts, res)[0])
@@ -138,7 +198,34 @@ def caption_metrics(references: dict, predictions: dict, log=print) -> dict:
         log(f"SPICE skipped: {skipped['SPICE']}")
     if skipped:
         out["skipped"] = skipped
+    out["intervals"] = iv
     return out
+
+
+def bleu_statistics(gts: dict, res: dict) -> np.ndarray:
+    """Each image's BLEU counts as pycocoevalcap's BleuScorer makes them (reference length "closest", as Bleu uses):
+    (N, 10) rows of test length, reference length, guessed n-grams (n = 1..4), clipped matches (n = 1..4)."""
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+    scorer = BleuScorer(n=4)
+    for i in gts:
+        scorer += (res[i][0], gts[i])
+    rows = []
+    for comps in scorer.ctest:
+        reflen = scorer._single_reflen(comps["reflen"], "closest", comps["testlen"])
+        rows.append([comps["testlen"], reflen, *comps["guess"], *comps["correct"]])
+    return np.asarray(rows, dtype=float)
+
+
+def corpus_bleu(sums: np.ndarray) -> np.ndarray:
+    """Corpus BLEU-1..4 from summed bleu_statistics rows ((10,) or (R, 10)) -> (4,) or (4, R), as BleuScorer computes
+    it (its smoothing constants included)."""
+    sums = np.asarray(sums, dtype=float)
+    testlen, reflen, guess, correct = sums[..., 0], sums[..., 1], sums[..., 2:6], sums[..., 6:10]
+    precisions = np.cumprod((correct + 1e-15) / (guess + 1e-9), axis=-1)                    # (..., 4)
+    bleu = precisions ** (1.0 / np.arange(1, 5))
+    ratio = (testlen + 1e-15) / (reflen + 1e-9)
+    brevity = np.where(ratio < 1, np.exp(1 - 1 / np.maximum(ratio, 1e-300)), 1.0)
+    return np.moveaxis(bleu * brevity[..., None], -1, 0)
 
 
 def diversity(captions: list[str]) -> dict:
@@ -307,10 +394,12 @@ METRIC_KEYS = (*COCO_KEYS, "frechet_distance", "clip_score", "ref_clip_score", "
 
 
 def print_metrics(m: dict) -> None:
-    print(f"{'metric':<16} value   (tokenizer: {m.get('tokenizer')})")
+    iv = m.get("intervals", {})
+    print(f"{'metric':<16} value   [95 % bootstrap interval over images]   (tokenizer: {m.get('tokenizer')})")
     for k in METRIC_KEYS:
         if k in m:
-            print(f"{k:<16} {m[k]:.4f}" if isinstance(m[k], float) else f"{k:<16} {m[k]}")
+            value = f"{m[k]:.4f}" if isinstance(m[k], float) else str(m[k])
+            print(f"{k:<16} {value}" + (f" [{iv[k][0]:.4f}, {iv[k][1]:.4f}]" if k in iv else ""))
     if "frechet_embedder" in m:
         print(f"(Fréchet embedder: {m['frechet_embedder']})")
 

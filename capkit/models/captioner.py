@@ -16,9 +16,10 @@ import torch.nn.functional as F
 
 from capkit.cli import float_in, int_at_least
 from capkit.errors import ConfigError
+from capkit.models.decoders import DECODER_BOUNDS
 from capkit.models.encoders import ENCODER_BOUNDS, ENCODER_TYPES, FEATURE_KINDS
 from capkit.models.mappers import MAPPER_BOUNDS, MAPPER_INPUTS, MAPPER_TYPES
-from capkit.models.retrieval import RETRIEVAL_BOUNDS
+from capkit.models.retrieval import RETRIEVAL_BOUNDS, RETRIEVAL_TEMPLATES
 from capkit.names import current_names, current_value
 
 # model_type "prefix": the main path (frozen encoder -> trainable mapper -> prefix of a frozen decoder, any of the
@@ -29,7 +30,7 @@ MODEL_TYPES = ("prefix", "git", "blip")
 
 # the sizes a config may ask for (inclusive), each declared by the part it sizes: a hand-edited or hostile config
 # can't ask for terabytes of weights. train.py's hyperparameters are checked against the same bounds (config.py)
-CONFIG_BOUNDS = {**ENCODER_BOUNDS, **MAPPER_BOUNDS, **RETRIEVAL_BOUNDS}
+CONFIG_BOUNDS = {**ENCODER_BOUNDS, **MAPPER_BOUNDS, **RETRIEVAL_BOUNDS, **DECODER_BOUNDS}
 FRACTIONS = ("mapper_dropout", "lora_dropout")  # dropout probabilities: in [0, 1)
 
 
@@ -52,6 +53,8 @@ class CaptionerConfig:
     encoder_layer: int = -1                 # tokens of this block (-1: the final features; -2: the one before)
     retrieval_k: int = 0                    # > 0: the captions of the k nearest datastore images (retrieval.py) are
                                             #   a text prompt before the image prefix (SmallCap's idea)
+    retrieval_pool: int = 0                 # training: the k are drawn among this many nearest (0: the k nearest)
+    retrieval_template: str = "capkit"      # the prompt's words: "capkit" | "smallcap" (retrieval.RETRIEVAL_TEMPLATES)
     # mapper ("mapper"): image features -> prefix_length x decoder hidden size (P x H)
     mapper_type: str = "mlp"                  # MAPPER_TYPES: "mlp" | "linear" | "transformer" | "resampler"
     mapper_prefix_length: int = 10
@@ -63,7 +66,10 @@ class CaptionerConfig:
     lm_name: str = "Qwen/Qwen3-0.6B-Base"
     lm_tokenizer_name: str | None = None    # None: same as lm_name
     lm_dtype: str = "auto"                  # auto: bfloat16 on CUDA, float32 elsewhere
-    # GIT / BLIP: a whole captioning model (hub id or local folder; None = the family's default)
+    lm_lora_r: int = 0                      # > 0: LoRA of this rank on the decoder's attention, trained with the mapper
+                                            #   (lora_alpha, lora_dropout, target_modules below); 0: wholly frozen
+    # GIT / BLIP: a whole captioning model (the lora_* keys and target_modules also shape the prefix model's
+    # decoder LoRA when lm_lora_r > 0) (hub id or local folder; None = the family's default)
     hf_model_name: str | None = None
     quantization_bits: int = 4              # 4 = QLoRA (nf4, double quantization, bf16 compute), 8, or 16 (none)
     peft_module: str | None = "LoRA"        # "LoRA" | "IA3" (None only for a merged, standalone model)
@@ -82,7 +88,7 @@ class CaptionerConfig:
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"unknown model_type {self.model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
         for key, allowed in (("encoder_features", FEATURE_KINDS), ("mapper_type", MAPPER_TYPES),
-                             ("encoder_type", ENCODER_TYPES)):
+                             ("encoder_type", ENCODER_TYPES), ("retrieval_template", tuple(RETRIEVAL_TEMPLATES))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"unknown {key} {getattr(self, key)!r}; expected one of {', '.join(allowed)}")
         if self.model_type == "prefix" and self.encoder_features not in MAPPER_INPUTS[self.mapper_type]:

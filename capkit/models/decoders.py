@@ -5,9 +5,11 @@ positions it holds, captions as its tokens, and the generate() settings that rul
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
-from capkit.hub import from_pretrained
+from capkit.errors import ConfigError
+from capkit.hub import first_line, from_pretrained
 
 # ----------------------------------------------------------------------------------------------
 # loading backbones (hub.hub_or_cache: one clear message when the hub can't be reached)
@@ -47,6 +49,53 @@ def load_decoder(cfg, device: str | torch.device | None = None):
     if tok.pad_token_id is None:  # padding is masked out of attention and loss; never a content token
         tok.pad_token = tok.eos_token
     return lm, tok
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA on the frozen decoder (lm_lora_r > 0): low-rank updates beside its attention projections learn with the
+# mapper; the base weights stay frozen and bit-identical, and only the adapters go into a checkpoint
+
+DECODER_BOUNDS = {"lm_lora_r": (0, 1024)}  # 0: the decoder stays wholly frozen (inclusive bounds)
+DECODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # Llama / Qwen / SmolLM attention; GPT-2: c_attn
+
+
+def add_lora(lm: nn.Module, cfg) -> nn.Module:
+    """Inject peft LoRA layers (rank cfg.lm_lora_r, cfg.lora_alpha, cfg.lora_dropout) into the decoder's
+    target_modules, in place: module names and the model's class are kept, so decoding treats it as before.
+    lora_B starts at zero: until the first step the decoder computes exactly what it did. -> lm, its base
+    weights frozen, the adapters trainable."""
+    from peft import LoraConfig, inject_adapter_in_model
+    targets = list(cfg.target_modules or DECODER_LORA_TARGETS)
+    pcfg = LoraConfig(r=cfg.lm_lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets)
+    try:
+        lm = inject_adapter_in_model(pcfg, lm)
+    except ValueError as e:  # no module of those names
+        raise ConfigError(f"lm_lora_r={cfg.lm_lora_r}: the decoder {cfg.lm_name!r} has no layers named {targets} "
+                          f"for LoRA ({first_line(e)}); name its attention projections in target_modules") from None
+    for name, p in lm.named_parameters():
+        p.requires_grad_(is_lora(name))
+    return lm
+
+
+def is_lora(name: str) -> bool:
+    """Is this decoder parameter (a named_parameters() name) one of the LoRA adapters add_lora made?"""
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def merge_lora(lm: nn.Module, alpha: float = 1.0) -> nn.Module:
+    """Fold the LoRA adapters into the decoder's weights (W + alpha x BA x scaling) and put the plain layers back:
+    -> a decoder of the original class and module names, which save_pretrained writes as any other."""
+    from peft.tuners.lora import LoraLayer
+    with torch.no_grad():
+        for name, module in list(lm.named_modules()):
+            if not isinstance(module, LoraLayer):
+                continue
+            for b in module.lora_B.values():
+                b.weight.mul_(alpha)
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(lm.get_submodule(parent) if parent else lm, child, module.get_base_layer())
+    return lm
 
 
 def max_positions(config) -> int | None:

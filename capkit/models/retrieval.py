@@ -32,9 +32,13 @@ from capkit.files import atomic_write
 DATASTORE_FORMAT = "capkit.datastore.v1"
 SELF_MATCH = 0.9999   # cosine above which a datastore image is the query itself
 RETRIEVAL_K_MAX = 16            # retrieved captions in a prompt at most
-RETRIEVAL_BOUNDS = {"retrieval_k": (0, RETRIEVAL_K_MAX)}  # (inclusive; 0: no retrieval)
+# (inclusive) retrieval_k: 0 is no retrieval; retrieval_pool: in training the k are drawn among this many nearest
+RETRIEVAL_BOUNDS = {"retrieval_k": (0, RETRIEVAL_K_MAX), "retrieval_pool": (0, 4 * RETRIEVAL_K_MAX)}
 RETRIEVAL_CAPTION_TOKENS = 24   # each retrieved caption is cut to this many tokens in the prompt
-PROMPT_HEAD, PROMPT_SEP, PROMPT_TAIL = "Similar images show: ", " | ", ". This image shows:"
+# the prompt around the retrieved captions: (head, separator, tail). "smallcap": SmallCap's src/template.txt with its
+# captions joined by blank lines (Ramos et al. 2023); "capkit": the one line capkit used first (older checkpoints)
+RETRIEVAL_TEMPLATES = {"capkit": ("Similar images show: ", " | ", ". This image shows:"),
+                       "smallcap": ("Similar images show\n\n", "\n\n", ".\n\nThis image shows")}
 
 
 def retrieval_keys(feats: torch.Tensor) -> torch.Tensor:

@@ -37,10 +37,12 @@ from capkit.models.decoders import LM_DTYPES
 from capkit.models.encoders import ENCODER_TYPES, FEATURE_KINDS
 from capkit.models.hf_captioner import ADAPTER_BOUNDS, PEFT_MODULES, QUANTIZATION_BITS
 from capkit.models.mappers import MAPPER_TYPES
+from capkit.models.retrieval import RETRIEVAL_TEMPLATES
 from capkit.names import KEY_ALIASES, current_names, current_value
 from capkit.runtime import pick_device
 from capkit.training.implied import PATH_KEYS, Notes, read_as_meant
 from capkit.training.resume import load_state, merge_resume_hparams, resume_target, same, state_path_for
+from capkit.training.scst import SCST_BASELINES, SCST_BOUNDS
 
 # their flags that capkit answers another way: what to do instead (docs/seeds.md)
 NOT_KEYS = {
@@ -64,12 +66,13 @@ NONE_DEFAULT_TYPES = {"data_dir": (str, list), "train_dir": (str, list), "val_di
                       "num_workers": int, "max_grad_norm": float, "feature_cache_dir": str, "hf_model_name": str,
                       "target_modules": list, "training_name": str, "log_with": str, "lr_scheduler": str,
                       "save_every_n_steps": int, "keep_last_n": int, "hf_dataset": str, "image_column": str,
-                      "caption_column": (str, list)}
+                      "caption_column": (str, list), "init_from": str, "scst_from_epoch": int}
 SCHEDULERS = ("StepLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR", "OneCycleLR")
 # the choices of the model's keys are declared by the part that implements them (models/), train.py's own here
 CHOICES = {"model_type": MODEL_TYPES, "mapper_type": MAPPER_TYPES, "encoder_features": FEATURE_KINDS,
            "encoder_type": ENCODER_TYPES, "quantization_bits": QUANTIZATION_BITS, "peft_module": PEFT_MODULES,
-           "lm_dtype": tuple(LM_DTYPES), "optimizer": ("AdamW", "Prodigy"), "lr_scheduler": SCHEDULERS + (None,),
+           "lm_dtype": tuple(LM_DTYPES), "retrieval_template": tuple(RETRIEVAL_TEMPLATES),
+           "scst_baseline": SCST_BASELINES, "optimizer": ("AdamW", "Prodigy"), "lr_scheduler": SCHEDULERS + (None,),
            "log_with": ("tensorboard", "wandb", None),
            "dataset": ("flickr30k", "folder", "karpathy", "hf", "webdataset", *STYLE_OF)}
 # the model config's fields whose hyperparameter has another name
@@ -84,7 +87,7 @@ RANGES = {
     "learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "learning_rate_decay": "(0, inf)",
     "learning_rate_decay_step": "[1, inf)", "warmup_steps": "[0, inf)", "gradient_accumulation_steps": "[1, inf)",
     "max_grad_norm": "(0, inf)", "max_bad_steps": "[1, inf)", "training_size_limit": "[1, inf)",
-    "captions_per_image": "[1, inf)",
+    "captions_per_image": "[1, inf)", "scst_from_epoch": "[1, inf)", **SCST_BOUNDS,
     "frozen_parts": "[0, inf)", "save_every_n_epochs": "[1, inf)", "save_every_n_steps": "[1, inf)",
     "keep_last_n": "[1, inf)", "num_workers": "[0, 256]", "seed": "[0, 4294967295]", "split_ratio": "(0, 1]",
     "val_ratio": "[0, 1)", "shuffle_buffer": "[1, 10000000]", "caption_dropout": "[0, 1)",

@@ -41,7 +41,10 @@ ADAPTER_KEYS = ("hf_model_name", "quantization_bits", "peft_module", "lora_r", "
                 "target_modules", "gradient_checkpointing")
 PREFIX_KEYS = ("encoder_type", "encoder_name", "encoder_pretrained", "encoder_layer", "image_size", "lm_name",
                "tokenizer_name", "encoder_features", "mapper_type", "mapper_prefix_length", "mapper_hidden_dim",
-               "mapper_dropout", "mapper_num_layers", "mapper_num_heads", "retrieval_k")
+               "mapper_dropout", "mapper_num_layers", "mapper_num_heads", "retrieval_k", "retrieval_pool",
+               "retrieval_template", "lm_lora_r")
+# the adapter keys that also shape the prefix model's decoder LoRA (lm_lora_r > 0)
+DECODER_LORA_KEYS = ("lora_alpha", "lora_dropout", "target_modules")
 # optimizer arguments that are hyperparameters of the same name (lr, learning_rate's, stays refused: another name)
 OPTIMIZER_KEYS = {"weight_decay": "weight_decay"}
 
@@ -194,10 +197,13 @@ def _takes(scheduler: str, args: dict) -> bool:
 def keys_without_effect(hp: dict, given: dict, say) -> None:
     """Name each key the user gave that the model type in use never reads."""
     adapters = hp["model_type"] in ("git", "blip")
-    idle = [k for k in (PREFIX_KEYS if adapters else ADAPTER_KEYS) if k in given and given[k] != _off(k)]
+    read = () if adapters or not hp.get("lm_lora_r") else DECODER_LORA_KEYS  # (the decoder's LoRA reads these)
+    idle = [k for k in (PREFIX_KEYS if adapters else ADAPTER_KEYS) if k in given and given[k] != _off(k)
+            and k not in read]
     for k in idle:
         what = "the prefix model's (the frozen encoder, the mapper, the decoder)" if adapters else \
-            "for the git / blip adapters (model_type='git' or 'blip'); the prefix model's decoder is frozen"
+            "for the git / blip adapters (model_type='git' or 'blip'); the prefix model's decoder is frozen " \
+            "unless lm_lora_r > 0 (LoRA of that rank on it, shaped by lora_alpha, lora_dropout, target_modules)"
         say(f"{k} has no effect on model_type={hp['model_type']!r}: it is {what}")
 
 
