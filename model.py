@@ -15,6 +15,7 @@ interface of capkit/models/captioner.py, so every script treats them alike.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -138,15 +139,16 @@ class PrefixCaptioner(Captioner):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.mapper.parameters()) + [p for k, p in self.lm.named_parameters() if is_lora(k)]
 
-    def load_trainable(self, state: dict[str, torch.Tensor], where) -> None:
+    def load_trainable(self, state: dict[str, torch.Tensor], where, fresh_adapters: bool = False) -> None:
         """trainable_state_dict()'s tensors back into the mapper and the decoder's adapters; every one of them
-        must be there, and nothing else (RefusedFileError naming `where`)."""
+        must be there, and nothing else (RefusedFileError naming `where`). fresh_adapters: a state without any
+        adapters is taken too, the adapters staying as built (lora_B = 0: the decoder as it was)."""
         mapper = {k.removeprefix("mapper."): v for k, v in state.items() if k.startswith("mapper.")}
         lora = {k.removeprefix("lm."): v for k, v in state.items() if k.startswith("lm.")}
         want = {k for k, _ in self.lm.named_parameters() if is_lora(k)}
         stray = sorted(set(state) - {f"mapper.{k}" for k in mapper} - {f"lm.{k}" for k in lora})
         try:
-            if stray or set(lora) != want:
+            if stray or (set(lora) != want and not (fresh_adapters and not lora)):
                 raise RuntimeError(f"decoder adapters: {len(lora)} saved, {len(want)} expected (lm_lora_r="
                                    f"{self.config.lm_lora_r})" + (f"; unexpected {stray[:3]}" if stray else ""))
             self.mapper.load_state_dict(mapper, strict=True)
@@ -194,10 +196,11 @@ class PrefixCaptioner(Captioner):
                               "checkpoint; --datastore DIR builds one from a folder of captioned images)")
         tok, store = self.tokenizer, self.datastore
         rows = store.neighbours(feats, max(k, self.config.retrieval_pool) if self.training else k)     # (B, N)
-        if rows.shape[1] > k:  # training: k of the pool, at random
+        drawn = self.training and self.config.retrieval_pool > k  # (retrieval_pool 0: the k nearest, first captions)
+        if drawn:  # training: k of the pool, at random
             rows = rows.gather(1, torch.rand(rows.shape).argsort(-1)[:, :k].to(rows.device))
         rows = rows.tolist()
-        pick = (lambda c: c[int(torch.randint(len(c), ()))]) if self.training else (lambda c: c[0])
+        pick = (lambda c: c[int(torch.randint(len(c), ()))]) if drawn else (lambda c: c[0])
         head, sep, tail = (tok(t, add_special_tokens=False)["input_ids"]
                            for t in RETRIEVAL_TEMPLATES[self.config.retrieval_template])
         caps = tok([pick(store.captions[j]) for row in rows for j in row], add_special_tokens=False)["input_ids"]
@@ -377,6 +380,8 @@ def merge_decoder_lora(checkpoint, merged_dir=None, wise_alpha: float = 1.0) -> 
     model.tokenizer.save_pretrained(decoder)
     model.config.lm_name, model.config.lm_tokenizer_name, model.config.lm_lora_r = str(decoder), str(decoder), 0
     model.save_checkpoint(out / checkpoint.name)
+    if model.datastore_file and (checkpoint.parent / model.datastore_file).is_file():  # the training captions retrieval (and eval.py's kNN baseline) reads, beside it
+        shutil.copy2(checkpoint.parent / model.datastore_file, out / model.datastore_file)
     meta = metadata_path_for(checkpoint)
     if meta.exists():  # eval.py finds the run's data through it
         m = read_metadata(meta, of_run=False)

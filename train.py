@@ -307,7 +307,7 @@ def train(hp: dict, resume_from=None) -> dict:
     splits, model = load_all(partial(load_splits, hp, run.skips),  # data first: a wrong path fails before a big
                              partial(build_model, model_config_from_hparams(hp), run.device))  # model loads
     model.generation(decoding(hp))                      # a max_new_tokens the decoder can't hold: said now
-    if hp["init_from"] is not None:                     # another run's trained weights start this one
+    if hp["init_from"] is not None and resume_from is None:  # another run's trained weights start this one
         start_from(run, model, hp["init_from"])
     data = build_training_data(run, splits["train"], model)   # the pairs, cached encoder features, the loader
     data.reward = scst_reward(run, data, model) if hp["scst_from_epoch"] is not None else None  # SCST's CIDEr-D
@@ -450,19 +450,25 @@ def build_training_data(run: Run, train_set: CaptionSet, model) -> TrainingData:
                         available_pairs=available)
 
 
+# init_from: the model-config keys that may differ from the checkpoint's (how the weights train or are held, not
+# what they are); the backbones' names must match
+INIT_FREE = ("lm_dtype", "mapper_dropout", "retrieval_pool", "lm_lora_r", "lora_r", "lora_alpha", "lora_dropout",
+             "target_modules", "quantization_bits", "peft_module", "gradient_checkpointing")
+
+
 def start_from(run: Run, model, path) -> None:
     """init_from: the trainable weights of another run's checkpoint (its model config must match this run's)."""
     ckpt = read_checkpoint(path)
     if model.config.model_type != "prefix":
         raise ConfigError("init_from takes a prefix model's model_state_dict_*.pth; git / blip start from their "
                           "hf_model_name")
-    theirs = {k: v for k, v in ckpt["model_config"].items() if k not in ("lm_name", "lm_tokenizer_name", "lm_dtype",
-                                                                        "encoder_name", "encoder_pretrained")}
+    theirs = {k: v for k, v in ckpt["model_config"].items() if k not in INIT_FREE}
     ours = {k: v for k, v in model.config.__dict__.items() if k in theirs}
     if ours != theirs:
         diff = sorted(k for k in theirs if theirs[k] != ours.get(k))
         raise ConfigError(f"init_from={path}: its model config differs from this run's in {diff}; give the same keys")
-    model.load_trainable(ckpt["state_dict"], path)
+    # a mapper trained without decoder LoRA may start a run with it (the adapters start at zero: the same model)
+    model.load_trainable(ckpt["state_dict"], path, fresh_adapters=not ckpt["model_config"].get("lm_lora_r"))
     run.log(f"starting from the trained weights of {path}")
 
 
@@ -822,8 +828,8 @@ def end_epoch(run: Run, model, val_split, data: TrainingData, optim: Optimizatio
         run.log("   " + spread_line(val))
     if data.scst_stats:  # this epoch's SCST steps: the reward of the samples and of the greedy baseline
         summary["scst_reward"], summary["scst_baseline"] = (round(float(np.mean(x)), 4) for x in zip(*data.scst_stats))
-        run.log(f"   SCST: sampled captions' CIDEr-D {summary['scst_reward']:.4f}, greedy baseline's "
-                f"{summary['scst_baseline']:.4f} (training images, training IDF)")
+        run.log(f"   SCST: sampled captions' CIDEr-D {summary['scst_reward']:.4f}, greedy captions' "
+                f"{summary['scst_baseline']:.4f} (training images, training IDF; the loss is SCST's, not cross-entropy)")
         data.scst_stats.clear()
     if run.main and save_now:  # the generators' state now = the next epoch's data order
         save_checkpoint(run, model, optim, loop, f"{run.run_id}-{epoch}", data.order_state(),

@@ -136,3 +136,36 @@ def test_capkits_decoding_loop_equals_generate_with_adapters():
     fast = model.generate(pixel_values=px, max_new_tokens=10, num_beams=3)
     model.fast_decoding = False
     assert fast == model.generate(pixel_values=px, max_new_tokens=10, num_beams=3)
+
+
+def test_adapters_train_in_float32_on_a_bfloat16_decoder():
+    """AdamW's small steps on bf16 adapter weights would round away: the adapters are float32 whatever the decoder."""
+    from conftest import make_backbones
+    clip, lm, tok, preprocess = make_backbones()
+    cfg = CaptionerConfig(encoder_name="tiny", encoder_pretrained=None, lm_name="tiny", mapper_prefix_length=3,
+                          mapper_hidden_dim=64, lm_dtype="bfloat16", lm_lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    model = PrefixCaptioner(cfg, clip.visual, lm.to(torch.bfloat16), tok, preprocess)
+    dtypes = {n: p.dtype for n, p in model.lm.named_parameters()}
+    assert {d for n, d in dtypes.items() if is_lora(n)} == {torch.float32}
+    assert {d for n, d in dtypes.items() if not is_lora(n)} == {torch.bfloat16}
+    ids, mask, px = batch(model)
+    logits, loss = model(ids, mask, pixel_values=px)
+    loss.backward()
+    assert logits.dtype == torch.bfloat16 and all(p.grad is not None for p in model.trainable_parameters())
+
+
+def test_init_from_takes_a_mapper_trained_without_adapters_and_refuses_another_decoder(tmp_path):
+    import train
+    plain = lora_model(tmp_path, r=0)
+    plain.save_checkpoint(tmp_path / "model_state_dict_a-1.pth")
+    run = type("Run", (), {"log": staticmethod(lambda *a: None)})()
+    model = PrefixCaptioner.from_config(CaptionerConfig(**{**plain.config.__dict__, "lm_lora_r": 4}))
+    train.start_from(run, model, tmp_path / "model_state_dict_a-1.pth")  # adapters stay fresh (lora_B = 0)
+    ids, mask, px = batch(model)
+    assert torch.equal(model(ids, mask, pixel_values=px)[0], plain(ids, mask, pixel_values=px)[0])
+    import shutil
+    shutil.copytree(tmp_path / "lm", tmp_path / "other_lm")  # the same widths: only the name tells them apart
+    other = PrefixCaptioner.from_config(CaptionerConfig(**{**plain.config.__dict__, "lm_name": str(tmp_path / "other_lm"),
+                                                           "lm_tokenizer_name": None}))
+    with pytest.raises(ConfigError, match=r"differs from this run's in \['lm_name'\]"):
+        train.start_from(run, other, tmp_path / "model_state_dict_a-1.pth")

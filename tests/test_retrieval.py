@@ -99,6 +99,8 @@ def test_training_draws_k_of_the_pool_and_a_random_caption_evaluation_takes_the_
     assert inner == {f"{w} {a}" for w in ("red", "blue", "green", "big") for a in ("dog", "cat")}  # never "small"
     torch.manual_seed(0)
     assert {prompt_texts(model, q)[0] for _ in range(60)} == seen  # torch's RNG: a resume replays the draw
+    model.config.retrieval_pool = 0  # no pool: training reads the k nearest's first captions, as evaluation does
+    assert {prompt_texts(model, q)[0] for _ in range(5)} == {"Similar images show\n\nred dog.\n\nThis image shows"}
 
 
 def test_a_retrieval_model_without_a_datastore_says_so():

@@ -56,6 +56,24 @@ def test_the_loss_is_measured_against_the_greedy_baseline():
     assert calls == [3, 6] and loss.item() > 0  # -(1 - 0) x log p: positive, falls as the samples get likelier
 
 
+@pytest.mark.parametrize("flags, refusal", [
+    (["--scst_from_epoch=1", "--scst_baseline=mean", "--scst_samples=1"], "scst_samples=2 or more"),
+    (["--scst_from_epoch=4"], "after the last epoch"),
+    (["--retrieval_k=4", "--retrieval_pool=4"], "must be more than retrieval_k=4"),
+])
+def test_lever_keys_that_contradict_each_other_are_refused_before_anything_loads(flags, refusal):
+    with pytest.raises(ConfigError, match=refusal):
+        train.resolve_hparams(["--preset=demo", *flags])
+
+
+def test_lever_keys_that_would_do_nothing_are_said(capsys):
+    train.resolve_hparams(["--preset=demo", "--scst_samples=3", "--retrieval_pool=8", "--coco_metrics",
+                           "--test_evaluation_enabled=False"])
+    out = capsys.readouterr().out
+    assert "scst_samples has no effect without scst_from_epoch" in out
+    assert "retrieval_pool has no effect with retrieval_k=0" in out and "coco_metrics has no effect" in out
+
+
 def test_scst_needs_the_feature_cache(tmp_path):
     hp = train.resolve_hparams(["--preset=demo", "--scst_from_epoch=1", "--augment_images", "--log_with=None",
                                 f"--output_dir={tmp_path}", f"--data_dir={tmp_path / 'shapes'}"])

@@ -216,8 +216,9 @@ def check_flickr8k(rows: list[dict]) -> list[tuple[str, bool]]:
     return [(f"{best['lever']}: CIDEr-D {best['cider']:.3f} >= {t['cider_min']}", best["cider"] >= t["cider_min"]),
             (f"BLEU-4 {best['bleu4']:.3f} >= {t['bleu4_min']}", best["bleu4"] >= t["bleu4_min"]),
             (f"METEOR {best['meteor'] or 0:.3f} >= {t['meteor_min']}", (best["meteor"] or 0) >= t["meteor_min"]),
-            (f"over the kNN consensus {best['capkit_cider'] - best['knn_cider']:+.3f} >= +{t['margin_over_knn_min']}",
-             best["capkit_cider"] - best["knn_cider"] >= t["margin_over_knn_min"]),
+            (f"over the kNN consensus {best['capkit_cider'] - (best['knn_cider'] or 0):+.3f} >= "
+             f"+{t['margin_over_knn_min']}", best["knn_cider"] is not None
+             and best["capkit_cider"] - best["knn_cider"] >= t["margin_over_knn_min"]),
             (f"no empty caption ({best['empty']})", best["empty"] == 0),
             (f"image-ablation CIDEr-D drop {drop if drop is None else round(drop, 3)} >= {t['ablation_cider_drop_min']}",
              drop is not None and drop >= t["ablation_cider_drop_min"]),
@@ -228,7 +229,8 @@ def print_flickr8k_table(rows: list[dict]) -> None:
     markdown_table(["lever", "CIDEr-D [95 %]", "BLEU-4", "METEOR", "ROUGE-L", "kNN consensus", "shuffled", "minutes"], 1,
                    [[r["lever"], f"{r['cider']:.3f} [{r['cider_interval'][0]:.3f}, {r['cider_interval'][1]:.3f}]",
                      f"{r['bleu4']:.3f}", f"{r['meteor'] or float('nan'):.3f}", f"{r['rouge_l']:.3f}",
-                     f"{r['knn_cider']:.3f}", f"{r['shuffled_cider'] or float('nan'):.3f}", r["minutes"]] for r in rows])
+                     f"{r['knn_cider'] or float('nan'):.3f}", f"{r['shuffled_cider'] or float('nan'):.3f}", r["minutes"]]
+                    for r in rows])
 
 
 def check_scenes(rows: dict, reduced: bool) -> list[tuple[str, bool]]:

@@ -36,15 +36,16 @@ def interval(per_image, resamples: int = RESAMPLES, seed: int = 0, level: float 
     return _bounds(_means(x, resamples, seed), level)
 
 
-def corpus_interval(rows, score, resamples: int = RESAMPLES, seed: int = 0,
-                    level: float = LEVEL) -> tuple[float, float]:
-    """The interval of a corpus-level metric (corpus BLEU: clipped n-gram counts summed over images, then one
-    ratio): rows (N, D) each image's statistics, score(sums (R, D)) -> (R,) the metric of each draw's sums."""
+def corpus_intervals(rows, score, resamples: int = RESAMPLES, seed: int = 0,
+                     level: float = LEVEL) -> list[tuple[float, float]]:
+    """The intervals of corpus-level metrics (corpus BLEU-1..4: clipped n-gram counts summed over images, then a
+    ratio): rows (N, D) each image's statistics; score(sums (R, D)) -> (K, R) K metrics of each draw's sums."""
     x = np.asarray(rows, dtype=float)
     if not len(x):
-        return float("nan"), float("nan")
+        return []
     idx = np.random.default_rng(seed).integers(0, len(x), size=(resamples, len(x)))
-    return _bounds(np.asarray(score(x[idx].sum(axis=1))), level)
+    sums = np.concatenate([x[chunk].sum(axis=1) for chunk in np.array_split(idx, max(1, resamples // 100))])  # (R, D)
+    return [_bounds(np.asarray(v), level) for v in score(sums)]
 
 
 def shifted_interval(value: float, per_image, **kw) -> tuple[float, float]:

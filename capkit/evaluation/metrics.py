@@ -20,7 +20,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from capkit.data.batching import length_order
 from capkit.errors import DataError
-from capkit.evaluation.bootstrap import corpus_interval, interval, shifted_interval
+from capkit.evaluation.bootstrap import corpus_intervals, interval, shifted_interval
 from capkit.files import read_json
 from capkit.hub import from_pretrained, hub_online
 from capkit.models.encoders import load_clip
@@ -180,7 +180,7 @@ def caption_metrics(references: dict, predictions: dict, log=print) -> dict:
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     out.update({f"Bleu_{n + 1}": float(b) for n, b in enumerate(bleu)})
     stats = bleu_statistics(gts, res)  # 95 % bootstrap intervals over images for every metric (bootstrap.py)
-    iv = {f"Bleu_{n + 1}": corpus_interval(stats, lambda sums, n=n: corpus_bleu(sums)[n]) for n in range(4)}
+    iv = {f"Bleu_{n + 1}": b for n, b in enumerate(corpus_intervals(stats, corpus_bleu))}
     if java:
         from pycocoevalcap.meteor.meteor import Meteor
         meteor, per = Meteor().compute_score(gts, res)  # its Java subprocess ends with the object

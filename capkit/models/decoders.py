@@ -74,12 +74,14 @@ def add_lora(lm: nn.Module, cfg) -> nn.Module:
                           f"for LoRA ({first_line(e)}); name its attention projections in target_modules") from None
     for name, p in lm.named_parameters():
         p.requires_grad_(is_lora(name))
+        if is_lora(name):  # adapters in float32 whatever the decoder's dtype: AdamW's small steps on bf16 weights
+            p.data = p.data.float()  # round away (peft casts the input to them and the result back)
     return lm
 
 
 def is_lora(name: str) -> bool:
     """Is this decoder parameter (a named_parameters() name) one of the LoRA adapters add_lora made?"""
-    return ".lora_A." in name or ".lora_B." in name
+    return any(f".{part}." in name for part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"))
 
 
 def merge_lora(lm: nn.Module, alpha: float = 1.0) -> nn.Module:

@@ -71,6 +71,7 @@ def read_as_meant(hp: dict, given: dict, say, schedulers=(), flags=frozenset()) 
     optimizer_args_as_keys(hp, say, flags)
     scheduler_from_args(hp, given, say, schedulers)
     keys_without_effect(hp, given, say)
+    levers_as_meant(hp, given, say)
     return hp
 
 
@@ -205,6 +206,31 @@ def keys_without_effect(hp: dict, given: dict, say) -> None:
             "for the git / blip adapters (model_type='git' or 'blip'); the prefix model's decoder is frozen " \
             "unless lm_lora_r > 0 (LoRA of that rank on it, shaped by lora_alpha, lora_dropout, target_modules)"
         say(f"{k} has no effect on model_type={hp['model_type']!r}: it is {what}")
+
+
+def levers_as_meant(hp: dict, given: dict, say) -> None:
+    """The retrieval, SCST and evaluation keys that only act together: said when idle, refused when they contradict."""
+    k, pool = hp.get("retrieval_k", 0), hp.get("retrieval_pool", 0)
+    if pool and not k:
+        say("retrieval_pool has no effect with retrieval_k=0 (no retrieval prompt)")
+    elif pool and pool <= k:
+        raise ConfigError(f"retrieval_pool={pool} must be more than retrieval_k={k}: training draws the k among the "
+                          f"pool nearest (e.g. retrieval_pool={2 * k}); 0 takes the k nearest")
+    if "retrieval_template" in given and not k:
+        say("retrieval_template has no effect with retrieval_k=0 (no retrieval prompt)")
+    scst = hp.get("scst_from_epoch")
+    if scst is None:
+        for key in ("scst_samples", "scst_baseline"):
+            if key in given:
+                say(f"{key} has no effect without scst_from_epoch (SCST is off)")
+    elif scst > hp["num_epochs"]:
+        raise ConfigError(f"scst_from_epoch={scst} is after the last epoch (num_epochs={hp['num_epochs']}): no SCST "
+                          "step would run")
+    elif hp.get("scst_baseline") == "mean" and hp.get("scst_samples", 0) < 2:
+        raise ConfigError("scst_baseline='mean' measures each sample against the image's other samples: give "
+                          "scst_samples=2 or more (or scst_baseline='greedy')")
+    if hp.get("coco_metrics") and not hp.get("test_evaluation_enabled"):
+        say("coco_metrics has no effect with test_evaluation_enabled=False (they score the test split)")
 
 
 def _off(key: str):

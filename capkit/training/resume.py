@@ -42,7 +42,7 @@ STATE_FORMAT = 1
 RESUME_SAFE = frozenset({
     "num_epochs", "evaluation_enabled", "test_evaluation_enabled", "evaluate_before_training", "ablate_image",
     "eval_batch_size", "max_new_tokens", "num_beams", "save_every_n_epochs", "save_every_n_steps", "keep_last_n",
-    "log_with", "num_workers", "max_bad_steps", "device", "compile", "feature_cache_dir",
+    "log_with", "num_workers", "max_bad_steps", "device", "compile", "feature_cache_dir", "coco_metrics",
 })
 
 
@@ -249,7 +249,8 @@ def merge_resume_hparams(saved: dict, given: dict, defaults: dict, log=print) ->
                           f"{', '.join(unknown)}. They may shape the model or the data, so the run can't continue "
                           "as it was: resume it with the capkit version that wrote it, or start a new run")
     hp = {**defaults, **saved}
-    refused = {k: (hp.get(k), v) for k, v in given.items() if k not in RESUME_SAFE and not same(hp.get(k), v)}
+    refused = {k: (hp.get(k), v) for k, v in given.items() if not same(hp.get(k), v) and (
+        k not in RESUME_SAFE or (k == "max_new_tokens" and hp.get("scst_from_epoch") is not None))}  # (SCST's samples)
     if refused:
         raise ConfigError("--resume can't change " + ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in refused.items())
                           + ": these alter the model or the data order. Start a new run instead; only "
