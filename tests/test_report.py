@@ -72,3 +72,18 @@ def test_report_sorts_by_a_score_in_the_browser(tmp_path, preds):
     body = p.stdout.split('<tbody>', 1)[1]
     order = [float(v) for v in __import__("re").findall(r'<td class="num" data-v="([0-9.]+)">[0-9.]+</td><td class="num"', body)]
     assert order == sorted(order, reverse=True) and len(order) == 7, order
+
+
+def test_report_metric_table_gives_each_interval(tmp_path, preds):
+    """eval.py's result -> the page's metric table: every score that has a 95 % interval shows it; a hostile
+    predictions file's odd interval table is left out, never a crash."""
+    res = {"loss": 2.5, "rouge_l": 0.42, "cider": 0.381, "intervals": {"rouge_l": [0.41, 0.43], "cider": [0.352, 0.409]},
+           "caption_metrics": {"Bleu_4": 0.162, "METEOR": 0.179, "tokenizer": "ptb",
+                               "intervals": {"Bleu_4": [0.151, 0.173], "METEOR": "not two numbers"}}}
+    metrics = report.report_metrics(res)
+    assert metrics["cider (capkit)"] == "0.3810 [0.3520, 0.4090]"
+    assert metrics["rouge_l (rouge_score)"] == "0.4200 [0.4100, 0.4300]"
+    assert metrics["Bleu_4"] == "0.1620 [0.1510, 0.1730]" and metrics["METEOR"] == 0.179 and "intervals" not in metrics
+    page = report.write_report(tmp_path / "rep", preds, metrics).read_text()
+    assert "0.3810 [0.3520, 0.4090]" in page and "0.1620 [0.1510, 0.1730]" in page
+    assert report.report_metrics({"cider": 0.3, "intervals": "x", "caption_metrics": {"intervals": 5}}) == {"cider (capkit)": 0.3}

@@ -18,6 +18,7 @@ from PIL import Image
 
 from capkit.data.images import open_image
 from capkit.errors import DataError, run_cli
+from capkit.evaluation.bootstrap import with_interval
 from capkit.files import read_json
 
 THUMB = 192  # thumbnail side, pixels
@@ -154,16 +155,32 @@ def check_report_dir(out_dir) -> Path:
 
 
 def report_metrics(result: dict) -> dict:
-    """An evaluation's result (eval.py's JSON or evaluate() + caption_metrics) -> the report's metric table."""
-    extra = result.get("caption_metrics")
+    """An evaluation's result (eval.py's JSON or evaluate() + caption_metrics) -> the report's metric table, each
+    score with its 95 % bootstrap interval where the result has one ("0.3810 [0.3520, 0.4090]")."""
+    extra = result.get("caption_metrics") if isinstance(result.get("caption_metrics"), dict) else {}
     knn = result.get("knn_baseline") if isinstance(result.get("knn_baseline"), dict) else {}
-    metrics = {"loss": result.get("loss"), "rouge_l (rouge_score)": result.get("rouge_l"),
-               "cider (capkit)": result.get("cider"), "kNN-consensus baseline cider": knn.get("consensus_cider"),
+    iv = {**_intervals(result), **_intervals(extra)}
+    metrics = {"loss": result.get("loss"), "rouge_l (rouge_score)": _shown(result.get("rouge_l"), iv.get("rouge_l")),
+               "cider (capkit)": _shown(result.get("cider"), iv.get("cider")),
+               "kNN-consensus baseline cider": knn.get("consensus_cider"),
                "distinct captions": result.get("distinct_captions"),
-               **(extra if isinstance(extra, dict) else {})}
+               **{k: _shown(v, iv.get(k)) for k, v in extra.items() if k != "intervals"}}
     if result.get("clip_score_absent"):  # said, not left blank: the encoder has no text tower trained with it
         metrics["clip_score"] = f"absent: {result['clip_score_absent']}"
     return {k: v for k, v in metrics.items() if v is not None}
+
+
+def _intervals(result: dict) -> dict:
+    """result["intervals"] if it is a name -> (low, high) table, else {} (a predictions file is read from anywhere)."""
+    iv = result.get("intervals")
+    return iv if isinstance(iv, dict) else {}
+
+
+def _shown(value, bounds):
+    """A score with its interval as text, or the score alone where the bounds are absent or not two numbers."""
+    ok = (isinstance(value, (int, float)) and isinstance(bounds, (list, tuple)) and len(bounds) == 2
+          and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds))
+    return with_interval(value, bounds) if ok and not isinstance(value, bool) else value
 
 
 def run(argv) -> int:
