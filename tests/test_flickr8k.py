@@ -27,6 +27,7 @@ def dev_slice(tmp_path, n=150):
     """The first n dev photos (by file name) as a folder: images and captions copied (capkit reads no symlinks)."""
     rows = list(csv.DictReader((F8K / "dev" / "captions.csv").open(encoding="utf-8")))
     keep = sorted({r["image"] for r in rows})[:n]
+    kept = set(keep)
     out = tmp_path / "dev150"
     (out / "images").mkdir(parents=True)
     for name in keep:
@@ -34,7 +35,7 @@ def dev_slice(tmp_path, n=150):
     with (out / "captions.csv").open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["image", "caption"])
-        w.writerows([r["image"], r["caption"]] for r in rows if r["image"] in set(keep))
+        w.writerows([r["image"], r["caption"]] for r in rows if r["image"] in kept)
     return out
 
 

@@ -72,9 +72,14 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
 
 
+def _is_number(v) -> bool:
+    """A real number from a file read from anywhere (True / False are not scores)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _sort_value(v) -> str:
     """A cell's data-v attribute: a finite number, or NaN. Never text from the file (it would be markup)."""
-    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+    if _is_number(v) and math.isfinite(v):
         return repr(float(v))
     return "NaN"
 
@@ -178,9 +183,8 @@ def _intervals(result: dict) -> dict:
 
 def _shown(value, bounds):
     """A score with its interval as text, or the score alone where the bounds are absent or not two numbers."""
-    ok = (isinstance(value, (int, float)) and isinstance(bounds, (list, tuple)) and len(bounds) == 2
-          and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds))
-    return with_interval(value, bounds) if ok and not isinstance(value, bool) else value
+    ok = _is_number(value) and isinstance(bounds, (list, tuple)) and len(bounds) == 2 and all(map(_is_number, bounds))
+    return with_interval(value, bounds) if ok else value
 
 
 def run(argv) -> int:
