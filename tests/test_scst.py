@@ -82,36 +82,45 @@ def test_scst_needs_the_feature_cache(tmp_path):
 
 
 def test_scst_raises_the_reward_on_held_out_images():
-    """A tiny captioner (mapper + decoder LoRA) first learns by cross-entropy to say "a red dog ..." of some images
-    and "a blue cat ..." of others; then SCST with references that all say the first: the greedy captions of images
-    it never trained on score higher on that reward afterwards (CIDEr-D with the training captions' IDF).
-    The "mean" baseline: with the greedy one, the tiny model's samples score far below its greedy captions (0.8 vs
-    3.0), nearly every advantage is negative and the captions collapse (docs/log.md 2026-12-06)."""
+    """A tiny captioner (mapper + decoder LoRA) first learns by cross-entropy that every image is described both as
+    "a red dog ..." and as "a blue cat ..."; then SCST with references that all say the first (reward: CIDEr-D with
+    the training captions' IDF). Afterwards, on images it never trained on, the dog caption is likelier against the
+    cat one (teacher-forced, no sampling in the measurement) and it is the greedy caption of most of them.
+    Why this set-up: when cross-entropy ties each caption to half the images, the samples of the "cat" images almost
+    never say "dog", the reward has little to push on, and whether the held-out captions moved came down to the
+    sampling's random draws: it passed on one CPU and failed on another (docs/log.md 2026-12-07, the SCST test).
+    The "mean" baseline, as the Flickr8k runs use it (in the old set-up the greedy one collapsed the captions,
+    docs/log.md 2026-12-06; in this one both raise the margin)."""
     dog, cat = "a red dog runs on grass", "a blue cat sits in snow"
     refs = [[dog, "the red dog runs on the grass", "a red dog on grass"]] * 8
     model = make_model(seed=1, lm_lora_r=4, lora_alpha=8, lora_dropout=0.0)
     torch.manual_seed(0)
     train_feats, held_out = torch.randn(8, 32), torch.randn(8, 32)
     reward = CiderD(refs + [[cat], ["the green ball"], ["a big small cat"]])
-    tok = model.tokenize([dog, cat] * 4, 16)
+    tok = model.tokenize([dog] * 8 + [cat] * 8, 16)
     xe = torch.optim.Adam(model.trainable_parameters(), lr=1e-2)
-    for _ in range(150):  # cross-entropy first: both captions, half the images each
-        model(tok["input_ids"], tok["attention_mask"], image_embeds=train_feats)[1].backward()
+    for _ in range(300):  # cross-entropy first: each image with both captions
+        model(tok["input_ids"], tok["attention_mask"], image_embeds=train_feats.repeat(2, 1))[1].backward()
         xe.step()
         xe.zero_grad()
 
-    def greedy_reward(feats):
-        ids = model.eval().generate_ids(image_embeds=feats, max_new_tokens=8)
-        _, ended = through_end(ids, model.tokenizer.eos_token_id)
-        return reward(model.tokenizer.batch_decode(ids, skip_special_tokens=True), refs, ended.tolist()).mean()
+    def dogs_and_margin(feats):  # (greedy captions that are the dog one, mean per-token log p(dog) - log p(cat))
+        model.eval()
+        with torch.no_grad():
+            ids = model.generate_ids(image_embeds=feats, max_new_tokens=8)
+            losses = [model(t["input_ids"], t["attention_mask"], image_embeds=feats)[1]
+                      for t in (model.tokenize([dog] * len(feats), 16), model.tokenize([cat] * len(feats), 16))]
+        return model.tokenizer.batch_decode(ids, skip_special_tokens=True).count(dog), float(losses[1] - losses[0])
 
-    before = greedy_reward(held_out)
-    opt = torch.optim.Adam(model.trainable_parameters(), lr=3e-3)
+    dogs_before, margin_before = dogs_and_margin(held_out)
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=1e-3)
     model.train()
-    for _ in range(40):
+    for _ in range(60):
         loss, _ = scst_loss(model, train_feats, refs, reward, samples=4, max_new_tokens=8, baseline="mean")
         loss.backward()
         opt.step()
         opt.zero_grad()
-    after = greedy_reward(held_out)
-    assert after > before + 1.0, (before, after)
+    dogs_after, margin_after = dogs_and_margin(held_out)
+    # over 12 runs (other seeds, shifted sampling streams) the margin rose by 0.60 to 0.94 (docs/log.md)
+    assert margin_after > margin_before + 0.5, (margin_before, margin_after)
+    assert dogs_before <= 2 and dogs_after >= 6, (dogs_before, dogs_after)
