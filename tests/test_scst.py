@@ -121,6 +121,7 @@ def test_scst_raises_the_reward_on_held_out_images():
         opt.step()
         opt.zero_grad()
     dogs_after, margin_after = dogs_and_margin(held_out)
-    # over 12 runs (other seeds, shifted sampling streams) the margin rose by 0.60 to 0.94 (docs/log.md)
-    assert margin_after > margin_before + 0.5, (margin_before, margin_after)
-    assert dogs_before <= 2 and dogs_after >= 6, (dogs_before, dogs_after)
+    # over 12 runs (other seeds, shifted sampling streams) the margin rose by 0.60 to 0.94 and 5 to 8 of the 8
+    # greedy captions ended as the dog one (docs/log.md 2026-12-07): the bounds leave room below the worst run
+    assert margin_after > margin_before + 0.4, (margin_before, margin_after)
+    assert dogs_before <= 2 and dogs_after >= 4, (dogs_before, dogs_after)
