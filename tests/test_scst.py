@@ -105,15 +105,14 @@ def test_scst_raises_the_reward_on_held_out_images():
         xe.step()
         xe.zero_grad()
 
-    tok_eos = model.tokenizer.eos_token_id
+    eos, pair = model.tokenizer.eos_token_id, [model.tokenize([c] * len(held_out), 16) for c in (dog, cat)]
 
     def measure(feats):  # -> (greedy captions that are the dog one, their mean reward,
         model.eval()      #     mean per-token log p(dog) - log p(cat), teacher-forced)
         with torch.no_grad():
             ids = model.generate_ids(image_embeds=feats, max_new_tokens=8)
-            losses = [model(t["input_ids"], t["attention_mask"], image_embeds=feats)[1]
-                      for t in (model.tokenize([dog] * len(feats), 16), model.tokenize([cat] * len(feats), 16))]
-        caps, (_, ended) = model.tokenizer.batch_decode(ids, skip_special_tokens=True), through_end(ids, tok_eos)
+            losses = [model(t["input_ids"], t["attention_mask"], image_embeds=feats)[1] for t in pair]
+        caps, (_, ended) = model.tokenizer.batch_decode(ids, skip_special_tokens=True), through_end(ids, eos)
         return caps.count(dog), reward(caps, refs, ended.tolist()).mean(), float(losses[1] - losses[0])
 
     dogs_before, reward_before, margin_before = measure(held_out)
